@@ -1,0 +1,104 @@
+"""Whole-config validation, run before any process group exists.
+
+Every rule raises `ConfigError` naming the offending key; `launcher.train` prints it as one
+line and exits non-zero, so a bad layout fails in a second rather than after NCCL start-up.
+"""
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig
+
+from models.llama import padded_vocab_size
+from parallel.layout import Layout
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _positive(cfg: DictConfig, key: str) -> int:
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(key, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def check_config(cfg: DictConfig, world_size: int) -> Layout:
+    """Validate `cfg` for `world_size` ranks and return the resolved layout."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "model.num_layers",
+                "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
+                "model.vocab_size", "train.steps", "train.micro_batch_size", "train.global_batch_size",
+                "train.seq_length"):
+        _positive(cfg, key)
+
+    if p.engine != "megatron":
+        raise ConfigError("parallel.engine", f"unknown engine {p.engine!r} (available: megatron)")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu or cuda, got {cfg.device!r}")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError("train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
+    if t.recompute not in (None, "selective", "full"):
+        raise ConfigError("train.recompute", f"must be null, selective or full, got {t.recompute!r}")
+    if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {cfg.logging.wandb.mode!r}")
+
+    if m.num_attention_heads % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.num_query_groups={m.num_query_groups}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError("model.num_query_groups",
+                          f"{m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if padded_vocab_size(m.vocab_size) % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide the padded vocab {padded_vocab_size(m.vocab_size)}")
+
+    if p.vpp is not None:
+        if not isinstance(p.vpp, int) or p.vpp < 1:
+            raise ConfigError("parallel.vpp", f"must be null or a positive integer, got {p.vpp!r}")
+        if p.pp < 2 and p.vpp > 1:
+            raise ConfigError("parallel.vpp", f"vpp={p.vpp} needs parallel.pp > 1 (interleaved pipeline)")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        what = f"pp={p.pp} x vpp={p.vpp}" if p.vpp else f"pp={p.pp}"
+        raise ConfigError("parallel.pp", f"{what} must divide model.num_layers={m.num_layers}")
+    if p.cp != 1:
+        raise ConfigError("parallel.cp", "context parallelism is not implemented yet (cp must be 1)")
+    if p.ep != 1:
+        raise ConfigError("parallel.ep", "expert parallelism needs an MoE model (none configured); ep must be 1")
+
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError("parallel", f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}")
+    dp = world_size // model_parallel
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError("parallel.dp", f"dp={p.dp} but world size {world_size} = tp {p.tp} x pp {p.pp} x cp {p.cp} "
+                                         f"x dp {dp}")
+
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError("train.global_batch_size", f"{t.global_batch_size} must be divisible by "
+                                                     f"micro_batch_size {t.micro_batch_size} x dp {dp}")
+    if p.vpp and p.vpp > 1 and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+        raise ConfigError("train.global_batch_size", f"interleaved pipeline needs the number of micro batches "
+                                                     f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be "
+                                                     f"a multiple of pp={p.pp}")
+    if t.seq_length > m.max_position_embeddings:
+        raise ConfigError("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings="
+                                              f"{m.max_position_embeddings}")
+    if cfg.checkpoint.save_every < 0:
+        raise ConfigError("checkpoint.save_every", f"must be >= 0, got {cfg.checkpoint.save_every}")
+    if cfg.checkpoint.load is not None and not os.path.isdir(cfg.checkpoint.load):
+        raise ConfigError("checkpoint.load", f"no checkpoint directory at {cfg.checkpoint.load}")
+    return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
+                  cp=p.cp, ep=p.ep, dp=dp)

@@ -1,0 +1,85 @@
+"""Per-step metrics: `<run.dir>/metrics.jsonl`, a live progress line, and wandb/TensorBoard.
+
+Only global rank 0 writes. Each line of metrics.jsonl is one optimizer step:
+    step, loss, grad_norm, lr, tokens (cumulative), tokens_per_s, step_time_s
+    and on GPU also mfu and peak_mem_gb.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, start_step: int, progress: bool,
+                 wandb_mode: str, wandb_project: str, wandb_name: str | None, tensorboard: bool,
+                 config: dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh run starts a fresh file; a resumed run appends after the steps it keeps.
+        path = self.run_dir / "metrics.jsonl"
+        kept = []
+        if start_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a", buffering=1)
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                         dynamic_ncols=True, disable=not progress)
+        self._wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, name=wandb_name, mode=wandb_mode,
+                                     dir=str(self.run_dir), config=config, resume="allow",
+                                     id=_stable_run_id(self.run_dir))
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                              **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+        self._bar.update(1)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _stable_run_id(run_dir: Path) -> str:
+    # The same run dir resumes the same wandb run (requeued Slurm jobs, checkpoint.load).
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+class StepTimer:
+    """Wall time per step; on GPU synchronizes so the time covers the kernels."""
+
+    def __init__(self, sync):
+        self._sync = sync
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        self._sync()
+        now = time.perf_counter()
+        elapsed, self._t = now - self._t, now
+        return elapsed

@@ -1,0 +1,68 @@
+"""Deterministic weight init that gives the same full model in every parallel layout.
+
+megatron-core initializes each rank's shard from that rank's RNG stream, so a TP=2 or PP=2
+model differs from the single-process one and loss-parity tests would mean nothing. Here
+the init is defined on the *global* tensors of the checkpoint format instead: every local
+parameter learns from its sharded_state_dict entry which global tensor (key, layer index)
+it belongs to and at which offset; we draw that global tensor from a generator seeded by
+(seed, key, layer) and copy out the local slice. Any layout that can load the same
+dist_checkpoint therefore starts from identical weights.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+_OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _init_global(key: str, shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
+                 std: float, num_layers: int) -> torch.Tensor:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "bias" or leaf.endswith("_bias"):
+        return torch.zeros(shape, device=device)
+    if "norm" in key.rsplit(".", 2)[-2] or "layer_norm" in leaf:
+        return torch.ones(shape, device=device)
+    if key.endswith(_OUTPUT_PROJECTIONS):
+        std = std / math.sqrt(2.0 * num_layers)  # GPT-2 / Megatron scaled init of residual outputs
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
+
+
+def _local_tensors(model: torch.nn.Module):
+    for item in nested_values(model.sharded_state_dict()):
+        if isinstance(item, ShardedTensorFactory):
+            built = item.build_fn(item.key, item.data, item.replica_id, None)
+            yield from (t for t in nested_values(built) if isinstance(t, ShardedTensor))
+        elif isinstance(item, ShardedTensor):
+            yield item
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, *, seed: int, std: float, num_layers: int) -> None:
+    """Fill every parameter of one model chunk from its layout-independent global tensor.
+
+    Call before wrapping in DDP: parameters must still own their storage (DDP moves them
+    into one flat buffer).
+    """
+    param_storage = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
+    filled: set[int] = set()
+    for sh in _local_tensors(model):
+        data = sh.data
+        storage = data.untyped_storage().data_ptr() if data is not None else None
+        if storage not in param_storage:
+            continue  # buffers and extra state are not trained weights
+        lead = sh.prepend_axis_num
+        index = tuple(sh.global_offset[:lead])  # e.g. the global layer number of stacked layer tensors
+        generator = torch.Generator(device=data.device)
+        generator.manual_seed(zlib.crc32(f"{seed}|{sh.key}|{index}".encode()))
+        full = _init_global(sh.key, tuple(sh.global_shape[lead:]), generator, data.device, std, num_layers)
+        local = full[tuple(slice(o, o + n) for o, n in zip(sh.global_offset[lead:], data.shape))]
+        data.copy_(local)
+        filled.add(storage)
+    missing = [name for ptr, name in param_storage.items() if ptr not in filled]
+    if missing:
+        raise RuntimeError(f"init_weights: parameters without a sharded_state_dict entry: {missing}")

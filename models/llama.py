@@ -1,0 +1,112 @@
+"""Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA; Qwen2 qkv bias, Qwen3 qk-norm) as a
+megatron-core GPTModel. One model chunk per (pipeline stage, virtual stage)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from models.specs import decoder_layer_spec
+
+VOCAB_MULTIPLE = 128  # the padded vocab must not depend on TP, or layouts would train different models
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The shape of a Llama-family model; mirrors conf/model/*.yaml."""
+    name: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    max_position_embeddings: int
+    kv_channels: int | None = None
+    rotary_base: float = 10000
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    init_method_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
+        return cls(**dict(cfg))
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.vocab_size)
+
+    def flops_shape(self) -> dict[str, int]:
+        """Keyword arguments for launcher.flops.train_flops_per_token."""
+        return dict(num_layers=self.num_layers, hidden_size=self.hidden_size, ffn_hidden_size=self.ffn_hidden_size,
+                    num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
+                    vocab_size=self.padded_vocab_size, kv_channels=self.kv_channels)
+
+
+def _skip_init(weight: torch.Tensor) -> None:
+    pass
+
+
+def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, params_dtype: torch.dtype,
+                       on_cpu: bool, recompute: str | None) -> TransformerConfig:
+    bf16 = params_dtype == torch.bfloat16
+    recompute_kw: dict[str, Any] = {}
+    if recompute == "full":
+        recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        recompute_kw = dict(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels, normalization="RMSNorm", layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=args.init_method_std,
+        # Weights are set by models.init.init_weights from the global tensors, layout-independently.
+        # megatron's init pass still runs (it tags TP-sharded params, which grad-norm and
+        # checkpointing rely on) but draws nothing.
+        init_method=_skip_init, output_layer_init_method=_skip_init, embedding_init_method=_skip_init,
+        use_cpu_initialization=on_cpu,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=bf16,
+        # SwiGLU without bias: megatron's jit-fused swiglu pays on GPU; plain path on CPU.
+        bias_activation_fusion=not on_cpu,
+        # Token-weighted loss over the whole global batch (exact under any DP / micro-batching).
+        calculate_per_token_loss=True,
+        # Batched p2p gave a silently different loss with interleaved PP on gloo.
+        batch_p2p_comm=False,
+        deallocate_pipeline_outputs=True,
+        **recompute_kw,
+    )
+
+
+def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre_process: bool,
+                post_process: bool, vp_stage: int | None = None) -> GPTModel:
+    kw = {"vp_stage": vp_stage} if vp_stage is not None else {}
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_layer_spec(backend, args.qk_layernorm),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(args.rotary_base),
+        rope_scaling=args.rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        **kw,
+    )

@@ -1,0 +1,169 @@
+"""The megatron-core engine: process groups, model chunks, DDP, distributed optimizer, schedules.
+
+One optimizer step = `get_forward_backward_func()` over this DP rank's micro batches (1F1B,
+interleaved 1F1B with virtual stages, or no pipelining), then the distributed optimizer's
+step. Loss is token-weighted over the whole global batch (`calculate_per_token_loss`), so
+every layout and micro-batching optimizes the same objective.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
+
+from models.init import init_weights
+from models.llama import ModelArgs, build_llama, transformer_config
+from parallel.layout import Layout
+
+
+def init_distributed(layout: Layout, device: torch.device, seed: int) -> None:
+    """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's process groups."""
+    if device.type == "cpu":
+        from parallel import cpu_compat
+
+        cpu_compat.apply()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # plain `python -m launcher.train`: a world of one
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", timeout=timedelta(minutes=10))
+    ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+                                 virtual_pipeline_model_parallel_size=layout.vpp,
+                                 context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep)
+    # Per-TP-rank RNG streams (dropout); weights do not depend on them (models.init).
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class StepResult:
+    loss_sum: float      # summed token losses of the global batch (valid on every rank)
+    num_tokens: int      # loss tokens in the global batch
+    grad_norm: float
+    lr: float
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.num_tokens, 1)
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float() * loss_mask
+    total = losses.sum()
+    count = loss_mask.sum().to(torch.int)
+    return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
+
+
+def _forward_step(device: torch.device, data_iterator, model):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    # Last stage returns per-token losses; earlier stages their hidden states.
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class MegatronEngine:
+    def __init__(self, args: ModelArgs, layout: Layout, optim_cfg: Any, *, steps: int, seq_length: int,
+                 micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
+                 recompute: str | None, backend: str, distributed_optimizer: bool = True,
+                 overlap_grad_reduce: bool = False):
+        self.layout, self.device = layout, device
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
+                                         on_cpu=device.type == "cpu", recompute=recompute)
+        chunks = []
+        for vp_stage in range(layout.vpp or 1):
+            vp = vp_stage if layout.vpp else None
+            chunk = build_llama(args, self.config, backend=backend,
+                                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                                vp_stage=vp)
+            if device.type == "cuda":
+                chunk.cuda(device)
+            init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
+            if params_dtype == torch.bfloat16:
+                chunk = Float16Module(self.config, chunk)
+            chunks.append(chunk)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+                                                   use_distributed_optimizer=distributed_optimizer)
+        self.chunks = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
+                                               disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+        self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        if overlap_grad_reduce:
+            self.config.grad_sync_func = [c.start_grad_sync for c in self.chunks]
+        self.config.finalize_model_grads_func = finalize_model_grads
+
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
+            adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2, adam_eps=optim_cfg.eps,
+            clip_grad=optim_cfg.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+            use_distributed_optimizer=distributed_optimizer), self.chunks)
+        warmup = min(optim_cfg.warmup_steps, steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, lr_warmup_steps=warmup,
+            lr_decay_steps=max(steps, warmup + 1), lr_decay_style=optim_cfg.decay_style,
+            start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=steps,
+            wd_incr_style="constant")
+        self._forward_backward = get_forward_backward_func()
+
+    def num_parameters(self) -> int:
+        """Parameters held by this rank (its TP/PP shard)."""
+        return sum(p.numel() for c in self.chunks for p in c.parameters())
+
+    def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
+        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
+        reports = self._forward_backward(
+            forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
+            num_microbatches=len(microbatches), seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size, forward_only=False)
+        # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
+        self.scheduler.step(increment=1)
+        _, grad_norm, _ = self.optimizer.step()
+        loss_sum, num_tokens = self._global_loss(reports)
+        return StepResult(loss_sum=loss_sum, num_tokens=num_tokens, grad_norm=float(grad_norm or 0.0),
+                          lr=self.optimizer.param_groups[0]["lr"])
+
+    def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        # Loss lives on the last pipeline stage; count it once per DP replica (TP rank 0) and
+        # sum over the whole world so every rank, rank 0 included, knows the global loss.
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+            for report in reports:
+                totals += report["lm loss"].to(totals)
+        dist.all_reduce(totals)
+        return totals[0].item(), int(totals[1].item())
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+        if len(self.chunks) == 1:
+            model = {"model": self.chunks[0].sharded_state_dict()}
+        else:
+            model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(self.chunks)}
+        optimizer = self.optimizer.sharded_state_dict(
+            model, is_loading=is_loading,
+            # the 0.16.1 default ('fully_sharded_model_space') fails to save without TE/apex
+            metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        return {**model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
