@@ -9,7 +9,7 @@ import os
 
 from omegaconf import DictConfig
 
-from models.llama import padded_vocab_size
+from models.args import padded_vocab_size
 from parallel.layout import Layout
 
 

@@ -12,7 +12,7 @@ from launcher import checkpoint
 from launcher.data.pretrain import TokenChunks, microbatches
 from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.megatron_engine import MegatronEngine
 
 

@@ -5,6 +5,7 @@ Runs as a single process or under torchrun (one process per GPU / CPU rank).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from launcher.config_check import ConfigError, check_config, world_size_from_env
+
+# megatron-core warns at import that TransformerEngine/apex are absent; the torch backend is the
+# supported path without them, so these lines are noise on every run.
+warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,7 +53,7 @@ def run(cfg: DictConfig) -> None:
 
     from launcher import checkpoint
     from launcher.loop import train
-    from models.llama import ModelArgs
+    from models.args import ModelArgs
     from models.specs import default_backend
     from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 

@@ -24,7 +24,8 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
 from models.init import init_weights
-from models.llama import ModelArgs, build_llama, transformer_config
+from models.args import ModelArgs
+from models.llama import build_llama, transformer_config
 from parallel.layout import Layout
 
 

@@ -1,0 +1,30 @@
+"""ShardForge: Megatron-style distributed LLM training on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="shardforge",
+    version="0.1.0",
+    description="Megatron-style distributed training (TP/PP/DP on megatron-core) with a Hydra launcher",
+    python_requires=">=3.10",
+    packages=find_packages(include=["launcher", "launcher.*", "parallel", "parallel.*", "models", "models.*"]),
+    # Tested ranges. torch 2.13.0 is the CPU wheel of the dev machines; the GPU machines run 2.11.
+    install_requires=[
+        "torch>=2.6,<2.14",
+        "megatron-core==0.16.1",
+        "hydra-core>=1.3.2,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "wandb>=0.18,<0.32",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "transformers>=4.45,<6", "safetensors>=0.4"],
+        "tensorboard": ["tensorboard>=2.16"],
+    },
+    entry_points={
+        "console_scripts": [
+            "shardforge-train=launcher.train:main",
+        ],
+    },
+)

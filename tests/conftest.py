@@ -1,0 +1,43 @@
+"""Shared helpers: run the real CLI (plain python or torchrun with gloo) and read its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small, fast settings shared by the multi-process tests (fp32 on CPU).
+FAST = ["train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=2",
+        "logging.wandb.mode=disabled", "logging.progress=false", "optim.warmup_steps=2"]
+
+
+def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int = 900,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m <module>` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m <module>`."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", module, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def cache_env():
+    """The default corpus/tokenizer cache (built once, reused by every test)."""
+    os.environ.setdefault("SHARDFORGE_CACHE", str(REPO / ".cache" / "shardforge"))
+    return os.environ["SHARDFORGE_CACHE"]

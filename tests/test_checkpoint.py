@@ -1,0 +1,32 @@
+"""Checkpoint basics: save → load restores weights tensor by tensor and resumes at the saved
+step; a run resumed from a checkpoint continues the uninterrupted run's loss curve."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import FAST, read_metrics, run_cli
+
+
+@pytest.mark.parametrize("tp,pp,nproc", [(1, 1, 1), (2, 1, 2), (1, 2, 2)], ids=["single", "tp2", "pp2"])
+def test_save_load_restores_weights_and_optimizer(tp, pp, nproc, tmp_path):
+    proc = run_cli("tests.scripts.save_load_roundtrip", [str(tmp_path / "ckpt"), str(tp), str(pp)], nproc=nproc)
+    assert "ROUNDTRIP OK" in proc.stdout
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000003"
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+
+
+def test_resume_continues_the_same_curve(tmp_path, cache_env):
+    common = [*FAST, "train.steps=6"]
+    run_cli("launcher.train", [*common, f"run.dir={tmp_path / 'full'}"])
+    run_cli("launcher.train", [*common, "train.steps=3", f"run.dir={tmp_path / 'part'}",
+                               f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000003"
+    proc = run_cli("launcher.train", [*common, f"run.dir={tmp_path / 'part'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                                      f"checkpoint.load={tmp_path / 'ckpt'}"])
+    assert "steps=3->6" in proc.stdout
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+    assert (tmp_path / "ckpt" / "iter_0000006").is_dir()

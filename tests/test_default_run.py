@@ -1,0 +1,22 @@
+"""The README's main job: `python -m launcher.train` with no overrides trains the tiny model on
+the embedded corpus on CPU, with a falling loss, metrics.jsonl and a checkpoint."""
+from __future__ import annotations
+
+import statistics
+
+from conftest import REPO, read_metrics, run_cli
+
+
+def test_default_job_trains_and_checkpoints(cache_env):
+    run_dir = REPO / "runs" / "tiny"  # the default run.dir: this is the command as a user types it
+    proc = run_cli("launcher.train", [], timeout=900)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 201))
+    for key in ("loss", "grad_norm", "lr", "tokens", "tokens_per_s"):
+        assert all(key in m for m in metrics), key
+    assert metrics[-1]["tokens"] == 200 * 16 * 256
+    first, last = statistics.mean(m["loss"] for m in metrics[:10]), statistics.mean(m["loss"] for m in metrics[-10:])
+    assert last < first - 2.0, (first, last)  # from ~ln(4096)=8.3 down to well under 6
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000200"
+    assert (run_dir / "checkpoints" / "iter_0000200" / "metadata.json").is_file()
+    assert "saved checkpoint" in proc.stdout
