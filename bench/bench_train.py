@@ -1,0 +1,212 @@
+"""Benchmark: ShardForge vs. HF transformers training the same model on one GPU.
+
+    python -m bench.bench_train                      # both, llama3_1b, seq 4096, micro batch 2
+    python -m bench.bench_train --only hf            # HF baseline only
+    python -m bench.bench_train --only shardforge    # ShardForge only
+
+Each side runs in its own subprocess, so neither sees the other's memory:
+  * ShardForge: `python -m launcher.train model=... device=cuda ...` with a temporary run.dir;
+    its `metrics.jsonl` gives per-step tokens_per_s, mfu, step_time_s and peak_mem_gb. The first
+    `--warmup` steps are dropped; tokens/s and MFU are taken over the rest as total tokens over total
+    time (the time-weighted mean of the per-step values), peak memory as the max over all steps.
+  * HF: `python -m bench.hf_baseline` (LlamaForCausalLM, SDPA, bf16 params, fused AdamW, random
+    tokens), timed with CUDA events over the same number of steps after the same warmup.
+Both report MFU through launcher.flops (one formula, dense bf16 peak) and peak memory as
+torch.cuda.max_memory_allocated in GiB. The table is printed and appended to bench/RESULTS.md
+with the date, device, versions and the exact commands.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The children import launcher/ and bench/ from the repository root.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def shardforge_command(a: argparse.Namespace, run_dir: str) -> list[str]:
+    return [sys.executable, "-m", "launcher.train", f"model={a.model}", f"device={a.device}",
+            f"train.seq_length={a.seq_length}", f"train.micro_batch_size={a.micro_batch_size}",
+            f"train.global_batch_size={a.micro_batch_size}", f"train.steps={a.steps}",
+            "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.save_every=0",
+            "checkpoint.final_save=false", f"run.dir={run_dir}", *a.sf_override]
+
+
+def hf_command(a: argparse.Namespace, out: str) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--seq-length={a.seq_length}",
+           f"--micro-batch-size={a.micro_batch_size}", f"--steps={a.steps}", f"--warmup={a.warmup}",
+           f"--device={a.device}", f"--out={out}"]
+    if a.hf_clip_grad:
+        cmd.append(f"--clip-grad={a.hf_clip_grad}")
+    return cmd
+
+
+def summarize_metrics(path: Path, warmup: int) -> dict[str, Any]:
+    """ShardForge's metrics.jsonl → the bench's numbers (steps after `warmup`)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise RuntimeError(f"{path} holds no steps")
+    timed = [r for r in records if r["step"] > warmup]
+    if not timed:
+        raise RuntimeError(f"{path}: {len(records)} steps, none after warmup={warmup}")
+    tokens = [r["tokens_per_s"] * r["step_time_s"] if "step_time_s" in r else None for r in timed]
+    if all(t is not None for t in tokens):
+        total_time = sum(r["step_time_s"] for r in timed)
+        tokens_per_s = sum(tokens) / total_time
+        mfu = (sum(r["mfu"] * r["step_time_s"] for r in timed) / total_time) if all("mfu" in r for r in timed) else None
+        step_time = total_time / len(timed)
+    else:  # no step_time_s: plain means of the per-step rates
+        tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
+        mfu = sum(r["mfu"] for r in timed) / len(timed) if all("mfu" in r for r in timed) else None
+        step_time = None
+    mems = [r["peak_mem_gb"] for r in records if r.get("peak_mem_gb") is not None]
+    return {"framework": "shardforge", "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "peak_mem_gb": max(mems) if mems else None, "step_time_s": step_time, "timed_steps": len(timed),
+            "warmup_steps": warmup, "losses": [r["loss"] for r in records]}
+
+
+def run_shardforge(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    run_dir = tempfile.mkdtemp(prefix="shardforge_bench_")
+    cmd = shardforge_command(a, run_dir)
+    text = shlex.join(cmd)
+    print(f"\n[bench] ShardForge: {text}", flush=True)
+    rc = subprocess.run(cmd, cwd=REPO, env=_env()).returncode
+    if rc != 0:
+        print(f"[bench] ShardForge failed (exit {rc})", file=sys.stderr, flush=True)
+        return None, text
+    return summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup), text
+
+
+def run_hf_subprocess(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    fd, out = tempfile.mkstemp(prefix="hf_bench_", suffix=".json")
+    os.close(fd)
+    cmd = hf_command(a, out)
+    text = shlex.join(cmd)
+    print(f"\n[bench] HF: {text}", flush=True)
+    rc = subprocess.run(cmd, cwd=REPO, env=_env()).returncode
+    if rc != 0:
+        print(f"[bench] HF baseline failed (exit {rc})", file=sys.stderr, flush=True)
+        return None, text
+    return json.loads(Path(out).read_text()), text
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| framework | tokens/s | MFU | peak mem (GiB) | step time (ms) | timed steps | loss first → last |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        losses = r.get("losses") or []
+        loss = f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "n/a"
+        step_ms = None if r.get("step_time_s") is None else r["step_time_s"] * 1e3
+        lines.append(f"| {r['framework']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['mfu'], '.1%')} | "
+                     f"{_fmt(r['peak_mem_gb'], '.1f')} | {_fmt(step_ms, '.1f')} | {r['timed_steps']} | {loss} |")
+    if len(rows) == 2 and all(r["tokens_per_s"] for r in rows):
+        sf = next((r for r in rows if r["framework"] == "shardforge"), None)
+        hf = next((r for r in rows if r["framework"] != "shardforge"), None)
+        if sf and hf:
+            lines.append(f"\nShardForge / HF throughput: {sf['tokens_per_s'] / hf['tokens_per_s']:.2f}×")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    """Device and versions, read after the children have exited (this process never held the GPU before)."""
+    import importlib.metadata as md
+
+    import torch
+
+    info = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
+            "torch": torch.__version__}
+    for pkg in ("transformers", "megatron-core"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = "not installed"
+    return info
+
+
+def record(a: argparse.Namespace, rows: list[dict[str, Any]], commands: list[str], env: dict[str, str]) -> str:
+    date = dt.datetime.now(dt.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+    title = f"## {date} — {env['device']}" + (f" — {a.label}" if a.label else "")
+    invocation = shlex.join(["python", "-m", "bench.bench_train", *sys.argv[1:]])
+    block = [title, "",
+             f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size} (global batch = micro batch), "
+             f"{'bf16' if a.device == 'cuda' else 'fp32 (CPU smoke test)'}, {a.steps} steps of which the first {a.warmup} are warmup and not timed. "
+             f"torch {env['torch']}, transformers {env['transformers']}, megatron-core {env['megatron-core']}.",
+             "", "Command:", "", "```", invocation, "```", "", "Subprocesses:", "", "```", *commands, "```", "",
+             table(rows), ""]
+    if a.note:
+        block += [a.note, ""]
+    return "\n".join(block)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["hf", "shardforge"], help="run one side only")
+    p.add_argument("--model", default="llama3_1b")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40, help="steps per side, warmup included")
+    p.add_argument("--warmup", type=int, default=10, help="leading steps left out of the averages")
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script")
+    p.add_argument("--hf-clip-grad", type=float, default=None, help="clip grads in the HF baseline too")
+    p.add_argument("--sf-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for the ShardForge run (repeatable)")
+    p.add_argument("--label", default="", help="added to the RESULTS.md heading, e.g. 'HF-only validation run'")
+    p.add_argument("--note", default="", help="a line added under the table in RESULTS.md")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    p.add_argument("--json-out", help="also write all results as JSON to this file")
+    a = p.parse_args(argv)
+    if a.steps - a.warmup < 20:
+        print(f"[bench] warning: only {a.steps - a.warmup} timed steps (>= 20 recommended)", file=sys.stderr)
+
+    rows: list[dict[str, Any]] = []
+    commands: list[str] = []
+    failed = False
+    for side, fn in (("shardforge", run_shardforge), ("hf", run_hf_subprocess)):
+        if a.only and a.only != side:
+            continue
+        result, cmd = fn(a)
+        commands.append(cmd)
+        if result is None:
+            failed = True
+        else:
+            rows.append(result)
+
+    env = environment()
+    text = record(a, rows, commands, env)
+    print("\n" + text, flush=True)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"env": env, "results": rows, "commands": commands}, indent=1) + "\n")
+    if failed:
+        print("[bench] a side failed: nothing recorded", file=sys.stderr)
+        return 1
+    if not a.no_record:
+        if not RESULTS.exists():
+            RESULTS.write_text("# Benchmark results\n\nAppended by `python -m bench.bench_train` "
+                               "(see bench/bench_train.py for what is measured and how).\n\n")
+        with RESULTS.open("a") as f:
+            f.write(text + "\n")
+        print(f"[bench] appended to {RESULTS.relative_to(REPO)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
