@@ -15,6 +15,7 @@ setup(
         "omegaconf>=2.3,<2.4",
         "sentencepiece>=0.2,<0.3",
         "numpy>=1.26",
+        "psutil>=5.9",  # megatron dist_checkpointing writer workers need it (hang without it)
         "tqdm>=4.66",
         "wandb>=0.18,<0.32",
     ],

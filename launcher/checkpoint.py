@@ -80,7 +80,7 @@ def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
     loaded = dist_checkpointing.load(state, str(directory))
     for key in [k for k in loaded if k.startswith("model")]:
         index = 0 if key == "model" else int(key[len("model"):])
-        engine.chunks[index].load_state_dict(loaded[key])
+        engine.chunks[index].module.load_state_dict(loaded[key])
     # fp32 main params are views of the model params; the in-place copy must not record grads.
     with torch.no_grad():
         engine.optimizer.load_state_dict(loaded["optimizer"])

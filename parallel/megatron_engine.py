@@ -160,9 +160,9 @@ class MegatronEngine:
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
         if len(self.chunks) == 1:
-            model = {"model": self.chunks[0].sharded_state_dict()}
+            model = {"model": self.chunks[0].module.sharded_state_dict()}
         else:
-            model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(self.chunks)}
+            model = {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
         optimizer = self.optimizer.sharded_state_dict(
             model, is_loading=is_loading,
             # the 0.16.1 default ('fully_sharded_model_space') fails to save without TE/apex
