@@ -16,17 +16,16 @@ def test_save_load_restores_weights_and_optimizer(tp, pp, nproc, tmp_path):
 
 
 def test_resume_continues_the_same_curve(tmp_path, cache_env):
-    common = [*FAST, "train.steps=6"]
-    run_cli("launcher.train", [*common, f"run.dir={tmp_path / 'full'}"])
-    run_cli("launcher.train", [*common, "train.steps=3", f"run.dir={tmp_path / 'part'}",
-                               f"checkpoint.dir={tmp_path / 'ckpt'}"])
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000003"
-    proc = run_cli("launcher.train", [*common, f"run.dir={tmp_path / 'part'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
-                                      f"checkpoint.load={tmp_path / 'ckpt'}"])
+    common = [*FAST, "train.steps=6", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    run_cli("launcher.train", [*common, "checkpoint.save_every=3", f"run.dir={tmp_path / 'full'}"])
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000006"
+    # Resume from the step-3 checkpoint (as after a crash at step 4) into a fresh run dir.
+    proc = run_cli("launcher.train", [*common, f"run.dir={tmp_path / 'resumed'}",
+                                      f"checkpoint.load={tmp_path / 'ckpt' / 'iter_0000003'}"])
     assert "steps=3->6" in proc.stdout
-    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(full, resumed):
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    for a, b in zip(full[3:], resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
-    assert (tmp_path / "ckpt" / "iter_0000006").is_dir()
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12), a["step"]

@@ -20,3 +20,5 @@ def test_default_job_trains_and_checkpoints(cache_env):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000200"
     assert (run_dir / "checkpoints" / "iter_0000200" / "metadata.json").is_file()
     assert "saved checkpoint" in proc.stdout
+    # wandb defaults to offline mode: a local run directory, nothing sent anywhere.
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

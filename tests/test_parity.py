@@ -13,6 +13,9 @@ LAYOUTS = [
     ("dp2", [], 2),
     ("tp2_pp2", ["parallel.tp=2", "parallel.pp=2"], 4),
     ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"], 2),
+    # Activation recompute changes memory, never numbers.
+    ("recompute_full", ["train.recompute=full"], 1),
+    ("recompute_selective_tp2", ["train.recompute=selective", "parallel.tp=2"], 2),
 ]
 
 

@@ -1,0 +1,54 @@
+"""Under torchrun: build the model in a layout and save its freshly initialized weights
+(model only, dist_checkpointing) so a test can compare full tensors across layouts.
+
+    save_init OUT TP PP VPP [SEED]   write the initial weights of that layout to OUT
+    save_init --compare REF OTHER    load both as full tensors; print the keys that differ
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from megatron.core import dist_checkpointing
+from omegaconf import OmegaConf
+
+from models.args import ModelArgs
+from parallel.layout import Layout
+from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def compare(ref: str, other: str) -> None:
+    from parallel import cpu_compat
+
+    cpu_compat.apply()
+    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    a, b = dist_checkpointing.load_plain_tensors(ref), dist_checkpointing.load_plain_tensors(other)
+    weights = sorted(k for k in a if not k.endswith("_extra_state"))
+    assert weights and weights == sorted(k for k in b if not k.endswith("_extra_state")), (sorted(a), sorted(b))
+    differ = [k for k in weights if not torch.equal(a[k], b[k])]
+    print(f"compared {len(weights)} tensors, {sum(a[k].numel() for k in weights)} values; differ: {differ}")
+
+
+def main() -> None:
+    if sys.argv[1] == "--compare":
+        return compare(sys.argv[2], sys.argv[3])
+    out, tp, pp, vpp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) or None
+    seed = int(sys.argv[5]) if len(sys.argv) > 5 else 7
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = Layout(world_size=world, tp=tp, pp=pp, vpp=vpp, dp=world // (tp * pp))
+    args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
+    init_distributed(layout, torch.device("cpu"), seed=seed)
+    engine = MegatronEngine(args, layout, OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=1, seq_length=32,
+                            micro_batch_size=1, seed=seed, device=torch.device("cpu"), params_dtype=torch.float32,
+                            recompute=None, backend="torch")
+    model = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(engine.chunks)}
+    os.makedirs(out, exist_ok=True)
+    dist_checkpointing.save(model, out)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
