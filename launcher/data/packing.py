@@ -178,7 +178,7 @@ class PackedRows:
         return build_row([self.samples.sample(k) for k in row], self.seq_length, self.pad_id)
 
 
-def _check_shapes(dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int) -> None:
+def check_batch_shapes(dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int) -> None:
     if global_batch_size % (dp_size * micro_batch_size):
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by dp_size {dp_size} x "
                          f"micro_batch_size {micro_batch_size}")
@@ -207,7 +207,7 @@ def packed_microbatches(dataset: PackedRows, *, step: int, dp_rank: int, dp_size
     packed also cu_seqlens int32 [num_segments + 1] over the flattened mbs*S tokens (row r's
     boundaries offset by r*S) and max_seqlen (python int, longest segment incl. padding).
     """
-    _check_shapes(dp_rank, dp_size, micro_batch_size, global_batch_size)
+    check_batch_shapes(dp_rank, dp_size, micro_batch_size, global_batch_size)
     per_rank = global_batch_size // dp_size
     first = step * global_batch_size + dp_rank * per_rank
     return [collate([dataset[i] for i in range(start, start + micro_batch_size)], dataset.packed)

@@ -1,0 +1,95 @@
+"""One entry point from the `data.*` keys to a micro-batch stream over preprocessed (indexed) data.
+
+  format=pretrain, packing=false  fixed windows over the blended token streams, Megatron EOD options
+  format=pretrain, packing=true   whole documents (cut to seq_length) packed into rows
+  format=sft                      conversations (cut to seq_length, assistant-only loss), packed
+                                  rows when packing=true, one padded conversation per row otherwise
+
+Every variant's micro batches follow `launcher.data.packing.packed_microbatches`' contract, and
+the stream is a pure function of (seed, step) whatever the DP size.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from launcher.data.gpt_dataset import BlendedDataset, IndexedWindows, pretrain_microbatches
+from launcher.data.indexed import IndexedDataset
+from launcher.data.packing import PackedRows, PackingStats, packed_microbatches
+from launcher.data.sft import SFTSamples
+from launcher.data.tokenizer import Tokenizer, fill_id
+
+
+class _RowBlend:
+    """Packed rows of several datasets interleaved by weight (BlendedDataset's schedule)."""
+
+    def __init__(self, rows: list[PackedRows], weights: Sequence[float], block: int) -> None:
+        self._blend = BlendedDataset(rows, weights, block)  # type: ignore[arg-type]
+        self.seq_length = rows[0].seq_length
+        self.packed = rows[0].packed
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self._blend[i]  # type: ignore[return-value]
+
+
+@dataclass
+class TrainingData:
+    dataset: IndexedWindows | BlendedDataset | PackedRows | _RowBlend
+    windows: bool  # pretraining windows (packing=false) rather than rows of whole samples
+    stats: list[PackingStats]  # one per source for row datasets; empty for windows
+    eod_id: int | None = None
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+    def microbatches(self, *, step: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                     global_batch_size: int) -> list[dict[str, torch.Tensor | int]]:
+        if self.windows:
+            return pretrain_microbatches(self.dataset, step=step, dp_rank=dp_rank, dp_size=dp_size,  # type: ignore
+                                         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                                         eod_id=self.eod_id, reset_position_ids=self.reset_position_ids,
+                                         reset_attention_mask=self.reset_attention_mask,
+                                         eod_mask_loss=self.eod_mask_loss)
+        return packed_microbatches(self.dataset, step=step, dp_rank=dp_rank, dp_size=dp_size,  # type: ignore
+                                   micro_batch_size=micro_batch_size, global_batch_size=global_batch_size)
+
+
+def build_training_data(prefixes: Sequence[str], tokenizer: Tokenizer, *, seq_length: int, seed: int,
+                        format: str = "pretrain", weights: Sequence[float] | None = None, packing: bool = False,
+                        packing_algorithm: str = "bfd", reset_position_ids: bool = False,
+                        reset_attention_mask: bool = False, eod_mask_loss: bool = False,
+                        blend_block: int = 1000) -> TrainingData:
+    """Open the indexed datasets `prefixes` (blended by `weights`, default equal) as a micro-batch stream."""
+    if not prefixes:
+        raise ValueError("data.prefixes: no dataset given")
+    weights = list(weights) if weights is not None else [1.0] * len(prefixes)
+    if len(weights) != len(prefixes):
+        raise ValueError(f"data.weights: {len(weights)} weights for {len(prefixes)} datasets")
+    if format not in ("pretrain", "sft"):
+        raise ValueError(f"data.format: '{format}' is not one of pretrain, sft")
+    sources = [IndexedDataset(p) for p in prefixes]
+    for src in sources:
+        # One sequential pass over each token file: a dataset made with another tokenizer fails here, not mid-run.
+        if format == "sft" and not src.has_mask:
+            raise ValueError(f"data.format=sft but {src.prefix} has no .mask.bin (preprocess it with format=sft)")
+        if len(src.tokens) and int(np.max(src.tokens)) >= tokenizer.vocab_size:
+            raise ValueError(f"{src.prefix} holds token id {int(np.max(src.tokens))}, outside tokenizer "
+                             f"{tokenizer.path}'s vocabulary of {tokenizer.vocab_size}")
+    if format == "pretrain" and not packing:
+        windows = [IndexedWindows(s, seq_length, seed=hash_seed(seed, k)) for k, s in enumerate(sources)]
+        dataset = windows[0] if len(windows) == 1 else BlendedDataset(windows, weights, blend_block)
+        return TrainingData(dataset, True, [], tokenizer.eos_id, reset_position_ids, reset_attention_mask,
+                            eod_mask_loss)
+    algorithm = packing_algorithm if packing else "none"
+    rows = [PackedRows(SFTSamples(s, seq_length), seq_length, seed=hash_seed(seed, k), pad_id=fill_id(tokenizer),
+                       algorithm=algorithm) for k, s in enumerate(sources)]
+    dataset = rows[0] if len(rows) == 1 else _RowBlend(rows, weights, blend_block)
+    return TrainingData(dataset, False, [r.stats for r in rows])
+
+
+def hash_seed(seed: int, source: int) -> int:
+    """Each source's own order: independent streams for one run seed (2**32 keeps entropy words apart)."""
+    return seed * 2**32 + source
