@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
@@ -38,10 +39,11 @@ def init_distributed(layout: Layout, device: torch.device, seed: int) -> None:
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # plain `python -m launcher.train`: a world of one
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
-                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", timeout=timedelta(minutes=10))
+        backend = "gloo" if device.type == "cpu" else "nccl"
+        if "MASTER_ADDR" in os.environ:  # torchrun / srun
+            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        else:  # plain `python -m launcher.train`: a world of one, no port to collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
                                  virtual_pipeline_model_parallel_size=layout.vpp,
                                  context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep)
@@ -77,10 +79,20 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def _forward_step(device: torch.device, data_iterator, model):
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
+    packed = _packed_seq_params(batch) if "cu_seqlens" in batch else None
+    if packed is not None:  # THD: the micro batch's rows become one stream of documents
+        batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     # Last stage returns per-token losses; earlier stages their hidden states.
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
+    cu = batch["cu_seqlens"].to(torch.int32)
+    max_len = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                           max_seqlen_kv=max_len)
 
 
 class MegatronEngine:
@@ -137,10 +149,13 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
         data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
+        # Pipeline stages exchange [seq, batch, hidden]; a packed micro batch is one THD stream.
+        packed = "cu_seqlens" in microbatches[0]
         reports = self._forward_backward(
             forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
-            num_microbatches=len(microbatches), seq_length=self.seq_length,
-            micro_batch_size=self.micro_batch_size, forward_only=False)
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_length * self.micro_batch_size if packed else self.seq_length,
+            micro_batch_size=1 if packed else self.micro_batch_size, forward_only=False)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)
         _, grad_norm, _ = self.optimizer.step()

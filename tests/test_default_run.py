@@ -14,7 +14,7 @@ def test_default_job_trains_and_checkpoints(cache_env):
     assert [m["step"] for m in metrics] == list(range(1, 201))
     for key in ("loss", "grad_norm", "lr", "tokens", "tokens_per_s"):
         assert all(key in m for m in metrics), key
-    assert metrics[-1]["tokens"] == 200 * 16 * 256
+    assert metrics[-1]["tokens"] == 200 * 8 * 256
     first, last = statistics.mean(m["loss"] for m in metrics[:10]), statistics.mean(m["loss"] for m in metrics[-10:])
     assert last < first - 2.0, (first, last)  # from ~ln(4096)=8.3 down to well under 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000200"

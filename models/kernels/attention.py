@@ -3,6 +3,10 @@
 megatron-core's local DotProductAttention materializes the s×s score matrix (out of memory
 at seq 4096 on an H100); SDPA dispatches to cuDNN / flash / memory-efficient kernels on GPU
 and to a fused CPU kernel, with grouped-query attention handled natively.
+
+Packed rows (THD layout, documents delimited by cu_seqlens) go through
+`torch.nn.attention.varlen.varlen_attn` on GPU and through SDPA with an exact block-diagonal
+causal mask on CPU: no token ever attends across a document boundary.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ class SDPAttention(MegatronModule):
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
         if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences are not supported by the SDPA core attention yet")
+            return self._packed(query, key, value, packed_seq_params)
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by the SDPA core attention")
         mask_type = attn_mask_type or self.attn_mask_type
@@ -44,3 +48,38 @@ class SDPAttention(MegatronModule):
             dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=q.size(1) != k.size(1))
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)
+
+    def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params) -> torch.Tensor:
+        """THD: query/key/value [t, heads, d] (megatron squeezed the dummy batch) -> [t, heads * d]."""
+        if params.qkv_format != "thd":
+            raise NotImplementedError(f"packed qkv_format {params.qkv_format!r} (only 'thd')")
+        t = query.size(0)
+        cu_q, cu_k = params.cu_seqlens_q, params.cu_seqlens_kv
+        if query.is_cuda:
+            out = _varlen_causal(query, key, value, cu_q, cu_k, int(params.max_seqlen_q), int(params.max_seqlen_kv),
+                                 self.softmax_scale)
+        else:
+            mask = block_causal_mask(cu_q, t, query.device)
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, d]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale,
+                                                 enable_gqa=q.size(1) != k.size(1))
+            out = out.squeeze(0).transpose(0, 1)
+        return out.reshape(t, -1)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """[total, total] bool, True where query i may attend key j: same document and j <= i."""
+    position = torch.arange(total, device=device)
+    document = torch.searchsorted(cu_seqlens[1:].to(device=device, dtype=torch.long), position, right=True)
+    return (document[:, None] == document[None, :]) & (position[None, :] <= position[:, None])
+
+
+def _varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    if q.size(1) != k.size(1):  # torch 2.11's varlen_attn has no GQA: expand the key/value heads
+        repeat = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    # window (-1, 0) is causal; varlen_attn's default window is bidirectional.
+    return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, scale=scale,
+                       window_size=(-1, 0))
