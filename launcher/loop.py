@@ -1,7 +1,8 @@
 """The training loop: batches in, optimizer steps out, metrics and checkpoints on the way."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -9,14 +10,21 @@ from megatron.core import parallel_state as ps
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import checkpoint
-from launcher.data.pretrain import TokenChunks, microbatches
 from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
 from models.args import ModelArgs
 from parallel.megatron_engine import MegatronEngine
 
 
-def train(cfg: DictConfig, engine: MegatronEngine, dataset: TokenChunks, args: ModelArgs, start_step: int) -> None:
+@dataclass
+class TrainData:
+    """`batches(step=, dp_rank=, dp_size=, micro_batch_size=, global_batch_size=)` -> this rank's
+    micro batches of that step; `stats` are constant per-run data metrics (padding fraction ...)."""
+    batches: Callable[..., list[dict[str, Any]]]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelArgs, start_step: int) -> None:
     t = cfg.train
     device = engine.device
     rank0 = dist.get_rank() == 0
@@ -36,7 +44,7 @@ def train(cfg: DictConfig, engine: MegatronEngine, dataset: TokenChunks, args: M
     timer = StepTimer(sync)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     for step in range(start_step, t.steps):
-        batches = microbatches(dataset, step=step, dp_rank=dp_rank, dp_size=dp_size,
+        batches = data.batches(step=step, dp_rank=dp_rank, dp_size=dp_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
         result = engine.train_step(batches)
         elapsed = timer.lap()
@@ -46,6 +54,9 @@ def train(cfg: DictConfig, engine: MegatronEngine, dataset: TokenChunks, args: M
                 "step": done, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
                 "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
                 "step_time_s": elapsed,
+                # tokens that carry a loss (excludes padding, document ends, SFT prompts)
+                "loss_tokens": result.num_tokens, "loss_tokens_per_s": result.num_tokens / elapsed,
+                **data.stats,
             }
             if peak is not None:
                 record["mfu"] = flops_per_token * tokens_per_step / elapsed / (peak * dist.get_world_size())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from launcher.config_check import ConfigError, check_config, world_size_from_env
+from launcher.loop import TrainData
 
 # megatron-core warns at import that TransformerEngine/apex are absent; the torch backend is the
 # supported path without them, so these lines are noise on every run.
@@ -34,22 +36,62 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def build_data(cfg: DictConfig) -> TrainData:
+    """The micro-batch stream `data.*` asks for; bad data paths or a tokenizer/model vocab mismatch
+    raise ConfigError here, before any process group exists."""
+    d, t = cfg.data, cfg.train
+    if d.name == "stdlib_docs":
+        from launcher.data.pretrain import TokenChunks, microbatches, prepare_default_corpus
+        from launcher.data.tokenizer import SentencePieceTokenizer
+
+        tokenizer_path, tokens_path = prepare_default_corpus(Path(d.cache_dir), d.tokenizer_vocab_size,
+                                                             d.max_corpus_bytes)
+        tokenizer = SentencePieceTokenizer(tokenizer_path)
+        _check_vocab(tokenizer, cfg.model.vocab_size)
+        return TrainData(partial(microbatches, TokenChunks(tokens_path, t.seq_length, t.seed)), {})
+
+    from launcher.data.tokenizer import load_tokenizer
+    from launcher.data.training_data import build_training_data
+
+    for prefix in d.prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(f"{prefix}{suffix}").is_file():
+                raise ConfigError("data.prefixes", f"missing {prefix}{suffix} (run python -m launcher.preprocess)")
+    try:
+        tokenizer = load_tokenizer(d.tokenizer)
+    except (OSError, ValueError) as err:
+        raise ConfigError("data.tokenizer", str(err)) from err
+    _check_vocab(tokenizer, cfg.model.vocab_size)
+    try:
+        stream = build_training_data(
+            list(d.prefixes), tokenizer, seq_length=t.seq_length, seed=t.seed, format=d.format,
+            weights=list(d.weights) if d.weights is not None else None, packing=d.packing,
+            packing_algorithm=d.packing_algorithm, reset_position_ids=d.reset_position_ids,
+            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss, blend_block=d.blend_block)
+    except ValueError as err:
+        raise ConfigError("data", str(err)) from err
+    stats = {}
+    if stream.stats:  # whole-sample rows: how much of each row is padding, over every source
+        real = sum(s.real_tokens for s in stream.stats)
+        slots = sum(s.rows for s in stream.stats) * t.seq_length
+        samples = sum(s.samples for s in stream.stats)
+        stats = {"padding_fraction": 1 - real / slots, "samples_per_row": samples * t.seq_length / slots}
+    return TrainData(stream.microbatches, stats)
+
+
+def _check_vocab(tokenizer, model_vocab_size: int) -> None:
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError("model.vocab_size", f"{model_vocab_size} is smaller than the vocabulary of tokenizer "
+                                              f"{tokenizer.path} ({tokenizer.vocab_size})")
+
+
 def run(cfg: DictConfig) -> None:
     # Everything that can be wrong with the input is checked before a process group starts.
     layout = check_config(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
     params_dtype = resolve_dtype(cfg.train.precision, device)
 
-    from launcher.data.pretrain import TokenChunks, prepare_default_corpus
-    from launcher.data.tokenizer import SentencePieceTokenizer
-
-    tokenizer_path, tokens_path = prepare_default_corpus(Path(cfg.data.cache_dir), cfg.data.tokenizer_vocab_size,
-                                                         cfg.data.max_corpus_bytes)
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                                              f"({tokenizer.vocab_size}, {tokenizer_path})")
-    dataset = TokenChunks(tokens_path, cfg.train.seq_length, cfg.train.seed)
+    data = build_data(cfg)
 
     from launcher import checkpoint
     from launcher.loop import train
@@ -71,7 +113,7 @@ def run(cfg: DictConfig) -> None:
             print(f"shardforge: model={args.name} layout[{layout}] device={device.type} dtype={params_dtype} "
                   f"params/rank(0)={params.item() / 1e6:.1f}M steps={start_step}->{cfg.train.steps} "
                   f"run.dir={cfg.run.dir}", flush=True)
-        train(cfg, engine, dataset, args, start_step)
+        train(cfg, engine, data, args, start_step)
     finally:
         shutdown()
 
