@@ -14,6 +14,7 @@ setup(
         "hydra-core>=1.3.2,<1.4",
         "omegaconf>=2.3,<2.4",
         "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json support in launcher.data.tokenizer
         "numpy>=1.26",
         "psutil>=5.9",  # megatron dist_checkpointing writer workers need it (hang without it)
         "tqdm>=4.66",
@@ -22,10 +23,12 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "transformers>=4.45,<6", "safetensors>=0.4"],
         "tensorboard": ["tensorboard>=2.16"],
+        "hf": ["transformers>=4.45,<6"],  # tokenizers' own chat templates (data.chat_template=tokenizer)
     },
     entry_points={
         "console_scripts": [
             "shardforge-train=launcher.train:main",
+            "shardforge-preprocess=launcher.preprocess:main",
         ],
     },
 )

@@ -8,6 +8,7 @@ import sys
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -15,7 +16,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from launcher.config_check import ConfigError, check_config, world_size_from_env
-from launcher.loop import TrainData
+
+if TYPE_CHECKING:
+    from launcher.loop import TrainData
 
 # megatron-core warns at import that TransformerEngine/apex are absent; the torch backend is the
 # supported path without them, so these lines are noise on every run.
@@ -39,6 +42,8 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 def build_data(cfg: DictConfig) -> TrainData:
     """The micro-batch stream `data.*` asks for; bad data paths or a tokenizer/model vocab mismatch
     raise ConfigError here, before any process group exists."""
+    from launcher.loop import TrainData
+
     d, t = cfg.data, cfg.train
     if d.name == "stdlib_docs":
         from launcher.data.pretrain import TokenChunks, microbatches, prepare_default_corpus
