@@ -85,9 +85,12 @@ def build_data(cfg: DictConfig) -> TrainData:
 
 
 def _check_vocab(tokenizer, model_vocab_size: int) -> None:
-    if tokenizer.vocab_size > model_vocab_size:
-        raise ConfigError("model.vocab_size", f"{model_vocab_size} is smaller than the vocabulary of tokenizer "
-                                              f"{tokenizer.path} ({tokenizer.vocab_size})")
+    from launcher.data.tokenizer import check_vocab_size
+
+    try:
+        check_vocab_size(tokenizer, model_vocab_size)
+    except ValueError as err:
+        raise ConfigError("model.vocab_size", str(err)) from err
 
 
 def run(cfg: DictConfig) -> None:

@@ -19,6 +19,7 @@ CASES = [
     (["train.seq_length=4096"], "train.seq_length", "exceeds model.max_position_embeddings=2048"),
     (["parallel.engine=fsdp"], "parallel.engine", "unknown engine"),
     (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load", "no checkpoint directory"),
+    (["model.vocab_size=1000"], "model.vocab_size", "has 4096 tokens but model.vocab_size is 1000"),
 ]
 
 

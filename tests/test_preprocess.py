@@ -12,8 +12,8 @@ import sentencepiece as spm
 from tiny_tokenizers import SENTENCES, train_hf, train_sp
 
 from launcher.data.indexed import IndexedDataset, IndexedDatasetWriter
-from launcher.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, check_vocab_size, fill_id, load_tokenizer,
-                                     padded_vocab_size)
+from launcher.data.tokenizer import HFTokenizer, SentencePieceTokenizer, check_vocab_size, fill_id, load_tokenizer
+from models.args import padded_vocab_size
 from launcher.preprocess import DataError, Options, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +91,8 @@ def test_hf_tokenizer_without_config_guesses_known_special_names(hf_dir, tmp_pat
 def test_vocab_check_names_both_sizes_and_the_file(sp_model):
     tok = load_tokenizer(sp_model)
     check_vocab_size(tok, 320)
-    check_vocab_size(tok, padded_vocab_size(320, 128))  # a TP-padded embedding holds every id
-    assert padded_vocab_size(320, 128) == 384 and padded_vocab_size(256, 128) == 256
+    check_vocab_size(tok, padded_vocab_size(320))  # a TP-padded embedding holds every id
+    assert padded_vocab_size(320) == 384 and padded_vocab_size(256) == 256
     with pytest.raises(ValueError, match=rf"{sp_model}.* 320 tokens .*model.vocab_size is 256"):
         check_vocab_size(tok, 256)
 

@@ -193,11 +193,6 @@ def fill_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """Megatron's padding: round the vocabulary up so every TP shard of the embedding is equal."""
-    return -(-vocab_size // multiple) * multiple
-
-
 def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int) -> None:
     """The model's (possibly padded) embedding must hold every id the tokenizer can produce."""
     if tokenizer.vocab_size > model_vocab_size:
