@@ -1,0 +1,243 @@
+"""Hugging Face import/export and generation against `transformers` itself (CPU, fp32, no downloads).
+
+Small random models of each supported family are built from configs here and saved as sharded
+safetensors; `launcher.convert import_hf` turns them into ShardForge checkpoints, which are loaded
+under tp=1 and tp=2 (torchrun, gloo) and must reproduce transformers' logits and greedy tokens;
+`export_hf` must give back a directory transformers loads to the same logits.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from models import hf_mapping as hfm
+from models.args import ModelArgs
+from conftest import run_cli
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             bos_token_id=None, eos_token_id=None, pad_token_id=None,
+             # larger than the default 0.02: peaked logits make greedy decoding a sharper test
+             initializer_range=0.15)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+FAMILIES: dict[str, tuple[str, dict]] = {
+    # Llama-3.1 style: llama3 RoPE scaling, untied output layer; gets a tokenizer for the text CLI test
+    "llama": ("LlamaConfig", dict(vocab_size=512, max_position_embeddings=16384, rope_parameters=LLAMA3_ROPE,
+                                  tie_word_embeddings=False, rms_norm_eps=1e-5)),
+    # Qwen2.5 style: q/k/v bias, tied embeddings, vocab not a multiple of 128 (padded)
+    "qwen2": ("Qwen2Config", dict(vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=True,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Qwen3: per-head q/k RMSNorm, head_dim (32) != hidden / heads (16)
+    "qwen3": ("Qwen3Config", dict(vocab_size=300, max_position_embeddings=512, head_dim=32,
+                                  tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(vocab_size=384, max_position_embeddings=512, sliding_window=None,
+                                      tie_word_embeddings=False)),
+}
+MAX_NEW = 12
+PROMPT_LEN = 6
+
+
+def _hf_model(family: str):
+    config_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**SHAPE, **extra)
+    torch.manual_seed(sum(map(ord, family)))
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _hf_greedy(model, prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW,
+                             min_new_tokens=MAX_NEW)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Per family: HF dir, imported checkpoint, reference logits/greedy tokens; plus the ShardForge
+    results under tp=1 and tp=2 from one torchrun job."""
+    root = tmp_path_factory.mktemp("hf")
+    data: dict[str, dict] = {}
+    cases = []
+    for family in FAMILIES:
+        model = _hf_model(family)
+        hf_dir = root / f"{family}_hf"
+        model.save_pretrained(hf_dir, max_shard_size="100KB")  # several shards + index
+        if family == "llama":
+            from tests.tiny_tokenizers import train_hf
+
+            train_hf(hf_dir, chat_template=None, vocab_size=400)
+        gen = torch.Generator().manual_seed(len(family))
+        tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
+        prompt = tokens[0, :PROMPT_LEN].tolist()
+        with torch.no_grad():
+            logits = model(tokens).logits
+        ckpt = root / f"{family}_ckpt"
+        run_cli("launcher.convert", ["import_hf", f"hf_dir={hf_dir}", f"out={ckpt}", f"name=test_{family}"])
+        data[family] = dict(model=model, hf_dir=hf_dir, ckpt=ckpt, tokens=tokens, logits=logits, prompt=prompt,
+                            greedy=_hf_greedy(model, prompt))
+        cases.append(dict(name=family, checkpoint=str(ckpt), tokens=tokens.tolist(), prompt=prompt,
+                          max_new_tokens=MAX_NEW))
+    (root / "cases.json").write_text(json.dumps(cases))
+    run_cli("tests.scripts.hf_logits", [str(root / "out.pt"), str(root / "cases.json"), "1,2"], nproc=2)
+    return data, torch.load(root / "out.pt"), root
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_imported_logits_match_transformers(converted, family, tp):
+    data, results, _ = converted
+    ours, ref = results[(tp, family)]["logits"], data[family]["logits"]
+    assert ours.shape == ref.shape
+    diff = (ours - ref).abs().max().item()
+    assert diff < 1e-4, f"{family} tp={tp}: max |logit diff| {diff:.2e}"
+    assert ref.std() > 0.1  # the comparison is not between near-constant logits
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generation_matches_transformers(converted, family, tp):
+    data, results, _ = converted
+    result = results[(tp, family)]
+    assert result["cached"] == result["recomputed"], "KV-cache decoding differs from full recompute"
+    assert result["cached"] == data[family]["greedy"]
+
+
+def test_generate_cli_greedy_sampled_and_text(converted, tmp_path):
+    data, _, _ = converted
+    qwen = data["qwen2"]
+    out = tmp_path / "greedy.json"
+    run_cli("launcher.generate", [f"checkpoint.load={qwen['ckpt']}", f"prompt_ids={','.join(map(str, qwen['prompt']))}",
+                                  f"max_new_tokens={MAX_NEW}", f"output_json={out}"])
+    assert json.loads(out.read_text())["generated_ids"] == qwen["greedy"]
+
+    sampled = []
+    for i, seed in enumerate((3, 3, 4)):
+        path = tmp_path / f"sampled{i}.json"
+        run_cli("launcher.generate", [f"checkpoint.load={qwen['ckpt']}/iter_0000000", "prompt_ids=5,6,7",
+                                      "max_new_tokens=16", "temperature=1.5", "top_k=50", "top_p=0.95",
+                                      f"seed={seed}", f"output_json={path}"])
+        sampled.append(json.loads(path.read_text())["generated_ids"])
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling is reproducible, and does sample
+    assert all(0 <= t < 1000 for s in sampled for t in s)  # never a padded-vocab id
+
+    # text in, text out, with the tokenizer import_hf copied next to the checkpoint
+    llama = data["llama"]
+    from launcher.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(llama["hf_dir"])
+    prompt = "The quick brown fox"
+    out = tmp_path / "text.json"
+    proc = run_cli("launcher.generate", [f"checkpoint.load={llama['ckpt']}", f"prompt={prompt}",
+                                         f"max_new_tokens={MAX_NEW}", "ignore_eos=true", f"output_json={out}"])
+    result = json.loads(out.read_text())
+    assert result["prompt_ids"] == tokenizer.encode(prompt)
+    assert result["generated_ids"] == _hf_greedy(llama["model"], result["prompt_ids"])
+    assert proc.stdout.strip().endswith(tokenizer.decode(result["generated_ids"]).strip())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_reloads_in_transformers(converted, family, tmp_path):
+    data, _, _ = converted
+    entry = data[family]
+    out = tmp_path / "export"
+    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}", "max_shard_size_mb=0.1"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded) is type(entry["model"])
+    original = entry["model"].state_dict()
+    assert sorted(reloaded.state_dict()) == sorted(original)
+    with torch.no_grad():
+        diff = (reloaded(entry["tokens"]).logits - entry["logits"]).abs().max().item()
+    assert diff < 1e-5, f"{family}: exported model's logits differ by {diff:.2e}"
+    if family == "llama":  # tokenizer files travel with the model
+        assert (out / "tokenizer.json").is_file()
+        fast = transformers.AutoTokenizer.from_pretrained(out)
+        assert fast("The quick brown fox")["input_ids"][-4:] == \
+            transformers.AutoTokenizer.from_pretrained(entry["hf_dir"])("The quick brown fox")["input_ids"][-4:]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _one_error_line(proc, prefix: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_unknown_architecture_is_one_clear_error(converted, tmp_path):
+    data, _, _ = converted
+    hf_dir = tmp_path / "neox"
+    shutil.copytree(data["mistral"]["hf_dir"], hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox")
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    proc = run_cli("launcher.convert", ["import_hf", f"hf_dir={hf_dir}", f"out={tmp_path / 'ck'}"], check=False)
+    line = _one_error_line(proc, "convert: error:")
+    assert "GPTNeoXForCausalLM" in line and all(arch in line for arch in hfm.ARCHITECTURES)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_missing_shard_is_one_clear_error(converted, tmp_path):
+    data, _, _ = converted
+    hf_dir = tmp_path / "partial"
+    shutil.copytree(data["qwen3"]["hf_dir"], hf_dir)
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    proc = run_cli("launcher.convert", ["import_hf", f"hf_dir={hf_dir}", f"out={tmp_path / 'ck'}"], check=False)
+    line = _one_error_line(proc, "convert: error:")
+    assert shard.name in line and "missing" in line
+
+
+def test_checkpoint_of_another_shape_is_one_clear_error(converted, tmp_path):
+    data, _, _ = converted
+    other_shape = data["llama"]["ckpt"] / "model.yaml"
+    proc = run_cli("launcher.generate", [f"checkpoint.load={data['qwen3']['ckpt']}", f"model={other_shape}",
+                                         "prompt_ids=1,2,3", "max_new_tokens=2"], check=False)
+    line = _one_error_line(proc, "generate: error:")
+    assert "another model" in line and "model=test_llama" in line
+    proc = run_cli("launcher.convert", ["export_hf", f"checkpoint={data['mistral']['ckpt']}", f"model={other_shape}",
+                                        f"out={tmp_path / 'x'}"], check=False)
+    assert "another model" in _one_error_line(proc, "convert: error:")
+
+
+# ---------------------------------------------------------------------------------------------- pure mapping
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_config_round_trip(family):
+    config_cls, extra = FAMILIES[family]
+    hf_config = getattr(transformers, config_cls)(**SHAPE, **extra).to_dict()
+    hf_config["architectures"] = [f"{config_cls[:-len('Config')]}ForCausalLM"]
+    args = hfm.args_from_hf_config(hf_config, family)
+    assert args.add_qkv_bias == (family == "qwen2") and args.qk_layernorm == (family == "qwen3")
+    assert args.rope_scaling == (family == "llama") and args.tie_word_embeddings == extra["tie_word_embeddings"]
+    back = hfm.hf_config_from_args(args, hf_config["architectures"][0])
+    assert hfm.args_from_hf_config(back, family) == args
+    reloaded = getattr(transformers, config_cls)(**back)
+    assert reloaded.head_dim == hfm.head_dim(args)
+
+
+def test_qkv_fuse_split_and_unsupported_configs():
+    args = ModelArgs(name="x", num_layers=1, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8,
+                     num_query_groups=2, vocab_size=300, max_position_embeddings=64, kv_channels=8)
+    q, k, v = torch.randn(64, 64), torch.randn(16, 64), torch.randn(16, 64)
+    fused = hfm.fuse_qkv(q, k, v, args)
+    # group 0 = q heads 0..3, then k head 0, then v head 0
+    assert torch.equal(fused[:32], q[:32]) and torch.equal(fused[32:40], k[:8]) and torch.equal(fused[40:48], v[:8])
+    assert all(torch.equal(a, b) for a, b in zip(hfm.split_qkv(fused, args), (q, k, v)))
+    base = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                num_attention_heads=4, vocab_size=300, max_position_embeddings=64)
+    with pytest.raises(hfm.HFMappingError, match="attention_bias"):
+        hfm.args_from_hf_config({**base, "attention_bias": True}, "x")
+    with pytest.raises(hfm.HFMappingError, match="rope type 'yarn'"):
+        hfm.args_from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "x")
+    with pytest.raises(hfm.HFMappingError, match="Phi3ForCausalLM"):
+        hfm.args_from_hf_config({**base, "architectures": ["Phi3ForCausalLM"]}, "x")
