@@ -255,6 +255,11 @@ def prepare_import(hf_dir: Path, name: str | None, overrides: Mapping[str, Any])
     if unknown:
         raise CliError(f"unknown model field(s) {', '.join(sorted('model.' + f for f in unknown))}")
     args = hfm.with_overrides(args, fields)
+    window = hf_config.get("sliding_window")
+    if hfm.architecture_of(hf_config) == "MistralForCausalLM" and window and window < args.max_position_embeddings:
+        # Mistral-7B-v0.1 style: full attention equals it on sequences up to the window
+        print(f"convert: note: sliding_window={window} is not modeled; ShardForge attends to the full context "
+              f"(identical for sequences of up to {window} tokens)", file=sys.stderr)
     reader = SafetensorsReader(hf_dir)
     needed = set(hfm.hf_tensor_names(args))
     missing = sorted(needed - reader.names())

@@ -57,12 +57,25 @@ def _hf_greedy(model, prompt: list[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def trained(tmp_path_factory, cache_env):
+    """A real training checkpoint (model + distributed optimizer state) saved under pp=2."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    run_cli("launcher.train", ["parallel.pp=2", "train.steps=1", "train.seq_length=64", "train.global_batch_size=2",
+                               "train.micro_batch_size=1", "logging.wandb.mode=disabled", "logging.progress=false",
+                               f"run.dir={run_dir}"], nproc=2)
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, trained):
     """Per family: HF dir, imported checkpoint, reference logits/greedy tokens; plus the ShardForge
-    results under tp=1 and tp=2 from one torchrun job."""
+    results under tp=1 and tp=2 (of those and of the training checkpoint) from one torchrun job."""
     root = tmp_path_factory.mktemp("hf")
     data: dict[str, dict] = {}
-    cases = []
+    trained_tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    data["trained"] = dict(ckpt=trained, tokens=trained_tokens)
+    cases = [dict(name="trained", checkpoint=str(trained), tokens=trained_tokens.tolist(), prompt=[1, 2, 3],
+                  max_new_tokens=2)]
     for family in FAMILIES:
         model = _hf_model(family)
         hf_dir = root / f"{family}_hf"
@@ -162,6 +175,21 @@ def test_export_reloads_in_transformers(converted, family, tmp_path):
             transformers.AutoTokenizer.from_pretrained(entry["hf_dir"])("The quick brown fox")["input_ids"][-4:]
 
 
+def test_export_of_a_training_checkpoint(converted, tmp_path):
+    """A pp=2 training checkpoint (optimizer state included) exports from its run config; transformers
+    computes what ShardForge computes from that checkpoint under tp=1 and tp=2."""
+    data, results, _ = converted
+    entry, out = data["trained"], tmp_path / "export"
+    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        logits = model(entry["tokens"]).logits
+    for tp in (1, 2):
+        diff = (results[(tp, "trained")]["logits"] - logits).abs().max().item()
+        assert diff < 1e-4, f"tp={tp}: {diff:.2e}"
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -235,6 +263,14 @@ def test_qkv_fuse_split_and_unsupported_configs():
     assert all(torch.equal(a, b) for a, b in zip(hfm.split_qkv(fused, args), (q, k, v)))
     base = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                 num_attention_heads=4, vocab_size=300, max_position_embeddings=64)
+    # transformers 4.x spelling of a Llama-3.1 config
+    legacy = hfm.args_from_hf_config({**base, "rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}, "x")
+    assert (legacy.rotary_base, legacy.rope_scaling, legacy.rope_scaling_factor) == (500000.0, True, 32.0)
+    with pytest.raises(hfm.HFMappingError, match="high_freq_factor"):
+        hfm.args_from_hf_config({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                          "high_freq_factor": 2.0}}, "x")
     with pytest.raises(hfm.HFMappingError, match="attention_bias"):
         hfm.args_from_hf_config({**base, "attention_bias": True}, "x")
     with pytest.raises(hfm.HFMappingError, match="rope type 'yarn'"):
