@@ -14,7 +14,9 @@ copies); the model shape is found as in launcher.convert (model=, model.yaml, th
 whole sequence at every step (the reference the cache is tested against).
 
 The KV cache is megatron-core's StaticInferenceContext passed to GPTModel.forward: the prompt runs
-once (causal), then one token per step attends to every cached position.
+once (causal: query and key lengths are equal), then one token per step attends to every cached
+position (megatron switches the mask type to no_mask once the cache is non-empty, which is exact
+for a single query token; our SDPA core attention is therefore unchanged).
 
 Runs in a world of one on CPU (a model that fits one process); the functions below also work
 on a tensor-parallel model (the output layer gathers the vocab-parallel logits).
