@@ -1,29 +1,41 @@
 """Checkpoints: megatron-core dist_checkpointing (torch_dist), written where they cannot be lost.
 
 Layout on disk:
-    <checkpoint.dir>/iter_0000020/   a complete dist_checkpoint (model, optimizer, scheduler, step)
+    <checkpoint.dir>/iter_0000020/   a complete dist_checkpoint (model, optimizer, scheduler, step, RNG)
     <checkpoint.dir>/latest          the name of the newest complete iter_* directory
 
-A save goes to `iter_*.tmp`, is renamed only after every rank finished writing, and `latest`
-is replaced atomically after that: a crash mid-save leaves the previous checkpoint intact.
+A save goes to `iter_*.tmp`, is renamed only after every rank finished writing (fsync'd), and
+`latest` is replaced atomically after that: a save killed midway leaves the previous checkpoint
+and `latest` intact. Old checkpoints are pruned (`keep_last`) only after the new one is complete.
+
+Tensors are stored in the layout-independent form of dist_checkpointing (model and the
+distributed optimizer's 'fully_reshardable' state), so a checkpoint loads into any TP/PP/DP
+layout. Non-tensor state is loaded with torch.load's weights_only default: no pickled code.
+A model-only checkpoint (e.g. from `launcher.convert import_hf`) starts training at step 0.
 """
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from parallel.megatron_engine import MegatronEngine
 
 LATEST = "latest"
+_ITER = "iter_"
 
 
 def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
+    return f"{_ITER}{step:07d}"
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -37,16 +49,69 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint.load: {path} holds neither a '{LATEST}' file nor a dist checkpoint")
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def check_compatible(path: str | os.PathLike, model: dict[str, Any]) -> None:
+    """Before any process group: the checkpoint must hold this model's shape (names may differ)."""
+    directory = resolve(path)
+    saved = dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
+    if saved is None:  # checkpoints from `launcher.convert` carry their shape in model.yaml instead
+        return
+    differ = [f"{k}: checkpoint {saved[k]} vs config {model.get(k)}" for k in saved
+              if k != "name" and saved[k] != model.get(k)]
+    if differ:
+        raise ValueError(f"{directory} was saved from model={saved.get('name')}, not this model ({'; '.join(differ)})")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
     with open(tmp, "w") as f:
-        f.write(text)
+        f.write(name + "\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
 
 
-def save(engine: MegatronEngine, root: str | os.PathLike, step: int) -> Path:
+def _layout() -> dict[str, int]:
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_state(is_loading: bool) -> ShardedObject:
+    # One RNG state per rank (dropout streams differ per TP rank): sharded over (pp, tp, dp).
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    layout = _layout()
+    rank = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+            ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", None if is_loading else state, (layout["pp"], layout["tp"], layout["dp"]),
+                         rank, replica_id=0)
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: MegatronEngine, root: str | os.PathLike, step: int, keep_last: int | None = None) -> Path:
     root = Path(root)
     final = root / iter_dir_name(step)
     tmp = root / (iter_dir_name(step) + ".tmp")
@@ -56,39 +121,77 @@ def save(engine: MegatronEngine, root: str | os.PathLike, step: int) -> Path:
         tmp.mkdir()
     dist.barrier()
     state = engine.sharded_state_dict()
-    state["step"] = step
+    state.update(step=step, layout=_layout(), model_args=asdict(engine.args), rng_state=_rng_state(is_loading=False))
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
+        _fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. after resume): replace only once the new one is whole
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_write(root / LATEST, final.name + "\n")
+        _fsync_dir(root)
+        _write_latest(root, final.name)
+        if keep_last:
+            _prune(root, keep=keep_last)
     dist.barrier()
     return final
 
 
+def _prune(root: Path, keep: int) -> None:
+    complete = sorted(p for p in root.glob(f"{_ITER}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
+
+
 def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
-    """Load model, optimizer and scheduler into `engine`; returns the step to resume after."""
+    """Load a checkpoint into `engine` (any layout); returns the step to resume after.
+
+    Model-only checkpoints load the weights and return 0 (fine-tuning starts fresh).
+    """
     directory = resolve(path)
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    if "step" not in common:
+        state = {k: v for k, v in engine.sharded_state_dict(is_loading=True).items() if _chunk_index(k) is not None}
+        _load_model(engine, dist_checkpointing.load(state, str(directory)))
+        return 0
     for chained in engine.optimizer.chained_optimizers:
         # Without apex/TE the distributed optimizer's state_dict() asserts on a never-stepped
         # optimizer; give it states to overwrite.
         chained._init_optimizer_states_with_dummy_values()
     state = engine.sharded_state_dict(is_loading=True)
-    state["step"] = 0
+    # RNG streams are per rank: restore them only into the layout that saved them.
+    same_layout = common.get("layout") == _layout()
+    if same_layout:
+        state["rng_state"] = _rng_state(is_loading=True)
     loaded = dist_checkpointing.load(state, str(directory))
-    for key in [k for k in loaded if k.startswith("model")]:
-        index = 0 if key == "model" else int(key[len("model"):])
-        engine.chunks[index].module.load_state_dict(loaded[key])
+    _load_model(engine, loaded)
     # fp32 main params are views of the model params; the in-place copy must not record grads.
     with torch.no_grad():
         engine.optimizer.load_state_dict(loaded["optimizer"])
-    step = int(loaded["step"])
+    step = int(common["step"])
     # torch AdamW's per-param `step` counter is not restored by megatron without apex/TE
     # (it comes back as one shared dummy tensor): set it from our own step count.
     for chained in engine.optimizer.chained_optimizers:
         for param_state in chained.optimizer.state.values():
             param_state["step"] = torch.tensor(float(step))
     engine.scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    elif dist.get_rank() == 0:
+        print(f"checkpoint: layout changed {common.get('layout')} -> {_layout()}: weights and optimizer state "
+              f"resharded, RNG streams start fresh", flush=True)
     return step
+
+
+def _chunk_index(key: str) -> int | None:
+    """'model' -> 0, 'model3' -> 3 (virtual pipeline chunks), anything else -> None."""
+    if key == "model":
+        return 0
+    return int(key[5:]) if key.startswith("model") and key[5:].isdigit() else None
+
+
+def _load_model(engine: MegatronEngine, loaded: dict[str, Any]) -> None:
+    for key, value in loaded.items():
+        index = _chunk_index(key)
+        if index is not None:
+            engine.chunks[index].module.load_state_dict(value)

@@ -98,7 +98,17 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
                                               f"{m.max_position_embeddings}")
     if cfg.checkpoint.save_every < 0:
         raise ConfigError("checkpoint.save_every", f"must be >= 0, got {cfg.checkpoint.save_every}")
-    if cfg.checkpoint.load is not None and not os.path.isdir(cfg.checkpoint.load):
-        raise ConfigError("checkpoint.load", f"no checkpoint directory at {cfg.checkpoint.load}")
+    keep = cfg.checkpoint.keep_last
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise ConfigError("checkpoint.keep_last", f"must be null or a positive integer, got {keep!r}")
+    if cfg.checkpoint.load is not None:
+        if not os.path.isdir(cfg.checkpoint.load):
+            raise ConfigError("checkpoint.load", f"no checkpoint directory at {cfg.checkpoint.load}")
+        from launcher import checkpoint
+
+        try:
+            checkpoint.check_compatible(cfg.checkpoint.load, dict(cfg.model))
+        except (OSError, ValueError) as err:
+            raise ConfigError("checkpoint.load", str(err)) from err
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
                   cp=p.cp, ep=p.ep, dp=dp)

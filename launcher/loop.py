@@ -1,5 +1,11 @@
-"""The training loop: batches in, optimizer steps out, metrics and checkpoints on the way."""
+"""The training loop: batches in, optimizer steps out, metrics and checkpoints on the way.
+
+SIGTERM / SIGUSR1 (preemption, Slurm's `--signal`) finish the current step, save a checkpoint
+and end the run with exit code 0, so a requeued job resumes from `latest`.
+"""
 from __future__ import annotations
+
+import signal
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -43,6 +49,8 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(sync)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    stop = _StopOnSignal(device)
+    done = start_step
     for step in range(start_step, t.steps):
         batches = data.batches(step=step, dp_rank=dp_rank, dp_size=dp_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
@@ -63,12 +71,36 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
             if device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(record)
+        if stop.requested():
+            break
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done != t.steps:
-            checkpoint.save(engine, cfg.checkpoint.dir, done)
+            checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
             timer.lap()  # keep save time out of the next step's throughput
-    if cfg.checkpoint.final_save and t.steps > start_step:
-        path = checkpoint.save(engine, cfg.checkpoint.dir, t.steps)
+    if (cfg.checkpoint.final_save or stop.signal) and done > start_step:
+        path = checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
         if rank0:
-            print(f"saved checkpoint {path}", flush=True)
+            why = f" after {stop.signal}" if stop.signal else ""
+            print(f"saved checkpoint {path}{why}", flush=True)
     if logger is not None:
         logger.close()
+
+
+class _StopOnSignal:
+    """Records SIGTERM/SIGUSR1; every rank learns of a signal any rank got, at the same step."""
+
+    def __init__(self, device: torch.device):
+        self.signal: str | None = None
+        self._got = 0
+        self._device = device
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self._got = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([self._got], dtype=torch.int64, device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.signal = signal.Signals(int(flag.item())).name
+        return self.signal is not None

@@ -32,6 +32,9 @@ from parallel.layout import Layout
 
 def init_distributed(layout: Layout, device: torch.device, seed: int) -> None:
     """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's process groups."""
+    from parallel import mcore_fixes
+
+    mcore_fixes.apply()
     if device.type == "cpu":
         from parallel import cpu_compat
 
@@ -100,7 +103,7 @@ class MegatronEngine:
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False):
-        self.layout, self.device = layout, device
+        self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute)
@@ -180,6 +183,8 @@ class MegatronEngine:
             model = {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
         optimizer = self.optimizer.sharded_state_dict(
             model, is_loading=is_loading,
-            # the 0.16.1 default ('fully_sharded_model_space') fails to save without TE/apex
-            metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+            # Model-space optimizer state: loads into any TP/PP/DP layout. (0.16.1's default,
+            # 'fully_sharded_model_space', fails to save without TE/apex; 'dp_reshardable'
+            # cannot change TP/PP.)
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         return {**model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}

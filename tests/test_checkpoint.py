@@ -1,5 +1,5 @@
 """Checkpoint basics: save → load restores weights tensor by tensor and resumes at the saved
-step; a run resumed from a checkpoint continues the uninterrupted run's loss curve."""
+step; a run resumed from a checkpoint continues the uninterrupted run's curve exactly."""
 from __future__ import annotations
 
 import pytest
@@ -25,7 +25,6 @@ def test_resume_continues_the_same_curve(tmp_path, cache_env):
     assert "steps=3->6" in proc.stdout
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == [4, 5, 6]
-    for a, b in zip(full[3:], resumed):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12), a["step"]
+    # Exact resume: bit for bit on CPU (model, Adam moments and step, LR schedule, RNG, data position).
+    assert [(m["loss"], m["grad_norm"], m["lr"], m["tokens"]) for m in resumed] == \
+           [(m["loss"], m["grad_norm"], m["lr"], m["tokens"]) for m in full[3:]]
