@@ -151,8 +151,13 @@ def model_args_for(directory: Path, model: str | None) -> ModelArgs:
                    f"training run config); pass model=<conf/model name or yaml path>")
 
 
+def _is_moe(args: ModelArgs) -> bool:
+    return getattr(args, "num_experts", None) is not None
+
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Global shapes of the model tensors in a ShardForge dist checkpoint of this shape."""
+    """Global shapes of the model tensors in a ShardForge dist checkpoint of this shape (for an MoE
+    model only the attention, norm and vocabulary tensors: its MLP keys are the MoE layer's)."""
     d = hfm.head_dim(args)
     L, h = args.num_layers, args.hidden_size
     qkv_rows = (args.num_attention_heads + 2 * args.num_query_groups) * d
@@ -167,6 +172,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         p + "mlp.linear_fc1.weight": (L, 2 * args.ffn_hidden_size, h),
         p + "mlp.linear_fc2.weight": (L, h, args.ffn_hidden_size),
     }
+    if _is_moe(args):
+        for key in ("mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
+            del shapes[p + key]
     if not args.tie_word_embeddings:
         shapes["output_layer.weight"] = (args.padded_vocab_size, h)
     if args.add_qkv_bias:
@@ -381,6 +389,9 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
               architecture: str | None = None, dtype: str | None = None, max_shard_size_mb: float = 2000) -> None:
     directory = resolve_checkpoint(checkpoint)
     args = model_args_for(directory, model)
+    if _is_moe(args):
+        raise CliError(f"model={args.name} is a mixture of experts: export_hf supports dense models only "
+                       f"({', '.join(hfm.ARCHITECTURES)})")
     root = checkpoint_root(directory)
     base_config = json.loads((root / "hf_config.json").read_text()) if (root / "hf_config.json").is_file() else {}
     if architecture is None:
@@ -422,13 +433,35 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
     config.update(dtype=torch_dtype, torch_dtype=torch_dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer_dir is not None:
-        files = [tokenizer_dir] if tokenizer_dir.is_file() else [tokenizer_dir / f for f in TOKENIZER_FILES]
-        for f in files:
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
+        _copy_tokenizer(tokenizer_dir, out)
     if final.exists():
         final.rmdir()  # empty (checked above)
     os.replace(out, final)
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    """Tokenizer files into an HF dir: a directory's known files, a tokenizer.json, or a bare
+    sentencepiece model (ShardForge's default tokenizer), which gets the tokenizer_config.json
+    transformers needs to load it as a LlamaTokenizer."""
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, out / name)
+        return
+    if source.suffix != ".model":
+        shutil.copy2(source, out / source.name)
+        return
+    import sentencepiece as spm
+
+    shutil.copy2(source, out / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(source))
+    specials = {f"{role}_token": sp.id_to_piece(i) for role, i in
+                (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())) if i >= 0}
+    # ShardForge's data pipeline adds no BOS/EOS when encoding (launcher.data.tokenizer); legacy=True
+    # keeps sentencepiece's own handling of the leading space.
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": True,
+              **specials}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,12 +182,13 @@ def test_export_reloads_in_transformers(converted, family, tmp_path):
             transformers.AutoTokenizer.from_pretrained(entry["hf_dir"])("The quick brown fox")["input_ids"][-4:]
 
 
-def test_export_of_a_training_checkpoint(converted, tmp_path):
+def test_export_of_a_training_checkpoint(converted, tmp_path, cache_env):
     """A pp=2 training checkpoint (optimizer state included) exports from its run config; transformers
     computes what ShardForge computes from that checkpoint under tp=1 and tp=2."""
     data, results, _ = converted
     entry, out = data["trained"], tmp_path / "export"
-    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}"])
+    sp_model = next(Path(cache_env).glob("stdlib_docs-*/tokenizer.model"))  # the run's own tokenizer
+    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}", f"tokenizer={sp_model}"])
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
@@ -194,6 +196,12 @@ def test_export_of_a_training_checkpoint(converted, tmp_path):
     for tp in (1, 2):
         diff = (results[(tp, "trained")]["logits"] - logits).abs().max().item()
         assert diff < 1e-4, f"tp={tp}: {diff:.2e}"
+    from launcher.data.tokenizer import SentencePieceTokenizer
+
+    ours, theirs = SentencePieceTokenizer(sp_model), transformers.AutoTokenizer.from_pretrained(out)
+    text = "Return the number of items in a sequence, or raise ValueError."
+    assert theirs(text)["input_ids"] == ours.encode(text)
+    assert theirs.decode(ours.encode(text)) == text
 
 
 # ---------------------------------------------------------------------------------------------- bad input
