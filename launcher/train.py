@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,37 +41,35 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 def build_data(cfg: DictConfig) -> TrainData:
     """The micro-batch stream `data.*` asks for; bad data paths or a tokenizer/model vocab mismatch
     raise ConfigError here, before any process group exists."""
+    from launcher.data.tokenizer import load_tokenizer
+    from launcher.data.training_data import build_training_data
     from launcher.loop import TrainData
 
     d, t = cfg.data, cfg.train
-    if d.name == "stdlib_docs":
-        from launcher.data.pretrain import TokenChunks, microbatches, prepare_default_corpus
-        from launcher.data.tokenizer import SentencePieceTokenizer
+    if d.name == "stdlib_docs":  # the built-in corpus, built (once) as an indexed dataset
+        from launcher.data.pretrain import prepare_default_corpus
 
-        tokenizer_path, tokens_path = prepare_default_corpus(Path(d.cache_dir), d.tokenizer_vocab_size,
-                                                             d.max_corpus_bytes)
-        tokenizer = SentencePieceTokenizer(tokenizer_path)
-        _check_vocab(tokenizer, cfg.model.vocab_size)
-        return TrainData(partial(microbatches, TokenChunks(tokens_path, t.seq_length, t.seed)), {})
-
-    from launcher.data.tokenizer import load_tokenizer
-    from launcher.data.training_data import build_training_data
-
-    for prefix in d.prefixes:
+        tokenizer_path, prefix = prepare_default_corpus(Path(d.cache_dir), d.tokenizer_vocab_size, d.max_corpus_bytes)
+        # Seeded by the run seed itself, not hash_seed(seed, 0): the order this corpus has always been read in.
+        prefixes, source_seeds = [str(prefix)], [t.seed]
+    else:
+        prefixes, tokenizer_path, source_seeds = list(d.prefixes), d.tokenizer, None
+    for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(f"{prefix}{suffix}").is_file():
                 raise ConfigError("data.prefixes", f"missing {prefix}{suffix} (run python -m launcher.preprocess)")
     try:
-        tokenizer = load_tokenizer(d.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_path)
     except (OSError, ValueError) as err:
         raise ConfigError("data.tokenizer", str(err)) from err
     _check_vocab(tokenizer, cfg.model.vocab_size)
     try:
         stream = build_training_data(
-            list(d.prefixes), tokenizer, seq_length=t.seq_length, seed=t.seed, format=d.format,
+            prefixes, tokenizer, seq_length=t.seq_length, seed=t.seed, format=d.format,
             weights=list(d.weights) if d.weights is not None else None, packing=d.packing,
             packing_algorithm=d.packing_algorithm, reset_position_ids=d.reset_position_ids,
-            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss, blend_block=d.blend_block)
+            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss, blend_block=d.blend_block,
+            source_seeds=source_seeds)
     except ValueError as err:
         raise ConfigError("data", str(err)) from err
     stats = {}

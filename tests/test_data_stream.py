@@ -1,4 +1,4 @@
-"""The default pretraining data: stdlib corpus, tokenizer, cached token stream, and the (seed, step) → batch map."""
+"""The default pretraining data (stdlib corpus, tokenizer, cached indexed dataset); the (seed, step) → batch map."""
 from __future__ import annotations
 
 import ast
@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
 from launcher.data import pretrain
 from launcher.data.corpus import build_stdlib_corpus, read_documents
-from launcher.data.pretrain import TokenChunks, microbatches, prepare_default_corpus
+from launcher.data.gpt_dataset import IndexedWindows, microbatches
+from launcher.data.indexed import IndexedDataset, IndexedDatasetWriter
+from launcher.data.pretrain import prepare_default_corpus
 from launcher.data.tokenizer import SentencePieceTokenizer
 
 VOCAB, CORPUS_BYTES = 512, 300_000
@@ -29,11 +33,13 @@ def documents(tmp_path_factory) -> list[str]:
     return read_documents(build_stdlib_corpus(tmp_path_factory.mktemp("corpus") / "c.txt", CORPUS_BYTES))
 
 
-def positional_stream(tmp_path: Path, n: int) -> Path:
-    """A token file whose value at position p is p: any window tells exactly where it was cut from."""
-    path = tmp_path / "positions.npy"
-    np.save(path, np.arange(n, dtype=np.uint16))
-    return path
+def positional_stream(tmp_path: Path, n: int) -> IndexedDataset:
+    """One document whose token at position p is p: any window tells exactly where it was cut from."""
+    prefix = tmp_path / f"positions{n}"
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        writer.add(np.arange(n, dtype=np.uint16))
+        writer.finalize()
+    return IndexedDataset(prefix)
 
 
 # --- corpus -------------------------------------------------------------------------------------
@@ -77,16 +83,39 @@ def test_missing_tokenizer_model_names_the_path(tmp_path):
         SentencePieceTokenizer(tmp_path / "nope.model")
 
 
-# --- cached token stream -------------------------------------------------------------------------
+def tokens(prefix: Path) -> np.ndarray:
+    return np.asarray(IndexedDataset(prefix).tokens)
+
+
+# --- cached indexed dataset ----------------------------------------------------------------------
 
 def test_token_stream_decodes_to_the_corpus_documents(built, documents):
     tok = SentencePieceTokenizer(built[0])
-    stream = np.load(built[1])
-    assert stream.dtype == np.uint16 and stream[-1] == tok.eos_id
-    ends = np.flatnonzero(stream == tok.eos_id)
-    pieces = np.split(stream, ends + 1)[:-1]  # each piece is one document followed by its EOS
-    assert len(pieces) == len(documents)
-    assert [tok.decode(p[:-1].tolist()) for p in pieces] == documents
+    ds = IndexedDataset(built[1])
+    assert ds.dtype == np.uint16 and not ds.has_mask and ds.tokens[-1] == tok.eos_id
+    assert len(ds) == len(documents)  # one indexed document per corpus document, followed by its EOS
+    assert all(ds[i][-1] == tok.eos_id and tok.eos_id not in ds[i][:-1] for i in range(len(ds)))
+    assert [tok.decode(ds[i][:-1].tolist()) for i in range(len(ds))] == documents
+    # Documents back to back: the flat stream is what the windows are cut from.
+    assert np.array_equal(ds.tokens, np.concatenate([ds[i] for i in range(len(ds))]))
+
+
+def test_default_data_reads_the_corpus_in_its_seeded_window_order(built):
+    """The trainer's stdlib_docs stream: window i of epoch e is window default_rng([train.seed, e]).permutation[i]."""
+    from launcher.train import build_data
+
+    seq, seed = 64, 1234
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/data/stdlib_docs.yaml")
+    cfg.merge_with({"cache_dir": str(built[0].parent.parent), "tokenizer_vocab_size": VOCAB,
+                    "max_corpus_bytes": CORPUS_BYTES})
+    cfg = OmegaConf.create({"data": cfg, "train": {"seq_length": seq, "seed": seed}, "model": {"vocab_size": VOCAB}})
+    batches = build_data(cfg).batches(step=1, dp_rank=0, dp_size=1, micro_batch_size=2, global_batch_size=4)
+    flat = tokens(built[1]).astype(np.int64)
+    perm = np.random.default_rng([seed, 0]).permutation((len(flat) - 1) // seq)
+    windows = np.stack([flat[c * seq:c * seq + seq + 1] for c in perm[4:8]])
+    assert torch.equal(concat(batches, "tokens"), torch.from_numpy(windows[:, :-1]))
+    assert torch.equal(concat(batches, "labels"), torch.from_numpy(windows[:, 1:]))
+    assert bool((concat(batches, "loss_mask") == 1).all()) and all("cu_seqlens" not in b for b in batches)
 
 
 def test_concurrent_prepare_builds_once(tmp_path, built, capfd):
@@ -94,10 +123,11 @@ def test_concurrent_prepare_builds_once(tmp_path, built, capfd):
         results = pool.starmap(prepare_default_corpus, [(tmp_path, VOCAB, CORPUS_BYTES)] * 2)
     assert results[0] == results[1]
     assert capfd.readouterr().err.count(BUILDING) == 1  # the lock made the second process wait and reuse
-    model, tokens = results[0]
-    assert not list(model.parent.glob("*partial*"))
-    # Same inputs in another cache dir give the same stream and tokenizer.
-    assert np.array_equal(np.load(tokens), np.load(built[1]))
+    model, prefix = results[0]
+    assert not list(model.parent.glob("*partial*")) and not list(model.parent.glob("*.tmp*"))
+    # Same inputs in another cache dir give the same dataset files and tokenizer.
+    for suffix in (".bin", ".idx"):
+        assert Path(f"{prefix}{suffix}").read_bytes() == Path(f"{built[1]}{suffix}").read_bytes()
     text = "Return the number of items in a sequence."
     assert SentencePieceTokenizer(model).encode(text) == SentencePieceTokenizer(built[0]).encode(text)
     assert prepare_default_corpus(tmp_path, VOCAB, CORPUS_BYTES) == results[0]
@@ -113,9 +143,9 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, built, monkey
     with pytest.raises(RuntimeError, match="killed mid-build"):
         prepare_default_corpus(tmp_path, VOCAB, CORPUS_BYTES)
     monkeypatch.undo()
-    model, tokens = prepare_default_corpus(tmp_path, VOCAB, CORPUS_BYTES)
+    model, prefix = prepare_default_corpus(tmp_path, VOCAB, CORPUS_BYTES)
     assert capfd.readouterr().err.count(BUILDING) == 2  # the retry rebuilt instead of trusting leftovers
-    assert np.array_equal(np.load(tokens), np.load(built[1]))
+    assert np.array_equal(tokens(prefix), tokens(built[1]))
     assert SentencePieceTokenizer(model).vocab_size == VOCAB
 
 
@@ -123,8 +153,8 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, built, monkey
 
 def test_windows_overlap_by_one_and_each_epoch_is_a_new_permutation(tmp_path):
     seq = 16
-    path = positional_stream(tmp_path, 64 * seq + 5)
-    ds = TokenChunks(path, seq, seed=7)
+    stream = positional_stream(tmp_path, 64 * seq + 5)
+    ds = IndexedWindows(stream, seq, seed=7)
     assert len(ds) == 64  # (n - 1) // seq full windows of seq + 1 tokens
     epochs = []
     for epoch in range(3):
@@ -138,15 +168,16 @@ def test_windows_overlap_by_one_and_each_epoch_is_a_new_permutation(tmp_path):
         epochs.append(starts)
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(len(ds)))
     # The order is a function of the seed alone.
-    assert [int(TokenChunks(path, seq, seed=7)[i][0]) for i in range(len(ds))] == [s * seq for s in epochs[0]]
-    assert [int(TokenChunks(path, seq, seed=8)[i][0]) for i in range(len(ds))] != [s * seq for s in epochs[0]]
+    assert [int(IndexedWindows(stream, seq, seed=7)[i][0]) for i in range(len(ds))] == [s * seq for s in epochs[0]]
+    assert [int(IndexedWindows(stream, seq, seed=8)[i][0]) for i in range(len(ds))] != [s * seq for s in epochs[0]]
+    with pytest.raises(IndexError, match=">= 0"):
+        ds[-1]
 
 
-def test_too_short_stream_raises_naming_the_file(tmp_path):
-    path = positional_stream(tmp_path, 16)
-    with pytest.raises(ValueError, match="positions.npy"):
-        TokenChunks(path, 16, seed=0)
-    assert len(TokenChunks(positional_stream(tmp_path, 17), 16, seed=0)) == 1
+def test_too_short_stream_raises_naming_the_dataset(tmp_path):
+    with pytest.raises(ValueError, match="positions16"):
+        IndexedWindows(positional_stream(tmp_path, 16), 16, seed=0)
+    assert len(IndexedWindows(positional_stream(tmp_path, 17), 16, seed=0)) == 1
 
 
 def concat(batches: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
@@ -156,7 +187,7 @@ def concat(batches: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
 @pytest.mark.parametrize("dp_size,mbs", [(2, 1), (2, 2), (4, 1), (8, 1)])
 def test_global_batch_is_independent_of_dp_size(tmp_path, dp_size, mbs):
     seq, gbs = 8, 8
-    ds = TokenChunks(positional_stream(tmp_path, 50 * seq + 1), seq, seed=3)
+    ds = IndexedWindows(positional_stream(tmp_path, 50 * seq + 1), seq, seed=3)
     for step in (0, 1, 7):  # 50 windows / 8 per step: step 7 crosses into epoch 1
         reference = microbatches(ds, step=step, dp_rank=0, dp_size=1, micro_batch_size=gbs, global_batch_size=gbs)
         ranks = [microbatches(ds, step=step, dp_rank=r, dp_size=dp_size, micro_batch_size=mbs,
@@ -169,7 +200,7 @@ def test_global_batch_is_independent_of_dp_size(tmp_path, dp_size, mbs):
 
 def test_micro_batch_contents(tmp_path):
     seq, gbs, mbs = 8, 8, 2
-    ds = TokenChunks(positional_stream(tmp_path, 40 * seq + 1), seq, seed=0)
+    ds = IndexedWindows(positional_stream(tmp_path, 40 * seq + 1), seq, seed=0)
     batches = microbatches(ds, step=0, dp_rank=1, dp_size=2, micro_batch_size=mbs, global_batch_size=gbs)
     assert len(batches) == 2
     for b in batches:
@@ -182,7 +213,7 @@ def test_micro_batch_contents(tmp_path):
 
 def test_steps_walk_the_epochs(tmp_path):
     seq, gbs = 4, 8
-    ds = TokenChunks(positional_stream(tmp_path, 32 * seq + 1), seq, seed=5)  # 32 windows = 4 steps per epoch
+    ds = IndexedWindows(positional_stream(tmp_path, 32 * seq + 1), seq, seed=5)  # 32 windows = 4 steps per epoch
 
     def starts(step: int) -> list[int]:
         b = microbatches(ds, step=step, dp_rank=0, dp_size=1, micro_batch_size=4, global_batch_size=gbs)
@@ -194,13 +225,13 @@ def test_steps_walk_the_epochs(tmp_path):
     assert epoch0 != epoch1
     assert len({tuple(starts(s)) for s in range(8)}) == 8  # each step its own batch
     # A fresh dataset (a resumed run) gives the same batch for a step without replaying earlier ones.
-    resumed = TokenChunks(ds.tokens_path, seq, seed=5)
+    resumed = IndexedWindows(IndexedDataset(ds.dataset.prefix), seq, seed=5)
     b = microbatches(resumed, step=5, dp_rank=0, dp_size=1, micro_batch_size=4, global_batch_size=gbs)
     assert (concat(b, "tokens")[:, 0] // seq).tolist() == starts(5)
 
 
 def test_microbatches_rejects_bad_shapes(tmp_path):
-    ds = TokenChunks(positional_stream(tmp_path, 100), 8, seed=0)
+    ds = IndexedWindows(positional_stream(tmp_path, 100), 8, seed=0)
     with pytest.raises(ValueError, match="not divisible"):
         microbatches(ds, step=0, dp_rank=0, dp_size=4, micro_batch_size=1, global_batch_size=10)
     with pytest.raises(ValueError, match="dp_rank"):

@@ -1,8 +1,11 @@
 """Pretraining over indexed datasets: fixed windows, weighted blends, Megatron's EOD options.
 
 Windows: `IndexedWindows` cuts an indexed dataset's flat token stream (documents back to back,
-each ending in EOD as `launcher.preprocess` writes them) into windows of seq_length + 1 tokens,
-in a seeded permutation per epoch, exactly like `launcher.data.pretrain.TokenChunks`.
+each ending in EOD as `launcher.preprocess` and the default corpus write them) into windows of
+seq_length + 1 tokens, in a seeded permutation per epoch. The stream is a pure function of
+(seed, step): global batch `step` is a fixed set of samples whatever the data-parallel size
+(`microbatches`), so layouts can be compared sample-for-sample and a resumed run continues
+exactly where the checkpoint left off.
 
 Blend: `BlendedDataset` interleaves several datasets by weight. Sample i's source is a pure
 function of i: a fixed block of `block` slots is assigned greedily to the dataset furthest
@@ -10,7 +13,8 @@ behind its target share (Megatron's blending rule), and that block repeats. So e
 (and so every long enough stretch of steps) matches the weights to 1/block, and dataset d's
 k-th sample is the k-th sample of its own seeded stream.
 
-Micro batches (`pretrain_microbatches`) follow Megatron's `get_ltor_masks_and_position_ids`:
+Micro batches: `microbatches` cuts step `step`'s global batch into this DP rank's micro batches;
+`pretrain_microbatches` adds Megatron's `get_ltor_masks_and_position_ids` options:
   eod_mask_loss        no loss where the input token is EOD (do not learn to predict across documents)
   reset_position_ids   positions restart at 0 after every EOD
   reset_attention_mask no attention across EOD: emitted as document boundaries (`cu_seqlens`,
@@ -25,7 +29,6 @@ import numpy as np
 import torch
 
 from launcher.data.indexed import IndexedDataset
-from launcher.data.pretrain import microbatches
 
 
 class WindowDataset(Protocol):
@@ -35,7 +38,11 @@ class WindowDataset(Protocol):
 
 
 class IndexedWindows:
-    """Windows of seq_length + 1 tokens (neighbours share one token) over an indexed dataset, seeded per epoch."""
+    """Fixed windows of seq_length + 1 tokens over an indexed dataset's token stream, in a seeded order per epoch.
+
+    Window c covers tokens [c*S, c*S + S]: consecutive windows share one token, as in
+    Megatron's GPT dataset, so every token is a label exactly once per epoch.
+    """
 
     def __init__(self, dataset: IndexedDataset, seq_length: int, seed: int) -> None:
         self.dataset = dataset
@@ -52,10 +59,13 @@ class IndexedWindows:
         return self._num
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Global sample i (any non-negative int; indices past the end run into the next epochs)."""
         if i < 0:
             raise IndexError(f"sample index must be >= 0, got {i}")
         epoch, position = divmod(int(i), self._num)
+        # Consecutive samples usually share an epoch: keep the last permutation instead of redrawing it.
         if epoch != self._perm_epoch:
+            # (seed, epoch) as separate entropy words: seed + epoch would make seed 1 / epoch 0 equal seed 0 / epoch 1.
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._num)
             self._perm_epoch = epoch
         start = int(self._perm[position]) * self.seq_length
@@ -116,16 +126,44 @@ def document_boundaries(tokens: torch.Tensor, eod_id: int) -> tuple[torch.Tensor
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+def microbatches(dataset: WindowDataset, *, step: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                 global_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro batches of optimizer step `step` (0-based) over a window dataset.
+
+    The global batch is samples [step*G, (step+1)*G); rank r takes the contiguous slice
+    [r*G/dp, (r+1)*G/dp), so concatenating the ranks gives the dp=1 batch.
+    """
+    if global_batch_size % (dp_size * micro_batch_size):
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by dp_size {dp_size} x "
+                         f"micro_batch_size {micro_batch_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+    per_rank = global_batch_size // dp_size
+    first = step * global_batch_size + dp_rank * per_rank
+    seq = dataset.seq_length
+    positions = torch.arange(seq, dtype=torch.long).unsqueeze(0).repeat(micro_batch_size, 1)
+    batches = []
+    for start in range(first, first + per_rank, micro_batch_size):
+        windows = torch.from_numpy(np.stack([dataset[i] for i in range(start, start + micro_batch_size)]))
+        batches.append({
+            "tokens": windows[:, :-1].contiguous(),
+            "labels": windows[:, 1:].contiguous(),
+            "loss_mask": torch.ones(micro_batch_size, seq, dtype=torch.float32),
+            "position_ids": positions.clone(),  # clone: a consumer may modify one micro batch in place
+        })
+    return batches
+
+
 def pretrain_microbatches(dataset: WindowDataset, *, step: int, dp_rank: int, dp_size: int, micro_batch_size: int,
                           global_batch_size: int, eod_id: int | None = None, reset_position_ids: bool = False,
                           reset_attention_mask: bool = False,
                           eod_mask_loss: bool = False) -> list[dict[str, torch.Tensor | int]]:
-    """`launcher.data.pretrain.microbatches` plus Megatron's EOD options (module docstring)."""
+    """`microbatches` plus Megatron's EOD options (module docstring)."""
     if (reset_position_ids or reset_attention_mask or eod_mask_loss) and eod_id is None:
         raise ValueError("reset_position_ids / reset_attention_mask / eod_mask_loss need the tokenizer's EOD id, "
                          "and the tokenizer has none")
     batches: list[dict[str, torch.Tensor | int]] = []
-    for b in microbatches(dataset, step=step, dp_rank=dp_rank, dp_size=dp_size,  # type: ignore[arg-type]
+    for b in microbatches(dataset, step=step, dp_rank=dp_rank, dp_size=dp_size,
                           micro_batch_size=micro_batch_size, global_batch_size=global_batch_size):
         tokens = b["tokens"]
         is_eod = tokens == eod_id if eod_id is not None else torch.zeros_like(tokens, dtype=torch.bool)

@@ -77,6 +77,8 @@ class IndexedDatasetWriter:
             f.write(_HEADER + struct.pack("<Q", _VERSION) + struct.pack("<B", _CODES[self.dtype]))
             f.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1))
             f.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # durable before the rename that marks the dataset complete
         for f in (self._bin, self._mask):
             if f is not None:
                 f.flush()

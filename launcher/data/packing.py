@@ -14,7 +14,7 @@ segment so they end at seq_length.
 
 Rows are packed once over the whole dataset; the order in which rows are consumed is a seeded
 permutation per epoch, so the stream is a pure function of (seed, sample index) as for
-`launcher.data.pretrain.TokenChunks`.
+`launcher.data.gpt_dataset.IndexedWindows`.
 """
 from __future__ import annotations
 

@@ -61,13 +61,19 @@ def build_training_data(prefixes: Sequence[str], tokenizer: Tokenizer, *, seq_le
                         format: str = "pretrain", weights: Sequence[float] | None = None, packing: bool = False,
                         packing_algorithm: str = "bfd", reset_position_ids: bool = False,
                         reset_attention_mask: bool = False, eod_mask_loss: bool = False,
-                        blend_block: int = 1000) -> TrainingData:
-    """Open the indexed datasets `prefixes` (blended by `weights`, default equal) as a micro-batch stream."""
+                        blend_block: int = 1000, source_seeds: Sequence[int] | None = None) -> TrainingData:
+    """Open the indexed datasets `prefixes` (blended by `weights`, default equal) as a micro-batch stream.
+
+    Source k's order is seeded by `source_seeds[k]`, by default `hash_seed(seed, k)`.
+    """
     if not prefixes:
         raise ValueError("data.prefixes: no dataset given")
     weights = list(weights) if weights is not None else [1.0] * len(prefixes)
     if len(weights) != len(prefixes):
         raise ValueError(f"data.weights: {len(weights)} weights for {len(prefixes)} datasets")
+    seeds = list(source_seeds) if source_seeds is not None else [hash_seed(seed, k) for k in range(len(prefixes))]
+    if len(seeds) != len(prefixes):
+        raise ValueError(f"{len(seeds)} source seeds for {len(prefixes)} datasets")
     if format not in ("pretrain", "sft"):
         raise ValueError(f"data.format: '{format}' is not one of pretrain, sft")
     sources = [IndexedDataset(p) for p in prefixes]
@@ -79,12 +85,12 @@ def build_training_data(prefixes: Sequence[str], tokenizer: Tokenizer, *, seq_le
             raise ValueError(f"{src.prefix} holds token id {int(np.max(src.tokens))}, outside tokenizer "
                              f"{tokenizer.path}'s vocabulary of {tokenizer.vocab_size}")
     if format == "pretrain" and not packing:
-        windows = [IndexedWindows(s, seq_length, seed=hash_seed(seed, k)) for k, s in enumerate(sources)]
+        windows = [IndexedWindows(s, seq_length, seed=seeds[k]) for k, s in enumerate(sources)]
         dataset = windows[0] if len(windows) == 1 else BlendedDataset(windows, weights, blend_block)
         return TrainingData(dataset, True, [], tokenizer.eos_id, reset_position_ids, reset_attention_mask,
                             eod_mask_loss)
     algorithm = packing_algorithm if packing else "none"
-    rows = [PackedRows(SFTSamples(s, seq_length), seq_length, seed=hash_seed(seed, k), pad_id=fill_id(tokenizer),
+    rows = [PackedRows(SFTSamples(s, seq_length), seq_length, seed=seeds[k], pad_id=fill_id(tokenizer),
                        algorithm=algorithm) for k, s in enumerate(sources)]
     dataset = rows[0] if len(rows) == 1 else _RowBlend(rows, weights, blend_block)
     return TrainingData(dataset, False, [r.stats for r in rows])
