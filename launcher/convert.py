@@ -22,8 +22,8 @@ fills is whole (fp32 by default), so peak ≈ model size. export reads one check
 (a key holds one weight kind of every layer, e.g. all fc1 matrices) and writes shards of
 `max_shard_size_mb`: peak ≈ the largest key + one output shard.
 
-export_hf needs the model shape: `model=`, else <root>/model.yaml (imports), else the training
-run's <root>/../.hydra/config.yaml. It reads only model tensors (never the optimizer state) and
+export_hf needs the model shape: `model=`, else the checkpoint's recorded `model_args` (imports and
+training checkpoints), else <root>/model.yaml, else the training run's <root>/../.hydra/config.yaml. It reads only model tensors (never the optimizer state) and
 writes safetensors shards + model.safetensors.index.json + config.json (+ tokenizer files) that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Without `architecture=` it reuses the
 imported model's, else picks Qwen3 (qk-norm), Qwen2 (qkv bias) or Llama.
@@ -128,8 +128,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def model_args_for(directory: Path, model: str | None) -> ModelArgs:
-    """Model shape of a checkpoint: `model` (conf/model name or yaml path), else <root>/model.yaml,
-    else the training run's Hydra config next to its checkpoint dir."""
+    """Model shape of a checkpoint: `model` (conf/model name or yaml path), else the `model_args` the
+    checkpoint records, else <root>/model.yaml, else the training run's Hydra config next to it."""
     root = checkpoint_root(directory)
     candidates: list[tuple[Path, str | None]] = []
     if model:
@@ -139,6 +139,11 @@ def model_args_for(directory: Path, model: str | None) -> ModelArgs:
         candidates = [(path, None)]
     else:
         candidates = [(root / "model.yaml", None), (root.parent / ".hydra" / "config.yaml", "model")]
+        from megatron.core import dist_checkpointing
+
+        saved = dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
+        if saved is not None:  # training checkpoints (and imports) record their shape
+            return ModelArgs.from_config(saved)
     for path, section in candidates:
         if path.is_file():
             cfg = yaml.safe_load(path.read_text())
@@ -313,7 +318,9 @@ def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = 
         tmp = out / (CHECKPOINT_ITER + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+        # model_args: the same common-state entry training checkpoints carry (shape checks read it)
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "model_args": hfm.args_to_yaml_dict(args)},
+                                str(tmp))
         os.replace(tmp, out / CHECKPOINT_ITER)
     finally:
         shutdown()
