@@ -174,8 +174,11 @@ def run(argv: list[str]) -> dict:
         shutdown()
     result = {"prompt_ids": prompt, "generated_ids": new}
     if tokenizer is not None:
-        result["text"] = tokenizer.decode(new)
-        print(f"{opts['prompt'] if opts['prompt'] is not None else tokenizer.decode(prompt)}{result['text']}")
+        # decode the continuation in context: sentencepiece drops a word's leading space when a
+        # piece is decoded on its own
+        head, full = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
+        result["text"] = full[len(head):] if full.startswith(head) else tokenizer.decode(new)
+        print(f"{opts['prompt'] if opts['prompt'] is not None else head}{result['text']}")
     else:
         print(f"generated ids: {new}")
     if opts["output_json"]:
