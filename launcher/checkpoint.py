@@ -28,6 +28,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from models.args import ModelArgs
 from parallel.megatron_engine import MegatronEngine
 
 LATEST = "latest"
@@ -55,8 +56,9 @@ def check_compatible(path: str | os.PathLike, model: dict[str, Any]) -> None:
     saved = dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
     if saved is None:  # checkpoints from `launcher.convert` carry their shape in model.yaml instead
         return
-    differ = [f"{k}: checkpoint {saved[k]} vs config {model.get(k)}" for k in saved
-              if k != "name" and saved[k] != model.get(k)]
+    current = asdict(ModelArgs.from_config(model))  # with the defaults the yaml leaves out
+    differ = [f"{k}: checkpoint {saved[k]} vs config {current.get(k)}" for k in saved
+              if k != "name" and saved[k] != current.get(k)]
     if differ:
         raise ValueError(f"{directory} was saved from model={saved.get('name')}, not this model ({'; '.join(differ)})")
 
@@ -151,8 +153,8 @@ def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
     directory = resolve(path)
     common = dist_checkpointing.load_common_state_dict(str(directory))
     if "step" not in common:
-        state = {k: v for k, v in engine.sharded_state_dict(is_loading=True).items() if _chunk_index(k) is not None}
-        _load_model(engine, dist_checkpointing.load(state, str(directory)))
+        # (the optimizer is left untouched: a never-stepped one cannot even describe its state)
+        _load_model(engine, dist_checkpointing.load(engine.model_sharded_state_dict(), str(directory)))
         return 0
     for chained in engine.optimizer.chained_optimizers:
         # Without apex/TE the distributed optimizer's state_dict() asserts on a never-stepped

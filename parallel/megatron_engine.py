@@ -176,11 +176,14 @@ class MegatronEngine:
         dist.all_reduce(totals)
         return totals[0].item(), int(totals[1].item())
 
-    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+    def model_sharded_state_dict(self) -> dict[str, Any]:
+        """'model' (or 'model0', 'model1', ... per virtual pipeline chunk) -> sharded state dict."""
         if len(self.chunks) == 1:
-            model = {"model": self.chunks[0].module.sharded_state_dict()}
-        else:
-            model = {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
+            return {"model": self.chunks[0].module.sharded_state_dict()}
+        return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+        model = self.model_sharded_state_dict()
         optimizer = self.optimizer.sharded_state_dict(
             model, is_loading=is_loading,
             # Model-space optimizer state: loads into any TP/PP/DP layout. (0.16.1's default,
