@@ -75,12 +75,20 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
         raise ConfigError("parallel.pp", f"{what} must divide model.num_layers={m.num_layers}")
     if p.cp != 1:
         raise ConfigError("parallel.cp", "context parallelism is not implemented yet (cp must be 1)")
-    if p.ep != 1:
-        raise ConfigError("parallel.ep", "expert parallelism needs an MoE model (none configured); ep must be 1")
+    if m.get("num_experts") is None:
+        if p.ep != 1:
+            raise ConfigError("parallel.ep", f"ep={p.ep} needs an MoE model (model.num_experts is null); ep must be 1")
+    else:
+        _check_moe(cfg)
 
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
         raise ConfigError("parallel", f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}")
+    # Expert layers split the same ranks as tp(=expert tp) x ep x expert-dp per pipeline stage.
+    expert_parallel = p.tp * p.ep * p.pp
+    if world_size % expert_parallel:
+        raise ConfigError("parallel.ep", f"world size {world_size} is not divisible by tp*ep*pp = {expert_parallel} "
+                                         f"(ep={p.ep})")
     dp = world_size // model_parallel
     if p.dp is not None and p.dp != dp:
         raise ConfigError("parallel.dp", f"dp={p.dp} but world size {world_size} = tp {p.tp} x pp {p.pp} x cp {p.cp} "
@@ -112,3 +120,55 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
             raise ConfigError("checkpoint.load", str(err)) from err
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
                   cp=p.cp, ep=p.ep, dp=dp)
+
+
+_MOE_CHOICES = {
+    "moe_router_score_function": ("softmax", "sigmoid"),
+    "moe_router_load_balancing_type": ("aux_loss", "seq_aux_loss", "none"),
+    "moe_token_dispatcher_type": ("alltoall", "allgather"),
+}
+
+
+def _check_moe(cfg: DictConfig) -> None:
+    """Rules of an MoE model (model.num_experts set) and its expert-parallel layout."""
+    p, m = cfg.parallel, cfg.model
+    experts = _positive(cfg, "model.num_experts")
+    topk = _positive(cfg, "model.moe_router_topk")
+    if topk > experts:
+        raise ConfigError("model.moe_router_topk", f"top-k {topk} exceeds model.num_experts={experts}")
+    if experts % p.ep:
+        raise ConfigError("parallel.ep", f"ep={p.ep} must divide model.num_experts={experts}")
+    for key, choices in _MOE_CHOICES.items():
+        if m[key] not in choices:
+            raise ConfigError(f"model.{key}", f"must be one of {', '.join(choices)}, got {m[key]!r}")
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
+        raise ConfigError("model.moe_router_enable_expert_bias",
+                          "aux-loss-free expert bias needs model.moe_router_score_function=sigmoid")
+    for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+        if m[key] is not None:
+            width = _positive(cfg, f"model.{key}")
+            if width % p.tp:  # experts are tensor-parallel over the same ranks (expert TP = TP)
+                raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.{key}={width}")
+    factor = m.moe_expert_capacity_factor
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+        raise ConfigError("model.moe_expert_capacity_factor", f"must be null (dropless) or > 0, got {factor!r}")
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ConfigError("model.moe_router_num_groups",
+                          "group-limited routing needs both moe_router_num_groups and moe_router_group_topk")
+    if groups is not None:
+        groups, group_topk = _positive(cfg, "model.moe_router_num_groups"), _positive(cfg, "model.moe_router_group_topk")
+        if experts % groups:
+            raise ConfigError("model.moe_router_num_groups", f"{groups} must divide model.num_experts={experts}")
+        if group_topk > groups:
+            raise ConfigError("model.moe_router_group_topk", f"{group_topk} exceeds moe_router_num_groups={groups}")
+        if topk % group_topk or topk // group_topk > experts // groups:
+            raise ConfigError("model.moe_router_group_topk",
+                              f"top-k {topk} must split evenly over {group_topk} groups of {experts // groups} experts")
+    freq = m.moe_layer_freq
+    if isinstance(freq, int):
+        if isinstance(freq, bool) or freq < 1:
+            raise ConfigError("model.moe_layer_freq", f"must be a positive integer or a 0/1 list, got {freq!r}")
+    elif len(freq) != m.num_layers or any(x not in (0, 1) for x in freq):
+        raise ConfigError("model.moe_layer_freq", f"a pattern needs one 0/1 entry per layer "
+                                                  f"({m.num_layers}), got {list(freq)}")

@@ -65,6 +65,7 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
                 # tokens that carry a loss (excludes padding, document ends, SFT prompts)
                 "loss_tokens": result.num_tokens, "loss_tokens_per_s": result.num_tokens / elapsed,
                 **data.stats,
+                **result.moe,
             }
             if peak is not None:
                 record["mfu"] = flops_per_token * tokens_per_step / elapsed / (peak * dist.get_world_size())

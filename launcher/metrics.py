@@ -2,7 +2,9 @@
 
 Only global rank 0 writes. Each line of metrics.jsonl is one optimizer step:
     step, loss, grad_norm, lr, tokens (cumulative), tokens_per_s, step_time_s
-    and on GPU also mfu and peak_mem_gb.
+    and on GPU also mfu and peak_mem_gb; MoE models add moe_load_min/max/mean, moe_imbalance
+    (max/mean expert load), moe_imbalance_worst_layer, moe_aux_loss (or moe_seq_aux_loss),
+    moe_z_loss when enabled and moe_dropped_fraction with a capacity factor.
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                              **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                              **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
+                              **({"aux": f"{record['moe_aux_loss']:.3f}"} if "moe_aux_loss" in record else {}),
+                              **({"imb": f"{record['moe_imbalance']:.2f}"} if "moe_imbalance" in record else {}))
         self._bar.update(1)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

@@ -10,14 +10,46 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.args import ModelArgs
-from models.specs import decoder_layer_spec
+from models.specs import decoder_layer_spec, moe_decoder_block_spec
 
 def _skip_init(weight: torch.Tensor) -> None:
     pass
 
 
+def moe_config_kwargs(args: ModelArgs, *, tp: int, ep: int) -> dict[str, Any]:
+    """TransformerConfig fields of an MoE model (empty for a dense one)."""
+    if not args.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_layer_freq=args.moe_layer_freq if isinstance(args.moe_layer_freq, int) else list(args.moe_layer_freq),
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_router_num_groups=args.moe_router_num_groups, moe_router_group_topk=args.moe_router_group_topk,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        # Routing decisions in bf16 flip between layouts and runs; megatron recommends fp32.
+        moe_router_dtype="fp32",
+        # SequentialMLP loop: grouped GEMM needs TransformerEngine or the grouped_gemm package.
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=ep,
+        # Experts are split over the same TP ranks as attention (megatron's default ETP = TP).
+        expert_tensor_parallel_size=tp,
+        # MoELayer refuses to train under TP without sequence parallel.
+        sequence_parallel=tp > 1,
+    )
+
+
 def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, params_dtype: torch.dtype,
-                       on_cpu: bool, recompute: str | None) -> TransformerConfig:
+                       on_cpu: bool, recompute: str | None, ep: int = 1) -> TransformerConfig:
     bf16 = params_dtype == torch.bfloat16
     recompute_kw: dict[str, Any] = {}
     if recompute == "full":
@@ -47,6 +79,7 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
         batch_p2p_comm=False,
         deallocate_pipeline_outputs=True,
         **recompute_kw,
+        **moe_config_kwargs(args, tp=tp, ep=ep),
     )
 
 
@@ -55,7 +88,8 @@ def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre
     kw = {"vp_stage": vp_stage} if vp_stage is not None else {}
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_layer_spec(backend, args.qk_layernorm),
+        transformer_layer_spec=(moe_decoder_block_spec(backend, config, vp_stage) if args.is_moe
+                                else decoder_layer_spec(backend, args.qk_layernorm)),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

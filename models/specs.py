@@ -6,10 +6,13 @@ TransformerEngine imports. Models take a spec and never name a backend themselve
 """
 from __future__ import annotations
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.kernels.attention import SDPAttention
+from models.kernels.norm import SequenceParallelRMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -34,3 +37,30 @@ def decoder_layer_spec(backend: str, qk_layernorm: bool) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def moe_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """The layers of this pipeline (virtual) stage of an MoE model: megatron's MoE or dense layer
+    per `config.moe_layer_freq`.
+
+    Experts are megatron's SequentialMLP (a loop over local experts) on the torch backend:
+    grouped GEMM without TransformerEngine needs the separate `grouped_gemm` package (legacy
+    GroupedMLP), which is not a dependency. Under TP the model runs sequence parallel (MoELayer
+    requires it), so norms are SequenceParallelRMSNorm instead of torch's.
+    """
+    if backend == "te":
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
+    if backend != "torch":
+        raise ValueError(f"unknown kernel backend {backend!r} (torch | te)")
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                       vp_stage=vp_stage)
+    for spec in block.layer_specs:
+        layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+        attention.core_attention = SDPAttention
+        if config.sequence_parallel:
+            layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
+            if config.qk_layernorm:
+                attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
+    if config.sequence_parallel:
+        block.layer_norm = SequenceParallelRMSNorm
+    return block

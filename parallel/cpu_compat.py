@@ -28,6 +28,7 @@ def apply() -> None:
     _patch_streams_and_events()
     _patch_moe_te_gemm_name()
     _patch_moe_split_sizes()
+    _patch_uneven_all_gather()
     _applied = True
 
 
@@ -160,3 +161,26 @@ def _patch_moe_split_sizes() -> None:
 
     mu.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     td.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_uneven_all_gather() -> None:
+    # MoE with expert TP > 1 gathers a different number of routed tokens from each TP rank
+    # (tensor_parallel.mappings._gather_along_first_dim with output_split_sizes), through
+    # dist.all_gather with unequal tensors: gloo raises "ProcessGroupGloo::allgather: invalid
+    # tensor size". Pad every piece to the largest, gather equal tensors, then trim.
+    import megatron.core.tensor_parallel.mappings as mp
+
+    original = mp._gather_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)], dim=0)
+
+    mp._gather_along_first_dim = _gather_along_first_dim

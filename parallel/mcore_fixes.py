@@ -13,6 +13,7 @@ def apply() -> None:
     if _applied:
         return
     _fully_reshardable_load_skips_step()
+    _moe_aux_loss_scale_under_sequence_parallel()
     _applied = True
 
 
@@ -36,3 +37,24 @@ def _fully_reshardable_load_skips_step() -> None:
             destinations[key].copy_(tensor)
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+# Set by the engine: TP size when the model is MoE, sequence parallel and per-token loss; else 1.
+moe_aux_loss_tp_factor = 1.0
+
+
+def _moe_aux_loss_scale_under_sequence_parallel() -> None:
+    # With calculate_per_token_loss the routers multiply the aux / z loss by the number of tokens
+    # *this rank* routed, and finalize_model_grads divides every gradient by the global count of
+    # loss tokens. Under sequence parallel a TP rank routes only 1/tp of the tokens while the LM
+    # loss is replicated across TP, so the aux and z-loss gradients come out tp times too small
+    # (mixtral_tiny ep=2 tp=2: step-1 grad norm 4e-4 off the tp=1 run; exact with aux loss off).
+    # The schedule sets the aux-loss backward scale after every forward step: scale it back.
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    original = MoEAuxLossAutoScaler.set_loss_scale
+
+    def set_loss_scale(scale):
+        original(scale * moe_aux_loss_tp_factor if moe_aux_loss_tp_factor != 1 else scale)
+
+    MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_loss_scale)

@@ -8,7 +8,7 @@ every layout and micro-batching optimizes the same objective.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -68,6 +68,7 @@ class StepResult:
     num_tokens: int      # loss tokens in the global batch
     grad_norm: float
     lr: float
+    moe: dict[str, float] = field(default_factory=dict)  # MoE models: aux losses, expert load
 
     @property
     def loss(self) -> float:
@@ -106,7 +107,7 @@ class MegatronEngine:
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
-                                         on_cpu=device.type == "cpu", recompute=recompute)
+                                         on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
         chunks = []
         for vp_stage in range(layout.vpp or 1):
             vp = vp_stage if layout.vpp else None
@@ -141,6 +142,15 @@ class MegatronEngine:
             start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=steps,
             wd_incr_style="constant")
         self._forward_backward = get_forward_backward_func()
+        self.moe_stats = None
+        if args.is_moe:
+            from parallel import mcore_fixes
+            from parallel.moe_metrics import MoEStats
+
+            per_token_sp = self.config.sequence_parallel and self.config.calculate_per_token_loss
+            mcore_fixes.moe_aux_loss_tp_factor = float(layout.tp) if per_token_sp else 1.0
+
+            self.moe_stats = MoEStats([c.module for c in self.chunks], args, device)
 
     def num_parameters(self) -> int:
         """Parameters held by this rank (its TP/PP shard)."""
@@ -163,8 +173,9 @@ class MegatronEngine:
         self.scheduler.step(increment=1)
         _, grad_norm, _ = self.optimizer.step()
         loss_sum, num_tokens = self._global_loss(reports)
+        moe = self.moe_stats.step_metrics(len(microbatches)) if self.moe_stats is not None else {}
         return StepResult(loss_sum=loss_sum, num_tokens=num_tokens, grad_norm=float(grad_norm or 0.0),
-                          lr=self.optimizer.param_groups[0]["lr"])
+                          lr=self.optimizer.param_groups[0]["lr"], moe=moe)
 
     def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         # Loss lives on the last pipeline stage; count it once per DP replica (TP rank 0) and
