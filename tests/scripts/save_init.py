@@ -1,7 +1,7 @@
 """Under torchrun: build the model in a layout and save its freshly initialized weights
 (model only, dist_checkpointing) so a test can compare full tensors across layouts.
 
-    save_init OUT TP PP VPP [SEED]   write the initial weights of that layout to OUT
+    save_init OUT TP PP VPP [SEED [MODEL [EP]]]   write the initial weights of that layout to OUT
     save_init --compare REF OTHER    load both as full tensors; print the keys that differ
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ def compare(ref: str, other: str) -> None:
     weights = sorted(k for k in a if not k.endswith("_extra_state"))
     assert weights and weights == sorted(k for k in b if not k.endswith("_extra_state")), (sorted(a), sorted(b))
     differ = [k for k in weights if not torch.equal(a[k], b[k])]
+    print("keys: " + " ".join(weights))
     print(f"compared {len(weights)} tensors, {sum(a[k].numel() for k in weights)} values; differ: {differ}")
 
 
@@ -37,9 +38,11 @@ def main() -> None:
         return compare(sys.argv[2], sys.argv[3])
     out, tp, pp, vpp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) or None
     seed = int(sys.argv[5]) if len(sys.argv) > 5 else 7
+    name = sys.argv[6] if len(sys.argv) > 6 else "tiny"
+    ep = int(sys.argv[7]) if len(sys.argv) > 7 else 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = Layout(world_size=world, tp=tp, pp=pp, vpp=vpp, dp=world // (tp * pp))
-    args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
+    layout = Layout(world_size=world, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=world // (tp * pp))
+    args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/{name}.yaml"))
     init_distributed(layout, torch.device("cpu"), seed=seed)
     engine = MegatronEngine(args, layout, OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=1, seq_length=32,
                             micro_batch_size=1, seed=seed, device=torch.device("cpu"), params_dtype=torch.float32,
