@@ -17,11 +17,12 @@ setup(
         "tokenizers>=0.19",  # Hugging Face tokenizer.json support in launcher.data.tokenizer
         "numpy>=1.26",
         "psutil>=5.9",  # megatron dist_checkpointing writer workers need it (hang without it)
+        "safetensors>=0.4",  # launcher.convert reads and writes Hugging Face weights
         "tqdm>=4.66",
         "wandb>=0.18,<0.32",
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers>=4.45,<6", "safetensors>=0.4"],
+        "dev": ["pytest>=8", "transformers>=4.45,<6"],
         "tensorboard": ["tensorboard>=2.16"],
         "hf": ["transformers>=4.45,<6"],  # tokenizers' own chat templates (data.chat_template=tokenizer)
     },
