@@ -34,6 +34,14 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
     return proc
 
 
+def config_error_line(proc: subprocess.CompletedProcess, key: str) -> str:
+    """The run failed validation: exit 2 and exactly one stderr line `config error: <key>: ...`."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+    assert lines == [lines[0]] and lines[0].startswith(f"config error: {key}: "), proc.stderr
+    return lines[0]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
