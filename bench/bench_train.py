@@ -80,29 +80,27 @@ def summarize_metrics(path: Path, warmup: int) -> dict[str, Any]:
             "warmup_steps": warmup, "losses": [r["loss"] for r in records]}
 
 
-def run_shardforge(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
-    run_dir = tempfile.mkdtemp(prefix="shardforge_bench_")
-    cmd = shardforge_command(a, run_dir)
+def _run(label: str, cmd: list[str]) -> tuple[bool, str]:
+    """Run one side of the bench in its own process; (succeeded, the command as text)."""
     text = shlex.join(cmd)
-    print(f"\n[bench] ShardForge: {text}", flush=True)
+    print(f"\n[bench] {label}: {text}", flush=True)
     rc = subprocess.run(cmd, cwd=REPO, env=_env()).returncode
     if rc != 0:
-        print(f"[bench] ShardForge failed (exit {rc})", file=sys.stderr, flush=True)
-        return None, text
-    return summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup), text
+        print(f"[bench] {label} failed (exit {rc})", file=sys.stderr, flush=True)
+    return rc == 0, text
+
+
+def run_shardforge(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    run_dir = tempfile.mkdtemp(prefix="shardforge_bench_")
+    ok, text = _run("ShardForge", shardforge_command(a, run_dir))
+    return (summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup) if ok else None), text
 
 
 def run_hf_subprocess(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
     fd, out = tempfile.mkstemp(prefix="hf_bench_", suffix=".json")
     os.close(fd)
-    cmd = hf_command(a, out)
-    text = shlex.join(cmd)
-    print(f"\n[bench] HF: {text}", flush=True)
-    rc = subprocess.run(cmd, cwd=REPO, env=_env()).returncode
-    if rc != 0:
-        print(f"[bench] HF baseline failed (exit {rc})", file=sys.stderr, flush=True)
-        return None, text
-    return json.loads(Path(out).read_text()), text
+    ok, text = _run("HF baseline", hf_command(a, out))
+    return (json.loads(Path(out).read_text()) if ok else None), text
 
 
 def _fmt(v: Any, spec: str) -> str:
