@@ -75,9 +75,13 @@ def summarize_metrics(path: Path, warmup: int) -> dict[str, Any]:
         mfu = sum(r["mfu"] for r in timed) / len(timed) if all("mfu" in r for r in timed) else None
         step_time = None
     mems = [r["peak_mem_gb"] for r in records if r.get("peak_mem_gb") is not None]
-    return {"framework": "shardforge", "tokens_per_s": tokens_per_s, "mfu": mfu,
-            "peak_mem_gb": max(mems) if mems else None, "step_time_s": step_time, "timed_steps": len(timed),
-            "warmup_steps": warmup, "losses": [r["loss"] for r in records]}
+    out = {"framework": "shardforge", "tokens_per_s": tokens_per_s, "mfu": mfu,
+           "peak_mem_gb": max(mems) if mems else None, "step_time_s": step_time, "timed_steps": len(timed),
+           "warmup_steps": warmup, "losses": [r["loss"] for r in records]}
+    moe_keys = sorted(k for k in timed[-1] if k.startswith("moe_"))
+    if moe_keys:  # MoE: expert load etc., mean over the timed steps
+        out["moe"] = {k: sum(r[k] for r in timed) / len(timed) for k in moe_keys}
+    return out
 
 
 def _run(label: str, cmd: list[str]) -> tuple[bool, str]:
@@ -116,6 +120,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         step_ms = None if r.get("step_time_s") is None else r["step_time_s"] * 1e3
         lines.append(f"| {r['framework']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['mfu'], '.1%')} | "
                      f"{_fmt(r['peak_mem_gb'], '.1f')} | {_fmt(step_ms, '.1f')} | {r['timed_steps']} | {loss} |")
+    for r in rows:
+        if r.get("moe"):
+            lines.append("\n" + r["framework"] + " MoE, mean over timed steps: " +
+                         ", ".join(f"{k} {v:.4g}" for k, v in r["moe"].items()))
     if len(rows) == 2 and all(r["tokens_per_s"] for r in rows):
         sf = next((r for r in rows if r["framework"] == "shardforge"), None)
         hf = next((r for r in rows if r["framework"] != "shardforge"), None)
