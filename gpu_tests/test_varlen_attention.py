@@ -1,7 +1,9 @@
 """GPU-only kernel checks (run on the GPU machine: `python -m pytest -q gpu_tests`; CI has no GPU).
 
 Packed THD attention on CUDA goes through torch's varlen_attn; the reference is each document
-alone through dense causal SDPA in fp32. bf16 tolerance 1e-2 (forward and input gradients).
+alone through dense causal SDPA in fp32. bf16 tolerance 1e-2: elementwise for the output, relative
+to the norm for the input gradients (under GQA a key/value gradient sums several heads' bf16
+terms, so single elements stray further than one head's rounding).
 """
 from __future__ import annotations
 
@@ -41,5 +43,6 @@ def test_varlen_matches_per_document_sdpa(heads, kv_heads):
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out.float(), (q, k, v), grad)
     want = torch.autograd.grad(ref, (q, k, v), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.float(), w.float(), rtol=1e-2, atol=2e-2)
+    for name, g, w in zip("qkv", got, want):
+        error = (g.float() - w.float()).norm() / w.float().norm()
+        assert error < 1e-2, f"d{name}: relative error {error:.3g}"

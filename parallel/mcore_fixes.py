@@ -14,6 +14,7 @@ def apply() -> None:
         return
     _fully_reshardable_load_skips_step()
     _moe_aux_loss_scale_under_sequence_parallel()
+    _router_gemm_without_te()
     _applied = True
 
 
@@ -58,3 +59,14 @@ def _moe_aux_loss_scale_under_sequence_parallel() -> None:
         original(scale * moe_aux_loss_tp_factor if moe_aux_loss_tp_factor != 1 else scale)
 
     MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_loss_scale)
+
+
+def _router_gemm_without_te() -> None:
+    # moe_utils imports te_general_gemm only when TransformerEngine imports and never defines it
+    # otherwise, yet the fp32 router GEMM (moe_router_dtype="fp32") tests it by name: every MoE
+    # forward in bf16 dies with "NameError: name 'te_general_gemm' is not defined". Define it as
+    # absent so the router takes its torch matmul branch.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
