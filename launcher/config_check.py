@@ -5,6 +5,7 @@ line and exits non-zero, so a bad layout fails in a second rather than after NCC
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from omegaconf import DictConfig
@@ -41,8 +42,10 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
                 "train.seq_length"):
         _positive(cfg, key)
 
-    if p.engine != "megatron":
-        raise ConfigError("parallel.engine", f"unknown engine {p.engine!r} (available: megatron)")
+    if p.engine == "deepspeed":
+        _check_deepspeed(cfg)
+    elif p.engine != "megatron":
+        raise ConfigError("parallel.engine", f"unknown engine {p.engine!r} (available: megatron, deepspeed)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("device", f"must be auto, cpu or cuda, got {cfg.device!r}")
     if t.precision not in ("auto", "bf16", "fp32"):
@@ -104,11 +107,21 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
     if t.seq_length > m.max_position_embeddings:
         raise ConfigError("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings="
                                               f"{m.max_position_embeddings}")
+    profile = cfg.logging.profile_steps
+    if profile is not None and (len(profile) != 2 or not all(isinstance(s, int) and s >= 1 for s in profile)
+                                or profile[0] > profile[1]):
+        raise ConfigError("logging.profile_steps", f"must be null or [start, end] with 1 <= start <= end, "
+                                                   f"got {list(profile) if not isinstance(profile, int) else profile}")
     if cfg.checkpoint.save_every < 0:
         raise ConfigError("checkpoint.save_every", f"must be >= 0, got {cfg.checkpoint.save_every}")
     keep = cfg.checkpoint.keep_last
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ConfigError("checkpoint.keep_last", f"must be null or a positive integer, got {keep!r}")
+    if cfg.checkpoint.load == "auto":
+        # Megatron's --load = --save: this run's own newest checkpoint when there is one (a requeued or
+        # restarted job), else a fresh start. Resolved here, in place, so every consumer sees a path or null.
+        has_latest = os.path.isfile(os.path.join(cfg.checkpoint.dir, "latest"))
+        cfg.checkpoint.load = cfg.checkpoint.dir if has_latest else None
     if cfg.checkpoint.load is not None:
         if not os.path.isdir(cfg.checkpoint.load):
             raise ConfigError("checkpoint.load", f"no checkpoint directory at {cfg.checkpoint.load}")
@@ -120,6 +133,33 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
             raise ConfigError("checkpoint.load", str(err)) from err
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
                   cp=p.cp, ep=p.ep, dp=dp)
+
+
+def _check_deepspeed(cfg: DictConfig) -> None:
+    """engine=deepspeed: ZeRO-3 over data parallel only, on a dense model, with DeepSpeed installed."""
+    p, z = cfg.parallel, cfg.parallel.zero
+    if p.pp != 1 or (p.vpp or 1) != 1:
+        raise ConfigError("parallel.pp", f"pp={p.pp} with parallel.engine=deepspeed: ZeRO-3 does not compose with "
+                                         "pipeline parallelism (use pp=1, or engine=megatron)")
+    if p.tp != 1:
+        raise ConfigError("parallel.tp", f"tp={p.tp} with parallel.engine=deepspeed: ShardForge's ZeRO-3 engine "
+                                         "shards over data parallel only (use tp=1, or engine=megatron)")
+    if cfg.model.get("num_experts") is not None:
+        raise ConfigError("parallel.engine", f"model={cfg.model.name} is a mixture of experts: "
+                                             "engine=deepspeed trains dense models (use engine=megatron)")
+    for key in ("offload_params", "offload_optimizer"):
+        value = z[key] or "none"
+        if value not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"parallel.zero.{key}", f"must be none, cpu or nvme, got {value!r}")
+        if value == "nvme" and not z.nvme_path:
+            raise ConfigError("parallel.zero.nvme_path", f"parallel.zero.{key}=nvme needs a directory here")
+    try:  # find_spec, not import: importing deepspeed takes seconds and probes the accelerator
+        found = importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError("parallel.engine", "deepspeed is not installed: pip install -e \".[deepspeed]\" "
+                                             "(needs ninja and a C++ compiler for its CPU Adam)")
 
 
 _MOE_CHOICES = {

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher import checkpoint
 from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
+from launcher.profiling import StepProfiler
 from models.args import ModelArgs
 from parallel.megatron_engine import MegatronEngine
 
@@ -50,13 +51,16 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
     timer = StepTimer(sync)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     stop = _StopOnSignal(device)
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.run.dir, device, enabled=rank0)
     done = start_step
     for step in range(start_step, t.steps):
+        profiler.before_step(step + 1)
         batches = data.batches(step=step, dp_rank=dp_rank, dp_size=dp_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
         result = engine.train_step(batches)
         elapsed = timer.lap()
         done = step + 1
+        profiler.after_step(done)
         if rank0 and (done % t.log_every == 0 or done == t.steps):
             record: dict[str, Any] = {
                 "step": done, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
