@@ -4,6 +4,7 @@ Runs as a single process or under torchrun (one process per GPU / CPU rank).
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from launcher.config_check import ConfigError, check_config, world_size_from_env
+from launcher.slurm_env import map_srun_env, restart_count
 
 if TYPE_CHECKING:
     from launcher.loop import TrainData
@@ -91,6 +93,7 @@ def _check_vocab(tokenizer, model_vocab_size: int) -> None:
 
 
 def run(cfg: DictConfig) -> None:
+    map_srun_env()  # an srun task (cluster.launcher=srun): RANK/WORLD_SIZE/... from SLURM_PROCID/...
     # Everything that can be wrong with the input is checked before a process group starts.
     layout = check_config(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
@@ -117,10 +120,15 @@ def run(cfg: DictConfig) -> None:
             params = torch.tensor(engine.num_parameters())
             print(f"shardforge: model={args.name} layout[{layout}] device={device.type} dtype={params_dtype} "
                   f"params/rank(0)={params.item() / 1e6:.1f}M steps={start_step}->{cfg.train.steps} "
-                  f"run.dir={cfg.run.dir}", flush=True)
+                  f"run.dir={cfg.run.dir}{_restart_note()}", flush=True)
         train(cfg, engine, data, args, start_step)
     finally:
         shutdown()
+
+
+def _restart_note() -> str:
+    n = restart_count()  # a requeued Slurm job counts its restarts
+    return "" if n is None else f" slurm_job={os.environ['SLURM_JOB_ID']} slurm_restart_count={n}"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
