@@ -110,11 +110,21 @@ def run(cfg: DictConfig) -> None:
     args = ModelArgs.from_config(cfg.model)
     init_distributed(layout, device, cfg.train.seed)
     try:
-        engine = MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,
-                                micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
-                                params_dtype=params_dtype, recompute=cfg.train.recompute,
-                                backend=default_backend(), distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
+        if cfg.parallel.engine == "deepspeed":  # the one place that picks the engine
+            from parallel.deepspeed_engine import DeepSpeedEngine
+
+            engine = DeepSpeedEngine(args, layout.dp, cfg.optim, cfg.parallel.zero, steps=cfg.train.steps,
+                                     seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                                     global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
+                                     device=device, params_dtype=params_dtype, recompute=cfg.train.recompute,
+                                     backend=default_backend())
+        else:
+            engine = MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,
+                                    micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
+                                    params_dtype=params_dtype, recompute=cfg.train.recompute,
+                                    backend=default_backend(),
+                                    distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                    overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())

@@ -32,13 +32,29 @@ def _init_global(key: str, shape: tuple[int, ...], generator: torch.Generator, d
     return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
 
-def _local_tensors(model: torch.nn.Module):
+def local_tensors(model: torch.nn.Module):
+    """Every ShardedTensor of the model's sharded_state_dict (factories expanded)."""
     for item in nested_values(model.sharded_state_dict()):
         if isinstance(item, ShardedTensorFactory):
             built = item.build_fn(item.key, item.data, item.replica_id, None)
             yield from (t for t in nested_values(built) if isinstance(t, ShardedTensor))
         elif isinstance(item, ShardedTensor):
             yield item
+
+
+def local_init(sh: ShardedTensor, *, seed: int, std: float, num_layers: int,
+               device: torch.device) -> torch.Tensor:
+    """The initial values of the local slice `sh` describes, cut from its seeded global tensor.
+
+    Only `sh`'s metadata is read (key, offsets, shapes), so `sh` may come from a meta-device
+    twin of the model (DeepSpeed ZeRO-3 init, where parameters hold no data).
+    """
+    lead = sh.prepend_axis_num
+    index = tuple(sh.global_offset[:lead])  # e.g. the global layer number of stacked layer tensors
+    generator = torch.Generator(device=device)
+    generator.manual_seed(zlib.crc32(f"{seed}|{sh.key}|{index}".encode()))
+    full = _init_global(sh.key, tuple(sh.global_shape[lead:]), generator, device, std, num_layers)
+    return full[tuple(slice(o, o + n) for o, n in zip(sh.global_offset[lead:], sh.local_shape))]
 
 
 @torch.no_grad()
@@ -50,18 +66,12 @@ def init_weights(model: torch.nn.Module, *, seed: int, std: float, num_layers: i
     """
     param_storage = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
     filled: set[int] = set()
-    for sh in _local_tensors(model):
+    for sh in local_tensors(model):
         data = sh.data
         storage = data.untyped_storage().data_ptr() if data is not None else None
         if storage not in param_storage:
             continue  # buffers and extra state are not trained weights
-        lead = sh.prepend_axis_num
-        index = tuple(sh.global_offset[:lead])  # e.g. the global layer number of stacked layer tensors
-        generator = torch.Generator(device=data.device)
-        generator.manual_seed(zlib.crc32(f"{seed}|{sh.key}|{index}".encode()))
-        full = _init_global(sh.key, tuple(sh.global_shape[lead:]), generator, data.device, std, num_layers)
-        local = full[tuple(slice(o, o + n) for o, n in zip(sh.global_offset[lead:], data.shape))]
-        data.copy_(local)
+        data.copy_(local_init(sh, seed=seed, std=std, num_layers=num_layers, device=data.device))
         filled.add(storage)
     missing = [name for ptr, name in param_storage.items() if ptr not in filled]
     if missing:

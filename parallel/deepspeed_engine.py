@@ -1,0 +1,228 @@
+"""The DeepSpeed ZeRO-3 engine (`parallel.engine=deepspeed`), optionally offloading to CPU / NVMe.
+
+The model is the same megatron-core GPTModel the megatron engine trains, built with
+tensor/pipeline parallel size 1 inside `deepspeed.zero.Init`, so every parameter is
+partitioned over the data-parallel ranks as it is created and the whole model never exists
+on one rank. Initial weights come from `models.init` (same seed ⇒ same weights as the
+megatron engine). One `train_step` follows the megatron engine's semantics:
+
+- loss = sum of token losses over the *global* batch / its number of loss tokens
+  (each micro batch's summed loss is pre-scaled so that DeepSpeed's division by the
+  gradient-accumulation steps and its DP averaging leave exactly that gradient);
+- gradients clipped by their global norm (`optim.clip_grad`), the pre-clip norm reported;
+- lr/weight decay from megatron's OptimizerParamScheduler (warmup + cosine, conf/optim),
+  no weight decay on biases and 1-D weights (megatron's default param groups);
+- AdamW: DeepSpeedCPUAdam when the optimizer state is offloaded, DeepSpeed's FusedAdam on
+  GPU, torch AdamW on CPU otherwise.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from models.args import ModelArgs
+from models.init import local_init, local_tensors
+from models.llama import build_llama, transformer_config
+from parallel.megatron_engine import StepResult, _packed_seq_params
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def import_deepspeed(device: torch.device):
+    """`import deepspeed` with its accelerator chosen from our device (it must be set before
+    the first import: DeepSpeed otherwise guesses, and on a CPU-only host the guess is cpu anyway)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
+    import deepspeed
+
+    if dist.is_initialized():  # adopt our process group (deepspeed.comm otherwise sees a world of one)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return deepspeed
+
+
+def deepspeed_config(zero_cfg: Any, *, micro_batch_size: int, grad_accum: int, dp: int, clip_grad: float,
+                     bf16: bool, pin_memory: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict of `parallel.zero.*` (ZeRO stage 3)."""
+    zero: dict[str, Any] = {"stage": 3, "contiguous_gradients": True, "overlap_comm": False}
+    for key, ds_key in (("offload_params", "offload_param"), ("offload_optimizer", "offload_optimizer")):
+        target = zero_cfg[key] or "none"
+        if target != "none":
+            zero[ds_key] = {"device": target, "pin_memory": pin_memory}
+            if target == "nvme":
+                zero[ds_key]["nvme_path"] = zero_cfg.nvme_path
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * dp,
+        "gradient_clipping": clip_grad,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 2**62,  # our metrics.jsonl reports steps; keep DeepSpeed's log quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def _param_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, min_lr: float) -> list[dict[str, Any]]:
+    """megatron's default groups: no weight decay on biases and 1-D parameters (norms).
+    ZeRO-3 parameters are empty outside a gather: their real shape is `ds_shape`."""
+    decay, no_decay = [], []
+    for name, p in named:
+        shape = getattr(p, "ds_shape", p.shape)
+        (no_decay if name.endswith(".bias") or len(shape) == 1 else decay).append(p)
+    common = {"lr_mult": 1.0, "max_lr": lr, "min_lr": min_lr}
+    return [g for g in ({"params": decay, "wd_mult": 1.0, **common},
+                        {"params": no_decay, "wd_mult": 0.0, **common}) if g["params"]]
+
+
+@torch.no_grad()
+def _init_partitioned(model: torch.nn.Module, twin: torch.nn.Module, deepspeed, *, seed: int, std: float,
+                      num_layers: int) -> None:
+    """models.init's weights for a ZeRO-3-partitioned model, one module's parameters at a time.
+
+    Partitioned parameters hold no data, so which global-tensor slice each one gets is read
+    from `twin`, the same model built on the meta device; rank 0 fills a gathered module and
+    DeepSpeed re-partitions it on exit (modifier_rank=0).
+    """
+    twin_names = {id(p): name for name, p in twin.named_parameters()}
+    plan: dict[str, list] = {}
+    for sh in local_tensors(twin):
+        base = sh.data if id(sh.data) in twin_names else sh.data._base  # a view (e.g. one half of fc1)
+        if base is not None and id(base) in twin_names:
+            plan.setdefault(twin_names[id(base)], []).append(sh)
+    missing = [name for name, _ in model.named_parameters() if name not in plan]
+    if missing:
+        raise RuntimeError(f"init: parameters without a sharded_state_dict entry: {missing}")
+    rank0 = dist.get_rank() == 0
+    for prefix, module in model.named_modules():
+        params = list(module.named_parameters(prefix=prefix, recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if rank0:
+                for name, p in params:
+                    for sh in plan[name]:
+                        view = p.data.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset())
+                        view.copy_(local_init(sh, seed=seed, std=std, num_layers=num_layers, device=p.device))
+
+
+class DeepSpeedEngine:
+    """Same interface as MegatronEngine (`device`, `train_step`, `num_parameters`, `args`), plus
+    `save_state` / `load_state` for launcher.checkpoint (DeepSpeed writes its own format)."""
+
+    def __init__(self, args: ModelArgs, dp: int, optim_cfg: Any, zero_cfg: Any, *, steps: int, seq_length: int,
+                 micro_batch_size: int, global_batch_size: int, seed: int, device: torch.device,
+                 params_dtype: torch.dtype, recompute: str | None, backend: str):
+        deepspeed = import_deepspeed(device)
+        self.args, self.device, self.dp = args, device, dp
+        self.grad_accum = global_batch_size // (micro_batch_size * dp)
+        offload_optimizer = (zero_cfg.offload_optimizer or "none") != "none"
+        self.ds_config = deepspeed_config(zero_cfg, micro_batch_size=micro_batch_size, grad_accum=self.grad_accum,
+                                          dp=dp, clip_grad=optim_cfg.clip_grad,
+                                          bf16=params_dtype == torch.bfloat16, pin_memory=device.type == "cuda")
+        config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=params_dtype,
+                                    on_cpu=device.type == "cpu", recompute=recompute)
+        build = dict(backend=backend, pre_process=True, post_process=True)
+        with torch.device("meta"):  # shapes and checkpoint keys only: the init plan
+            twin = build_llama(args, config, **build)
+        # Each module's parameters are partitioned over DP as soon as the module is built.
+        # dtype comes from the config's bf16 flag: an explicit dtype= is ignored on accelerators
+        # without fp16 (DeepSpeed 0.19 `_set_dtype` precedence bug: the CPU one got bf16 weights).
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            model = build_llama(args, config, **build)
+        _init_partitioned(model, twin, deepspeed, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
+        del twin
+
+        groups = _param_groups(list(model.named_parameters()), optim_cfg.lr, optim_cfg.min_lr)
+        adam = dict(lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay)
+        if offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # C++ op, JIT-built with ninja on first use
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
+        elif device.type == "cuda":
+            from deepspeed.ops.adam import FusedAdam
+
+            optimizer = FusedAdam(groups, adam_w_mode=True, **adam)
+        else:
+            optimizer = torch.optim.AdamW(groups, **adam)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                  config=self.ds_config)
+        warmup = min(optim_cfg.warmup_steps, steps)
+        # megatron's own scheduler on DeepSpeed's param groups: the same lr/wd per step as the megatron engine.
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, lr_warmup_steps=warmup,
+            lr_decay_steps=max(steps, warmup + 1), lr_decay_style=optim_cfg.decay_style,
+            start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=steps,
+            wd_incr_style="constant")
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def num_parameters(self) -> int:
+        """Parameter elements held by this rank (its ZeRO-3 partition)."""
+        return sum(p.ds_tensor.numel() for p in self.module.parameters())
+
+    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-token losses of one micro batch (the megatron engine's forward step)."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        packed = _packed_seq_params(batch) if "cu_seqlens" in batch else None
+        if packed is not None:  # THD: the micro batch's rows become one stream of documents
+            batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        losses = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                             packed_seq_params=packed)
+        return losses.float() * batch["loss_mask"]
+
+    def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
+        if len(microbatches) != self.grad_accum:
+            raise ValueError(f"expected {self.grad_accum} micro batches per step, got {len(microbatches)}")
+        # Loss tokens of the whole global batch, known before any backward: every micro batch's
+        # gradient is scaled by it, as megatron's calculate_per_token_loss does after the fact.
+        counts = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in microbatches))], dtype=torch.float64)
+        dist.all_reduce(counts)
+        num_tokens = int(counts.item())
+        # DeepSpeed divides each backward by grad_accum and averages gradients over dp.
+        scale = self.grad_accum * self.dp / max(num_tokens, 1)
+        self.scheduler.step(increment=1)  # sets this step's lr before the optimizer runs
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for batch in microbatches:
+            total = self._forward(batch).sum()
+            loss_sum += total.detach().to(loss_sum)
+            self.engine.backward(total * scale)
+            self.engine.step()  # an optimizer step only at the accumulation boundary
+        dist.all_reduce(loss_sum)
+        grad_norm = self.engine.get_global_grad_norm()
+        return StepResult(loss_sum=loss_sum.item(), num_tokens=num_tokens,
+                          grad_norm=float(grad_norm if grad_norm is not None else 0.0),
+                          lr=self.optimizer.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary logits [batch, seq, vocab] (parameters gathered layer by layer); every
+        rank must call it (ZeRO-3 gathers are collective)."""
+        tokens = tokens.to(self.device)
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        return self.engine(tokens, position_ids, None)
+
+    # -- checkpoints: launcher.checkpoint owns directories, `latest` and atomicity -----------------
+
+    def save_state(self, root: Path, tag: str, step: int) -> None:
+        """Write the ZeRO-3 checkpoint (every rank its partition) into <root>/<tag>/."""
+        client = {"scheduler": self.scheduler.state_dict(), "step": step}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+
+    def load_state(self, directory: Path) -> int:
+        """Load <root>/<iter_*> written by save_state (any number of ranks: ZeRO-3 reshards the
+        fp32 partitions only into the same DP size); returns its step."""
+        _, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        if client is None:
+            raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+        self.scheduler.load_state_dict(client["scheduler"])
+        return int(client["step"])
