@@ -15,6 +15,7 @@ A model-only checkpoint (e.g. from `launcher.convert import_hf`) starts training
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict
@@ -33,6 +34,9 @@ from parallel.megatron_engine import MegatronEngine
 
 LATEST = "latest"
 _ITER = "iter_"
+# In an iter_* directory written by parallel.engine=deepspeed (DeepSpeed's own ZeRO-3 files):
+# {"format": "deepspeed_zero3", "step", "layout", "model_args"}.
+ZERO_META = "shardforge_zero.json"
 
 
 def iter_dir_name(step: int) -> str:
@@ -45,7 +49,7 @@ def resolve(path: str | os.PathLike) -> Path:
     latest = path / LATEST
     if latest.is_file():
         return path / latest.read_text().strip()
-    if (path / "metadata.json").is_file():
+    if (path / "metadata.json").is_file() or (path / ZERO_META).is_file():
         return path
     raise FileNotFoundError(f"checkpoint.load: {path} holds neither a '{LATEST}' file nor a dist checkpoint")
 
@@ -53,7 +57,8 @@ def resolve(path: str | os.PathLike) -> Path:
 def check_compatible(path: str | os.PathLike, model: dict[str, Any]) -> None:
     """Before any process group: the checkpoint must hold this model's shape (names may differ)."""
     directory = resolve(path)
-    saved = dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
+    zero = zero_meta(directory)
+    saved = zero["model_args"] if zero else dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
     if saved is None:  # checkpoints from `launcher.convert` carry their shape in model.yaml instead
         return
     current = asdict(ModelArgs.from_config(model))  # with the defaults the yaml leaves out
@@ -61,6 +66,28 @@ def check_compatible(path: str | os.PathLike, model: dict[str, Any]) -> None:
               if k != "name" and saved[k] != current.get(k)]
     if differ:
         raise ValueError(f"{directory} was saved from model={saved.get('name')}, not this model ({'; '.join(differ)})")
+
+
+def zero_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata of a DeepSpeed ZeRO-3 checkpoint directory; None for a dist_checkpointing one."""
+    path = Path(directory) / ZERO_META
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_engine(path: str | os.PathLike, engine: str, world_size: int) -> None:
+    """Before any process group: the checkpoint's format must be the one `engine` loads."""
+    directory = resolve(path)
+    zero = zero_meta(directory)
+    convert = f"python -m launcher.convert zero_to_megatron checkpoint={path} out=<dir>"
+    if zero is not None and engine != "deepspeed":
+        raise ValueError(f"{directory} is a DeepSpeed ZeRO-3 checkpoint: resume it with parallel.engine=deepspeed, "
+                         f"or convert it first: {convert}")
+    if zero is None and engine == "deepspeed":
+        raise ValueError(f"{directory} is a megatron (dist_checkpointing) checkpoint: parallel.engine=deepspeed "
+                         "resumes only its own ZeRO-3 checkpoints (train this one with engine=megatron)")
+    if zero is not None and zero["layout"]["dp"] != world_size:
+        raise ValueError(f"{directory} holds ZeRO-3 partitions of {zero['layout']['dp']} ranks, this run has "
+                         f"{world_size}: resume with the same number, or convert it ({convert}) and train that")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,9 +149,16 @@ def save(engine: MegatronEngine, root: str | os.PathLike, step: int, keep_last: 
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
         tmp.mkdir()
     dist.barrier()
-    state = engine.sharded_state_dict()
-    state.update(step=step, layout=_layout(), model_args=asdict(engine.args), rng_state=_rng_state(is_loading=False))
-    dist_checkpointing.save(state, str(tmp))
+    if hasattr(engine, "save_state"):  # DeepSpeed ZeRO-3: its own per-rank partition files
+        engine.save_state(root, tmp.name, step)
+        if dist.get_rank() == 0:
+            meta = {"format": "deepspeed_zero3", "step": step, "layout": _layout(), "model_args": asdict(engine.args)}
+            (tmp / ZERO_META).write_text(json.dumps(meta, indent=1))
+    else:
+        state = engine.sharded_state_dict()
+        state.update(step=step, layout=_layout(), model_args=asdict(engine.args),
+                     rng_state=_rng_state(is_loading=False))
+        dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         _fsync_tree(tmp)
@@ -151,6 +185,8 @@ def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
     Model-only checkpoints load the weights and return 0 (fine-tuning starts fresh).
     """
     directory = resolve(path)
+    if hasattr(engine, "load_state"):  # DeepSpeed ZeRO-3 (formats checked by check_engine)
+        return engine.load_state(directory)
     common = dist_checkpointing.load_common_state_dict(str(directory))
     if "step" not in common:
         # (the optimizer is left untouched: a never-stepped one cannot even describe its state)

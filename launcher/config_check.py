@@ -134,6 +134,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
 
         try:
             checkpoint.check_compatible(cfg.checkpoint.load, dict(cfg.model))
+            checkpoint.check_engine(cfg.checkpoint.load, p.engine, world_size)
         except (OSError, ValueError) as err:
             raise ConfigError("checkpoint.load", str(err)) from err
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
