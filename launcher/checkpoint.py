@@ -210,8 +210,9 @@ def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
     # torch AdamW's per-param `step` counter is not restored by megatron without apex/TE
     # (it comes back as one shared dummy tensor): set it from our own step count.
     for chained in engine.optimizer.chained_optimizers:
-        for param_state in chained.optimizer.state.values():
-            param_state["step"] = torch.tensor(float(step))
+        fused = chained.optimizer.defaults.get("fused")  # the fused kernel keeps `step` on the device
+        for param, param_state in chained.optimizer.state.items():
+            param_state["step"] = torch.tensor(float(step), device=param.device if fused else "cpu")
     engine.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

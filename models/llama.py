@@ -73,6 +73,9 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=bf16,
         # SwiGLU without bias: megatron's jit-fused swiglu pays on GPU; plain path on CPU.
         bias_activation_fusion=not on_cpu,
+        # megatron's native fused cross entropy (one compiled kernel instead of ~10 fp32 passes over
+        # the [tokens, vocab] logits); the unfused one on CPU, where compiling would cost more.
+        cross_entropy_loss_fusion=not on_cpu, cross_entropy_fusion_impl="native",
         # Token-weighted loss over the whole global batch (exact under any DP / micro-batching).
         calculate_per_token_loss=True,
         # Batched p2p gave a silently different loss with interleaved PP on gloo.

@@ -99,6 +99,17 @@ def _packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
                            max_seqlen_kv=max_len)
 
 
+def use_fused_adamw(optimizer) -> None:
+    """Step torch AdamW with its fused CUDA kernel. Without apex/TE megatron-core builds torch AdamW
+    in its default foreach mode, ~8 passes over the fp32 states per step (37 ms of a 215 ms
+    llama3_1b step on an H100); the fused kernel makes one."""
+    for chained in optimizer.chained_optimizers:
+        inner = chained.optimizer
+        if isinstance(inner, torch.optim.AdamW):
+            for group in (inner.defaults, *inner.param_groups):
+                group["fused"], group["foreach"] = True, False
+
+
 class MegatronEngine:
     def __init__(self, args: ModelArgs, layout: Layout, optim_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
@@ -106,6 +117,10 @@ class MegatronEngine:
                  overlap_grad_reduce: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        if device.type == "cuda" and backend == "torch":
+            from models.kernels.rope import use_fused_rope
+
+            use_fused_rope()
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
         chunks = []
@@ -135,6 +150,8 @@ class MegatronEngine:
             adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2, adam_eps=optim_cfg.eps,
             clip_grad=optim_cfg.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
             use_distributed_optimizer=distributed_optimizer), self.chunks)
+        if device.type == "cuda":
+            use_fused_adamw(self.optimizer)
         warmup = min(optim_cfg.warmup_steps, steps)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, lr_warmup_steps=warmup,
