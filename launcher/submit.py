@@ -149,14 +149,15 @@ def _directives(cfg: DictConfig, run_dir: Path, per_node: int) -> list[str]:
         (f"--chdir={Path.cwd()}", "relative paths in the config mean what they meant at submit"),
     ]
     lines += [(extra, "cluster.sbatch_extra") for extra in c.sbatch_extra]
-    width = max(len(d) for d, _ in lines if d) + len("#SBATCH ")
-    return [f"{'#SBATCH ' + d:<{width}}  # {why}" if why else f"#SBATCH {d}" for d, why in lines if d]
+    # Comments start at a fixed column (not the longest line's): the script stays stable across paths.
+    return [f"{'#SBATCH ' + d:<36}  # {why}" if why else f"#SBATCH {d}" for d, why in lines if d]
 
 
 def _launch(cfg: DictConfig, run_dir: Path, per_node: int, overrides: list[str]) -> str:
     c = cfg.cluster
     python = shlex.quote(c.python or sys.executable)
-    train_args = [*map(shlex.quote, overrides), shlex.quote(f"run.dir={run_dir}"), 'checkpoint.load="$LOAD"']
+    train_args = [*map(_sh, overrides), _sh(f"run.dir={hydra_quote(str(run_dir))}"),
+                  'checkpoint.load="$LOAD"']
     if c.launcher == "torchrun":
         lines = [
             f"# torchrun ignores {c.signal} (it would die of it); its ranks handle it",
@@ -177,6 +178,20 @@ def _launch(cfg: DictConfig, run_dir: Path, per_node: int, overrides: list[str])
         ]
     lines += [f"    {arg} \\" for arg in train_args[:-1]] + [f"    {train_args[-1]}"]
     return "\n".join(lines)
+
+
+def hydra_quote(value: str) -> str:
+    """A Hydra override value that stays one string whatever it holds (`=`, `,`, spaces in paths)."""
+    if re.fullmatch(r"[\w/.+:@%~-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _sh(arg: str) -> str:
+    """Shell-quote for reading: bare when safe, "..." when that suffices, else shlex's '...'."""
+    if shlex.quote(arg) == arg:
+        return arg
+    return f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)
 
 
 def _environment(c: DictConfig) -> str:
@@ -202,7 +217,7 @@ def build_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Job:
     if first_load in (None, "auto"):
         resume = "LOAD=auto"
     else:  # the user's checkpoint.load starts the run; a requeued job continues from its own checkpoints
-        resume = f'LOAD={shlex.quote(str(first_load))}   # checkpoint.load, for the first start\n' \
+        resume = f'LOAD={_sh(hydra_quote(str(first_load)))}   # checkpoint.load, for the first start\n' \
                  f'[ -f "$CKPT_DIR/latest" ] && LOAD=auto'
     layout = f"{c.nodes} nodes x {per_node} processes = {world} (tp={p.tp} pp={p.pp} cp={p.cp} ep={p.ep} " \
              f"dp={world // (p.tp * p.pp * p.cp)}), launcher={c.launcher}"
@@ -226,7 +241,7 @@ def _point_run_dir(cfg: DictConfig) -> Path:
         return run_dir
     swept = _swept_keys()
     point = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
-    return run_dir / re.sub(r"[/\s]", "_", f"{hc.job.num}_{','.join(point)}")
+    return run_dir / re.sub(r"[/\s]", "_", "_".join([str(hc.job.num), ",".join(point)]).rstrip("_"))
 
 
 def _swept_keys() -> set[str]:
