@@ -1,6 +1,8 @@
 """ShardForge: Megatron-style distributed LLM training on megatron-core."""
 from setuptools import find_packages, setup
 
+DEEPSPEED = "deepspeed>=0.19.8,<0.20"  # tested: 0.19.8 (CPU accelerator + gloo, torch 2.13 CPU)
+
 setup(
     name="shardforge",
     version="0.1.0",
@@ -22,7 +24,11 @@ setup(
         "wandb>=0.18,<0.32",
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers>=4.45,<6"],
+        # CI runs the DeepSpeed engine's tests too, so dev pulls it in.
+        "dev": ["pytest>=8", "transformers>=4.45,<6", DEEPSPEED],
+        # parallel.engine=deepspeed (ZeRO-3 + offload). An sdist: its build needs no torch (ops
+        # are JIT-built with ninja + a C++ compiler on first use, see README).
+        "deepspeed": [DEEPSPEED],
         "tensorboard": ["tensorboard>=2.16"],
         "hf": ["transformers>=4.45,<6"],  # tokenizers' own chat templates (data.chat_template=tokenizer)
     },

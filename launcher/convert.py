@@ -6,6 +6,11 @@
                                [tokenizer=<dir or file>] [model=<conf name or yaml>]
                                [architecture=LlamaForCausalLM|MistralForCausalLM|Qwen2ForCausalLM|Qwen3ForCausalLM]
                                [dtype=fp32|bf16|fp16] [max_shard_size_mb=2000]
+    python -m launcher.convert zero_to_megatron checkpoint=<ZeRO-3 checkpoint dir or iter_* dir> out=<dir>
+
+zero_to_megatron turns a `parallel.engine=deepspeed` (ZeRO-3) checkpoint into a model-only ShardForge
+checkpoint (same layout as import_hf's), which trains with engine=megatron in any TP/PP layout;
+export_hf accepts a ZeRO-3 checkpoint directly (it converts through a temporary directory).
 
 import_hf reads config.json and the (sharded, indexed) safetensors one tensor at a time, fills a
 ShardForge model built in a world of one on CPU and writes a model-only dist checkpoint:
@@ -113,6 +118,15 @@ def build_model(args: ModelArgs, *, tp: int = 1, params_dtype: torch.dtype = tor
 def checkpoint_root(directory: Path) -> Path:
     """The directory holding `latest` (the parent of an iter_* directory)."""
     return directory.parent if directory.name.startswith("iter_") else directory
+
+
+def _resolve_any(path: str | os.PathLike) -> Path:
+    from launcher.checkpoint import resolve
+
+    try:
+        return resolve(path)
+    except FileNotFoundError as err:
+        raise CliError(str(err)) from err
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -287,6 +301,22 @@ def prepare_import(hf_dir: Path, name: str | None, overrides: Mapping[str, Any])
     return args, hf_config, reader
 
 
+def write_model_checkpoint(model: torch.nn.Module, args: ModelArgs, out: Path) -> None:
+    """A model-only dist checkpoint <out>/iter_0000000 (+ <out>/model.yaml); the caller writes `latest`
+    once everything else it adds is complete."""
+    from megatron.core import dist_checkpointing
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (CHECKPOINT_ITER + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # model_args: the same common-state entry training checkpoints carry (shape checks read it)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "model_args": hfm.args_to_yaml_dict(args)},
+                            str(tmp))
+    os.replace(tmp, out / CHECKPOINT_ITER)
+    (out / "model.yaml").write_text(yaml.safe_dump(hfm.args_to_yaml_dict(args), sort_keys=False))
+
+
 def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = "fp32",
               overrides: Mapping[str, Any] | None = None) -> Path:
     if dtype not in DTYPES:
@@ -295,7 +325,6 @@ def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = 
         raise CliError(f"out={out} already holds a checkpoint (remove it first)")
     args, hf_config, reader = prepare_import(hf_dir, name, overrides or {})
 
-    from megatron.core import dist_checkpointing
     from parallel.megatron_engine import shutdown
 
     init_world_of_one()
@@ -314,17 +343,9 @@ def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = 
         unfilled = sorted(set(params) - filled)
         if unfilled:  # a mapping bug, not bad input
             raise RuntimeError(f"import_hf left parameters unset: {unfilled}")
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (CHECKPOINT_ITER + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        # model_args: the same common-state entry training checkpoints carry (shape checks read it)
-        dist_checkpointing.save({"model": model.sharded_state_dict(), "model_args": hfm.args_to_yaml_dict(args)},
-                                str(tmp))
-        os.replace(tmp, out / CHECKPOINT_ITER)
+        write_model_checkpoint(model, args, out)
     finally:
         shutdown()
-    (out / "model.yaml").write_text(yaml.safe_dump(hfm.args_to_yaml_dict(args), sort_keys=False))
     (out / "hf_config.json").write_text(json.dumps(hf_config, indent=2))
     tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
     if {"tokenizer.json", "tokenizer.model"} & set(tokenizer_files):  # a config alone is no tokenizer
@@ -394,6 +415,17 @@ def _load_full(directory: Path, meta: Mapping[str, Any], key: str) -> torch.Tens
 
 def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model: str | None = None,
               architecture: str | None = None, dtype: str | None = None, max_shard_size_mb: float = 2000) -> None:
+    from launcher.checkpoint import zero_meta
+
+    if zero_meta(_resolve_any(checkpoint)) is not None:  # DeepSpeed ZeRO-3: through a megatron checkpoint
+        import tempfile
+
+        from launcher.zero_convert import zero_to_megatron
+
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+            zero_to_megatron(checkpoint, Path(tmp) / "megatron")
+            return export_hf(str(Path(tmp) / "megatron"), out, tokenizer=tokenizer, model=model,
+                             architecture=architecture, dtype=dtype, max_shard_size_mb=max_shard_size_mb)
     directory = resolve_checkpoint(checkpoint)
     args = model_args_for(directory, model)
     if _is_moe(args):
@@ -475,7 +507,7 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    commands = ("import_hf", "export_hf")
+    commands = ("import_hf", "export_hf", "zero_to_megatron")
     try:
         if not argv or argv[0] not in commands:
             raise CliError(f"usage: python -m launcher.convert {{{' | '.join(commands)}}} key=value ... "
@@ -490,6 +522,13 @@ def main(argv: list[str]) -> int:
             name = yaml.safe_load((path.parent / "model.yaml").read_text())["name"]
             print(f"convert: wrote {path} (model shape in {path.parent / 'model.yaml'}; "
                   f"copy it to conf/model/{name}.yaml and train with model={name} checkpoint.load={path.parent})")
+        elif argv[0] == "zero_to_megatron":
+            from launcher.zero_convert import zero_to_megatron
+
+            opts = parse_overrides(argv[1:], {"checkpoint": None, "out": None})
+            _require(opts, "checkpoint", "out")
+            path = zero_to_megatron(opts["checkpoint"], Path(opts["out"]))
+            print(f"convert: wrote {path} (train it with checkpoint.load={path.parent}, or export_hf it)")
         else:
             opts = parse_overrides(argv[1:], {"checkpoint": None, "out": None, "tokenizer": None, "model": None,
                                               "architecture": None, "dtype": None, "max_shard_size_mb": 2000})

@@ -1,0 +1,59 @@
+"""Under torchrun: logits of the same tokens from (a) a ZeRO-3 checkpoint loaded into the DeepSpeed
+engine (parameters partitioned over the ranks, gathered layer by layer in the forward) and (b) its
+`launcher.convert zero_to_megatron` output loaded into the megatron GPTModel through
+dist_checkpointing, the path the megatron engine loads checkpoints by.
+
+    zero3_logits ZERO_CHECKPOINT MEGATRON_CHECKPOINT OUT.pt OFFLOAD(cpu|none)
+OUT.pt (rank 0): {"tokens", "deepspeed": [b, s, vocab], "megatron": [b, s, vocab]}
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from launcher.checkpoint import resolve, zero_meta
+from launcher.convert import build_model, load_model_weights, model_args_for, resolve_checkpoint
+from models.args import ModelArgs
+from parallel.deepspeed_engine import DeepSpeedEngine
+from parallel.layout import Layout
+from parallel.megatron_engine import init_distributed, shutdown
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    zero_ckpt, megatron_ckpt, out, offload = sys.argv[1:5]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    init_distributed(Layout(world_size=world, dp=world), device, seed=0)
+    try:
+        directory = resolve(zero_ckpt)
+        args = ModelArgs.from_config(zero_meta(directory)["model_args"])
+        tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(7))
+        zero = OmegaConf.create({"offload_params": offload, "offload_optimizer": offload, "nvme_path": None})
+        engine = DeepSpeedEngine(args, world, OmegaConf.load(REPO / "conf/optim/adamw.yaml"), zero, steps=1,
+                                 seq_length=48, micro_batch_size=2, global_batch_size=2 * world, seed=1,
+                                 device=device, params_dtype=torch.float32, recompute=None, backend="torch")
+        engine.load_state(directory)  # seed=1 above: the weights must all come from the checkpoint
+        ds_logits = engine.logits(tokens)
+
+        converted = resolve_checkpoint(megatron_ckpt)
+        margs = model_args_for(converted, None)
+        model = build_model(margs)
+        load_model_weights(model, converted, margs)
+        model.eval()
+        with torch.no_grad():
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+            mg_logits = model(tokens, positions, None)
+        if torch.distributed.get_rank() == 0:
+            torch.save({"tokens": tokens, "deepspeed": ds_logits, "megatron": mg_logits}, out)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

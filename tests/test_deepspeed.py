@@ -1,0 +1,143 @@
+"""parallel.engine=deepspeed (ZeRO-3, CPU offload on and off) trains the same model as the megatron
+engine: per-step loss and grad norm against a single-process megatron run, resume from a ZeRO-3
+checkpoint, ZeRO-3 -> megatron / Hugging Face conversion, and its bad inputs. Real torchrun, 2
+gloo ranks, fp32 on CPU. (The first offloaded run JIT-builds DeepSpeed's CPU Adam, ~40 s, once.)"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST, REPO, config_error_line, read_metrics, run_cli
+
+STEPS = 10
+DS = ["parallel.engine=deepspeed"]
+OFFLOAD = [*DS, "parallel.zero.offload_params=cpu", "parallel.zero.offload_optimizer=cpu"]
+
+
+def _train(run_dir, extra, nproc):
+    proc = run_cli("launcher.train", [*FAST, f"train.steps={STEPS}", f"run.dir={run_dir}", *extra], nproc=nproc)
+    return proc, read_metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_env):
+    return _train(tmp_path_factory.mktemp("megatron"), ["checkpoint.final_save=false"], 1)[1]
+
+
+@pytest.fixture(scope="module")
+def offloaded(tmp_path_factory, cache_env):
+    """ZeRO-3 + parameter and optimizer offload, checkpoints at steps 5 and 10."""
+    run_dir = tmp_path_factory.mktemp("zero3_offload")
+    proc, metrics = _train(run_dir, [*OFFLOAD, "checkpoint.save_every=5"], 2)
+    return run_dir, proc, metrics
+
+
+def _assert_same_curve(ref, got, steps, *, loss_rel, grad_rel):
+    assert [m["step"] for m in got] == steps
+    by_step = {m["step"]: m for m in ref}
+    for m in got:
+        r = by_step[m["step"]]
+        assert m["loss"] == pytest.approx(r["loss"], rel=loss_rel), f"step {m['step']}"
+        # Adam's first steps barely depend on gradient scale: the grad norm catches wrongly
+        # scaled or wrongly averaged gradients that the loss would hide.
+        assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=grad_rel), f"step {m['step']}"
+        assert m["lr"] == pytest.approx(r["lr"], rel=1e-12)
+        assert m["tokens"] == r["tokens"] and m["loss_tokens"] == r["loss_tokens"]
+        assert set(m) >= {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s"}
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload_cpu", "no_offload"])
+def test_zero3_matches_megatron_single_process(offload, reference, offloaded, tmp_path):
+    if offload:
+        _, proc, got = offloaded
+    else:
+        proc, got = _train(tmp_path / "zero3", [*DS, "checkpoint.final_save=false"], 2)
+    assert reference[-1]["loss"] < reference[0]["loss"]  # it trains at all
+    _assert_same_curve(reference, got, list(range(1, STEPS + 1)), loss_rel=1e-4, grad_rel=1e-4)
+    # zero.Init partitioned the model as it was built: rank 0 holds half of it (the tiny model: 5.05M)
+    held = float(re.search(r"params/rank\(0\)=([\d.]+)M", proc.stdout).group(1))
+    assert held == pytest.approx(5.05 / 2, abs=0.1)
+
+
+def test_zero3_resume_continues_the_curve(offloaded, tmp_path):
+    run_dir, _, full = offloaded
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000010"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000005", "iter_0000010"]  # no .tmp left
+    _, resumed = _train(tmp_path / "resumed", [*OFFLOAD, f"checkpoint.load={ckpt / 'iter_0000005'}",
+                                               "checkpoint.final_save=false"], 2)
+    # Same ranks, same optimizer state and schedule: the same numbers, not just close ones.
+    _assert_same_curve(full, resumed, list(range(6, STEPS + 1)), loss_rel=1e-6, grad_rel=1e-6)
+
+
+def test_zero3_to_megatron_and_hf_give_identical_logits(offloaded, tmp_path):
+    import transformers
+
+    ckpt = offloaded[0] / "checkpoints"
+    converted = tmp_path / "megatron"
+    run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={ckpt}", f"out={converted}"])
+    assert (converted / "latest").read_text().strip() == "iter_0000000"
+    out = tmp_path / "logits.pt"
+    run_cli("tests.scripts.zero3_logits", [str(ckpt), str(converted), str(out), "cpu"], nproc=2)
+    result = torch.load(out)
+    # The same fp32 weights through the same GPTModel code: bit-identical logits.
+    assert torch.equal(result["deepspeed"], result["megatron"])
+
+    # Straight to Hugging Face: export_hf takes the ZeRO-3 checkpoint itself.
+    hf_dir = tmp_path / "hf"
+    run_cli("launcher.convert", ["export_hf", f"checkpoint={ckpt}", f"out={hf_dir}"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        hf_logits = model(result["tokens"]).logits
+    diff = (hf_logits - result["megatron"][..., :vocab]).abs().max().item()
+    assert diff < 1e-5, f"exported model's logits differ by {diff:.2e}"
+
+
+def test_checkpoint_of_the_other_engine_is_a_config_error(offloaded, tmp_path):
+    ckpt = offloaded[0] / "checkpoints"
+    proc = run_cli("launcher.train", [*FAST, f"checkpoint.load={ckpt}", f"run.dir={tmp_path}"], check=False)
+    assert "zero_to_megatron" in config_error_line(proc, "checkpoint.load")
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["parallel.pp=2"], "parallel.pp"),
+    (["parallel.tp=2"], "parallel.tp"),
+    (["parallel.zero.offload_optimizer=disk"], "parallel.zero.offload_optimizer"),
+    (["parallel.zero.offload_params=nvme"], "parallel.zero.nvme_path"),
+    (["model=mixtral_tiny"], "parallel.engine"),
+], ids=["pp2", "tp2", "bad_offload", "nvme_without_path", "moe"])
+def test_deepspeed_bad_config(extra, key, tmp_path, cache_env):
+    # WORLD_SIZE=1: validation runs before any process group, so no torchrun is needed to see it
+    proc = run_cli("launcher.train", [*FAST, *DS, *extra, f"run.dir={tmp_path}"], check=False)
+    config_error_line(proc, key)
+
+
+_NO_DEEPSPEED = '''
+import sys
+
+class _NoDeepSpeed:  # as if deepspeed were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "deepspeed" or name.startswith("deepspeed."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoDeepSpeed())
+'''
+
+
+def test_engine_deepspeed_without_deepspeed_installed(tmp_path, monkeypatch, cache_env):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_NO_DEEPSPEED)
+    monkeypatch.setenv("PYTHONPATH", f"{shim}{os.pathsep}{REPO}")
+    probe = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'deepspeed'" in probe.stderr  # the shim works
+    proc = run_cli("launcher.train", [*FAST, *DS, f"run.dir={tmp_path / 'run'}"], check=False)
+    line = config_error_line(proc, "parallel.engine")
+    assert "deepspeed is not installed" in line and ".[deepspeed]" in line
