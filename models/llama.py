@@ -38,7 +38,8 @@ def moe_config_kwargs(args: ModelArgs, *, tp: int, ep: int) -> dict[str, Any]:
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         # Routing decisions in bf16 flip between layouts and runs; megatron recommends fp32.
         moe_router_dtype="fp32",
-        # SequentialMLP loop: grouped GEMM needs TransformerEngine or the grouped_gemm package.
+        # megatron's grouped GEMM needs TransformerEngine or grouped_gemm; the torch backend has its
+        # own (models/kernels/grouped_experts.py) behind SequentialMLP's parameters.
         moe_grouped_gemm=False,
         expert_model_parallel_size=ep,
         # Experts are split over the same TP ranks as attention (megatron's default ETP = TP).

@@ -7,11 +7,13 @@ TransformerEngine imports. Models take a spec and never name a backend themselve
 from __future__ import annotations
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.kernels.attention import SDPAttention
+from models.kernels.grouped_experts import GroupedGemmExperts
 from models.kernels.norm import SequenceParallelRMSNorm
 
 
@@ -43,9 +45,9 @@ def moe_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: in
     """The layers of this pipeline (virtual) stage of an MoE model: megatron's MoE or dense layer
     per `config.moe_layer_freq`.
 
-    Experts are megatron's SequentialMLP (a loop over local experts) on the torch backend:
-    grouped GEMM without TransformerEngine needs the separate `grouped_gemm` package (legacy
-    GroupedMLP), which is not a dependency. Under TP the model runs sequence parallel (MoELayer
+    Experts keep megatron's SequentialMLP parameters; on Hopper GPUs they run as torch grouped
+    GEMMs (models/kernels/grouped_experts.py), elsewhere as SequentialMLP's loop.
+    Under TP the model runs sequence parallel (MoELayer
     requires it), so norms are SequenceParallelRMSNorm instead of torch's.
     """
     if backend == "te":
@@ -57,6 +59,9 @@ def moe_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: in
     for spec in block.layer_specs:
         layer, attention = spec.submodules, spec.submodules.self_attention.submodules
         attention.core_attention = SDPAttention
+        experts = getattr(layer.mlp.submodules, "experts", None)  # MoE layers only
+        if experts is not None and experts.module is SequentialMLP:
+            experts.module = GroupedGemmExperts
         if config.sequence_parallel:
             layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
             if config.qk_layernorm:
