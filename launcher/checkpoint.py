@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from models.args import ModelArgs
@@ -118,7 +118,27 @@ def _write_latest(root: Path, name: str) -> None:
 
 def _layout() -> dict[str, int]:
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size()}
+            "dp": ps.get_data_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size()}
+
+
+def _saved_layout(common: dict[str, Any]) -> dict[str, int] | None:
+    layout = common.get("layout")
+    return None if layout is None else {"ep": 1, **layout}  # checkpoints from before `ep` was recorded
+
+
+def _own_structure(request: Any, loaded: Any) -> Any:
+    """`request`'s nesting and non-tensor values (this layout's), with the loaded tensors in its
+    sharded leaves. dist_checkpointing.load merges the *saving* layout's non-tensor optimizer
+    state (per chained optimizer: under ep>1 MoE there are two, dense and expert) into the result;
+    this layout's optimizer must get its own structure back."""
+    if isinstance(request, (ShardedBase, LocalNonpersistentObject)):
+        return loaded
+    if isinstance(request, dict):
+        return {k: _own_structure(v, loaded.get(k) if isinstance(loaded, dict) else None) for k, v in request.items()}
+    if isinstance(request, list):
+        return [_own_structure(v, loaded[i] if isinstance(loaded, list) and i < len(loaded) else None)
+                for i, v in enumerate(request)]
+    return request
 
 
 def _rng_state(is_loading: bool) -> ShardedObject:
@@ -198,14 +218,17 @@ def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
         chained._init_optimizer_states_with_dummy_values()
     state = engine.sharded_state_dict(is_loading=True)
     # RNG streams are per rank: restore them only into the layout that saved them.
-    same_layout = common.get("layout") == _layout()
+    same_layout = _saved_layout(common) == _layout()
     if same_layout:
         state["rng_state"] = _rng_state(is_loading=True)
     loaded = dist_checkpointing.load(state, str(directory))
     _load_model(engine, loaded)
+    # Non-tensor optimizer state (param groups: lr, wd, ... which the scheduler sets again every
+    # step) is this layout's own; tensors (main params, Adam moments) come from the checkpoint.
+    optimizer_state = loaded["optimizer"] if same_layout else _own_structure(state["optimizer"], loaded["optimizer"])
     # fp32 main params are views of the model params; the in-place copy must not record grads.
     with torch.no_grad():
-        engine.optimizer.load_state_dict(loaded["optimizer"])
+        engine.optimizer.load_state_dict(optimizer_state)
     step = int(common["step"])
     # torch AdamW's per-param `step` counter is not restored by megatron without apex/TE
     # (it comes back as one shared dummy tensor): set it from our own step count.
@@ -217,7 +240,7 @@ def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     elif dist.get_rank() == 0:
-        print(f"checkpoint: layout changed {common.get('layout')} -> {_layout()}: weights and optimizer state "
+        print(f"checkpoint: layout changed {_saved_layout(common)} -> {_layout()}: weights and optimizer state "
               f"resharded, RNG streams start fresh", flush=True)
     return step
 

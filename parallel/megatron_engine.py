@@ -217,5 +217,7 @@ class MegatronEngine:
             # Model-space optimizer state: loads into any TP/PP/DP layout. (0.16.1's default,
             # 'fully_sharded_model_space', fails to save without TE/apex; 'dp_reshardable'
             # cannot change TP/PP.)
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            # No 'chained_<i>.' key prefix: the number of chained optimizers depends on the layout
+            # (MoE under ep>1 adds one for expert params), the parameter names do not.
+            metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True})
         return {**model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
