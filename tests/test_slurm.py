@@ -99,29 +99,56 @@ def test_two_node_job_matches_plain_torchrun(launcher, slurm_cluster, reference,
     assert_same_losses(read_metrics(run_dir), reference)
 
 
-def test_signalled_job_checkpoints_requeues_and_finishes_the_same(slurm_cluster, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    (job,) = submit([*COMMON, *CPU_JOB, "cluster.nodes=2", "logging.wandb.mode=offline", f"run.dir={run_dir}"])
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+def wait_for_steps(run_dir: Path, n: int, timeout: float = 300) -> None:
+    """Until the job has logged n steps (its ranks handle signals from their first step on)."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n) and time.monotonic() < deadline:
         time.sleep(0.2)
-    # What Slurm sends --signal-time before the time limit: to the batch script only.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+
+
+@pytest.mark.parametrize("how", ["usr1", "requeue"])
+def test_signalled_job_checkpoints_requeues_and_finishes_the_same(how, slurm_cluster, reference, tmp_path):
+    """usr1: what Slurm sends signal_grace_s before the time limit (to the batch script only); the job saves
+    and requeues itself. requeue: `scontrol requeue`, as preemption does: TERM to every process, Slurm requeues."""
+    run_dir = tmp_path / "run"
+    wandb = "offline" if how == "usr1" else "disabled"  # one wandb check is enough (slow start)
+    (job,) = submit([*COMMON, *CPU_JOB, "cluster.nodes=2", f"logging.wandb.mode={wandb}", f"run.dir={run_dir}"])
+    wait_for_steps(run_dir, 2)
+    if how == "usr1":
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job], check=True)
     info = wait_job(job, run_dir)
     assert info["Restarts"] == "1"
     log = (run_dir / f"slurm-{job}.out").read_text()
-    saved = re.search(r"saved checkpoint .*iter_(\d+) after SIGUSR1", log)
-    assert saved and "shardforge: saved; requeueing" in log, log[-6000:]
+    signal = "SIGUSR1" if how == "usr1" else "SIGTERM"
+    saved = re.search(rf"saved checkpoint .*iter_(\d+) after {signal}", log)
+    assert saved, log[-6000:]
+    if how == "usr1":
+        assert "shardforge: saved; requeueing" in log
     stopped_at = int(saved.group(1))
     assert 2 <= stopped_at < STEPS
     assert f"steps={stopped_at}->{STEPS}" in log and "slurm_restart_count=1" in log
     # One curve 1..STEPS, the same as the uninterrupted reference, final loss included.
     assert_same_losses(read_metrics(run_dir), reference)
     assert read_metrics(run_dir)[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-5)
-    # wandb resumed the same run: both starts logged into one run id.
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+    if how == "usr1":  # wandb resumed the same run: both starts logged into one run id
+        runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+
+
+def test_max_restarts_stops_requeueing(slurm_cluster, cache_env, tmp_path):
+    run_dir = tmp_path / "run"
+    (job,) = submit([*COMMON, *CPU_JOB, "cluster.nodes=1", "cluster.max_restarts=0", f"run.dir={run_dir}"])
+    wait_for_steps(run_dir, 2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.monotonic() + 300
+    while (info := job_info(job))["JobState"] not in DONE and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0" and info["Restarts"] == "0", log[-4000:]
+    assert "cluster.max_restarts=0 reached: not requeued" in log
+    assert (run_dir / "checkpoints" / "latest").is_file()  # saved before giving up
 
 
 def test_multirun_submits_one_job_per_point(slurm_cluster, cache_env, tmp_path):
