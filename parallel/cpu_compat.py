@@ -26,7 +26,6 @@ def apply() -> None:
     _patch_cuda_device_arguments()
     _patch_synchronize()
     _patch_streams_and_events()
-    _patch_moe_te_gemm_name()
     _patch_moe_split_sizes()
     _patch_uneven_all_gather()
     _applied = True
@@ -133,16 +132,6 @@ def _patch_streams_and_events() -> None:
     torch.cuda.current_stream = lambda *a, **k: default
     torch.cuda.default_stream = lambda *a, **k: default
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
-
-
-def _patch_moe_te_gemm_name() -> None:
-    # megatron-core 0.16.1 bug (not CPU specific): without TransformerEngine,
-    # moe_utils.RouterGatingLinearFunction references te_general_gemm, never defined:
-    # "NameError: name 'te_general_gemm' is not defined" in every MoE router.
-    import megatron.core.transformer.moe.moe_utils as mu
-
-    if not hasattr(mu, "te_general_gemm"):
-        mu.te_general_gemm = None
 
 
 def _patch_moe_split_sizes() -> None:
