@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "shardforge-train=launcher.train:main",
             "shardforge-preprocess=launcher.preprocess:main",
+            "shardforge-submit=launcher.submit:main",
         ],
     },
 )

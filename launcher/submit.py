@@ -62,8 +62,6 @@ def _check_cluster(c: DictConfig) -> None:
         raise ConfigError("cluster.launcher", f"must be torchrun or srun, got {c.launcher!r}")
     if c.partition_required not in ("auto", True, False):
         raise ConfigError("cluster.partition_required", f"must be auto, true or false, got {c.partition_required!r}")
-    if not re.fullmatch(r"(SIG)?[A-Z0-9]+", str(c.signal)):
-        raise ConfigError("cluster.signal", f"must be a signal name such as USR1, got {c.signal!r}")
 
 
 def _check_world(cfg: DictConfig) -> int:
@@ -144,8 +142,8 @@ def _directives(cfg: DictConfig, run_dir: Path, per_node: int) -> list[str]:
         (f"--output={run_dir}/slurm-%j.out", "stdout+stderr of every restart, appended"),
         ("--open-mode=append", None),
         ("--requeue" if c.requeue else "--no-requeue", None),
-        (f"--signal=B:{c.signal}@{c.signal_grace_s}", f"{c.signal} to this script {c.signal_grace_s}s before "
-                                                      f"the time limit"),
+        # USR1: the signal launcher/loop.py saves on (besides TERM, which Slurm sends to every process itself)
+        (f"--signal=B:USR1@{c.signal_grace_s}", f"USR1 to this script {c.signal_grace_s}s before the time limit"),
         (f"--chdir={Path.cwd()}", "relative paths in the config mean what they meant at submit"),
     ]
     lines += [(extra, "cluster.sbatch_extra") for extra in c.sbatch_extra]
@@ -158,22 +156,23 @@ def _launch(cfg: DictConfig, run_dir: Path, per_node: int, overrides: list[str])
     python = shlex.quote(c.python or sys.executable)
     train_args = [*map(_sh, overrides), _sh(f"run.dir={hydra_quote(str(run_dir))}"),
                   'checkpoint.load="$LOAD"']
+    # USR1 is ignored from the start (the default action would kill a process): torchrun never handles it,
+    # the ranks handle it once training runs (launcher/loop.py installs the handler).
+    ignore_usr1 = "bash -c 'trap \"\" USR1; exec \"$@\"' _"
+    cpus = f" --cpus-per-task={c.cpus_per_task}" if c.cpus_per_task else ""
     if c.launcher == "torchrun":
         lines = [
-            f"# torchrun ignores {c.signal} (it would die of it); its ranks handle it",
-            "srun --kill-on-bad-exit=1 --ntasks-per-node=1"
-            + (f" --cpus-per-task={c.cpus_per_task}" if c.cpus_per_task else "")
-            + f" bash -c 'trap \"\" {c.signal}; exec \"$@\"' _ \\",
+            "# one torchrun per node; USR1 is ignored until the ranks' own handler takes over",
+            f"srun --kill-on-bad-exit=1 --ntasks-per-node=1{cpus} {ignore_usr1} \\",
             f"  {python} -m torch.distributed.run --nnodes=\"$SLURM_NNODES\" --nproc_per_node={per_node} \\",
             '    --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" \\',
             "    -m launcher.train \\",
         ]
     else:
         lines = [
-            "# one task per process: launcher.train takes RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/"
-            "SLURM_NTASKS/SLURM_LOCALID",
-            f"srun --kill-on-bad-exit=1 --ntasks-per-node={per_node}"
-            + (f" --cpus-per-task={c.cpus_per_task}" if c.cpus_per_task else "") + " \\",
+            "# one task per process: launcher.train takes RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/",
+            "# SLURM_STEP_NUM_TASKS/SLURM_LOCALID; USR1 is ignored until the ranks' own handler takes over",
+            f"srun --kill-on-bad-exit=1 --ntasks-per-node={per_node}{cpus} {ignore_usr1} \\",
             f"  {python} -m launcher.train \\",
         ]
     lines += [f"    {arg} \\" for arg in train_args[:-1]] + [f"    {train_args[-1]}"]
@@ -226,7 +225,7 @@ def build_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Job:
         "layout": layout, "date": datetime.datetime.now().isoformat(timespec="seconds"), "workdir": str(Path.cwd()),
         "sbatch_directives": "\n".join(_directives(cfg, run_dir, per_node)),
         "max_restarts": str(c.max_restarts), "environment": _environment(c),
-        "rdzv_port_base": str(c.rdzv_port_base), "signal": str(c.signal).removeprefix("SIG"),
+        "rdzv_port_base": str(c.rdzv_port_base),
         "resume": resume, "requeue": "1" if c.requeue else "0",
         "launch": _launch(cfg, run_dir, per_node, overrides),
     })
@@ -278,8 +277,8 @@ def submit(cfg: DictConfig) -> None:
           f"  log:     tail -f {run_dir}/slurm-{job_id}.out\n"
           f"  metrics: tail -f {run_dir}/metrics.jsonl\n"
           f"  status:  squeue -j {job_id}   |   scontrol show job {job_id}   |   sacct -j {job_id}\n"
-          f"  stop:    scancel {job_id}   (save and requeue now: scancel --signal={cfg.cluster.signal} "
-          f"--batch {job_id})", flush=True)
+          f"  stop:    scancel {job_id}   (save and requeue now: scancel --signal=USR1 --batch {job_id})",
+          flush=True)
 
 
 @hydra.main(config_path="../conf", config_name="submit", version_base=None)
