@@ -3,14 +3,16 @@
     python -m bench.bench_train                      # both, llama3_1b, seq 4096, micro batch 2
     python -m bench.bench_train --only hf            # HF baseline only
     python -m bench.bench_train --only shardforge    # ShardForge only
+    python -m bench.bench_train --peers eager,compile,liger   # every peer (liger-kernel travels as a wheel)
 
 Each side runs in its own subprocess, so neither sees the other's memory:
   * ShardForge: `python -m launcher.train model=... device=cuda ...` with a temporary run.dir;
     its `metrics.jsonl` gives per-step tokens_per_s, mfu, step_time_s and peak_mem_gb. The first
     `--warmup` steps are dropped; tokens/s and MFU are taken over the rest as total tokens over total
     time (the time-weighted mean of the per-step values), peak memory as the max over all steps.
-  * HF: `python -m bench.hf_baseline` (LlamaForCausalLM, SDPA, bf16 params, fused AdamW, random
-    tokens), timed with CUDA events over the same number of steps after the same warmup.
+  * HF: `python -m bench.hf_baseline --variant=...` (LlamaForCausalLM, SDPA, bf16 params, fused
+    AdamW, random tokens) eager, under torch.compile, or with liger-kernel's kernels, timed with
+    CUDA events over the same number of steps after the same warmup.
 Both report MFU through launcher.flops (one formula, dense bf16 peak) and peak memory as
 torch.cuda.max_memory_allocated in GiB. The table is printed and appended to bench/RESULTS.md
 with the date, device, versions and the exact commands.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import shlex
@@ -47,10 +50,10 @@ def shardforge_command(a: argparse.Namespace, run_dir: str) -> list[str]:
             "checkpoint.final_save=false", f"run.dir={run_dir}", *a.sf_override]
 
 
-def hf_command(a: argparse.Namespace, out: str) -> list[str]:
+def hf_command(a: argparse.Namespace, out: str, variant: str) -> list[str]:
     cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--seq-length={a.seq_length}",
            f"--micro-batch-size={a.micro_batch_size}", f"--steps={a.steps}", f"--warmup={a.warmup}",
-           f"--device={a.device}", f"--out={out}"]
+           f"--device={a.device}", f"--out={out}", f"--variant={variant}"]
     if a.hf_clip_grad:
         cmd.append(f"--clip-grad={a.hf_clip_grad}")
     return cmd
@@ -100,10 +103,10 @@ def run_shardforge(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
     return (summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup) if ok else None), text
 
 
-def run_hf_subprocess(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+def run_hf_subprocess(a: argparse.Namespace, variant: str) -> tuple[dict[str, Any] | None, str]:
     fd, out = tempfile.mkstemp(prefix="hf_bench_", suffix=".json")
     os.close(fd)
-    ok, text = _run("HF baseline", hf_command(a, out))
+    ok, text = _run(f"HF baseline ({variant})", hf_command(a, out, variant))
     return (json.loads(Path(out).read_text()) if ok else None), text
 
 
@@ -124,11 +127,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r.get("moe"):
             lines.append("\n" + r["framework"] + " MoE, mean over timed steps: " +
                          ", ".join(f"{k} {v:.4g}" for k, v in r["moe"].items()))
-    if len(rows) == 2 and all(r["tokens_per_s"] for r in rows):
-        sf = next((r for r in rows if r["framework"] == "shardforge"), None)
-        hf = next((r for r in rows if r["framework"] != "shardforge"), None)
-        if sf and hf:
-            lines.append(f"\nShardForge / HF throughput: {sf['tokens_per_s'] / hf['tokens_per_s']:.2f}×")
+    sf = next((r for r in rows if r["framework"] == "shardforge" and r["tokens_per_s"]), None)
+    if sf:
+        ratios = [f"{r['framework']} {sf['tokens_per_s'] / r['tokens_per_s']:.2f}×" for r in rows
+                  if r is not sf and r["tokens_per_s"]]
+        if ratios:
+            lines.append("\nShardForge throughput over: " + ", ".join(ratios))
     return "\n".join(lines)
 
 
@@ -166,6 +170,8 @@ def record(a: argparse.Namespace, rows: list[dict[str, Any]], commands: list[str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["hf", "shardforge"], help="run one side only")
+    p.add_argument("--peers", default="eager",
+                   help="comma-separated HF variants to run next to ShardForge: eager, compile, liger")
     p.add_argument("--model", default="llama3_1b")
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=2)
@@ -186,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     commands: list[str] = []
     failed = False
-    for side, fn in (("shardforge", run_shardforge), ("hf", run_hf_subprocess)):
+    sides = [("shardforge", run_shardforge)]
+    sides += [("hf", functools.partial(run_hf_subprocess, variant=v)) for v in a.peers.split(",") if v]
+    for side, fn in sides:
         if a.only and a.only != side:
             continue
         result, cmd = fn(a)

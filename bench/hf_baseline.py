@@ -71,7 +71,17 @@ def llama_config(m: dict[str, Any]):
     return LlamaConfig(**kwargs)
 
 
-def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype):
+VARIANTS = ("eager", "compile", "liger")
+
+
+def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype, variant: str = "eager"):
+    """The HF model as a user would run it: eager (SDPA), `torch.compile`d, or with liger-kernel's
+    Triton kernels (RoPE, RMSNorm, SwiGLU, fused linear cross entropy) patched in."""
+    if variant == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
     from transformers import LlamaForCausalLM
 
     config = llama_config(m)
@@ -86,11 +96,13 @@ def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype):
         model.tie_weights()
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     assert all(p.dtype == dtype for p in model.parameters())
-    return model.train()
+    model.train()
+    return torch.compile(model) if variant == "compile" else model
 
 
 def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int, warmup: int, *,
-           lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda", seed: int = 1234) -> dict:
+           lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda", seed: int = 1234,
+           variant: str = "eager") -> dict:
     """Train `steps` steps (the first `warmup` untimed) and return the timed steps' throughput.
 
     Returns tokens_per_s and mfu (mean over the timed steps: tokens / total time), peak_mem_gb
@@ -108,7 +120,7 @@ def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int,
         torch.cuda.manual_seed(seed)
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    model = build_model(model_yaml, dev, dtype)
+    model = build_model(model_yaml, dev, dtype, variant)
     n_params = sum(p.numel() for p in model.parameters())
     if cuda:
         torch.cuda.synchronize(dev)
@@ -158,7 +170,7 @@ def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int,
     if not all(math.isfinite(x) for x in loss_values):
         raise RuntimeError(f"non-finite loss in HF baseline: {loss_values}")
     result = {
-        "framework": "hf-transformers",
+        "framework": f"hf-{variant}",
         "tokens_per_s": tokens_per_s,
         "mfu": flops_per_token * tokens_per_s / peak if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
@@ -197,11 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test only)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--out", help="also write the result JSON to this file")
+    p.add_argument("--variant", choices=VARIANTS, default="eager", help="eager | compile (torch.compile) | liger")
     a = p.parse_args(argv)
     if a.steps - a.warmup < 20 and a.device == "cuda":
         print(f"hf_baseline: warning: only {a.steps - a.warmup} timed steps (>= 20 recommended)", file=sys.stderr)
     result = run_hf(load_model_yaml(a.model), a.seq_length, a.micro_batch_size, a.steps, a.warmup,
-                    lr=a.lr, clip_grad=a.clip_grad, device=a.device)
+                    lr=a.lr, clip_grad=a.clip_grad, device=a.device, variant=a.variant)
     result["model"] = a.model
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
         mem = f"{result['peak_mem_gb']:.1f} GiB" if result["peak_mem_gb"] is not None else "n/a"
-        print(f"hf-transformers {a.model} seq={a.seq_length} mbs={a.micro_batch_size} on {result['device']}: "
+        print(f"hf-{a.variant} {a.model} seq={a.seq_length} mbs={a.micro_batch_size} on {result['device']}: "
               f"{result['tokens_per_s']:.0f} tok/s, MFU {mfu}, peak mem {mem}, "
               f"step {result['step_time_s'] * 1e3:.1f} ms (median {result['step_time_median_s'] * 1e3:.1f}), "
               f"loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
