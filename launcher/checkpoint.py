@@ -75,16 +75,14 @@ def zero_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def check_engine(path: str | os.PathLike, engine: str, world_size: int) -> None:
-    """Before any process group: the checkpoint's format must be the one `engine` loads."""
+    """Before any process group: can `engine` load this checkpoint? (engine=deepspeed also takes a
+    megatron checkpoint's weights, for a fresh start from them.)"""
     directory = resolve(path)
     zero = zero_meta(directory)
     convert = f"python -m launcher.convert zero_to_megatron checkpoint={path} out=<dir>"
     if zero is not None and engine != "deepspeed":
         raise ValueError(f"{directory} is a DeepSpeed ZeRO-3 checkpoint: resume it with parallel.engine=deepspeed, "
                          f"or convert it first: {convert}")
-    if zero is None and engine == "deepspeed":
-        raise ValueError(f"{directory} is a megatron (dist_checkpointing) checkpoint: parallel.engine=deepspeed "
-                         "resumes only its own ZeRO-3 checkpoints (train this one with engine=megatron)")
     if zero is not None and zero["layout"]["dp"] != world_size:
         raise ValueError(f"{directory} holds ZeRO-3 partitions of {zero['layout']['dp']} ranks, this run has "
                          f"{world_size}: resume with the same number, or convert it ({convert}) and train that")
@@ -205,8 +203,11 @@ def load(engine: MegatronEngine, path: str | os.PathLike) -> int:
     Model-only checkpoints load the weights and return 0 (fine-tuning starts fresh).
     """
     directory = resolve(path)
-    if hasattr(engine, "load_state"):  # DeepSpeed ZeRO-3 (formats checked by check_engine)
-        return engine.load_state(directory)
+    if hasattr(engine, "load_state"):  # DeepSpeed ZeRO-3
+        if zero_meta(directory) is not None:
+            return engine.load_state(directory)
+        engine.load_model_weights(directory)  # a megatron checkpoint: its weights, a fresh start
+        return 0
     common = dist_checkpointing.load_common_state_dict(str(directory))
     if "step" not in common:
         # (the optimizer is left untouched: a never-stepped one cannot even describe its state)

@@ -18,6 +18,7 @@ megatron engine). One `train_step` follows the megatron engine's semantics:
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,11 @@ def _param_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, min_lr
                         {"params": no_decay, "wd_mult": 0.0, **common}) if g["params"]]
 
 
-@torch.no_grad()
-def _init_partitioned(model: torch.nn.Module, twin: torch.nn.Module, deepspeed, *, seed: int, std: float,
-                      num_layers: int) -> None:
-    """models.init's weights for a ZeRO-3-partitioned model, one module's parameters at a time.
+def _slice_plan(twin: torch.nn.Module) -> dict[str, list]:
+    """Parameter name -> the ShardedTensors (checkpoint key, global offsets) that make it up.
 
-    Partitioned parameters hold no data, so which global-tensor slice each one gets is read
-    from `twin`, the same model built on the meta device; rank 0 fills a gathered module and
-    DeepSpeed re-partitions it on exit (modifier_rank=0).
+    Partitioned ZeRO-3 parameters hold no data, so this is read from `twin`, the same model
+    built on the meta device (`sh.data` are meta tensors: only their shape/strides are used).
     """
     twin_names = {id(p): name for name, p in twin.named_parameters()}
     plan: dict[str, list] = {}
@@ -94,20 +92,26 @@ def _init_partitioned(model: torch.nn.Module, twin: torch.nn.Module, deepspeed, 
         base = sh.data if id(sh.data) in twin_names else sh.data._base  # a view (e.g. one half of fc1)
         if base is not None and id(base) in twin_names:
             plan.setdefault(twin_names[id(base)], []).append(sh)
-    missing = [name for name, _ in model.named_parameters() if name not in plan]
+    missing = [name for name in twin_names.values() if name not in plan]
     if missing:
-        raise RuntimeError(f"init: parameters without a sharded_state_dict entry: {missing}")
-    rank0 = dist.get_rank() == 0
-    for prefix, module in model.named_modules():
-        params = list(module.named_parameters(prefix=prefix, recurse=False))
-        if not params:
-            continue
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
-            if rank0:
-                for name, p in params:
-                    for sh in plan[name]:
-                        view = p.data.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset())
-                        view.copy_(local_init(sh, seed=seed, std=std, num_layers=num_layers, device=p.device))
+        raise RuntimeError(f"parameters without a sharded_state_dict entry: {missing}")
+    return plan
+
+
+def _view(param: torch.Tensor, sh) -> torch.Tensor:
+    """The part of a gathered parameter that `sh` (from the meta twin) describes."""
+    return param.data.as_strided(sh.data.size(), sh.data.stride(), sh.data.storage_offset())
+
+
+@torch.no_grad()
+def _fill_partitioned(deepspeed, named: list[tuple[str, torch.nn.Parameter]], plan: dict[str, list], values) -> None:
+    """Gather `named` (all ranks), let rank 0 write `values(sh)` into each slice, re-partition
+    (modifier_rank=0 broadcasts rank 0's values)."""
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
+        if dist.get_rank() == 0:
+            for name, p in named:
+                for sh in plan[name]:
+                    _view(p, sh).copy_(values(sh))
 
 
 class DeepSpeedEngine:
@@ -134,8 +138,16 @@ class DeepSpeedEngine:
         # without fp16 (DeepSpeed 0.19 `_set_dtype` precedence bug: the CPU one got bf16 weights).
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
             model = build_llama(args, config, **build)
-        _init_partitioned(model, twin, deepspeed, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
+        self._plan = _slice_plan(twin)
         del twin
+        # models.init's weights, one module's parameters gathered at a time
+        # drawn on the engine's device, as the megatron engine does (CPU and CUDA generators differ)
+        init = partial(local_init, seed=seed, std=args.init_method_std, num_layers=args.num_layers, device=device)
+        for prefix, module in model.named_modules():
+            named = list(module.named_parameters(prefix=prefix, recurse=False))
+            if named:
+                _fill_partitioned(deepspeed, named, self._plan, init)
+        self._deepspeed = deepspeed
 
         groups = _param_groups(list(model.named_parameters()), optim_cfg.lr, optim_cfg.min_lr)
         adam = dict(lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
@@ -216,6 +228,39 @@ class DeepSpeedEngine:
         """Write the ZeRO-3 checkpoint (every rank its partition) into <root>/<tag>/."""
         client = {"scheduler": self.scheduler.state_dict(), "step": step}
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+
+    def load_model_weights(self, directory: Path) -> None:
+        """The model weights of a megatron (dist_checkpointing) checkpoint: a training checkpoint of
+        any layout, an HF import, a zero_to_megatron conversion. One checkpoint key (e.g. every
+        layer's fc1) is read at a time, by every rank (dist_checkpointing loads collectively)."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        params = dict(self.module.named_parameters())
+        by_key: dict[str, list[str]] = {}
+        for name, shards in self._plan.items():
+            for sh in shards:
+                by_key.setdefault(sh.key, []).append(name)
+        meta = dist_checkpointing.load_tensors_metadata(str(directory))
+        for key, names in by_key.items():
+            if key not in meta:
+                raise ValueError(f"{directory} has no tensor {key}: not a checkpoint of this model")
+            request = {key: ShardedTensor.from_rank_offsets(
+                key, torch.empty(tuple(meta[key].global_shape), dtype=meta[key].dtype),
+                replica_id=dist.get_rank())}
+            full = dist_checkpointing.load(request, str(directory))[key]
+
+            def values(sh, full=full):
+                return full[tuple(slice(o, o + n) for o, n in zip(sh.global_offset, (1,) * sh.prepend_axis_num
+                                                                  + tuple(sh.local_shape)))].reshape(sh.local_shape)
+
+            named = [(n, params[n]) for n in dict.fromkeys(names)]
+            _fill_partitioned(self._deepspeed, named, {n: [sh for sh in self._plan[n] if sh.key == key]
+                                                       for n, _ in named}, values)
+            del full
+        # The optimizer's fp32 master partitions were copied from the initial weights by
+        # deepspeed.initialize: without this its first step would write those back.
+        self.optimizer.refresh_fp32_params()
 
     def load_state(self, directory: Path) -> int:
         """Load <root>/<iter_*> written by save_state (any number of ranks: ZeRO-3 reshards the

@@ -75,18 +75,25 @@ def test_zero3_resume_continues_the_curve(offloaded, tmp_path):
     _assert_same_curve(full, resumed, list(range(6, STEPS + 1)), loss_rel=1e-6, grad_rel=1e-6)
 
 
-def test_zero3_to_megatron_and_hf_give_identical_logits(offloaded, tmp_path):
+@pytest.fixture(scope="module")
+def converted(offloaded, tmp_path_factory):
+    """The offloaded run's final ZeRO-3 checkpoint through `launcher.convert zero_to_megatron`."""
+    out = tmp_path_factory.mktemp("converted") / "megatron"
+    run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={offloaded[0] / 'checkpoints'}", f"out={out}"])
+    assert (out / "latest").read_text().strip() == "iter_0000000"
+    return out
+
+
+def test_zero3_megatron_hf_conversions_give_identical_logits(offloaded, converted, tmp_path):
     import transformers
 
     ckpt = offloaded[0] / "checkpoints"
-    converted = tmp_path / "megatron"
-    run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={ckpt}", f"out={converted}"])
-    assert (converted / "latest").read_text().strip() == "iter_0000000"
     out = tmp_path / "logits.pt"
     run_cli("tests.scripts.zero3_logits", [str(ckpt), str(converted), str(out), "cpu"], nproc=2)
     result = torch.load(out)
-    # The same fp32 weights through the same GPTModel code: bit-identical logits.
+    # The same fp32 weights through the same GPTModel code: bit-identical logits, both ways.
     assert torch.equal(result["deepspeed"], result["megatron"])
+    assert torch.equal(result["megatron_to_deepspeed"], result["megatron"])
 
     # Straight to Hugging Face: export_hf takes the ZeRO-3 checkpoint itself.
     hf_dir = tmp_path / "hf"
@@ -97,6 +104,17 @@ def test_zero3_to_megatron_and_hf_give_identical_logits(offloaded, tmp_path):
         hf_logits = model(result["tokens"]).logits
     diff = (hf_logits - result["megatron"][..., :vocab]).abs().max().item()
     assert diff < 1e-5, f"exported model's logits differ by {diff:.2e}"
+
+
+def test_megatron_checkpoint_trains_on_under_either_engine(converted, reference, tmp_path):
+    """checkpoint.load of a megatron checkpoint: its weights, a fresh optimizer, step 0 — the same
+    curve under engine=deepspeed (2 ranks, ZeRO-3) as under engine=megatron (1 process)."""
+    load = [f"checkpoint.load={converted}", "checkpoint.final_save=false", "train.steps=3"]
+    run_cli("launcher.train", [*FAST, *load, f"run.dir={tmp_path / 'megatron'}"])
+    run_cli("launcher.train", [*FAST, *DS, *load, f"run.dir={tmp_path / 'zero3'}"], nproc=2)
+    ref, got = read_metrics(tmp_path / "megatron"), read_metrics(tmp_path / "zero3")
+    assert ref[0]["loss"] < reference[0]["loss"] - 0.3  # the trained weights, not a fresh init, on batch 0
+    _assert_same_curve(ref, got, [1, 2, 3], loss_rel=1e-5, grad_rel=1e-4)
 
 
 def test_checkpoint_of_the_other_engine_is_a_config_error(offloaded, tmp_path):

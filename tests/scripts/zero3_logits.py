@@ -1,10 +1,11 @@
 """Under torchrun: logits of the same tokens from (a) a ZeRO-3 checkpoint loaded into the DeepSpeed
 engine (parameters partitioned over the ranks, gathered layer by layer in the forward) and (b) its
 `launcher.convert zero_to_megatron` output loaded into the megatron GPTModel through
-dist_checkpointing, the path the megatron engine loads checkpoints by.
+dist_checkpointing, the path the megatron engine loads checkpoints by, and (c) that converted
+checkpoint loaded back into a fresh DeepSpeed engine (megatron -> ZeRO-3).
 
     zero3_logits ZERO_CHECKPOINT MEGATRON_CHECKPOINT OUT.pt OFFLOAD(cpu|none)
-OUT.pt (rank 0): {"tokens", "deepspeed": [b, s, vocab], "megatron": [b, s, vocab]}
+OUT.pt (rank 0): {"tokens", "deepspeed", "megatron", "megatron_to_deepspeed"}: [b, s, vocab] logits
 """
 from __future__ import annotations
 
@@ -35,10 +36,14 @@ def main() -> None:
         args = ModelArgs.from_config(zero_meta(directory)["model_args"])
         tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(7))
         zero = OmegaConf.create({"offload_params": offload, "offload_optimizer": offload, "nvme_path": None})
-        engine = DeepSpeedEngine(args, world, OmegaConf.load(REPO / "conf/optim/adamw.yaml"), zero, steps=1,
-                                 seq_length=48, micro_batch_size=2, global_batch_size=2 * world, seed=1,
-                                 device=device, params_dtype=torch.float32, recompute=None, backend="torch")
-        engine.load_state(directory)  # seed=1 above: the weights must all come from the checkpoint
+
+        def fresh_engine(seed: int) -> DeepSpeedEngine:  # another seed: every weight must come from the load
+            return DeepSpeedEngine(args, world, OmegaConf.load(REPO / "conf/optim/adamw.yaml"), zero, steps=1,
+                                   seq_length=48, micro_batch_size=2, global_batch_size=2 * world, seed=seed,
+                                   device=device, params_dtype=torch.float32, recompute=None, backend="torch")
+
+        engine = fresh_engine(1)
+        engine.load_state(directory)
         ds_logits = engine.logits(tokens)
 
         converted = resolve_checkpoint(megatron_ckpt)
@@ -49,8 +54,12 @@ def main() -> None:
         with torch.no_grad():
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
             mg_logits = model(tokens, positions, None)
+        engine = fresh_engine(2)
+        engine.load_model_weights(converted)
+        back_logits = engine.logits(tokens)
         if torch.distributed.get_rank() == 0:
-            torch.save({"tokens": tokens, "deepspeed": ds_logits, "megatron": mg_logits}, out)
+            torch.save({"tokens": tokens, "deepspeed": ds_logits, "megatron": mg_logits,
+                        "megatron_to_deepspeed": back_logits}, out)
     finally:
         shutdown()
 
