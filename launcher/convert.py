@@ -1,10 +1,12 @@
-"""Hugging Face safetensors ⇄ ShardForge checkpoints (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+"""Hugging Face safetensors ⇄ ShardForge checkpoints (Llama 2/3, Mistral, Qwen2/2.5, Qwen3; MoE: Mixtral,
+Qwen2-MoE, Qwen3-MoE).
 
     python -m launcher.convert import_hf hf_dir=<HF model dir> out=<checkpoint dir>
                                [name=<model name>] [dtype=fp32|bf16] [model.<field>=<value> ...]
     python -m launcher.convert export_hf checkpoint=<checkpoint dir or iter_* dir> out=<HF dir>
                                [tokenizer=<dir or file>] [model=<conf name or yaml>]
-                               [architecture=LlamaForCausalLM|MistralForCausalLM|Qwen2ForCausalLM|Qwen3ForCausalLM]
+                               [architecture=LlamaForCausalLM|MistralForCausalLM|Qwen2ForCausalLM|Qwen3ForCausalLM|
+                                             MixtralForCausalLM|Qwen2MoeForCausalLM|Qwen3MoeForCausalLM]
                                [dtype=fp32|bf16|fp16] [max_shard_size_mb=2000]
     python -m launcher.convert zero_to_megatron checkpoint=<ZeRO-3 checkpoint dir or iter_* dir> out=<dir>
 
@@ -31,7 +33,9 @@ export_hf needs the model shape: `model=`, else the checkpoint's recorded `model
 training checkpoints), else <root>/model.yaml, else the training run's <root>/../.hydra/config.yaml. It reads only model tensors (never the optimizer state) and
 writes safetensors shards + model.safetensors.index.json + config.json (+ tokenizer files) that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Without `architecture=` it reuses the
-imported model's, else picks Qwen3 (qk-norm), Qwen2 (qkv bias) or Llama.
+imported model's, else picks Qwen3 (qk-norm), Qwen2 (qkv bias) or Llama; for MoE models Qwen3-MoE (qk-norm),
+Qwen2-MoE (shared expert / qkv bias) or Mixtral. An MoE checkpoint of any expert-parallel layout exports the
+same: its expert tensors are stored whole (dist_checkpointing).
 
 Bad input (unknown architecture, missing shard or tensor, checkpoint of another shape, ...) prints
 one line `convert: error: ...` and exits with status 2.
@@ -107,11 +111,12 @@ def init_world_of_one(seed: int = 0) -> None:
     init_distributed(Layout(world_size=1), torch.device("cpu"), seed)
 
 
-def build_model(args: ModelArgs, *, tp: int = 1, params_dtype: torch.dtype = torch.float32):
+def build_model(args: ModelArgs, *, tp: int = 1, ep: int = 1, params_dtype: torch.dtype = torch.float32):
     """One whole-model GPTModel chunk (pp=1) on CPU; parallel state must be initialized."""
     from models.llama import build_llama, transformer_config
 
-    config = transformer_config(args, tp=tp, pp=1, vpp=None, params_dtype=params_dtype, on_cpu=True, recompute=None)
+    config = transformer_config(args, tp=tp, pp=1, vpp=None, params_dtype=params_dtype, on_cpu=True, recompute=None,
+                                ep=ep)
     return build_llama(args, config, backend="torch", pre_process=True, post_process=True)
 
 
@@ -170,38 +175,47 @@ def model_args_for(directory: Path, model: str | None) -> ModelArgs:
                    f"training run config); pass model=<conf/model name or yaml path>")
 
 
-def _is_moe(args: ModelArgs) -> bool:
-    return getattr(args, "num_experts", None) is not None
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Global shapes of the model tensors in a ShardForge dist checkpoint of this shape (for an MoE
-    model only the attention, norm and vocabulary tensors: its MLP keys are the MoE layer's)."""
+def expected_shapes(args: ModelArgs) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[tuple[int, ...], list[int]]]]:
+    """Global shapes of the model tensors in a ShardForge dist checkpoint of this shape: (whole-model
+    keys -> shape, per-layer key suffix -> (shape of one layer's tensor, the layers that hold it))."""
     d = hfm.head_dim(args)
-    L, h = args.num_layers, args.hidden_size
+    h = args.hidden_size
     qkv_rows = (args.num_attention_heads + 2 * args.num_query_groups) * d
-    p = hfm.CKPT_LAYER
-    shapes = {
-        "embedding.word_embeddings.weight": (args.padded_vocab_size, h),
-        "decoder.final_layernorm.weight": (h,),
-        p + "self_attention.linear_qkv.layer_norm_weight": (L, h),
-        p + "mlp.linear_fc1.layer_norm_weight": (L, h),
-        p + "self_attention.linear_qkv.weight": (L, qkv_rows, h),
-        p + "self_attention.linear_proj.weight": (L, h, args.num_attention_heads * d),
-        p + "mlp.linear_fc1.weight": (L, 2 * args.ffn_hidden_size, h),
-        p + "mlp.linear_fc2.weight": (L, h, args.ffn_hidden_size),
-    }
-    if _is_moe(args):
-        for key in ("mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
-            del shapes[p + key]
+    shapes = {"embedding.word_embeddings.weight": (args.padded_vocab_size, h), "decoder.final_layernorm.weight": (h,)}
     if not args.tie_word_embeddings:
         shapes["output_layer.weight"] = (args.padded_vocab_size, h)
+    pattern = args.moe_layer_pattern()
+    every, dense = list(range(args.num_layers)), [i for i, moe in enumerate(pattern) if not moe]
+    layer = {
+        "self_attention.linear_qkv.layer_norm_weight": ((h,), every),
+        "mlp.linear_fc1.layer_norm_weight": ((h,), every),
+        "self_attention.linear_qkv.weight": ((qkv_rows, h), every),
+        "self_attention.linear_proj.weight": ((h, args.num_attention_heads * d), every),
+    }
+    if dense:
+        layer["mlp.linear_fc1.weight"] = ((2 * args.ffn_hidden_size, h), dense)
+        layer["mlp.linear_fc2.weight"] = ((h, args.ffn_hidden_size), dense)
+    if args.is_moe:
+        from models.hf_moe_mapping import moe_checkpoint_shapes
+
+        moe = [i for i, on in enumerate(pattern) if on]
+        layer.update({suffix: (shape, moe) for suffix, shape in moe_checkpoint_shapes(args).items()})
     if args.add_qkv_bias:
-        shapes[p + "self_attention.linear_qkv.bias"] = (L, qkv_rows)
+        layer["self_attention.linear_qkv.bias"] = ((qkv_rows,), every)
     if args.qk_layernorm:
-        shapes[p + "self_attention.q_layernorm.weight"] = (L, d)
-        shapes[p + "self_attention.k_layernorm.weight"] = (L, d)
-    return shapes
+        layer["self_attention.q_layernorm.weight"] = ((d,), every)
+        layer["self_attention.k_layernorm.weight"] = ((d,), every)
+    return shapes, layer
+
+
+def layer_tensor_keys(meta: Mapping[str, Any], key: str, num_layers: int) -> list[tuple[int, str]]:
+    """(layer, checkpoint key) holding per-layer `key` (decoder.layers.<rest>): the key itself, stacked
+    over layers, when every layer has the same modules; else decoder.layers.{i}.<rest> per layer that
+    has it (megatron's non-homogeneous layout, e.g. an MoE model with dense layers)."""
+    if key in meta:
+        return [(i, key) for i in range(num_layers)]
+    rest = key[len(hfm.CKPT_LAYER):]
+    return [(i, k) for i in range(num_layers) if (k := f"{hfm.CKPT_LAYER}{i}.{rest}") in meta]
 
 
 def check_checkpoint_matches(directory: Path, args: ModelArgs) -> dict[str, Any]:
@@ -210,7 +224,15 @@ def check_checkpoint_matches(directory: Path, args: ModelArgs) -> dict[str, Any]
     from megatron.core import dist_checkpointing
 
     meta = dist_checkpointing.load_tensors_metadata(str(directory))
-    for key, shape in expected_shapes(args).items():
+    whole, per_layer = expected_shapes(args)
+    expected = dict(whole)
+    for rest, (shape, layers) in per_layer.items():
+        stacked = hfm.CKPT_LAYER + rest
+        if stacked in meta:
+            expected[stacked] = (args.num_layers, *shape)
+        else:
+            expected.update({f"{hfm.CKPT_LAYER}{i}.{rest}": shape for i in layers})
+    for key, shape in expected.items():
         if key not in meta:
             raise CliError(f"checkpoint {directory} holds another model than model={args.name}: "
                            f"it has no tensor {key}")
@@ -283,12 +305,12 @@ def prepare_import(hf_dir: Path, name: str | None, overrides: Mapping[str, Any])
         raise CliError(f"unknown model field(s) {', '.join(sorted('model.' + f for f in unknown))}")
     args = hfm.with_overrides(args, fields)
     window = hf_config.get("sliding_window")
-    if hfm.architecture_of(hf_config) == "MistralForCausalLM" and window and window < args.max_position_embeddings:
+    if hfm.architecture_of(hf_config) in ("MistralForCausalLM", "MixtralForCausalLM") and window and window < args.max_position_embeddings:
         # Mistral-7B-v0.1 style: full attention equals it on sequences up to the window
         print(f"convert: note: sliding_window={window} is not modeled; ShardForge attends to the full context "
               f"(identical for sequences of up to {window} tokens)", file=sys.stderr)
     reader = SafetensorsReader(hf_dir)
-    needed = set(hfm.hf_tensor_names(args))
+    needed = set(hfm.hf_tensor_names(args, hfm.architecture_of(hf_config)))
     missing = sorted(needed - reader.names())
     if missing:
         raise CliError(f"hf_dir={hf_dir}: tensor {missing[0]} (and {len(missing) - 1} more) missing "
@@ -333,7 +355,7 @@ def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = 
         params = dict(model.named_parameters())
         filled: set[str] = set()
         with torch.no_grad():
-            for key, tensor in hfm.hf_to_shardforge(reader.get, args):
+            for key, tensor in hfm.hf_to_shardforge(reader.get, args, hfm.architecture_of(hf_config)):
                 param = params[key]
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise CliError(f"hf_dir={hf_dir}: {key} maps to shape {list(tensor.shape)}, model expects "
@@ -428,9 +450,6 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
                              architecture=architecture, dtype=dtype, max_shard_size_mb=max_shard_size_mb)
     directory = resolve_checkpoint(checkpoint)
     args = model_args_for(directory, model)
-    if _is_moe(args):
-        raise CliError(f"model={args.name} is a mixture of experts: export_hf supports dense models only "
-                       f"({', '.join(hfm.ARCHITECTURES)})")
     root = checkpoint_root(directory)
     base_config = json.loads((root / "hf_config.json").read_text()) if (root / "hf_config.json").is_file() else {}
     if architecture is None:
@@ -459,11 +478,14 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
         for key in hfm.checkpoint_global_keys(args):
             writer.add(*hfm.global_to_hf(key, _load_full(directory, meta, key), args))
         for key in hfm.checkpoint_layer_keys(args):
-            stacked = _load_full(directory, meta, key)
-            for layer in range(args.num_layers):
-                for name, tensor in hfm.layer_to_hf(layer, {key: stacked[layer]}, args).items():
-                    writer.add(name, tensor)
-            del stacked
+            loaded: dict[str, torch.Tensor] = {}  # a stacked key is read once for all its layers
+            for layer, ckpt_key in layer_tensor_keys(meta, key, args.num_layers):
+                if ckpt_key not in loaded:
+                    loaded = {ckpt_key: _load_full(directory, meta, ckpt_key)}
+                tensor = loaded[ckpt_key][layer] if ckpt_key == key else loaded[ckpt_key]
+                for name, t in hfm.layer_to_hf(layer, {key: tensor}, args, architecture).items():
+                    writer.add(name, t)
+            del loaded
         writer.finish()
         ckpt_dtype = meta["embedding.word_embeddings.weight"].dtype
     finally:

@@ -2,7 +2,8 @@
 
 Supported architectures: Llama (2/3, incl. Llama-3.1 "llama3" RoPE scaling), Mistral, Qwen2/2.5
 (q/k/v bias) and Qwen3 (per-head RMSNorm on q and k). All are the same decoder: RMSNorm, RoPE
-(rotate-half), GQA attention, SwiGLU MLP, no other biases.
+(rotate-half), GQA attention, SwiGLU MLP, no other biases. Their mixture-of-experts versions
+(Mixtral, Qwen2-MoE, Qwen3-MoE) share it; models.hf_moe_mapping maps their MoE MLPs.
 
 Layouts (ShardForge = megatron-core GPTModel at tp=1/pp=1):
 - `linear_qkv` fuses q/k/v, interleaved per query group g:
@@ -36,7 +37,12 @@ ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+_QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")   # q/k/v bias by definition (no o_proj bias)
+_QK_NORM_ARCHS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 # Megatron's llama3 RoPE scaling hard-codes these (rotary_pos_embedding._apply_scaling).
 _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -85,7 +91,7 @@ def args_from_hf_config(config: Mapping[str, Any], name: str) -> ModelArgs:
         raise HFMappingError("config.json: mlp_bias=true is not supported")
     # Llama/Qwen3 `attention_bias` also puts a bias on o_proj, which our model lacks; Qwen2 has
     # q/k/v bias (and no o bias) by definition.
-    if arch != "Qwen2ForCausalLM" and config.get("attention_bias"):
+    if arch not in _QKV_BIAS and config.get("attention_bias"):
         raise HFMappingError(f"config.json: attention_bias=true ({arch}: bias on o_proj too) is not supported")
     if config.get("use_sliding_window"):
         raise HFMappingError("config.json: use_sliding_window=true is not supported")
@@ -93,6 +99,11 @@ def args_from_hf_config(config: Mapping[str, Any], name: str) -> ModelArgs:
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     head_dim = config.get("head_dim") or hidden // heads
+    moe: dict[str, Any] = {}
+    if ARCHITECTURES[arch] in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        from models.hf_moe_mapping import moe_fields_from_hf
+
+        moe = moe_fields_from_hf(config, arch)
     return ModelArgs(
         name=name,
         num_layers=int(config["num_hidden_layers"]),
@@ -109,8 +120,9 @@ def args_from_hf_config(config: Mapping[str, Any], name: str) -> ModelArgs:
         rope_scaling_factor=factor,
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        add_qkv_bias=arch == "Qwen2ForCausalLM",
-        qk_layernorm=arch == "Qwen3ForCausalLM",
+        add_qkv_bias=arch in _QKV_BIAS and bool(config.get("qkv_bias", True)),
+        qk_layernorm=arch in _QK_NORM_ARCHS,
+        **moe,
     )
 
 
@@ -118,6 +130,10 @@ def default_architecture(args: ModelArgs) -> str:
     """The HF class that computes exactly what a ShardForge model of this shape computes."""
     if args.qk_layernorm and args.add_qkv_bias:
         raise HFMappingError("no supported HF architecture has both qk-norm and qkv bias")
+    if args.is_moe:
+        from models.hf_moe_mapping import default_moe_architecture
+
+        return default_moe_architecture(args)
     if args.qk_layernorm:
         return "Qwen3ForCausalLM"
     if args.add_qkv_bias:
@@ -130,10 +146,13 @@ def hf_config_from_args(args: ModelArgs, architecture: str, base: Mapping[str, A
     not model (token ids, dtype, ...), but every shape field is rewritten from `args`."""
     if architecture not in ARCHITECTURES:
         raise HFMappingError(f"unsupported HF architecture {architecture}; supported: {', '.join(ARCHITECTURES)}")
-    needs_bias, needs_qk_norm = architecture == "Qwen2ForCausalLM", architecture == "Qwen3ForCausalLM"
+    needs_bias, needs_qk_norm = architecture in _QKV_BIAS, architecture in _QK_NORM_ARCHS
     if args.add_qkv_bias != needs_bias or args.qk_layernorm != needs_qk_norm:
         raise HFMappingError(f"{architecture} cannot hold a model with add_qkv_bias={args.add_qkv_bias} "
                              f"qk_layernorm={args.qk_layernorm}")
+    if args.is_moe != _is_moe_architecture(architecture):
+        raise HFMappingError(f"{architecture} cannot hold model={args.name}: it is "
+                             f"{'a mixture of experts' if args.is_moe else 'dense'}")
     config = {k: v for k, v in dict(base or {}).items() if k not in ("rope_scaling", "rope_theta", "rope_parameters")}
     head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(args.rotary_base)}
@@ -151,13 +170,21 @@ def hf_config_from_args(args: ModelArgs, architecture: str, base: Mapping[str, A
         rope_parameters=rope, rope_theta=float(args.rotary_base),
         rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if args.rope_scaling else None,
     )
-    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         config.update(attention_bias=False)
     if architecture == "LlamaForCausalLM":
         config.update(mlp_bias=False)
-    if architecture == "MistralForCausalLM":
+    if architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
         config.setdefault("sliding_window", None)
+    if args.is_moe:
+        from models.hf_moe_mapping import moe_hf_config
+
+        config.update(moe_hf_config(args, architecture))
     return config
+
+
+def _is_moe_architecture(architecture: str) -> bool:
+    return ARCHITECTURES.get(architecture) in ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def args_to_yaml_dict(args: ModelArgs) -> dict[str, Any]:
@@ -215,25 +242,34 @@ _LAYER_PLAIN = {
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
 _QK_NORM = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
             "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
 
 
-def hf_tensor_names(args: ModelArgs) -> list[str]:
+_DENSE_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def hf_tensor_names(args: ModelArgs, architecture: str | None = None) -> list[str]:
     """Every tensor name an HF checkpoint of this shape holds (what import needs)."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not args.tie_word_embeddings:
         names.append("lm_head.weight")
-    for i in range(args.num_layers):
-        names += [_HF_LAYER.format(i=i) + s for s in _layer_hf_suffixes(args)]
+    for i, moe in enumerate(args.moe_layer_pattern()):
+        hf = _HF_LAYER.format(i=i)
+        names += [hf + s for s in _layer_hf_suffixes(args)]
+        if moe:
+            from models.hf_moe_mapping import moe_layer_hf_names
+
+            names += moe_layer_hf_names(args, architecture or default_architecture(args), hf)
+        else:
+            names += [hf + s for s in _DENSE_MLP]
     return names
 
 
 def _layer_hf_suffixes(args: ModelArgs) -> list[str]:
-    suffixes = [*_LAYER_PLAIN, "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                "mlp.gate_proj.weight", "mlp.up_proj.weight"]
+    """Attention and norm tensors of a layer (its MLP is dense or MoE)."""
+    suffixes = [*_LAYER_PLAIN, "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
     if args.add_qkv_bias:
         suffixes += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
     if args.qk_layernorm:
@@ -241,7 +277,7 @@ def _layer_hf_suffixes(args: ModelArgs) -> list[str]:
     return suffixes
 
 
-def hf_to_shardforge(get: Callable[[str], torch.Tensor], args: ModelArgs):
+def hf_to_shardforge(get: Callable[[str], torch.Tensor], args: ModelArgs, architecture: str | None = None):
     """Yield (module state_dict name, tensor) for the whole model, reading HF tensors through
     `get(name)` one at a time (the caller decides how many stay in memory: here, at most one
     layer's worth of q/k/v or gate/up)."""
@@ -249,6 +285,7 @@ def hf_to_shardforge(get: Callable[[str], torch.Tensor], args: ModelArgs):
     yield "decoder.final_layernorm.weight", get("model.norm.weight")
     if not args.tie_word_embeddings:
         yield "output_layer.weight", pad_vocab(get("lm_head.weight"), args)
+    pattern = args.moe_layer_pattern()
     for i in range(args.num_layers):
         hf, ours = _HF_LAYER.format(i=i), f"decoder.layers.{i}."
         for src, dst in _LAYER_PLAIN.items():
@@ -261,7 +298,13 @@ def hf_to_shardforge(get: Callable[[str], torch.Tensor], args: ModelArgs):
         if args.add_qkv_bias:
             yield ours + "self_attention.linear_qkv.bias", fuse_qkv(
                 *(get(f"{hf}self_attn.{p}_proj.bias") for p in "qkv"), args)
+        if pattern[i]:
+            from models.hf_moe_mapping import moe_layer_to_shardforge
+
+            yield from moe_layer_to_shardforge(get, args, architecture or default_architecture(args), hf, ours)
+            continue
         yield ours + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
+        yield ours + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,17 +316,24 @@ _CKPT_PLAIN = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 
 
 def checkpoint_layer_keys(args: ModelArgs) -> list[str]:
-    """The stacked per-layer checkpoint keys (prefix included) export reads."""
+    """The per-layer checkpoint keys (prefix included) export reads. Stacked over layers when every
+    layer has the same modules; an MoE model with dense layers has one key per layer instead
+    (decoder.layers.{i}.<rest>)."""
     keys = ["self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight",
-            "self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "self_attention.linear_qkv.weight",
-            "mlp.linear_fc1.weight"]
+            "self_attention.linear_proj.weight", "self_attention.linear_qkv.weight"]
+    pattern = args.moe_layer_pattern()
+    if not all(pattern):
+        keys += ["mlp.linear_fc2.weight", "mlp.linear_fc1.weight"]
+    if any(pattern):
+        from models.hf_moe_mapping import moe_checkpoint_suffixes
+
+        keys += moe_checkpoint_suffixes(args)
     if args.add_qkv_bias:
         keys.append("self_attention.linear_qkv.bias")
     if args.qk_layernorm:
@@ -308,8 +358,11 @@ def global_to_hf(key: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, 
     raise KeyError(key)
 
 
-def layer_to_hf(layer: int, tensors: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def layer_to_hf(layer: int, tensors: Mapping[str, torch.Tensor], args: ModelArgs,
+                architecture: str | None = None) -> dict[str, torch.Tensor]:
     """One layer's checkpoint tensors (keyed like checkpoint_layer_keys, layer axis removed) -> HF tensors."""
+    from models.hf_moe_mapping import moe_to_hf
+
     hf = _HF_LAYER.format(i=layer)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -323,6 +376,10 @@ def layer_to_hf(layer: int, tensors: Mapping[str, torch.Tensor], args: ModelArgs
         elif short == "mlp.linear_fc1.weight":
             gate, up = tensor.chunk(2, dim=0)
             out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
+        elif short == "mlp.linear_fc2.weight":
+            out[hf + "mlp.down_proj.weight"] = tensor
+        elif (moe := moe_to_hf(short, tensor, architecture or default_architecture(args), hf)) is not None:
+            out.update(moe)
         else:
             raise KeyError(key)
     return out

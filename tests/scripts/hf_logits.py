@@ -2,9 +2,10 @@
 dist_checkpointing (which reshards) and save, per tensor-parallel size and checkpoint, the full
 (vocab-gathered) logits of given tokens and greedy generations with and without the KV cache.
 
-    hf_logits OUT.pt CASES.json TP[,TP...]
+    hf_logits OUT.pt CASES.json LAYOUT[,LAYOUT...]
+LAYOUT: a TP size, or TP:EP (expert parallel, MoE checkpoints).
 CASES.json: [{"name", "checkpoint", "tokens": [[...]], "prompt": [...], "max_new_tokens"}]
-OUT.pt (rank 0): {(tp, name): {"logits": [b, s, vocab], "cached": [...], "recomputed": [...]}}
+OUT.pt (rank 0): {(tp, name) or ("TP:EP", name): {"logits": [b, s, vocab], "cached": [...], "recomputed": [...]}}
 Each TP size must divide the world size (the rest is data parallel, computing the same).
 """
 from __future__ import annotations
@@ -23,22 +24,24 @@ from parallel.megatron_engine import init_distributed, shutdown
 
 
 def main() -> None:
-    out, cases, tps = sys.argv[1], json.load(open(sys.argv[2])), [int(t) for t in sys.argv[3].split(",")]
+    out, cases, layouts = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3].split(",")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     results = {}
     try:
-        for tp in tps:
+        for spec in layouts:
+            tp, _, ep = spec.partition(":")
+            tp, ep = int(tp), int(ep or 1)
             if ps.model_parallel_is_initialized():
                 ps.destroy_model_parallel()
-            init_distributed(Layout(world_size=world, tp=tp, dp=world // tp), torch.device("cpu"), seed=0)
+            init_distributed(Layout(world_size=world, tp=tp, ep=ep, dp=world // tp), torch.device("cpu"), seed=0)
             for case in cases:
                 directory = resolve_checkpoint(case["checkpoint"])
                 args = model_args_for(directory, None)
-                model = build_model(args, tp=tp)
+                model = build_model(args, tp=tp, ep=ep)
                 load_model_weights(model, directory, args)
                 model.eval()
                 kw = dict(vocab_size=args.vocab_size, max_new_tokens=case["max_new_tokens"])
-                results[(tp, case["name"])] = {
+                results[(tp if ep == 1 else spec, case["name"])] = {
                     "logits": forward_logits(model, torch.tensor(case["tokens"]))[..., : args.vocab_size],
                     "cached": generate(model, case["prompt"], kv_cache=True, **kw),
                     "recomputed": generate(model, case["prompt"], kv_cache=False, **kw),
