@@ -62,6 +62,8 @@ def submit(overrides: list[str], *, multirun: bool = False) -> list[str]:
     proc = run_cli("launcher.submit", [*(["-m"] if multirun else []), *overrides])
     ids = re.findall(r"^submitted job (\d+)", proc.stdout, re.M)
     assert ids, proc.stdout
+    for job in ids:  # where the log is and how to follow the job, printed at submit
+        assert re.search(rf"tail -f \S+/slurm-{job}\.out", proc.stdout) and f"squeue -j {job}" in proc.stdout
     return ids
 
 

@@ -20,16 +20,16 @@ t0=$(date +%s.%N)
 ts() { awk -v a="$t0" -v b="$(date +%s.%N)" -v m="$*" 'BEGIN{printf "[slurm up %6.1fs] %s\n", b-a, m}'; }
 
 # ---- 1. packages (a missing apt-get is a failure: the Slurm tests must be real)
-need=0; for b in slurmd slurmctld sbatch munged mungekey; do command -v $b >/dev/null || need=1; done
+need=0; for b in slurmd slurmctld sbatch munged mungekey ps; do command -v $b >/dev/null || need=1; done
 if [ "$need" = 1 ]; then
-  ts "installing slurmctld slurmd slurm-client munge"
+  ts "installing slurmctld slurmd slurm-client munge procps"
   added_policy=0   # keep the packages' postinst from starting daemons through init scripts
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; added_policy=1
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      slurmctld slurmd slurm-client munge >/dev/null
+      slurmctld slurmd slurm-client munge procps >/dev/null
   [ "$added_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
   ts "installed: $(slurmd -V)"
 fi
