@@ -66,18 +66,21 @@ def _check_cluster(c: DictConfig) -> None:
 
 def _check_world(cfg: DictConfig) -> int:
     """World size of the job, validated against the parallel layout before anything is submitted."""
-    c, p = cfg.cluster, cfg.parallel
+    c = cfg.cluster
     per_node = procs_per_node(c)
     world = c.nodes * per_node
-    model_parallel = p.tp * p.pp * p.cp
-    if world % model_parallel:
-        raise ConfigError("cluster.nodes", f"{c.nodes} nodes x {per_node} processes per node = {world} ranks, "
-                                           f"not divisible by parallel tp*pp*cp = {p.tp}*{p.pp}*{p.cp}")
     try:
         check_config(cfg, world)
-    except ConfigError as err:  # say which world size the layout was checked against
-        raise ConfigError(err.key, f"{str(err).split(': ', 2)[2]} (world size {world} = cluster.nodes "
-                                   f"{c.nodes} x {per_node} per node)") from err
+    except ConfigError as err:
+        what = str(err).split(": ", 2)[2]
+        if "world size" not in what and " dp " not in what:
+            raise
+        if "not divisible" in what:  # the ranks the cluster gives do not fit the parallel layout
+            raise ConfigError("cluster.nodes", f"{c.nodes} nodes x {per_node} processes per node = {world} ranks: "
+                                               f"{what.replace(f'world size {world} is ', '')}") from err
+        # say where that world size comes from: the cluster, not a torchrun command line
+        raise ConfigError(err.key, f"{what} (world size {world} = cluster.nodes {c.nodes} x {per_node} per node)") \
+            from err
     return world
 
 
@@ -117,7 +120,7 @@ def _forwarded_overrides(task_overrides: list[str]) -> list[str]:
     keep = []
     for item in task_overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if not any(key == k or key.startswith(k + ".") for k in _NOT_FORWARDED):
+        if not any(key == k or key.startswith((k + ".", k + "/")) for k in _NOT_FORWARDED):
             keep.append(item)
     return keep
 

@@ -189,7 +189,8 @@ def test_dry_run_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (["cluster.nodes=3", "cluster.gpus_per_node=8", "parallel.tp=8", "parallel.pp=2"], "cluster.nodes"),
+    (["model=llama3_8b", "cluster.nodes=3", "cluster.gpus_per_node=8", "parallel.tp=8", "parallel.pp=2"],
+     "cluster.nodes"),
     (["cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.tp=2", "train.global_batch_size=6",
       "train.micro_batch_size=2"], "train.global_batch_size"),
     (["cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.procs_per_node=2"], "cluster.procs_per_node"),
