@@ -166,6 +166,22 @@ def test_multirun_submits_one_job_per_point(slurm_cluster, cache_env, tmp_path):
         assert config["optim"]["lr"] == float(lr) and config["run"]["dir"] == str(run_dir)
 
 
+def test_srun_task_env_maps_to_torch_env():
+    """cluster.launcher=srun: an srun task's SLURM_* become RANK/WORLD_SIZE/LOCAL_RANK (torchrun's own
+    variables and a batch script's environment are left alone)."""
+    from launcher.slurm_env import map_srun_env
+
+    task = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+            "SLURM_STEP_NODELIST": "gpu[01-04]", "MASTER_ADDR": "gpu01"}
+    assert map_srun_env(task)
+    assert (task["RANK"], task["WORLD_SIZE"], task["LOCAL_RANK"], task["MASTER_ADDR"], task["MASTER_PORT"]) == \
+           ("5", "8", "1", "gpu01", str(29500 + 1234))
+    under_torchrun = {"RANK": "3", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    assert not map_srun_env(under_torchrun) and under_torchrun["RANK"] == "3"
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}  # not a step: no STEP_NUM_TASKS
+    assert not map_srun_env(batch_script) and "RANK" not in batch_script
+
+
 def test_rendered_8x8_script_matches_golden():
     proc = run_cli("launcher.submit", [
         "cluster=slurm", "cluster.nodes=8", "cluster.gpus_per_node=8", "cluster.cpus_per_task=96",
