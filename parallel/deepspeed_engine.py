@@ -116,7 +116,8 @@ def _fill_partitioned(deepspeed, named: list[tuple[str, torch.nn.Parameter]], pl
 
 class DeepSpeedEngine:
     """Same interface as MegatronEngine (`device`, `train_step`, `num_parameters`, `args`), plus
-    `save_state` / `load_state` for launcher.checkpoint (DeepSpeed writes its own format)."""
+    `save_state` / `load_state` (DeepSpeed's own checkpoint format) and `load_model_weights`
+    (a megatron checkpoint's weights) for launcher.checkpoint, and `logits` for evaluation."""
 
     def __init__(self, args: ModelArgs, dp: int, optim_cfg: Any, zero_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, global_batch_size: int, seed: int, device: torch.device,
@@ -140,8 +141,8 @@ class DeepSpeedEngine:
             model = build_llama(args, config, **build)
         self._plan = _slice_plan(twin)
         del twin
-        # models.init's weights, one module's parameters gathered at a time
-        # drawn on the engine's device, as the megatron engine does (CPU and CUDA generators differ)
+        # models.init's weights, one module's parameters gathered at a time, drawn on the engine's
+        # device as the megatron engine draws them (CPU and CUDA generators differ)
         init = partial(local_init, seed=seed, std=args.init_method_std, num_layers=args.num_layers, device=device)
         for prefix, module in model.named_modules():
             named = list(module.named_parameters(prefix=prefix, recurse=False))
@@ -195,13 +196,14 @@ class DeepSpeedEngine:
             raise ValueError(f"expected {self.grad_accum} micro batches per step, got {len(microbatches)}")
         # Loss tokens of the whole global batch, known before any backward: every micro batch's
         # gradient is scaled by it, as megatron's calculate_per_token_loss does after the fact.
-        counts = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in microbatches))], dtype=torch.float64)
+        counts = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in microbatches))], dtype=torch.float64,
+                              device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(counts)
         num_tokens = int(counts.item())
         # DeepSpeed divides each backward by grad_accum and averages gradients over dp.
         scale = self.grad_accum * self.dp / max(num_tokens, 1)
         self.scheduler.step(increment=1)  # sets this step's lr before the optimizer runs
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         for batch in microbatches:
             total = self._forward(batch).sum()
             loss_sum += total.detach().to(loss_sum)
