@@ -47,10 +47,17 @@ def _hf_model(family: str):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, cache_env):
     root = tmp_path_factory.mktemp("moe_hf")
-    data: dict[str, dict] = {}
-    cases, imports = [], []
+    # A training checkpoint (model + both chained optimizers' state) saved under ep=2.
+    run_cli("launcher.train", ["model=mixtral_tiny", "parallel.ep=2", "train.steps=1", "train.seq_length=32",
+                               "train.global_batch_size=2", "train.micro_batch_size=1", "logging.wandb.mode=disabled",
+                               "logging.progress=false", f"run.dir={root / 'trained'}"], nproc=2)
+    trained_tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    data: dict[str, dict] = {"trained": dict(ckpt=root / "trained" / "checkpoints", tokens=trained_tokens)}
+    cases = [dict(name="trained", checkpoint=str(data["trained"]["ckpt"]), tokens=trained_tokens.tolist(),
+                  prompt=[1, 2, 3], max_new_tokens=2)]
+    imports = []
     for family in FAMILIES:
         model = _hf_model(family)
         hf_dir, ckpt = root / f"{family}_hf", root / f"{family}_ckpt"
@@ -98,6 +105,20 @@ def test_moe_export_reloads_in_transformers(converted, family, tmp_path):
     with torch.no_grad():
         diff = (reloaded(entry["tokens"]).logits - entry["logits"]).abs().max().item()
     assert diff < 1e-5, f"{family}: exported model's logits differ by {diff:.2e}"
+
+
+def test_export_of_an_expert_parallel_training_checkpoint(converted, tmp_path):
+    """transformers computes from the export what ShardForge computes from the checkpoint (ep=1 and ep=2)."""
+    data, results = converted
+    entry, out = data["trained"], tmp_path / "export"
+    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "MixtralForCausalLM"
+    with torch.no_grad():
+        logits = model(entry["tokens"]).logits
+    for layout in LAYOUTS:
+        diff = (results[(layout, "trained")]["logits"] - logits).abs().max().item()
+        assert diff < 1e-4, f"{layout}: {diff:.2e}"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
