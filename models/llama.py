@@ -10,6 +10,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.args import ModelArgs
+from models.kernels.linear_cross_entropy import linear_cross_entropy
 from models.specs import decoder_layer_spec, moe_decoder_block_spec
 
 def _skip_init(weight: torch.Tensor) -> None:
@@ -87,10 +88,28 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
     )
 
 
+class LlamaModel(GPTModel):
+    """megatron-core's GPTModel; with `fused_loss` set, the training loss (labels and loss_mask
+    given) goes through the fused output layer + cross entropy and never builds the logits."""
+
+    fused_loss = False
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
+        if not (self.fused_loss and self.training and labels is not None and loss_mask is not None
+                and not kwargs.get("mtp_in_postprocess")):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, loss_mask=loss_mask,
+                                        **kwargs)
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+        # hidden [s, b, h]; labels and loss_mask [b, s]; per-token losses [b, s] as megatron returns them.
+        return linear_cross_entropy(hidden_states.transpose(0, 1), weight, labels, loss_mask)
+
+
 def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre_process: bool,
-                post_process: bool, vp_stage: int | None = None) -> GPTModel:
+                post_process: bool, vp_stage: int | None = None, fused_loss: bool = False) -> GPTModel:
+    """`fused_loss` (tensor parallel 1 only: the fused loss has no vocab-parallel reduction)."""
     kw = {"vp_stage": vp_stage} if vp_stage is not None else {}
-    return GPTModel(
+    model = LlamaModel(
         config=config,
         transformer_layer_spec=(moe_decoder_block_spec(backend, config, vp_stage) if args.is_moe
                                 else decoder_layer_spec(backend, args.qk_layernorm)),
@@ -105,3 +124,5 @@ def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre
         rope_scaling_factor=args.rope_scaling_factor,
         **kw,
     )
+    model.fused_loss = fused_loss and config.tensor_model_parallel_size == 1
+    return model

@@ -88,7 +88,8 @@ def _forward_step(device: torch.device, data_iterator, model):
     if packed is not None:  # THD: the micro batch's rows become one stream of documents
         batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     # Last stage returns per-token losses; earlier stages their hidden states.
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
+                   packed_seq_params=packed)
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -129,7 +130,7 @@ class MegatronEngine:
             chunk = build_llama(args, self.config, backend=backend,
                                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                                vp_stage=vp)
+                                vp_stage=vp, fused_loss=device.type == "cuda")
             if device.type == "cuda":
                 chunk.cuda(device)
             init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
