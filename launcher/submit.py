@@ -33,7 +33,6 @@ _NOT_FORWARDED = ("submit", "cluster", "hydra", "run.dir", "checkpoint.load")
 class Job:
     run_dir: Path
     script: str            # the rendered sbatch script
-    procs_per_node: int
     world_size: int
 
 
@@ -232,7 +231,7 @@ def build_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Job:
         "resume": resume, "requeue": "1" if c.requeue else "0",
         "launch": _launch(cfg, run_dir, per_node, overrides),
     })
-    return Job(run_dir=run_dir, script=script, procs_per_node=per_node, world_size=world)
+    return Job(run_dir=run_dir, script=script, world_size=world)
 
 
 def _point_run_dir(cfg: DictConfig) -> Path:
@@ -242,6 +241,10 @@ def _point_run_dir(cfg: DictConfig) -> Path:
     if hc.mode != RunMode.MULTIRUN:
         return run_dir
     swept = _swept_keys()
+    shared = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") == "checkpoint.dir"]
+    if shared and "checkpoint.dir" not in swept:
+        raise ConfigError("checkpoint.dir", "every sweep point would save to (and resume from) the same "
+                                            "directory; leave it to its default under each point's run dir")
     point = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
     return run_dir / re.sub(r"[/\s]", "_", "_".join([str(hc.job.num), ",".join(point)]).rstrip("_"))
 
@@ -258,6 +261,7 @@ def _swept_keys() -> set[str]:
 def submit(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = _point_run_dir(cfg)
+    cfg.run.dir = str(run_dir)  # what the job gets: ${run.dir} interpolations (checkpoint.dir) follow it
     overrides = _forwarded_overrides(list(hc.overrides.task))
     job = build_job(cfg, run_dir, overrides)
     if cfg.submit.dry_run:

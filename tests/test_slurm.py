@@ -164,6 +164,15 @@ def test_multirun_submits_one_job_per_point(slurm_cluster, cache_env, tmp_path):
         assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
         config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         assert config["optim"]["lr"] == float(lr) and config["run"]["dir"] == str(run_dir)
+        # its own checkpoints, where its own requeue would look for them
+        assert (run_dir / "checkpoints" / "latest").is_file()
+        assert f"CKPT_DIR={run_dir / 'checkpoints'}\n" in (run_dir / "submit.sbatch").read_text()
+
+
+def test_multirun_points_cannot_share_a_checkpoint_dir(tmp_path):
+    proc = run_cli("launcher.submit", ["-m", *CPU_JOB, f"run.dir={tmp_path}", f"checkpoint.dir={tmp_path / 'ck'}",
+                                       "optim.lr=1e-4,3e-4", "submit.dry_run=true"], check=False)
+    config_error_line(proc, "checkpoint.dir")
 
 
 def test_srun_task_env_maps_to_torch_env():
