@@ -201,7 +201,7 @@ def test_rendered_8x8_script_matches_golden():
         "train.seq_length=4096", "train.micro_batch_size=1", "train.global_batch_size=512",
         "checkpoint.save_every=500", "run.dir=/scratch/shardforge/llama3_8b", "submit.dry_run=true"])
     rendered = re.sub(r"(# rendered: ).*", r"\1<date> in <workdir>", proc.stdout)
-    rendered = rendered.replace(str(REPO), "<workdir>").replace(sys.executable, "<python>")
+    rendered = rendered.replace(sys.executable, "<python>").replace(str(REPO), "<workdir>")  # (a venv may be in REPO)
     rendered = re.sub(r"--chdir=<workdir> +#", "--chdir=<workdir>  #", rendered)  # padding follows the path
     if os.environ.get("SHARDFORGE_UPDATE_GOLDEN"):  # after a reviewed change of the template
         GOLDEN.write_text(rendered)
