@@ -9,7 +9,7 @@ A save goes to `iter_*.tmp`, is renamed only after every rank finished writing (
 and `latest` intact. Old checkpoints are pruned (`keep_last`) only after the new one is complete.
 
 Tensors are stored in the layout-independent form of dist_checkpointing (model and the
-distributed optimizer's 'fully_reshardable' state), so a checkpoint loads into any TP/PP/DP
+distributed optimizer's 'fully_reshardable' state), so a checkpoint loads into any TP/PP/DP/EP
 layout. Non-tensor state is loaded with torch.load's weights_only default: no pickled code.
 A model-only checkpoint (e.g. from `launcher.convert import_hf`) starts training at step 0.
 """
@@ -74,7 +74,7 @@ def zero_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_engine(path: str | os.PathLike, engine: str, world_size: int) -> None:
+def check_engine(path: str | os.PathLike, engine: str, world_size: int, tp: int = 1) -> None:
     """Before any process group: can `engine` load this checkpoint? (engine=deepspeed also takes a
     megatron checkpoint's weights, for a fresh start from them.)"""
     directory = resolve(path)
@@ -83,9 +83,11 @@ def check_engine(path: str | os.PathLike, engine: str, world_size: int) -> None:
     if zero is not None and engine != "deepspeed":
         raise ValueError(f"{directory} is a DeepSpeed ZeRO-3 checkpoint: resume it with parallel.engine=deepspeed, "
                          f"or convert it first: {convert}")
-    if zero is not None and zero["layout"]["dp"] != world_size:
-        raise ValueError(f"{directory} holds ZeRO-3 partitions of {zero['layout']['dp']} ranks, this run has "
-                         f"{world_size}: resume with the same number, or convert it ({convert}) and train that")
+    if zero is not None and (zero["layout"]["tp"], zero["layout"]["dp"]) != (tp, world_size // tp):
+        saved = zero["layout"]
+        raise ValueError(f"{directory} holds ZeRO-3 partitions of tp={saved['tp']} x dp={saved['dp']} ranks, this "
+                         f"run is tp={tp} x dp={world_size // tp}: resume in the same layout, or convert it "
+                         f"({convert}) and train that")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,9 +1,11 @@
 """MoE runtime options end to end through the CLI, each against a single-process reference: the
 allgather token dispatcher, router z-loss, per-sequence aux loss, group-limited routing, token
 dropping with a capacity factor, Qwen-MoE's gated shared expert, activation recompute and the
-interleaved (virtual) pipeline under expert parallelism."""
+interleaved (virtual) pipeline under expert parallelism; the reported dropped-token fraction equals
+one counted independently from the routers' inputs."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -91,3 +93,13 @@ def test_vpp_with_expert_parallel_and_large_capacity_matches_dropless_single_pro
                             "parallel.vpp=2"], nproc=4)
     assert [m["moe_dropped_fraction"] for m in got] == [0.0] * STEPS
     _assert_same_training(got, single(MIXTRAL), dropless_ref=True)
+
+
+def test_dropped_fraction_equals_an_independent_count():
+    # Factor 1: some experts are over capacity, others not (min(count, capacity) matters).
+    proc = run_cli("tests.scripts.moe_capacity_probe", ["3", "1.0"], timeout=300)
+    steps = [json.loads(line[len("METRICS "):]) for line in proc.stdout.splitlines() if line.startswith("METRICS ")]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for s in steps:
+        assert 0.01 < s["independent_dropped_fraction"] < 0.5
+        assert s["moe_dropped_fraction"] == pytest.approx(s["independent_dropped_fraction"], abs=1e-12)
