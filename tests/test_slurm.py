@@ -229,6 +229,15 @@ def test_bad_cluster_config_is_one_line(overrides, key, tmp_path):
         assert "world size" in line or "ranks" in line or "GPU" in line
 
 
+@pytest.mark.parametrize("module,overrides,key", [
+    ("launcher.submit", ["cluster=slurm", "cluster.node=2", "submit.dry_run=true"], "node"),  # typo of nodes
+    ("launcher.train", ["cluster.nodes=2"], "nodes"),                                         # cluster=local
+])
+def test_unknown_cluster_keys_are_errors(module, overrides, key, tmp_path):
+    proc = run_cli(module, [*overrides, f"run.dir={tmp_path}"], check=False)
+    assert proc.returncode != 0 and f"Key '{key}' is not in struct" in proc.stderr, proc.stderr
+
+
 def test_local_cluster_is_refused(tmp_path):
     proc = run_cli("launcher.submit", [f"run.dir={tmp_path}"], check=False)
     assert "cluster=slurm" in config_error_line(proc, "cluster")
