@@ -134,7 +134,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
 
         try:
             checkpoint.check_compatible(cfg.checkpoint.load, dict(cfg.model))
-            checkpoint.check_engine(cfg.checkpoint.load, p.engine, world_size)
+            checkpoint.check_engine(cfg.checkpoint.load, p.engine, world_size, p.tp)
         except (OSError, ValueError) as err:
             raise ConfigError("checkpoint.load", str(err)) from err
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
@@ -142,14 +142,12 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
 
 
 def _check_deepspeed(cfg: DictConfig) -> None:
-    """engine=deepspeed: ZeRO-3 over data parallel only, on a dense model, with DeepSpeed installed."""
+    """engine=deepspeed: ZeRO-3 over data parallel (x megatron tensor parallel), on a dense model, with
+    DeepSpeed installed."""
     p, z = cfg.parallel, cfg.parallel.zero
     if p.pp != 1 or (p.vpp or 1) != 1:
         raise ConfigError("parallel.pp", f"pp={p.pp} with parallel.engine=deepspeed: ZeRO-3 does not compose with "
                                          "pipeline parallelism (use pp=1, or engine=megatron)")
-    if p.tp != 1:
-        raise ConfigError("parallel.tp", f"tp={p.tp} with parallel.engine=deepspeed: ShardForge's ZeRO-3 engine "
-                                         "shards over data parallel only (use tp=1, or engine=megatron)")
     if cfg.model.get("num_experts") is not None:
         raise ConfigError("parallel.engine", f"model={cfg.model.name} is a mixture of experts: "
                                              "engine=deepspeed trains dense models (use engine=megatron)")

@@ -566,4 +566,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer may spawn processes: keep this guard
-    sys.exit(main(sys.argv[1:]))
+    # main of the importable module, not of __main__: launcher.zero_convert raises that module's
+    # CliError, which a __main__.CliError handler would not catch
+    from launcher import convert
+
+    sys.exit(convert.main(sys.argv[1:]))

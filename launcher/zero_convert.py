@@ -25,6 +25,9 @@ def zero_to_megatron(checkpoint: str | os.PathLike, out: Path) -> Path:
     if meta is None:
         raise CliError(f"checkpoint={checkpoint}: {directory} is not a DeepSpeed ZeRO-3 checkpoint "
                        "(written by parallel.engine=deepspeed)")
+    if meta["layout"]["tp"] != 1:  # zero_to_fp32 reassembles ZeRO partitions, not TP slices
+        raise CliError(f"checkpoint={checkpoint}: a tp={meta['layout']['tp']} ZeRO-3 checkpoint; conversion "
+                       "supports tp=1 ZeRO-3 checkpoints (train with parallel.tp=1 to convert)")
     if (out / LATEST).exists():
         raise CliError(f"out={out} already holds a checkpoint (remove it first)")
     args = ModelArgs.from_config(meta["model_args"])

@@ -1,9 +1,9 @@
 """The DeepSpeed ZeRO-3 engine (`parallel.engine=deepspeed`), optionally offloading to CPU / NVMe.
 
-The model is the same megatron-core GPTModel the megatron engine trains, built with
-tensor/pipeline parallel size 1 inside `deepspeed.zero.Init`, so every parameter is
-partitioned over the data-parallel ranks as it is created and the whole model never exists
-on one rank. Initial weights come from `models.init` (same seed ⇒ same weights as the
+The model is the same megatron-core GPTModel the megatron engine trains (pipeline size 1;
+tensor parallel through megatron-core's own TP layers, `parallel.tp`), built inside
+`deepspeed.zero.Init`, so every parameter (each TP rank's slice) is partitioned over its
+data-parallel group as it is created and the whole model never exists on one rank. Initial weights come from `models.init` (same seed ⇒ same weights as the
 megatron engine). One `train_step` follows the megatron engine's semantics:
 
 - loss = sum of token losses over the *global* batch / its number of loss tokens
@@ -105,13 +105,27 @@ def _view(param: torch.Tensor, sh) -> torch.Tensor:
 
 @torch.no_grad()
 def _fill_partitioned(deepspeed, named: list[tuple[str, torch.nn.Parameter]], plan: dict[str, list], values) -> None:
-    """Gather `named` (all ranks), let rank 0 write `values(sh)` into each slice, re-partition
-    (modifier_rank=0 broadcasts rank 0's values)."""
+    """Gather `named` (all ranks), let DP rank 0 write `values(sh)` into each slice (its TP rank's
+    slices), re-partition (modifier_rank=0: DP rank 0's values, broadcast over its DP group)."""
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
-        if dist.get_rank() == 0:
+        if ps.get_data_parallel_rank() == 0:
             for name, p in named:
                 for sh in plan[name]:
                     _view(p, sh).copy_(values(sh))
+
+
+class _MegatronMPU:
+    """megatron-core's parallel_state in the `mpu` shape DeepSpeed asks for: its "model parallel"
+    is our tensor parallel (pp=1), its data parallel our DP groups."""
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
 
 
 class DeepSpeedEngine:
@@ -129,7 +143,10 @@ class DeepSpeedEngine:
         self.ds_config = deepspeed_config(zero_cfg, micro_batch_size=micro_batch_size, grad_accum=self.grad_accum,
                                           dp=dp, clip_grad=optim_cfg.clip_grad,
                                           bf16=params_dtype == torch.bfloat16, pin_memory=device.type == "cuda")
-        config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=params_dtype,
+        # megatron-core's own tensor-parallel layers (parallel_state's TP groups); ZeRO-3 shards
+        # each TP rank's slices over its DP group.
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        config = transformer_config(args, tp=self.tp, pp=1, vpp=None, params_dtype=params_dtype,
                                     on_cpu=device.type == "cpu", recompute=recompute)
         build = dict(backend=backend, pre_process=True, post_process=True)
         with torch.device("meta"):  # shapes and checkpoint keys only: the init plan
@@ -137,7 +154,8 @@ class DeepSpeedEngine:
         # Each module's parameters are partitioned over DP as soon as the module is built.
         # dtype comes from the config's bf16 flag: an explicit dtype= is ignored on accelerators
         # without fp16 (DeepSpeed 0.19 `_set_dtype` precedence bug: the CPU one got bf16 weights).
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=_MegatronMPU,
+                                 data_parallel_group=ps.get_data_parallel_group()):  # not taken from mpu
             model = build_llama(args, config, **build)
         self._plan = _slice_plan(twin)
         del twin
@@ -164,7 +182,7 @@ class DeepSpeedEngine:
         else:
             optimizer = torch.optim.AdamW(groups, **adam)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                  config=self.ds_config)
+                                                                  config=self.ds_config, mpu=_MegatronMPU)
         warmup = min(optim_cfg.warmup_steps, steps)
         # megatron's own scheduler on DeepSpeed's param groups: the same lr/wd per step as the megatron engine.
         self.scheduler = OptimizerParamScheduler(
@@ -198,7 +216,7 @@ class DeepSpeedEngine:
         # gradient is scaled by it, as megatron's calculate_per_token_loss does after the fact.
         counts = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in microbatches))], dtype=torch.float64,
                               device=self.device)  # NCCL reduces device tensors only
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())  # TP ranks see the same batches
         num_tokens = int(counts.item())
         # DeepSpeed divides each backward by grad_accum and averages gradients over dp.
         scale = self.grad_accum * self.dp / max(num_tokens, 1)
@@ -209,7 +227,7 @@ class DeepSpeedEngine:
             loss_sum += total.detach().to(loss_sum)
             self.engine.backward(total * scale)
             self.engine.step()  # an optimizer step only at the accumulation boundary
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         grad_norm = self.engine.get_global_grad_norm()
         return StepResult(loss_sum=loss_sum.item(), num_tokens=num_tokens,
                           grad_norm=float(grad_norm if grad_norm is not None else 0.0),
@@ -222,7 +240,12 @@ class DeepSpeedEngine:
         tokens = tokens.to(self.device)
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-        return self.engine(tokens, position_ids, None)
+        logits = self.engine(tokens, position_ids, None)
+        if self.tp > 1:  # each TP rank holds a slice of the vocabulary
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+            logits = gather_from_tensor_model_parallel_region(logits)
+        return logits
 
     # -- checkpoints: launcher.checkpoint owns directories, `latest` and atomicity -----------------
 

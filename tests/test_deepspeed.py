@@ -51,17 +51,24 @@ def _assert_same_curve(ref, got, steps, *, loss_rel, grad_rel):
         assert set(m) >= {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s"}
 
 
-@pytest.mark.parametrize("offload", [True, False], ids=["offload_cpu", "no_offload"])
-def test_zero3_matches_megatron_single_process(offload, reference, offloaded, tmp_path):
-    if offload:
+@pytest.mark.parametrize("layout", ["offload_cpu", "no_offload", "tp2_offload_cpu"])
+def test_zero3_matches_megatron_single_process(layout, reference, offloaded, tmp_path):
+    if layout == "offload_cpu":
         _, proc, got = offloaded
-    else:
+    elif layout == "no_offload":
         proc, got = _train(tmp_path / "zero3", [*DS, "checkpoint.final_save=false"], 2)
+    else:  # megatron-core TP layers, ZeRO-3 over each TP rank's DP group (here dp=1)
+        proc, got = _train(tmp_path / "zero3_tp2", [*OFFLOAD, "parallel.tp=2"], 2)
     assert reference[-1]["loss"] < reference[0]["loss"]  # it trains at all
     _assert_same_curve(reference, got, list(range(1, STEPS + 1)), loss_rel=1e-4, grad_rel=1e-4)
-    # zero.Init partitioned the model as it was built: rank 0 holds half of it (the tiny model: 5.05M)
+    # zero.Init partitioned the model as it was built: rank 0 holds half of it (the tiny model: 5.05M),
+    # over DP or (tp2) as its TP slices
     held = float(re.search(r"params/rank\(0\)=([\d.]+)M", proc.stdout).group(1))
     assert held == pytest.approx(5.05 / 2, abs=0.1)
+    if layout == "tp2_offload_cpu":  # zero_to_fp32 merges ZeRO partitions, not TP slices: a clear refusal
+        conv = run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={tmp_path / 'zero3_tp2' / 'checkpoints'}",
+                                            f"out={tmp_path / 'converted'}"], check=False)
+        assert conv.returncode == 2 and "tp=2 ZeRO-3 checkpoint" in conv.stderr, conv.stderr[-2000:]
 
 
 def test_zero3_resume_continues_the_curve(offloaded, tmp_path):
@@ -125,11 +132,11 @@ def test_checkpoint_of_the_other_engine_is_a_config_error(offloaded, tmp_path):
 
 @pytest.mark.parametrize("extra,key", [
     (["parallel.pp=2"], "parallel.pp"),
-    (["parallel.tp=2"], "parallel.tp"),
+    (["parallel.tp=3"], "parallel.tp"),
     (["parallel.zero.offload_optimizer=disk"], "parallel.zero.offload_optimizer"),
     (["parallel.zero.offload_params=nvme"], "parallel.zero.nvme_path"),
     (["model=mixtral_tiny"], "parallel.engine"),
-], ids=["pp2", "tp2", "bad_offload", "nvme_without_path", "moe"])
+], ids=["pp2", "tp3", "bad_offload", "nvme_without_path", "moe"])
 def test_deepspeed_bad_config(extra, key, tmp_path, cache_env):
     # WORLD_SIZE=1: validation runs before any process group, so no torchrun is needed to see it
     proc = run_cli("launcher.train", [*FAST, *DS, *extra, f"run.dir={tmp_path}"], check=False)
