@@ -8,10 +8,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from models.args import padded_vocab_size
 from parallel.layout import Layout
+
+
+# megatron-core's selective recompute submodules (TransformerConfig.recompute_modules).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts")
 
 
 class ConfigError(ValueError):
@@ -50,8 +54,14 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
         raise ConfigError("device", f"must be auto, cpu or cuda, got {cfg.device!r}")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError("train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
-    if t.recompute not in (None, "selective", "full"):
-        raise ConfigError("train.recompute", f"must be null, selective or full, got {t.recompute!r}")
+    if isinstance(t.recompute, ListConfig):
+        unknown = [m for m in t.recompute if m not in RECOMPUTE_MODULES]
+        if not t.recompute or unknown:
+            raise ConfigError("train.recompute", f"a module list takes {', '.join(RECOMPUTE_MODULES)}; "
+                                                 f"got {list(t.recompute)}")
+    elif t.recompute not in (None, "selective", "full"):
+        raise ConfigError("train.recompute", f"must be null, selective, full or a list of modules "
+                                             f"({', '.join(RECOMPUTE_MODULES)}), got {t.recompute!r}")
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {cfg.logging.wandb.mode!r}")
 

@@ -51,13 +51,15 @@ def moe_config_kwargs(args: ModelArgs, *, tp: int, ep: int) -> dict[str, Any]:
 
 
 def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, params_dtype: torch.dtype,
-                       on_cpu: bool, recompute: str | None, ep: int = 1) -> TransformerConfig:
+                       on_cpu: bool, recompute: str | list[str] | None, ep: int = 1) -> TransformerConfig:
     bf16 = params_dtype == torch.bfloat16
     recompute_kw: dict[str, Any] = {}
     if recompute == "full":
         recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
-        recompute_kw = dict(recompute_granularity="selective")
+        recompute_kw = dict(recompute_granularity="selective")  # megatron's default: core attention
+    elif recompute is not None:  # selective, these submodules (e.g. ["mlp", "layernorm"])
+        recompute_kw = dict(recompute_granularity="selective", recompute_modules=list(recompute))
     return TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,

@@ -135,7 +135,7 @@ class DeepSpeedEngine:
 
     def __init__(self, args: ModelArgs, dp: int, optim_cfg: Any, zero_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, global_batch_size: int, seed: int, device: torch.device,
-                 params_dtype: torch.dtype, recompute: str | None, backend: str):
+                 params_dtype: torch.dtype, recompute: str | list[str] | None, backend: str):
         deepspeed = import_deepspeed(device)
         self.args, self.device, self.dp = args, device, dp
         self.grad_accum = global_batch_size // (micro_batch_size * dp)

@@ -16,6 +16,7 @@ def apply() -> None:
     _moe_aux_loss_scale_under_sequence_parallel()
     _router_gemm_without_te()
     _foreach_grad_norm_and_scale()
+    _output_discarding_recompute_without_fp8()
     _applied = True
 
 
@@ -99,3 +100,19 @@ def _foreach_grad_norm_and_scale() -> None:
     for module in (clip_grads, optimizer):
         if getattr(module, "multi_tensor_scale_impl", None) is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = scale
+
+
+def _output_discarding_recompute_without_fp8() -> None:
+    # CheckpointWithoutOutput (recompute of "layernorm" / "moe_act") sets `self.fp8 = fp8 is not None`
+    # with a default of fp8=False, so it always takes its FP8 branch, which needs TransformerEngine:
+    # "NameError: name 'FP8GlobalStateManager' is not defined" without it. Only a real fp8 recipe
+    # should take that branch.
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    original = CheckpointWithoutOutput.__init__
+
+    def __init__(self, fp8=False):
+        original(self, fp8)
+        self.fp8 = fp8 not in (None, False)
+
+    CheckpointWithoutOutput.__init__ = __init__

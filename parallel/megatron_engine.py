@@ -114,7 +114,7 @@ def use_fused_adamw(optimizer) -> None:
 class MegatronEngine:
     def __init__(self, args: ModelArgs, layout: Layout, optim_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
-                 recompute: str | None, backend: str, distributed_optimizer: bool = True,
+                 recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size

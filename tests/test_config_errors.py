@@ -21,6 +21,7 @@ CASES = [
     (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load", "no checkpoint directory"),
     (["model.vocab_size=1000"], "model.vocab_size", "has 4096 tokens but model.vocab_size is 1000"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last", "must be null or a positive integer"),
+    (["train.recompute=[mlp,attention]"], "train.recompute", "got ['mlp', 'attention']"),
 ]
 
 

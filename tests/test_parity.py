@@ -16,6 +16,7 @@ LAYOUTS = [
     # Activation recompute changes memory, never numbers.
     ("recompute_full", ["train.recompute=full"], 1),
     ("recompute_selective_tp2", ["train.recompute=selective", "parallel.tp=2"], 2),
+    ("recompute_mlp_layernorm", ["train.recompute=[mlp,layernorm]"], 1),
 ]
 
 
