@@ -43,9 +43,14 @@ def _env() -> dict[str, str]:
 
 
 def shardforge_command(a: argparse.Namespace, run_dir: str) -> list[str]:
-    return [sys.executable, "-m", "launcher.train", f"model={a.model}", f"device={a.device}",
+    launch = [sys.executable, "-m", "launcher.train"]
+    if a.nproc > 1:  # one process per GPU; the layout comes from --sf-override parallel.tp=... etc.
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+                  "-m", "launcher.train"]
+    global_batch = a.global_batch_size or a.micro_batch_size * a.nproc
+    return [*launch, f"model={a.model}", f"device={a.device}",
             f"train.seq_length={a.seq_length}", f"train.micro_batch_size={a.micro_batch_size}",
-            f"train.global_batch_size={a.micro_batch_size}", f"train.steps={a.steps}",
+            f"train.global_batch_size={global_batch}", f"train.steps={a.steps}",
             "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.save_every=0",
             "checkpoint.final_save=false", f"run.dir={run_dir}", *a.sf_override]
 
@@ -157,7 +162,8 @@ def record(a: argparse.Namespace, rows: list[dict[str, Any]], commands: list[str
     title = f"## {date} — {env['device']}" + (f" — {a.label}" if a.label else "")
     invocation = shlex.join(["python", "-m", "bench.bench_train", *sys.argv[1:]])
     block = [title, "",
-             f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size} (global batch = micro batch), "
+             f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size}, global batch "
+             f"{a.global_batch_size or a.micro_batch_size * a.nproc}, {a.nproc} GPU(s), "
              f"{'bf16' if a.device == 'cuda' else 'fp32 (CPU smoke test)'}, {a.steps} steps of which the first {a.warmup} are warmup and not timed. "
              f"torch {env['torch']}, transformers {env['transformers']}, megatron-core {env['megatron-core']}.",
              "", "Command:", "", "```", invocation, "```", "", "Subprocesses:", "", "```", *commands, "```", "",
@@ -175,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llama3_1b")
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x nproc")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="GPUs for ShardForge (torchrun); layouts via --sf-override parallel.tp=2 ...; "
+                        "the HF peers are single-GPU and are skipped when nproc > 1")
     p.add_argument("--steps", type=int, default=40, help="steps per side, warmup included")
     p.add_argument("--warmup", type=int, default=10, help="leading steps left out of the averages")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script")
@@ -193,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     commands: list[str] = []
     failed = False
     sides = [("shardforge", run_shardforge)]
-    sides += [("hf", functools.partial(run_hf_subprocess, variant=v)) for v in a.peers.split(",") if v]
+    if a.nproc == 1:
+        sides += [("hf", functools.partial(run_hf_subprocess, variant=v)) for v in a.peers.split(",") if v]
     for side, fn in sides:
         if a.only and a.only != side:
             continue
