@@ -154,6 +154,8 @@ class DeepSpeedEngine:
         # Each module's parameters are partitioned over DP as soon as the module is built.
         # dtype comes from the config's bf16 flag: an explicit dtype= is ignored on accelerators
         # without fp16 (DeepSpeed 0.19 `_set_dtype` precedence bug: the CPU one got bf16 weights).
+        # zero.Init reads LOCAL_RANK, which only torchrun sets: a plain single-process run has none.
+        os.environ.setdefault("LOCAL_RANK", "0")
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=_MegatronMPU,
                                  data_parallel_group=ps.get_data_parallel_group()):  # not taken from mpu
             model = build_llama(args, config, **build)

@@ -1,0 +1,129 @@
+"""Benchmark: the largest Llama-shaped model that trains on one GPU, megatron engine vs DeepSpeed
+ZeRO-3 with parameters and optimizer state offloaded to CPU memory.
+
+    python -m bench.bench_zero3                                   # llama3_8b shape, growing depth, seq 2048
+    python -m bench.bench_zero3 --model tiny --layers 2,4 --device cpu --seq-length 128 --no-record   # smoke test
+
+For each engine, the model's depth (`model.num_layers`) grows through `--layers` until a run fails
+(out of memory); every run is `python -m launcher.train` in its own process. Reported per engine:
+the deepest model that trained, its parameter count, tokens/s over the steps after warmup, peak GPU
+memory (torch max allocated, from metrics.jsonl) and peak CPU memory (resident set of the run's
+process tree, sampled by this script). The issue's target: ZeRO-3 + offload ≥ 3× larger.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from omegaconf import OmegaConf
+
+from bench.bench_train import REPO, RESULTS, _env, environment
+from launcher.flops import matmul_params
+
+ENGINES = {
+    "megatron": [],
+    "zero3-offload": ["parallel.engine=deepspeed", "parallel.zero.offload_params=cpu",
+                      "parallel.zero.offload_optimizer=cpu"],
+}
+
+
+def param_count(model: str, layers: int) -> int:
+    m = OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml")
+    n = matmul_params(num_layers=layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+                      num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+                      vocab_size=m.vocab_size, kv_channels=m.kv_channels)
+    embedding = 0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size
+    return n + embedding + layers * 2 * m.hidden_size + m.hidden_size  # + norms
+
+
+def run_once(cmd: list[str]) -> tuple[int, float]:
+    """Exit code and peak resident memory (GiB) of the process tree."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.5)
+    tail = proc.stderr.read()[-600:] if proc.returncode else ""
+    if tail:
+        print(f"[bench] exit {proc.returncode}: ...{tail}", file=sys.stderr, flush=True)
+    return proc.returncode, peak / 2**30
+
+
+def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [r for r in records if r["step"] > warmup] or records
+    total = sum(r["step_time_s"] for r in timed)
+    return {"tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / total,
+            "peak_gpu_gb": max((r.get("peak_mem_gb") or 0.0) for r in records) or None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3_8b", help="conf/model/<name>: the layer shape")
+    p.add_argument("--layers", default="4,8,16,24,32,48,64,96,128", help="depths to try, ascending")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-record", action="store_true")
+    a = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="shardforge_zero3_"))
+    rows, commands = [], []
+    for engine, overrides in ENGINES.items():
+        best: dict[str, Any] | None = None
+        for layers in (int(x) for x in a.layers.split(",")):
+            run_dir = work / f"{engine}_{layers}"
+            cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"model.num_layers={layers}",
+                   f"device={a.device}", f"train.seq_length={a.seq_length}",
+                   f"train.micro_batch_size={a.micro_batch_size}", f"train.global_batch_size={a.micro_batch_size}",
+                   f"train.steps={a.steps}", "logging.wandb.mode=disabled", "logging.progress=false",
+                   "checkpoint.save_every=0", "checkpoint.final_save=false", f"run.dir={run_dir}", *overrides]
+            print(f"[bench] {engine} layers={layers}: {shlex.join(cmd)}", flush=True)
+            rc, cpu_gb = run_once(cmd)
+            if rc != 0:
+                break
+            best = {"engine": engine, "layers": layers, "params": param_count(a.model, layers), "peak_cpu_gb": cpu_gb,
+                    **summarize(run_dir, a.warmup)}
+            commands.append(shlex.join(cmd))
+        if best:
+            rows.append(best)
+
+    lines = ["| engine | deepest that trained | params | tokens/s | peak GPU mem (GiB) | peak CPU RSS (GiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        gpu = "n/a" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.1f}"
+        lines.append(f"| {r['engine']} | {r['layers']} layers | {r['params'] / 1e9:.2f}B | {r['tokens_per_s']:,.0f} | "
+                     f"{gpu} | {r['peak_cpu_gb']:.1f} |")
+    if len(rows) == 2:
+        lines.append(f"\nZeRO-3 + offload / megatron, largest model: {rows[1]['params'] / rows[0]['params']:.2f}×")
+    env = environment()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+    block = [f"## {date} — {env['device']} — largest model: megatron vs ZeRO-3 + CPU offload", "",
+             f"`{a.model}` layer shape, depths {a.layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
+             f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.", "",
+             "Command:", "", "```", shlex.join(["python", "-m", "bench.bench_zero3", *(argv or sys.argv[1:])]), "```", "",
+             "Largest runs:", "", "```", *commands[-2:], "```", "", *lines, ""]
+    text = "\n".join(block)
+    print("\n" + text, flush=True)
+    if not a.no_record:
+        with RESULTS.open("a") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
