@@ -14,17 +14,15 @@ global batch in rows, so the figure that matters is trained (loss) tokens per se
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import random
-import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_train import REPO, RESULTS, _env, _run, environment
+from bench.bench_train import REPO, _env, _run, append_results, environment, results_block
 
 WORDS = ("the function returns a value for each key in the mapping and raises an error when the "
          "argument is not a valid path to a file or directory object with attributes like name size "
@@ -107,18 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['padding_fraction']:.1%} | {r['samples_per_row']:.2f} | {r['step_time_s'] * 1e3:.1f} | {mem} |")
     lines.append(f"\nPacked / padded, trained tokens per second: "
                  f"{rows[1]['loss_tokens_per_s'] / rows[0]['loss_tokens_per_s']:.2f}×")
-    date = dt.datetime.now(dt.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    block = [f"## {date} — {env['device']} — packed vs padded SFT", "",
-             f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size} rows (global batch = micro batch), "
-             f"{a.samples} synthetic conversations (lognormal turn lengths), {a.steps} steps, first {a.warmup} untimed. "
-             f"torch {env['torch']}, megatron-core {env['megatron-core']}.", "", "Command:", "", "```",
-             shlex.join(["python", "-m", "bench.bench_packed", *(argv if argv is not None else sys.argv[1:])]),
-             "```", "", "Subprocesses:", "", "```", *commands, "```", "", *lines, ""]
-    text = "\n".join(block)
+    description = (f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size} rows "
+                   f"(global batch = micro batch), {a.samples} synthetic conversations (lognormal turn lengths), "
+                   f"{a.steps} steps, first {a.warmup} untimed. "
+                   f"torch {env['torch']}, megatron-core {env['megatron-core']}.")
+    text = results_block("packed vs padded SFT", env, description, "bench.bench_packed", argv, commands, lines)
     print("\n" + text, flush=True)
     if not a.no_record:
-        with RESULTS.open("a") as f:
-            f.write(text + "\n")
+        append_results(text)
     return 0
 
 

@@ -157,20 +157,33 @@ def environment() -> dict[str, str]:
     return info
 
 
-def record(a: argparse.Namespace, rows: list[dict[str, Any]], commands: list[str], env: dict[str, str]) -> str:
+def results_block(title: str, env: dict[str, str], description: str, module: str, argv: list[str] | None,
+                  commands: list[str], body: list[str]) -> str:
+    """One RESULTS.md entry: dated heading with the device, what ran, the exact commands, the table."""
     date = dt.datetime.now(dt.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    title = f"## {date} — {env['device']}" + (f" — {a.label}" if a.label else "")
-    invocation = shlex.join(["python", "-m", "bench.bench_train", *sys.argv[1:]])
-    block = [title, "",
-             f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size}, global batch "
-             f"{a.global_batch_size or a.micro_batch_size * a.nproc}, {a.nproc} GPU(s), "
-             f"{'bf16' if a.device == 'cuda' else 'fp32 (CPU smoke test)'}, {a.steps} steps of which the first {a.warmup} are warmup and not timed. "
-             f"torch {env['torch']}, transformers {env['transformers']}, megatron-core {env['megatron-core']}.",
-             "", "Command:", "", "```", invocation, "```", "", "Subprocesses:", "", "```", *commands, "```", "",
-             table(rows), ""]
-    if a.note:
-        block += [a.note, ""]
-    return "\n".join(block)
+    invocation = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+    return "\n".join([f"## {date} — {env['device']}" + (f" — {title}" if title else ""), "", description, "",
+                      "Command:", "", "```", invocation, "```", "", "Subprocesses:", "", "```", *commands, "```", "",
+                      *body, ""])
+
+
+def append_results(text: str) -> None:
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/ (each says what it measures "
+                           "and how).\n\n")
+    with RESULTS.open("a") as f:
+        f.write(text + "\n")
+    print(f"[bench] appended to {RESULTS.relative_to(REPO)}", flush=True)
+
+
+def record(a: argparse.Namespace, rows: list[dict[str, Any]], commands: list[str], env: dict[str, str]) -> str:
+    description = (f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size}, global batch "
+                   f"{a.global_batch_size or a.micro_batch_size * a.nproc}, {a.nproc} GPU(s), "
+                   f"{'bf16' if a.device == 'cuda' else 'fp32 (CPU smoke test)'}, {a.steps} steps of which the first "
+                   f"{a.warmup} are warmup and not timed. torch {env['torch']}, transformers {env['transformers']}, "
+                   f"megatron-core {env['megatron-core']}.")
+    body = [table(rows), ""] + ([a.note, ""] if a.note else [])
+    return results_block(a.label, env, description, "bench.bench_train", None, commands, body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,12 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] a side failed: nothing recorded", file=sys.stderr)
         return 1
     if not a.no_record:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by `python -m bench.bench_train` "
-                               "(see bench/bench_train.py for what is measured and how).\n\n")
-        with RESULTS.open("a") as f:
-            f.write(text + "\n")
-        print(f"[bench] appended to {RESULTS.relative_to(REPO)}", flush=True)
+        append_results(text)
     return 0
 
 

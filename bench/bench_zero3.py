@@ -13,7 +13,6 @@ process tree, sampled by this script). The issue's target: ZeRO-3 + offload ≥ 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shlex
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 import psutil
 from omegaconf import OmegaConf
 
-from bench.bench_train import REPO, RESULTS, _env, environment
+from bench.bench_train import REPO, _env, append_results, environment, results_block
 from launcher.flops import matmul_params
 
 ENGINES = {
@@ -111,17 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) == 2:
         lines.append(f"\nZeRO-3 + offload / megatron, largest model: {rows[1]['params'] / rows[0]['params']:.2f}×")
     env = environment()
-    date = dt.datetime.now(dt.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    block = [f"## {date} — {env['device']} — largest model: megatron vs ZeRO-3 + CPU offload", "",
-             f"`{a.model}` layer shape, depths {a.layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
-             f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.", "",
-             "Command:", "", "```", shlex.join(["python", "-m", "bench.bench_zero3", *(argv or sys.argv[1:])]), "```", "",
-             "Largest runs:", "", "```", *commands[-2:], "```", "", *lines, ""]
-    text = "\n".join(block)
+    description = (f"`{a.model}` layer shape, depths {a.layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
+                   f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.")
+    text = results_block("largest model: megatron vs ZeRO-3 + CPU offload", env, description, "bench.bench_zero3",
+                         argv, commands[-2:], lines)
     print("\n" + text, flush=True)
     if not a.no_record:
-        with RESULTS.open("a") as f:
-            f.write(text + "\n")
+        append_results(text)
     return 0
 
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from models.args import ModelArgs
 from models.init import local_init, local_tensors
 from models.llama import build_llama, transformer_config
+from parallel.lr_schedule import lr_scheduler
 from parallel.megatron_engine import StepResult, _packed_seq_params
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -185,13 +185,8 @@ class DeepSpeedEngine:
             optimizer = torch.optim.AdamW(groups, **adam)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                   config=self.ds_config, mpu=_MegatronMPU)
-        warmup = min(optim_cfg.warmup_steps, steps)
         # megatron's own scheduler on DeepSpeed's param groups: the same lr/wd per step as the megatron engine.
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, lr_warmup_steps=warmup,
-            lr_decay_steps=max(steps, warmup + 1), lr_decay_style=optim_cfg.decay_style,
-            start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=steps,
-            wd_incr_style="constant")
+        self.scheduler = lr_scheduler(self.optimizer, optim_cfg, steps)
 
     @property
     def module(self) -> torch.nn.Module:

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -28,6 +27,7 @@ from models.init import init_weights
 from models.args import ModelArgs
 from models.llama import build_llama, transformer_config
 from parallel.layout import Layout
+from parallel.lr_schedule import lr_scheduler
 
 
 def init_distributed(layout: Layout, device: torch.device, seed: int) -> None:
@@ -153,12 +153,7 @@ class MegatronEngine:
             use_distributed_optimizer=distributed_optimizer), self.chunks)
         if device.type == "cuda":
             use_fused_adamw(self.optimizer)
-        warmup = min(optim_cfg.warmup_steps, steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, lr_warmup_steps=warmup,
-            lr_decay_steps=max(steps, warmup + 1), lr_decay_style=optim_cfg.decay_style,
-            start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=steps,
-            wd_incr_style="constant")
+        self.scheduler = lr_scheduler(self.optimizer, optim_cfg, steps)
         self._forward_backward = get_forward_backward_func()
         self.moe_stats = None
         if args.is_moe:
