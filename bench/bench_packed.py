@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_train import REPO, _env, _run, append_results, environment, results_block
+from bench.bench_train import REPO, _env, _run, environment, report, results_block
 
 WORDS = ("the function returns a value for each key in the mapping and raises an error when the "
          "argument is not a valid path to a file or directory object with attributes like name size "
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{a.steps} steps, first {a.warmup} untimed. "
                    f"torch {env['torch']}, megatron-core {env['megatron-core']}.")
     text = results_block("packed vs padded SFT", env, description, "bench.bench_packed", argv, commands, lines)
-    print("\n" + text, flush=True)
-    if not a.no_record:
-        append_results(text)
+    report(text, record=not a.no_record)
     return 0
 
 

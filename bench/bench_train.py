@@ -167,7 +167,11 @@ def results_block(title: str, env: dict[str, str], description: str, module: str
                       *body, ""])
 
 
-def append_results(text: str) -> None:
+def report(text: str, record: bool) -> None:
+    """Print a results entry and (record=True) append it to bench/RESULTS.md."""
+    print("\n" + text, flush=True)
+    if not record:
+        return
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/ (each says what it measures "
                            "and how).\n\n")
@@ -229,15 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(result)
 
     env = environment()
-    text = record(a, rows, commands, env)
-    print("\n" + text, flush=True)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps({"env": env, "results": rows, "commands": commands}, indent=1) + "\n")
+    report(record(a, rows, commands, env), record=not (a.no_record or failed))
     if failed:
         print("[bench] a side failed: nothing recorded", file=sys.stderr)
         return 1
-    if not a.no_record:
-        append_results(text)
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 from omegaconf import OmegaConf
 
-from bench.bench_train import REPO, _env, append_results, environment, results_block
+from bench.bench_train import REPO, _env, environment, report, results_block
 from launcher.flops import matmul_params
 
 ENGINES = {
@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.")
     text = results_block("largest model: megatron vs ZeRO-3 + CPU offload", env, description, "bench.bench_zero3",
                          argv, commands[-2:], lines)
-    print("\n" + text, flush=True)
-    if not a.no_record:
-        append_results(text)
+    report(text, record=not a.no_record)
     return 0
 
 
