@@ -132,11 +132,6 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
         # restarted job), else a fresh start. Resolved here, in place, so every consumer sees a path or null.
         has_latest = os.path.isfile(os.path.join(cfg.checkpoint.dir, "latest"))
         cfg.checkpoint.load = cfg.checkpoint.dir if has_latest else None
-    if cfg.checkpoint.load == "auto":
-        # Megatron's --load = --save: this run's own newest checkpoint when there is one (a requeued or
-        # restarted job), else a fresh start. Resolved here, in place, so every consumer sees a path or null.
-        has_latest = os.path.isfile(os.path.join(cfg.checkpoint.dir, "latest"))
-        cfg.checkpoint.load = cfg.checkpoint.dir if has_latest else None
     if cfg.checkpoint.load is not None:
         if not os.path.isdir(cfg.checkpoint.load):
             raise ConfigError("checkpoint.load", f"no checkpoint directory at {cfg.checkpoint.load}")

@@ -100,7 +100,7 @@ def args_from_hf_config(config: Mapping[str, Any], name: str) -> ModelArgs:
     hidden = int(config["hidden_size"])
     head_dim = config.get("head_dim") or hidden // heads
     moe: dict[str, Any] = {}
-    if ARCHITECTURES[arch] in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if _is_moe_architecture(arch):
         from models.hf_moe_mapping import moe_fields_from_hf
 
         moe = moe_fields_from_hf(config, arch)

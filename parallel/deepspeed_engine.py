@@ -30,7 +30,7 @@ from models.args import ModelArgs
 from models.init import local_init, local_tensors
 from models.llama import build_llama, transformer_config
 from parallel.lr_schedule import lr_scheduler
-from parallel.megatron_engine import StepResult, _packed_seq_params
+from parallel.megatron_engine import StepResult, prepare_batch
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
@@ -198,10 +198,7 @@ class DeepSpeedEngine:
 
     def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Per-token losses of one micro batch (the megatron engine's forward step)."""
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        packed = _packed_seq_params(batch) if "cu_seqlens" in batch else None
-        if packed is not None:  # THD: the micro batch's rows become one stream of documents
-            batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch, packed = prepare_batch(batch, self.device)
         losses = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                              packed_seq_params=packed)
         return losses.float() * batch["loss_mask"]
@@ -285,8 +282,8 @@ class DeepSpeedEngine:
         self.optimizer.refresh_fp32_params()
 
     def load_state(self, directory: Path) -> int:
-        """Load <root>/<iter_*> written by save_state (any number of ranks: ZeRO-3 reshards the
-        fp32 partitions only into the same DP size); returns its step."""
+        """Load <root>/<iter_*> written by save_state, in the layout that saved it (ZeRO-3 partitions
+        load only into the same tp x dp; launcher.checkpoint.check_engine says so first); returns its step."""
         _, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
         if client is None:

@@ -82,11 +82,17 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
 
 
-def _forward_step(device: torch.device, data_iterator, model):
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
+def prepare_batch(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], PackedSeqParams | None]:
+    """A micro batch on `device`, and its PackedSeqParams when it is packed (else None)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     packed = _packed_seq_params(batch) if "cu_seqlens" in batch else None
     if packed is not None:  # THD: the micro batch's rows become one stream of documents
         batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    return batch, packed
+
+
+def _forward_step(device: torch.device, data_iterator, model):
+    batch, packed = prepare_batch(next(data_iterator), device)
     # Last stage returns per-token losses; earlier stages their hidden states.
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
                    packed_seq_params=packed)
