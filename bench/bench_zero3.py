@@ -2,10 +2,12 @@
 ZeRO-3 with parameters and optimizer state offloaded to CPU memory.
 
     python -m bench.bench_zero3                                   # llama3_8b shape, growing depth, seq 2048
-    python -m bench.bench_zero3 --model tiny --layers 2,4 --device cpu --seq-length 128 --no-record   # smoke test
+    python -m bench.bench_zero3 --model tiny --megatron-layers 2,4 --zero-layers 2,4 --device cpu \
+        --seq-length 128 --no-record                              # smoke test
 
-For each engine, the model's depth (`model.num_layers`) grows through `--layers` until a run fails
-(out of memory); every run is `python -m launcher.train` in its own process. Reported per engine:
+For each engine, the model's depth (`model.num_layers`) grows through its list (`--megatron-layers`,
+`--zero-layers`) until a run fails (out of memory) or passes `--run-timeout`; every run is
+`python -m launcher.train` in its own process. Reported per engine:
 the deepest model that trained, its parameter count, tokens/s over the steps after warmup, peak GPU
 memory (torch max allocated, from metrics.jsonl) and peak CPU memory (resident set of the run's
 process tree, sampled by this script). The issue's target: ZeRO-3 + offload ≥ 3× larger.
@@ -44,11 +46,17 @@ def param_count(model: str, layers: int) -> int:
     return n + embedding + layers * 2 * m.hidden_size + m.hidden_size  # + norms
 
 
-def run_once(cmd: list[str]) -> tuple[int, float]:
-    """Exit code and peak resident memory (GiB) of the process tree."""
+def run_once(cmd: list[str], timeout_s: float) -> tuple[int, float]:
+    """Exit code (-9 when killed at the timeout) and peak resident memory (GiB) of the process tree."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    parent, peak = psutil.Process(proc.pid), 0
+    parent, peak, start = psutil.Process(proc.pid), 0, time.monotonic()
     while proc.poll() is None:
+        if time.monotonic() - start > timeout_s:
+            for p in [*parent.children(recursive=True), parent]:
+                p.kill()
+            proc.wait()
+            print(f"[bench] killed after {timeout_s:.0f} s", file=sys.stderr, flush=True)
+            break
         try:
             rss = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
             peak = max(peak, rss)
@@ -72,10 +80,14 @@ def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_8b", help="conf/model/<name>: the layer shape")
-    p.add_argument("--layers", default="4,8,16,24,32,48,64,96,128", help="depths to try, ascending")
+    # Defaults bracket the limits on 1×H100 (80 GB GPU, 128 GiB host): megatron keeps ~18 B/param on the
+    # GPU (bf16 weight, fp32 main grad, fp32 master, Adam m and v), ZeRO-3+offload the same in host memory.
+    p.add_argument("--megatron-layers", default="8,12,14,16", help="depths to try with megatron, ascending")
+    p.add_argument("--zero-layers", default="16,20,24,26", help="depths to try with ZeRO-3 + offload, ascending")
+    p.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a run counts as failed")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-record", action="store_true")
@@ -84,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, commands = [], []
     for engine, overrides in ENGINES.items():
         best: dict[str, Any] | None = None
-        for layers in (int(x) for x in a.layers.split(",")):
+        depths = a.megatron_layers if engine == "megatron" else a.zero_layers
+        for layers in (int(x) for x in depths.split(",")):
             run_dir = work / f"{engine}_{layers}"
             cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"model.num_layers={layers}",
                    f"device={a.device}", f"train.seq_length={a.seq_length}",
@@ -92,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"train.steps={a.steps}", "logging.wandb.mode=disabled", "logging.progress=false",
                    "checkpoint.save_every=0", "checkpoint.final_save=false", f"run.dir={run_dir}", *overrides]
             print(f"[bench] {engine} layers={layers}: {shlex.join(cmd)}", flush=True)
-            rc, cpu_gb = run_once(cmd)
+            rc, cpu_gb = run_once(cmd, a.run_timeout)
             if rc != 0:
                 break
             best = {"engine": engine, "layers": layers, "params": param_count(a.model, layers), "peak_cpu_gb": cpu_gb,
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) == 2:
         lines.append(f"\nZeRO-3 + offload / megatron, largest model: {rows[1]['params'] / rows[0]['params']:.2f}×")
     env = environment()
-    description = (f"`{a.model}` layer shape, depths {a.layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
+    description = (f"`{a.model}` layer shape, depths megatron {a.megatron_layers} / ZeRO-3 {a.zero_layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
                    f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.")
     text = results_block("largest model: megatron vs ZeRO-3 + CPU offload", env, description, "bench.bench_zero3",
                          argv, commands[-2:], lines)
