@@ -1,6 +1,6 @@
 """Benchmark: ShardForge vs. HF transformers training the same model on one GPU.
 
-    python -m bench.bench_train                      # both, llama3_1b, seq 4096, micro batch 2
+    python -m bench.bench_train                      # both, llama_1b_32k, seq 4096, micro batch 2
     python -m bench.bench_train --only hf            # HF baseline only
     python -m bench.bench_train --only shardforge    # ShardForge only
     python -m bench.bench_train --peers eager,compile,liger   # every peer (liger-kernel travels as a wheel)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["hf", "shardforge"], help="run one side only")
     p.add_argument("--peers", default="eager",
                    help="comma-separated HF variants to run next to ShardForge: eager, compile, liger")
-    p.add_argument("--model", default="llama3_1b")
+    p.add_argument("--model", default="llama_1b_32k", help="conf/model/<name> (default: the issue-8 shape)")
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x nproc")

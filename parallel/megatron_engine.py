@@ -27,6 +27,7 @@ from models.init import init_weights
 from models.args import ModelArgs
 from models.llama import build_llama, transformer_config
 from parallel.layout import Layout
+from parallel import grad_accum_fusion
 from parallel.lr_schedule import lr_scheduler
 
 
@@ -130,6 +131,9 @@ class MegatronEngine:
             use_fused_rope()
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
+        # Weight gradients accumulate into the fp32 main grads inside their GEMM (set before the
+        # model is built: megatron's linears read it at construction).
+        self.config.gradient_accumulation_fusion = grad_accum_fusion.enable(device)
         chunks = []
         for vp_stage in range(layout.vpp or 1):
             vp = vp_stage if layout.vpp else None
