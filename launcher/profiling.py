@@ -2,13 +2,41 @@
 
 Writes `<run.dir>/profile/trace.json` (open in chrome://tracing or Perfetto) and
 `<run.dir>/profile/ops.txt`, the ops sorted by device time (CPU time on CPU), so a slow step
-can be read without a trace viewer.
+can be read without a trace viewer. On GPU, ops.txt starts with how busy the GPU was over the
+profiled span (kernel time vs. wall time: the gap is launch overhead / host stalls) and the
+kernel time by kind (GEMM, attention, optimizer, other).
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
+
+KERNEL_KINDS = (("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|grouped_mm", re.I)),
+                ("attention", re.compile(r"cudnn|flash|fmha|attention|sdpa", re.I)),
+                ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)))
+
+
+def gpu_busy_summary(trace_path: Path) -> str:
+    """GPU kernel time vs. the wall-clock span of the trace, and kernel time per kind."""
+    events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e.get("name", "")) for e in events
+                     if e.get("cat") == "kernel" and "dur" in e)
+    if not kernels:
+        return ""
+    busy, end = 0.0, kernels[0][0]
+    by_kind: dict[str, float] = {}
+    for start, stop, name in kernels:
+        busy += max(0.0, stop - max(start, end))  # union of intervals (streams may overlap)
+        end = max(end, stop)
+        kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + (stop - start)
+    span = end - kernels[0][0]
+    kinds = ", ".join(f"{k} {v / 1e3:.1f} ms" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    return (f"GPU busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms span ({100 * busy / span:.1f}%); "
+            f"kernel time: {kinds}\n\n")
 
 
 class StepProfiler:
@@ -34,6 +62,7 @@ class StepProfiler:
         self._out.mkdir(parents=True, exist_ok=True)
         self._prof.export_chrome_trace(str(self._out / "trace.json"))
         sort = "self_device_time_total" if self._device.type == "cuda" else "self_cpu_time_total"
-        (self._out / "ops.txt").write_text(self._prof.key_averages().table(sort_by=sort, row_limit=60) + "\n")
+        summary = gpu_busy_summary(self._out / "trace.json") if self._device.type == "cuda" else ""
+        (self._out / "ops.txt").write_text(summary + self._prof.key_averages().table(sort_by=sort, row_limit=60) + "\n")
         print(f"profile of steps {self._range[0]}-{self._range[1]} in {self._out}", flush=True)
         self._prof = None
