@@ -1,7 +1,8 @@
-"""Benchmark: packed vs padded SFT through ShardForge on one GPU (same data, model, rows per step).
+"""Benchmark: packed vs padded SFT through ShardForge on one GPU, and the HF padding-free peer.
 
-    python -m bench.bench_packed                       # llama3_1b, seq 4096, micro batch 2
-    python -m bench.bench_packed --samples 3000 --device cpu --model tiny --seq-length 256   # smoke test
+    python -m bench.bench_packed                       # llama3_1b, seq 4096, micro batch 2, peer hf liger
+    python -m bench.bench_packed --samples 300 --device cpu --model tiny --seq-length 256 --steps 4 \
+        --warmup 1 --peers eager --no-record           # smoke test
 
 Builds a synthetic chat set with a long-tailed length distribution (lognormal user and assistant
 turns, like instruction-tuning data: most conversations a few hundred tokens, a few thousand at
@@ -10,6 +11,15 @@ trains it twice with `launcher.train data=indexed data.format=sft`: `data.packin
 conversation per row, padded to seq_length) and `data.packing=true` (conversations packed into
 rows, attention split per document: varlen attention on GPU). Both runs use the same micro and
 global batch in rows, so the figure that matters is trained (loss) tokens per second.
+
+The peer (`--peers`, default liger; eager/compile also run, eager on CPU too) is HF transformers
+trained on the same preprocessed conversations: `python -m bench.hf_baseline --sft-data PREFIX`
+(see there) takes conversations in order until the next would exceed micro_batch_size x
+seq_length tokens, the same token budget per step as ShardForge's rows, flattens them with
+`transformers.DataCollatorWithFlattening` (labels -100 where ShardForge's loss mask is 0), and
+trains with SDPA attention (no flash-attn on the GPU machine: transformers builds a block-causal
+mask from the position_ids; the run checks that no conversation sees another) and, for liger,
+liger-kernel's Llama kernels. Each run is its own subprocess.
 """
 from __future__ import annotations
 
@@ -48,6 +58,8 @@ def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
     total_time = sum(r["step_time_s"] for r in timed)
     return {"loss_tokens_per_s": sum(r["loss_tokens"] for r in timed) / total_time,
             "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / total_time,
+            "mfu": sum(r["mfu"] * r["step_time_s"] for r in timed) / total_time if all("mfu" in r for r in timed)
+            else None,
             "padding_fraction": records[-1].get("padding_fraction"),
             "samples_per_row": records[-1].get("samples_per_row"),
             "peak_mem_gb": max((r.get("peak_mem_gb") or 0) for r in records) or None,
@@ -64,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--peers", default="liger",
+                   help="comma-separated HF packed peers (bench.hf_baseline --sft-data --variant=...): liger, "
+                        "eager, compile; empty for none. liger needs CUDA; eager smoke-tests on CPU")
     p.add_argument("--no-record", action="store_true")
     a = p.parse_args(argv)
 
@@ -94,24 +109,74 @@ def main(argv: list[str] | None = None) -> int:
         commands.append(text)
         if not ok:
             return 1
-        rows.append({"mode": "packed" if packing else "padded", **summarize(run_dir, a.warmup)})
+        r = summarize(run_dir, a.warmup)
+        rows.append({"mode": "ShardForge " + ("packed" if packing else "padded"), **r,
+                     "unfilled": r["padding_fraction"],
+                     "samples_per_step": r["samples_per_row"] * a.micro_batch_size})
+
+    failed = False
+    for variant in [v for v in a.peers.split(",") if v]:
+        out = work / f"hf_{variant}_packed.json"
+        cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
+               f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}", f"--steps={a.steps}",
+               f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}", f"--out={out}"]
+        ok, text = _run(f"HF packed peer ({variant})", cmd)
+        commands.append(text)
+        if not ok:
+            failed = True
+            continue
+        r = json.loads(out.read_text())
+        rows.append({**r, "mode": f"HF {variant} + DataCollatorWithFlattening", "unfilled": 1 - r["budget_fill"],
+                     "samples_per_step": r["samples_per_step"]})
 
     env = environment()
-    lines = ["| ShardForge SFT | loss tokens/s | row tokens/s | padding | samples/row | step (ms) | peak mem (GiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| SFT run | loss tokens/s | tokens/s | padding / unfilled | conversations/step | step (ms) | MFU | "
+             "peak mem (GiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         mem = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
+        mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
         lines.append(f"| {r['mode']} | {r['loss_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['padding_fraction']:.1%} | {r['samples_per_row']:.2f} | {r['step_time_s'] * 1e3:.1f} | {mem} |")
-    lines.append(f"\nPacked / padded, trained tokens per second: "
-                 f"{rows[1]['loss_tokens_per_s'] / rows[0]['loss_tokens_per_s']:.2f}×")
+                     f"{r['unfilled']:.1%} | {r['samples_per_step']:.1f} | {r['step_time_s'] * 1e3:.1f} | {mfu} | {mem} |")
+    padded, packed = rows[0], rows[1]
+    lines.append(f"\nShardForge packed / padded, trained tokens per second: "
+                 f"{packed['loss_tokens_per_s'] / padded['loss_tokens_per_s']:.2f}×")
+    for r in rows[2:]:
+        lines.append(f"\nShardForge packed / HF packed peer ({r['framework']}), trained tokens per second: "
+                     f"{packed['loss_tokens_per_s'] / r['loss_tokens_per_s']:.2f}×")
+    lines.append("\ntokens/s counts every position computed: ShardForge's rows of seq_length with their padding, "
+                 "the HF peer's flattened batch (no padding; each step holds conversations in order up to "
+                 "micro batch × seq length tokens, `unfilled` is the share of that budget left over). "
+                 "MFU: launcher.flops at seq_length for both.")
+    peers = rows[2:]
+    if peers:
+        checks = "; ".join(f"{r['framework']}: changing conversation 0 moved its hidden states by "
+                           f"{r['isolation_own_change']:.3g}, the other {r['isolation_samples'] - 1} by "
+                           f"{r['isolation_leak']:.3g}" for r in peers if "isolation_leak" in r)
+        if checks:
+            lines.append(f"\nHF peer attention isolation check (first packed batch): {checks}.")
     description = (f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size} rows "
-                   f"(global batch = micro batch), {a.samples} synthetic conversations (lognormal turn lengths), "
-                   f"{a.steps} steps, first {a.warmup} untimed. "
-                   f"torch {env['torch']}, megatron-core {env['megatron-core']}.")
-    text = results_block("packed vs padded SFT", env, description, "bench.bench_packed", argv, commands, lines)
-    report(text, record=not a.no_record)
+                   f"(global batch = micro batch; the HF peer: one flattened batch of at most "
+                   f"{a.micro_batch_size * a.seq_length} tokens per step), {a.samples} synthetic conversations "
+                   f"(lognormal turn lengths), {a.steps} steps, first {a.warmup} untimed. "
+                   f"torch {env['torch']}, megatron-core {env['megatron-core']}, transformers {env['transformers']}, "
+                   f"liger-kernel {_version('liger-kernel')}.")
+    text = results_block("packed vs padded SFT" + (", HF padding-free peer" if a.peers else ""), env, description,
+                         "bench.bench_packed", argv, commands, lines)
+    report(text, record=not (a.no_record or failed))
+    if failed:
+        print("[bench] an HF peer failed: nothing recorded", file=sys.stderr)
+        return 1
     return 0
+
+
+def _version(package: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return "not installed"
 
 
 if __name__ == "__main__":

@@ -1,11 +1,24 @@
-"""HF transformers baseline for bench/bench_train.py: the same model shape, trained the plain way.
+"""HF transformers baselines for bench/: the same model shape, trained the plain way.
 
 `LlamaForCausalLM` built from a `LlamaConfig` (random init, `attn_implementation="sdpa"`, bf16
-parameters), `torch.optim.AdamW(fused=True)`, random token batches of the benchmark's shape.
-Throughput is timed with CUDA events over the steps after warmup; MFU uses the project's one
-formula (launcher.flops), so it compares directly with ShardForge's metrics.jsonl.
+parameters), `torch.optim.AdamW(fused=True)`. Throughput is timed with CUDA events over the steps
+after warmup; MFU uses the project's one formula (launcher.flops), so it compares directly with
+ShardForge's metrics.jsonl.
+
+Two workloads, one training/timing loop:
+  * dense (bench/bench_train.py): random token batches of shape [micro_batch_size, seq_length].
+  * packed SFT (bench/bench_packed.py, `--sft-data PREFIX`): the conversations of an indexed SFT
+    dataset written by `launcher.preprocess format=sft`, read with the project's reader
+    (IndexedDataset + SFTSamples: same truncation to seq_length, same dropped samples), taken in
+    order until the next would overflow micro_batch_size x seq_length tokens, and collated with
+    `transformers.DataCollatorWithFlattening` (one [1, T] row, position_ids restarting per
+    conversation, no attention_mask, no padding). Labels are -100 where ShardForge's loss mask
+    is 0, so both train on the same tokens. With SDPA, transformers (>= 4.5x; masking_utils)
+    detects the packed format from the position_ids and builds a block-causal mask; a check on
+    the first batch (`check_isolation`) fails the run if any conversation sees another.
 
     python -m bench.hf_baseline --model llama3_1b --seq-length 4096 --micro-batch-size 2 --json
+    python -m bench.hf_baseline --sft-data /tmp/x/chat --variant liger --json   # packed SFT peer
 """
 from __future__ import annotations
 
@@ -100,41 +113,34 @@ def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype, var
     return torch.compile(model) if variant == "compile" else model
 
 
-def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int, warmup: int, *,
-           lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda", seed: int = 1234,
-           variant: str = "eager") -> dict:
-    """Train `steps` steps (the first `warmup` untimed) and return the timed steps' throughput.
+def _setup(model_yaml: dict, device: str, seed: int, variant: str) -> tuple[torch.device, torch.nn.Module]:
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    if dev.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, build_model(model_yaml, dev, dtype, variant)
 
-    Returns tokens_per_s and mfu (mean over the timed steps: tokens / total time), peak_mem_gb
-    (torch.cuda.max_memory_allocated in GiB, reset after the model is built, so it holds weights,
-    gradients, optimizer state and activations, like ShardForge's metrics), step_time_s (mean),
-    step_time_median_s and losses (every step's loss, warmup included).
+
+def train_timed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, warmup: int,
+                dev: torch.device, *, lr: float, clip_grad: float | None) -> tuple[list[float], list[float]]:
+    """Train `steps` steps on `batches[i % len(batches)]` (model keyword arguments, labels included);
+    returns (every step's loss, warmup included; the timed steps' seconds).
+
+    Peak memory counters are reset first, so they hold weights, gradients, optimizer state and
+    activations, like ShardForge's metrics. CUDA steps are timed with CUDA events.
     """
     timed = steps - warmup
     if timed < 1:
         raise ValueError(f"steps={steps} must exceed warmup={warmup}")
-    dev = torch.device(device)
     cuda = dev.type == "cuda"
-    torch.manual_seed(seed)
-    if cuda:
-        torch.cuda.manual_seed(seed)
-    dtype = torch.bfloat16 if cuda else torch.float32
-
-    model = build_model(model_yaml, dev, dtype, variant)
-    n_params = sum(p.numel() for p in model.parameters())
     if cuda:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=cuda)
 
-    # Random tokens, a few distinct batches in rotation so no step sees a cached input.
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    batches = [torch.randint(0, model_yaml["vocab_size"], (micro_batch_size, seq_length), device=dev, generator=gen)
-               for _ in range(4)]
-
     def step(i: int) -> torch.Tensor:
-        tokens = batches[i % len(batches)]
-        loss = model(input_ids=tokens, labels=tokens).loss  # HF shifts the labels inside
+        loss = model(**batches[i % len(batches)]).loss  # HF shifts the labels inside
         loss.backward()
         if clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
@@ -160,29 +166,41 @@ def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int,
             t0 = time.perf_counter()
             losses.append(step(warmup + i))
             times.append(time.perf_counter() - t0)
-
-    tokens_per_step = micro_batch_size * seq_length
-    mean_t = sum(times) / len(times)
-    tokens_per_s = tokens_per_step / mean_t
-    flops_per_token = train_flops_per_token(seq_length=seq_length, **flops_shape(model_yaml))
-    peak = peak_flops(dev)
     loss_values = [float(x) for x in torch.stack(losses).float().cpu()]
     if not all(math.isfinite(x) for x in loss_values):
         raise RuntimeError(f"non-finite loss in HF baseline: {loss_values}")
-    result = {
-        "framework": f"hf-{variant}",
+    return loss_values, times
+
+
+def summarize(framework: str, model: torch.nn.Module, model_yaml: dict, dev: torch.device, *, seq_length: int,
+              micro_batch_size: int, tokens: list[int], times: list[float], losses: list[float], warmup: int,
+              clip_grad: float | None) -> dict:
+    """The result of a timed run; `tokens[i]` are the token positions computed in timed step i.
+
+    tokens_per_s and mfu are totals over the timed steps (sum of tokens / sum of time); MFU counts
+    launcher.flops' per-token FLOPs at `seq_length`, as ShardForge's metrics do.
+    """
+    cuda = dev.type == "cuda"
+    total_t = sum(times)
+    tokens_per_s = sum(tokens) / total_t
+    flops_per_token = train_flops_per_token(seq_length=seq_length, **flops_shape(model_yaml))
+    peak = peak_flops(dev)
+    import transformers
+
+    return {
+        "framework": framework,
         "tokens_per_s": tokens_per_s,
         "mfu": flops_per_token * tokens_per_s / peak if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
         "peak_reserved_gb": torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else None,
-        "step_time_s": mean_t,
+        "step_time_s": total_t / len(times),
         "step_time_median_s": statistics.median(times),
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
-        "timed_steps": timed,
+        "timed_steps": len(times),
         "warmup_steps": warmup,
-        "losses": loss_values,
-        "params": n_params,
+        "losses": losses,
+        "params": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token,
         "peak_flops": peak,
         "seq_length": seq_length,
@@ -190,10 +208,156 @@ def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int,
         "clip_grad": clip_grad,
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
-    import transformers
 
-    result["transformers"] = transformers.__version__
+
+def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int, warmup: int, *,
+           lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda", seed: int = 1234,
+           variant: str = "eager") -> dict:
+    """Dense: train `steps` steps on random [micro_batch_size, seq_length] batches (the first `warmup`
+    untimed) and return the timed steps' throughput.
+
+    Returns tokens_per_s and mfu (over the timed steps: tokens / total time), peak_mem_gb
+    (torch.cuda.max_memory_allocated in GiB), step_time_s (mean), step_time_median_s and losses
+    (every step's loss, warmup included).
+    """
+    if steps - warmup < 1:
+        raise ValueError(f"steps={steps} must exceed warmup={warmup}")
+    dev, model = _setup(model_yaml, device, seed, variant)
+    # Random tokens, a few distinct batches in rotation so no step sees a cached input.
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    batches = []
+    for _ in range(4):
+        tokens = torch.randint(0, model_yaml["vocab_size"], (micro_batch_size, seq_length), device=dev, generator=gen)
+        batches.append({"input_ids": tokens, "labels": tokens})
+    losses, times = train_timed(model, batches, steps, warmup, dev, lr=lr, clip_grad=clip_grad)
+    return summarize(f"hf-{variant}", model, model_yaml, dev, seq_length=seq_length,
+                     micro_batch_size=micro_batch_size, tokens=[micro_batch_size * seq_length] * len(times),
+                     times=times, losses=losses, warmup=warmup, clip_grad=clip_grad)
+
+
+# --- packed SFT: the padding-free peer of bench/bench_packed.py ------------------------------------------------
+
+
+def sft_samples(prefix: str | Path, seq_length: int):
+    """The conversations ShardForge's `data.format=sft` run reads from `prefix` (launcher.preprocess
+    output), through the project's reader: cut to seq_length, samples without a target dropped."""
+    from launcher.data.indexed import IndexedDataset
+    from launcher.data.sft import SFTSamples
+
+    return SFTSamples(IndexedDataset(prefix), seq_length)
+
+
+def packed_sft_steps(lengths: Any, token_budget: int, steps: int) -> list[list[int]]:
+    """Sample indices of each step: samples in order (wrapping at the end of the set), taken until the
+    next one would make the step exceed `token_budget` tokens; a step never holds a sample twice."""
+    n = len(lengths)
+    out, k = [], 0
+    for _ in range(steps):
+        chosen: list[int] = []
+        used = 0
+        while len(chosen) < n:
+            length = int(lengths[k % n])
+            if used + length > token_budget:
+                if not chosen:
+                    raise ValueError(f"sample {k % n} has {length} tokens, more than the budget {token_budget}")
+                break
+            chosen.append(k % n)
+            used += length
+            k += 1
+        out.append(chosen)
+    return out
+
+
+def sft_features(samples, k: int) -> dict[str, Any]:
+    """Sample k as a collator feature: labels are the ids where ShardForge's target mask is 1, else -100.
+
+    ShardForge trains row position j on ids[j + 1] where mask[j + 1] is 1 (launcher.data.packing.build_row);
+    HF shifts the labels inside the loss, so label j here is ids[j] (or -100) and the same tokens are targets.
+    """
+    import numpy as np
+
+    ids, mask = samples.sample(k)
+    return {"input_ids": ids, "labels": np.where(mask.astype(bool), ids, -100)}
+
+
+def flatten_batch(samples, indices: list[int]) -> dict[str, torch.Tensor]:
+    """One padding-free micro batch: `transformers.DataCollatorWithFlattening` over the samples `indices`
+    (input_ids, labels and position_ids of shape [1, total tokens]; each sample's first label is -100)."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_tensors="pt")([sft_features(samples, k) for k in indices])
+
+
+def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss (HF drops label 0 when shifting; the collator made it -100 anyway)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def check_isolation(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int) -> dict[str, float]:
+    """Change every token of the batch's first sample: the other samples' final hidden states must not move.
+
+    This is what packed training needs from the attention (no sample sees another) and does not depend
+    on how the installed transformers builds its mask. Raises RuntimeError on a leak.
+    """
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    if len(starts) < 2:
+        raise ValueError("check_isolation needs a batch of two samples or more")
+    end = starts[1]
+    decoder = getattr(model, "_orig_mod", model).model  # under torch.compile: the eager module
+    ids = batch["input_ids"]
+    other = ids.clone()
+    other[:, :end] = (other[:, :end] + 1) % vocab_size
+    h0 = decoder(input_ids=ids, position_ids=batch["position_ids"]).last_hidden_state.float()
+    h1 = decoder(input_ids=other, position_ids=batch["position_ids"]).last_hidden_state.float()
+    own = float((h1[:, :end] - h0[:, :end]).abs().max())
+    leak = float((h1[:, end:] - h0[:, end:]).abs().max())
+    if not own > 0 or leak > 1e-3 * own:
+        raise RuntimeError(f"packed samples are not isolated: changing sample 0 moved its own hidden states by "
+                           f"{own:.3g} and the {len(starts) - 1} later samples' by {leak:.3g} (attention crosses "
+                           f"samples: this transformers does not build a block-causal mask from position_ids)")
+    return {"isolation_own_change": own, "isolation_leak": leak, "isolation_samples": len(starts)}
+
+
+def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro_batch_size: int, steps: int,
+                  warmup: int, *, lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda",
+                  seed: int = 1234, variant: str = "eager") -> dict:
+    """Packed SFT with DataCollatorWithFlattening: each step one flattened batch of at most
+    micro_batch_size x seq_length tokens (conversations in dataset order), same optimizer and timing as run_hf.
+
+    Adds loss_tokens_per_s (tokens with a label, over the timed steps), budget_fill (share of the
+    token budget used), samples_per_step and the isolation check's numbers to run_hf's result.
+    """
+    if steps - warmup < 1:
+        raise ValueError(f"steps={steps} must exceed warmup={warmup}")
+    samples = sft_samples(sft_data, seq_length)
+    budget = micro_batch_size * seq_length
+    plan = packed_sft_steps(samples.lengths, budget, steps)
+    dev, model = _setup(model_yaml, device, seed, variant)
+    # Every step's batch on the device before the clock starts (as the dense baseline's batches are).
+    batches = [{k: v.to(dev) for k, v in flatten_batch(samples, idx).items()} for idx in plan]
+    probe = next((b for b in batches if int((b["position_ids"] == 0).sum()) > 1), None)
+    isolation = check_isolation(model, probe, model_yaml["vocab_size"]) if probe is not None else {}
+    losses, times = train_timed(model, batches, steps, warmup, dev, lr=lr, clip_grad=clip_grad)
+    timed = batches[warmup:]
+    result = summarize(f"hf-{variant}-packed", model, model_yaml, dev, seq_length=seq_length,
+                       micro_batch_size=micro_batch_size, tokens=[b["input_ids"].numel() for b in timed],
+                       times=times, losses=losses, warmup=warmup, clip_grad=clip_grad)
+    timed_loss_tokens = sum(loss_tokens(b) for b in timed)
+    result.update({
+        "loss_tokens_per_s": timed_loss_tokens / sum(times),
+        "loss_tokens": timed_loss_tokens,
+        "token_budget": budget,
+        "budget_fill": sum(b["input_ids"].numel() for b in timed) / (budget * len(timed)),
+        "samples_per_step": sum(len(idx) for idx in plan[warmup:]) / len(timed),
+        "sft_data": str(sft_data),
+        "samples_in_set": len(samples),
+        "truncated": samples.truncated,
+        "dropped": samples.dropped,
+        **isolation,
+    })
     return result
 
 
@@ -210,11 +374,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--out", help="also write the result JSON to this file")
     p.add_argument("--variant", choices=VARIANTS, default="eager", help="eager | compile (torch.compile) | liger")
+    p.add_argument("--sft-data", metavar="PREFIX",
+                   help="packed SFT instead of random tokens: the indexed dataset PREFIX written by "
+                        "`launcher.preprocess format=sft`, flattened with DataCollatorWithFlattening "
+                        "(at most micro batch x seq length tokens per step)")
     a = p.parse_args(argv)
     if a.steps - a.warmup < 20 and a.device == "cuda":
         print(f"hf_baseline: warning: only {a.steps - a.warmup} timed steps (>= 20 recommended)", file=sys.stderr)
-    result = run_hf(load_model_yaml(a.model), a.seq_length, a.micro_batch_size, a.steps, a.warmup,
-                    lr=a.lr, clip_grad=a.clip_grad, device=a.device, variant=a.variant)
+    common = dict(lr=a.lr, clip_grad=a.clip_grad, device=a.device, variant=a.variant)
+    if a.sft_data:
+        result = run_hf_packed(load_model_yaml(a.model), a.sft_data, a.seq_length, a.micro_batch_size, a.steps,
+                               a.warmup, **common)
+    else:
+        result = run_hf(load_model_yaml(a.model), a.seq_length, a.micro_batch_size, a.steps, a.warmup, **common)
     result["model"] = a.model
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -223,8 +395,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
         mem = f"{result['peak_mem_gb']:.1f} GiB" if result["peak_mem_gb"] is not None else "n/a"
-        print(f"hf-{a.variant} {a.model} seq={a.seq_length} mbs={a.micro_batch_size} on {result['device']}: "
-              f"{result['tokens_per_s']:.0f} tok/s, MFU {mfu}, peak mem {mem}, "
+        trained = f", {result['loss_tokens_per_s']:.0f} loss tok/s" if "loss_tokens_per_s" in result else ""
+        print(f"{result['framework']} {a.model} seq={a.seq_length} mbs={a.micro_batch_size} on {result['device']}: "
+              f"{result['tokens_per_s']:.0f} tok/s{trained}, MFU {mfu}, peak mem {mem}, "
               f"step {result['step_time_s'] * 1e3:.1f} ms (median {result['step_time_median_s'] * 1e3:.1f}), "
               f"loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
     return result
