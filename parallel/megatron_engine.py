@@ -28,6 +28,7 @@ from models.args import ModelArgs
 from models.llama import build_llama, transformer_config
 from parallel.layout import Layout
 from parallel import grad_accum_fusion
+from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
 
 
@@ -108,9 +109,10 @@ def _packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
 
 
 def use_fused_adamw(optimizer) -> None:
-    """Step torch AdamW with its fused CUDA kernel. Without apex/TE megatron-core builds torch AdamW
-    in its default foreach mode, ~8 passes over the fp32 states per step (37 ms of a 215 ms
-    llama3_1b step on an H100); the fused kernel makes one."""
+    """Step torch AdamW with its fused kernel (CUDA and CPU). Without apex/TE megatron-core builds
+    torch AdamW in its default foreach mode, ~8 passes over the fp32 states per step (37 ms of a
+    215 ms llama3_1b step on an H100); the fused kernel makes one, and it can apply the gradient
+    scales itself (parallel/grad_scaling.py)."""
     for chained in optimizer.chained_optimizers:
         inner = chained.optimizer
         if isinstance(inner, torch.optim.AdamW):
@@ -154,15 +156,17 @@ class MegatronEngine:
         self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
         if overlap_grad_reduce:
             self.config.grad_sync_func = [c.start_grad_sync for c in self.chunks]
-        self.config.finalize_model_grads_func = finalize_model_grads
 
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
             adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2, adam_eps=optim_cfg.eps,
             clip_grad=optim_cfg.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
             use_distributed_optimizer=distributed_optimizer), self.chunks)
-        if device.type == "cuda":
-            use_fused_adamw(self.optimizer)
+        use_fused_adamw(self.optimizer)
+        self.grad_scaling = FoldedGradScaling(self.optimizer, optim_cfg.clip_grad) \
+            if FoldedGradScaling.applies(self.optimizer) else None
+        self.config.finalize_model_grads_func = (self.grad_scaling.finalize_model_grads if self.grad_scaling
+                                                 else finalize_model_grads)
         self.scheduler = lr_scheduler(self.optimizer, optim_cfg, steps)
         self._forward_backward = get_forward_backward_func()
         self.moe_stats = None
@@ -194,7 +198,10 @@ class MegatronEngine:
             micro_batch_size=1 if packed else self.micro_batch_size, forward_only=False)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)
-        _, grad_norm, _ = self.optimizer.step()
+        if self.grad_scaling is not None:
+            grad_norm = self.grad_scaling.step()
+        else:
+            _, grad_norm, _ = self.optimizer.step()
         loss_sum, num_tokens = self._global_loss(reports)
         moe = self.moe_stats.step_metrics(len(microbatches)) if self.moe_stats is not None else {}
         return StepResult(loss_sum=loss_sum, num_tokens=num_tokens, grad_norm=float(grad_norm or 0.0),
