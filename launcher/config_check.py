@@ -62,6 +62,16 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
     elif t.recompute not in (None, "selective", "full"):
         raise ConfigError("train.recompute", f"must be null, selective, full or a list of modules "
                                              f"({', '.join(RECOMPUTE_MODULES)}), got {t.recompute!r}")
+    if not isinstance(t.compile, bool):
+        raise ConfigError("train.compile", f"must be true or false, got {t.compile!r}")
+    if t.compile and p.engine != "megatron":
+        raise ConfigError("train.compile", "compiles megatron-core layers: needs parallel.engine=megatron")
+    if t.compile and isinstance(t.recompute, ListConfig):
+        raise ConfigError("train.compile", "megatron's per-module recompute (train.recompute as a list) does not "
+                                           "trace under torch.compile; use recompute null, selective or full")
+    if t.compile and m.get("num_experts") is not None:
+        raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
+                                           "(MoE routing sends a data-dependent number of tokens to each expert)")
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {cfg.logging.wandb.mode!r}")
 

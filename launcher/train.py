@@ -124,7 +124,8 @@ def run(cfg: DictConfig) -> None:
                                     params_dtype=params_dtype, recompute=cfg.train.recompute,
                                     backend=default_backend(),
                                     distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                    overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
+                                    overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+                                    compile=cfg.train.compile)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())

@@ -28,6 +28,7 @@ from models.args import ModelArgs
 from models.llama import build_llama, transformer_config
 from parallel.layout import Layout
 from parallel import grad_accum_fusion
+from parallel.compile_layers import compile_layers
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
 
@@ -124,7 +125,7 @@ class MegatronEngine:
     def __init__(self, args: ModelArgs, layout: Layout, optim_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
-                 overlap_grad_reduce: bool = False):
+                 overlap_grad_reduce: bool = False, compile: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         if device.type == "cuda" and backend == "torch":
@@ -134,8 +135,9 @@ class MegatronEngine:
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
         # Weight gradients accumulate into the fp32 main grads inside their GEMM (set before the
-        # model is built: megatron's linears read it at construction).
-        self.config.gradient_accumulation_fusion = grad_accum_fusion.enable(device)
+        # model is built: megatron's linears read it at construction). Not under compiled layers:
+        # that in-place update of main_grad in the backward is not traced.
+        self.config.gradient_accumulation_fusion = not compile and grad_accum_fusion.enable(device)
         chunks = []
         for vp_stage in range(layout.vpp or 1):
             vp = vp_stage if layout.vpp else None
@@ -146,6 +148,8 @@ class MegatronEngine:
             if device.type == "cuda":
                 chunk.cuda(device)
             init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
+            if compile:
+                compile_layers([chunk])
             if params_dtype == torch.bfloat16:
                 chunk = Float16Module(self.config, chunk)
             chunks.append(chunk)

@@ -29,6 +29,8 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale if softmax_scale is not None else config.softmax_scale
+        # From the config, not the tensors: a plain bool stays static under torch.compile.
+        self.gqa = (config.num_query_groups or config.num_attention_heads) != config.num_attention_heads
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -45,7 +47,7 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-            dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=q.size(1) != k.size(1))
+            dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=self.gqa)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)
 
@@ -62,7 +64,7 @@ class SDPAttention(MegatronModule):
             mask = block_causal_mask(cu_q, t, query.device)
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, d]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale,
-                                                 enable_gqa=q.size(1) != k.size(1))
+                                                 enable_gqa=self.gqa)
             out = out.squeeze(0).transpose(0, 1)
         return out.reshape(t, -1)
 
