@@ -13,14 +13,13 @@ Compiled layers keep their parameters and state-dict keys (nn.Module.compile wor
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state as ps
 
 _patched = False
 
 
 def _resolve_tp_group(tp_group, is_expert: bool = False, check_initialized: bool = True):
     """megatron's get_tensor_model_parallel_group_if_none without its per-call warning."""
-    from megatron.core import parallel_state as ps
-
     if not torch.distributed.is_initialized():
         return None
     if tp_group is not None or not ps.is_initialized():
@@ -60,12 +59,11 @@ def _patch_graph_breaks() -> None:
     _patched = True
 
 
-def compile_layers(chunks: list[torch.nn.Module]) -> None:
-    """Compile every TransformerLayer of these model chunks in place."""
+def compile_layers(model: torch.nn.Module) -> None:
+    """Compile every TransformerLayer of this model (chunk) in place."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     _patch_graph_breaks()
-    for chunk in chunks:
-        for module in chunk.modules():
-            if isinstance(module, TransformerLayer):
-                module.compile()
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            module.compile()

@@ -149,7 +149,7 @@ class MegatronEngine:
                 chunk.cuda(device)
             init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
             if compile:
-                compile_layers([chunk])
+                compile_layers(chunk)
             if params_dtype == torch.bfloat16:
                 chunk = Float16Module(self.config, chunk)
             chunks.append(chunk)
