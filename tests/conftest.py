@@ -51,3 +51,13 @@ def cache_env():
     """The default corpus/tokenizer cache (built once, reused by every test)."""
     os.environ.setdefault("SHARDFORGE_CACHE", str(REPO / ".cache" / "shardforge"))
     return os.environ["SHARDFORGE_CACHE"]
+
+
+def tiny_hf_model(family: str, config_cls: str, **config):
+    """A random-weight transformers causal LM of `config_cls` (e.g. "LlamaConfig"), seeded by the
+    family name so every test run converts the same weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(sum(map(ord, family)))
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_cls)(**config)).eval()

@@ -16,7 +16,7 @@ import torch
 
 from models import hf_mapping as hfm
 from models.args import ModelArgs
-from conftest import run_cli
+from conftest import run_cli, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,9 +45,7 @@ PROMPT_LEN = 6
 
 def _hf_model(family: str):
     config_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**SHAPE, **extra)
-    torch.manual_seed(sum(map(ord, family)))
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_hf_model(family, config_cls, **SHAPE, **extra)
 
 
 def _hf_greedy(model, prompt: list[int]) -> list[int]:

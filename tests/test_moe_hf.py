@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models import hf_mapping as hfm
-from conftest import run_cli
+from conftest import run_cli, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,9 +41,7 @@ MAX_NEW = 8
 
 def _hf_model(family: str):
     config_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**SHAPE, **extra)
-    torch.manual_seed(sum(map(ord, family)))
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_hf_model(family, config_cls, **SHAPE, **extra)
 
 
 @pytest.fixture(scope="module")
