@@ -15,7 +15,6 @@ process tree, sampled by this script). The issue's target: ZeRO-3 + offload ≥ 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 import psutil
 from omegaconf import OmegaConf
 
-from bench.bench_train import REPO, _env, environment, report, results_block
+from bench.bench_train import REPO, _env, environment, report, results_block, summarize_metrics
 from launcher.flops import matmul_params
 
 ENGINES = {
@@ -69,14 +68,6 @@ def run_once(cmd: list[str], timeout_s: float) -> tuple[int, float]:
     return proc.returncode, peak / 2**30
 
 
-def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    timed = [r for r in records if r["step"] > warmup] or records
-    total = sum(r["step_time_s"] for r in timed)
-    return {"tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / total,
-            "peak_gpu_gb": max((r.get("peak_mem_gb") or 0.0) for r in records) or None}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_8b", help="conf/model/<name>: the layer shape")
@@ -109,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 break
             best = {"engine": engine, "layers": layers, "params": param_count(a.model, layers), "peak_cpu_gb": cpu_gb,
-                    **summarize(run_dir, a.warmup)}
+                    **summarize_metrics(run_dir / "metrics.jsonl", a.warmup)}
             commands.append(shlex.join(cmd))
         if best:
             rows.append(best)
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| engine | deepest that trained | params | tokens/s | peak GPU mem (GiB) | peak CPU RSS (GiB) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        gpu = "n/a" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.1f}"
+        gpu = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
         lines.append(f"| {r['engine']} | {r['layers']} layers | {r['params'] / 1e9:.2f}B | {r['tokens_per_s']:,.0f} | "
                      f"{gpu} | {r['peak_cpu_gb']:.1f} |")
     if len(rows) == 2:
