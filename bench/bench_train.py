@@ -42,7 +42,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def shardforge_command(a: argparse.Namespace, run_dir: str) -> list[str]:
+def shardforge_command(a: argparse.Namespace, run_dir: str, extra: list[str] = ()) -> list[str]:
     launch = [sys.executable, "-m", "launcher.train"]
     if a.nproc > 1:  # one process per GPU; the layout comes from --sf-override parallel.tp=... etc.
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
@@ -52,7 +52,7 @@ def shardforge_command(a: argparse.Namespace, run_dir: str) -> list[str]:
             f"train.seq_length={a.seq_length}", f"train.micro_batch_size={a.micro_batch_size}",
             f"train.global_batch_size={global_batch}", f"train.steps={a.steps}",
             "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.save_every=0",
-            "checkpoint.final_save=false", f"run.dir={run_dir}", *a.sf_override]
+            "checkpoint.final_save=false", f"run.dir={run_dir}", *a.sf_override, *extra]
 
 
 def hf_command(a: argparse.Namespace, out: str, variant: str) -> list[str]:
@@ -102,10 +102,21 @@ def _run(label: str, cmd: list[str]) -> tuple[bool, str]:
     return rc == 0, text
 
 
-def run_shardforge(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+def run_shardforge(a: argparse.Namespace, name: str = "shardforge",
+                   extra: list[str] = ()) -> tuple[dict[str, Any] | None, str]:
     run_dir = tempfile.mkdtemp(prefix="shardforge_bench_")
-    ok, text = _run("ShardForge", shardforge_command(a, run_dir))
-    return (summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup) if ok else None), text
+    ok, text = _run(name, shardforge_command(a, run_dir, list(extra)))
+    if not ok:
+        return None, text
+    return {**summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup), "framework": name}, text
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'compile:train.compile=true,train.recompute=null' -> ('shardforge-compile', [overrides])."""
+    name, _, overrides = text.partition(":")
+    if not name or not overrides:
+        raise argparse.ArgumentTypeError(f"--sf-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    return f"shardforge-{name}", overrides.split(",")
 
 
 def run_hf_subprocess(a: argparse.Namespace, variant: str) -> tuple[dict[str, Any] | None, str]:
@@ -132,12 +143,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r.get("moe"):
             lines.append("\n" + r["framework"] + " MoE, mean over timed steps: " +
                          ", ".join(f"{k} {v:.4g}" for k, v in r["moe"].items()))
-    sf = next((r for r in rows if r["framework"] == "shardforge" and r["tokens_per_s"]), None)
-    if sf:
-        ratios = [f"{r['framework']} {sf['tokens_per_s'] / r['tokens_per_s']:.2f}×" for r in rows
-                  if r is not sf and r["tokens_per_s"]]
+    ours = [r for r in rows if r["framework"].startswith("shardforge") and r["tokens_per_s"]]
+    peers = [r for r in rows if not r["framework"].startswith("shardforge") and r["tokens_per_s"]]
+    for sf in ours:
+        others = peers if sf is not ours[0] else [r for r in rows if r is not sf and r["tokens_per_s"]]
+        ratios = [f"{r['framework']} {sf['tokens_per_s'] / r['tokens_per_s']:.2f}×" for r in others]
         if ratios:
-            lines.append("\nShardForge throughput over: " + ", ".join(ratios))
+            lines.append(f"\n{sf['framework']} throughput over: " + ", ".join(ratios))
     return "\n".join(lines)
 
 
@@ -208,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-clip-grad", type=float, default=None, help="clip grads in the HF baseline too")
     p.add_argument("--sf-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for the ShardForge run (repeatable)")
+    p.add_argument("--sf-variant", action="append", default=[], type=parse_variant, metavar="NAME:KEY=VALUE,...",
+                   help="another ShardForge row with these overrides on top of --sf-override (repeatable); "
+                        "ratios are taken against the first ShardForge row")
     p.add_argument("--label", default="", help="added to the RESULTS.md heading, e.g. 'HF-only validation run'")
     p.add_argument("--note", default="", help="a line added under the table in RESULTS.md")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
@@ -220,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: list[str] = []
     failed = False
     sides = [("shardforge", run_shardforge)]
+    sides += [("shardforge", functools.partial(run_shardforge, name=n, extra=o)) for n, o in a.sf_variant]
     if a.nproc == 1:
         sides += [("hf", functools.partial(run_hf_subprocess, variant=v)) for v in a.peers.split(",") if v]
     for side, fn in sides:
