@@ -143,7 +143,11 @@ def _own_structure(request: Any, loaded: Any) -> Any:
 
 def _rng_state(is_loading: bool) -> ShardedObject:
     # One RNG state per rank (dropout streams differ per TP rank): sharded over (pp, tp, dp).
-    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    # Graph-safe trackers (train.cuda_graph) hold torch.Generators: saved as state tensors, so a
+    # checkpoint is the same whether or not the run used a CUDA graph.
+    tracker = {k: v.get_state() if isinstance(v, torch.Generator) else v
+               for k, v in get_cuda_rng_tracker().get_states().items()}
+    state = {"cpu": torch.get_rng_state(), "tracker": tracker}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     layout = _layout()
@@ -155,7 +159,13 @@ def _rng_state(is_loading: bool) -> ShardedObject:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    current = get_cuda_rng_tracker().get_states()
+    for name, saved in state["tracker"].items():
+        if isinstance(current.get(name), torch.Generator):
+            current[name].set_state(saved)  # a graph-safe tracker keeps its Generator objects
+        else:
+            current[name] = saved
+    get_cuda_rng_tracker().set_states(current)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 

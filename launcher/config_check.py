@@ -72,6 +72,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
     if t.compile and m.get("num_experts") is not None:
         raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
                                            "(MoE routing sends a data-dependent number of tokens to each expert)")
+    _check_cuda_graph(cfg, world_size)
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {cfg.logging.wandb.mode!r}")
 
@@ -154,6 +155,21 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
             raise ConfigError("checkpoint.load", str(err)) from err
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
                   cp=p.cp, ep=p.ep, dp=dp)
+
+
+def _check_cuda_graph(cfg: DictConfig, world_size: int) -> None:
+    value = cfg.train.cuda_graph
+    if value not in ("auto", True, False) or isinstance(value, int) and not isinstance(value, bool):
+        raise ConfigError("train.cuda_graph", f"must be auto, true or false, got {value!r}")
+    if value is True:
+        import torch
+
+        from parallel.cuda_graph import blockers
+
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        why = blockers(cfg, device, world_size)
+        if why:
+            raise ConfigError("train.cuda_graph", "; ".join(why) + " (set auto or false)")
 
 
 def _check_deepspeed(cfg: DictConfig) -> None:

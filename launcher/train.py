@@ -105,10 +105,12 @@ def run(cfg: DictConfig) -> None:
     from launcher.loop import train
     from models.args import ModelArgs
     from models.specs import default_backend
+    from parallel import cuda_graph
     from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
     args = ModelArgs.from_config(cfg.model)
-    init_distributed(layout, device, cfg.train.seed)
+    graphed = cuda_graph.resolve(cfg, device.type, world_size_from_env())
+    init_distributed(layout, device, cfg.train.seed, cuda_graph=graphed)
     try:
         if cfg.parallel.engine == "deepspeed":  # the one place that picks the engine
             from parallel.deepspeed_engine import DeepSpeedEngine
@@ -125,13 +127,14 @@ def run(cfg: DictConfig) -> None:
                                     backend=default_backend(),
                                     distributed_optimizer=cfg.parallel.distributed_optimizer,
                                     overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-                                    compile=cfg.train.compile)
+                                    compile=cfg.train.compile,
+                                    cuda_graph=graphed)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())
             print(f"shardforge: model={args.name} layout[{layout}] device={device.type} dtype={params_dtype} "
                   f"params/rank(0)={params.item() / 1e6:.1f}M steps={start_step}->{cfg.train.steps} "
-                  f"run.dir={cfg.run.dir}{_restart_note()}", flush=True)
+                  f"run.dir={cfg.run.dir}{' cuda_graph=on' if graphed else ''}{_restart_note()}", flush=True)
         train(cfg, engine, data, args, start_step)
     finally:
         shutdown()

@@ -29,12 +29,14 @@ from models.llama import build_llama, transformer_config
 from parallel.layout import Layout
 from parallel import grad_accum_fusion
 from parallel.compile_layers import compile_layers
+from parallel.cuda_graph import wrap as cuda_graph_wrap
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
 
 
-def init_distributed(layout: Layout, device: torch.device, seed: int) -> None:
-    """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's process groups."""
+def init_distributed(layout: Layout, device: torch.device, seed: int, cuda_graph: bool = False) -> None:
+    """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's process groups.
+    `cuda_graph`: RNG streams as torch.Generators, which a CUDA graph can register and advance."""
     from parallel import mcore_fixes
 
     mcore_fixes.apply()
@@ -44,6 +46,11 @@ def init_distributed(layout: Layout, device: torch.device, seed: int) -> None:
         cpu_compat.apply()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda_graph:
+            # Autograd records the stream of each parameter's gradient accumulator when megatron's
+            # DDP creates it; on the legacy default stream, the captured backward would have to
+            # sync with it, which capture forbids. A side stream for the whole run joins the capture.
+            torch.cuda.set_stream(torch.cuda.Stream())
     if not dist.is_initialized():
         backend = "gloo" if device.type == "cpu" else "nccl"
         if "MASTER_ADDR" in os.environ:  # torchrun / srun
@@ -54,7 +61,7 @@ def init_distributed(layout: Layout, device: torch.device, seed: int) -> None:
                                  virtual_pipeline_model_parallel_size=layout.vpp,
                                  context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep)
     # Per-TP-rank RNG streams (dropout); weights do not depend on them (models.init).
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cuda_graph)
     torch.manual_seed(seed)
 
 
@@ -125,7 +132,7 @@ class MegatronEngine:
     def __init__(self, args: ModelArgs, layout: Layout, optim_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
-                 overlap_grad_reduce: bool = False, compile: bool = False):
+                 overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         if device.type == "cuda" and backend == "torch":
@@ -173,6 +180,9 @@ class MegatronEngine:
                                                  else finalize_model_grads)
         self.scheduler = lr_scheduler(self.optimizer, optim_cfg, steps)
         self._forward_backward = get_forward_backward_func()
+        self.cuda_graph = cuda_graph  # parallel/cuda_graph.py: steps from the second on replay one graph
+        if cuda_graph:
+            self._forward_backward = cuda_graph_wrap(self._forward_backward)
         self.moe_stats = None
         if args.is_moe:
             from parallel import mcore_fixes

@@ -25,6 +25,8 @@ CASES = [
     (["train.compile=yes"], "train.compile", "must be true or false"),
     (["train.compile=true", "train.recompute=[mlp]"], "train.compile", "does not trace under torch.compile"),
     (["train.compile=true", "model=mixtral_tiny"], "train.compile", "compiled layers are dense only"),
+    (["train.cuda_graph=maybe"], "train.cuda_graph", "must be auto, true or false"),
+    (["train.cuda_graph=true", "device=cpu"], "train.cuda_graph", "needs device=cuda"),
 ]
 
 

@@ -1,0 +1,51 @@
+"""`train.cuda_graph`: each step's forward and backward replayed as one CUDA graph.
+
+Eager, the host launches a step's kernels one Python op at a time through megatron-core; for
+the 1.14B bench shape on an H200 that left the GPU idle ~12 ms of a 130 ms step (bench/RESULTS.md).
+megatron-core's FullCudaGraphWrapper captures the whole `forward_backward_func` (schedule,
+loss, weight-gradient accumulation into the fp32 main grads, finalize_model_grads) on the
+second step and replays it from then on; each step's micro batches are first copied into
+static buffers. The optimizer step stays eager.
+
+A graph replays fixed shapes and no host-side decisions, so it applies only where a step has
+neither: CUDA, engine=megatron, dense models (MoE routing sends data-dependent token counts),
+rows of one shape (data.packing changes cu_seqlens every step), no pipeline parallel.
+`auto` turns it on only for one process (what has been measured); `true` also allows tp/dp.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+def blockers(cfg: DictConfig, device_type: str, world_size: int) -> list[str]:
+    """Why a CUDA graph cannot capture this run's steps (empty: it can)."""
+    why = []
+    if device_type != "cuda":
+        why.append("needs device=cuda")
+    if cfg.parallel.engine != "megatron":
+        why.append("needs parallel.engine=megatron")
+    if cfg.model.get("num_experts") is not None:
+        why.append(f"model={cfg.model.name} is a mixture of experts (data-dependent routing)")
+    if cfg.data.get("packing"):
+        why.append("data.packing=true gives each step other document boundaries (cu_seqlens)")
+    if cfg.parallel.pp > 1:
+        why.append("pipeline parallel (pp>1) is not captured")
+    if cfg.train.cuda_graph == "auto" and world_size > 1:
+        why.append("auto uses it on one process only")
+    return why
+
+
+def resolve(cfg: DictConfig, device_type: str, world_size: int) -> bool:
+    """train.cuda_graph (auto | true | false) for this run; `true` where it cannot apply is a
+    config error raised by launcher.config_check before any process group starts."""
+    return cfg.train.cuda_graph is not False and not blockers(cfg, device_type, world_size)
+
+
+def wrap(forward_backward: Any) -> Any:
+    """megatron-core's full-iteration CUDA graph around a forward_backward_func: step 1 eager
+    (warms up compiled kernels and cuBLAS), step 2 captured, every later step replayed."""
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+    return FullCudaGraphWrapper(forward_backward, cuda_graph_warmup_steps=1)
