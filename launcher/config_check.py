@@ -72,7 +72,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
     if t.compile and m.get("num_experts") is not None:
         raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
                                            "(MoE routing sends a data-dependent number of tokens to each expert)")
-    _check_cuda_graph(cfg, world_size)
+    check_cuda_graph(cfg, cfg.device, world_size)
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {cfg.logging.wandb.mode!r}")
 
@@ -157,17 +157,16 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
                   cp=p.cp, ep=p.ep, dp=dp)
 
 
-def _check_cuda_graph(cfg: DictConfig, world_size: int) -> None:
+def check_cuda_graph(cfg: DictConfig, device_type: str, world_size: int) -> None:
+    """train.cuda_graph=true must be able to apply. check_config passes the configured device
+    (`auto` on a submit host says nothing yet); launcher.train checks again with the resolved one."""
     value = cfg.train.cuda_graph
-    if value not in ("auto", True, False) or isinstance(value, int) and not isinstance(value, bool):
+    if value != "auto" and not isinstance(value, bool):
         raise ConfigError("train.cuda_graph", f"must be auto, true or false, got {value!r}")
     if value is True:
-        import torch
-
         from parallel.cuda_graph import blockers
 
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        why = blockers(cfg, device, world_size)
+        why = blockers(cfg, device_type, world_size)
         if why:
             raise ConfigError("train.cuda_graph", "; ".join(why) + " (set auto or false)")
 

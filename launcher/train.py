@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from launcher.config_check import ConfigError, check_config, world_size_from_env
+from launcher.config_check import ConfigError, check_config, check_cuda_graph, world_size_from_env
 from launcher.slurm_env import map_srun_env, restart_count
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> None:
     # Everything that can be wrong with the input is checked before a process group starts.
     layout = check_config(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
+    check_cuda_graph(cfg, device.type, world_size_from_env())  # device=auto is known only now
     params_dtype = resolve_dtype(cfg.train.precision, device)
 
     data = build_data(cfg)

@@ -20,9 +20,10 @@ from omegaconf import DictConfig
 
 
 def blockers(cfg: DictConfig, device_type: str, world_size: int) -> list[str]:
-    """Why a CUDA graph cannot capture this run's steps (empty: it can)."""
+    """Why a CUDA graph cannot capture this run's steps (empty: it can). `device_type` may be
+    `auto` (a submit host validating a job for other machines): only `cpu` rules it out."""
     why = []
-    if device_type != "cuda":
+    if device_type == "cpu":
         why.append("needs device=cuda")
     if cfg.parallel.engine != "megatron":
         why.append("needs parallel.engine=megatron")

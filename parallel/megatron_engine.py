@@ -180,8 +180,7 @@ class MegatronEngine:
                                                  else finalize_model_grads)
         self.scheduler = lr_scheduler(self.optimizer, optim_cfg, steps)
         self._forward_backward = get_forward_backward_func()
-        self.cuda_graph = cuda_graph  # parallel/cuda_graph.py: steps from the second on replay one graph
-        if cuda_graph:
+        if cuda_graph:  # parallel/cuda_graph.py: steps from the second on replay one graph
             self._forward_backward = cuda_graph_wrap(self._forward_backward)
         self.moe_stats = None
         if args.is_moe:

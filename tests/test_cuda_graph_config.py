@@ -21,6 +21,7 @@ def _cfg(*overrides: str):
     (["train.cuda_graph=false"], "cuda", 1, False),
     ([], "cuda", 2, False),                                  # auto: one process only
     (["train.cuda_graph=true"], "cuda", 2, True),            # true: tp/dp allowed
+    (["train.cuda_graph=true"], "auto", 8, True),            # a submit host: device not known yet
     (["model=mixtral_tiny"], "cuda", 1, False),
     (["parallel.engine=deepspeed"], "cuda", 1, False),
     (["data=indexed", "data.packing=true"], "cuda", 1, False),
