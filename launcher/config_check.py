@@ -73,6 +73,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
         raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
                                            "(MoE routing sends a data-dependent number of tokens to each expert)")
     check_cuda_graph(cfg, cfg.device, world_size)
+    check_precision_aware(cfg, cfg.device)
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {cfg.logging.wandb.mode!r}")
 
@@ -169,6 +170,28 @@ def check_cuda_graph(cfg: DictConfig, device_type: str, world_size: int) -> None
         why = blockers(cfg, device_type, world_size)
         if why:
             raise ConfigError("train.cuda_graph", "; ".join(why) + " (set auto or false)")
+
+
+def check_precision_aware(cfg: DictConfig, device_type: str) -> None:
+    """optim.precision_aware / optim.moments_dtype (parallel/fused_adam.py). Like check_cuda_graph,
+    called with the configured device and again with the resolved one (precision auto depends on it)."""
+    o = cfg.optim
+    if not isinstance(o.precision_aware, bool):
+        raise ConfigError("optim.precision_aware", f"must be true or false, got {o.precision_aware!r}")
+    if o.moments_dtype not in ("fp32", "bf16"):
+        raise ConfigError("optim.moments_dtype", f"must be fp32 or bf16, got {o.moments_dtype!r}")
+    if not o.precision_aware:
+        if o.moments_dtype != "fp32":
+            raise ConfigError("optim.moments_dtype", "bf16 moments need optim.precision_aware=true")
+        return
+    if cfg.parallel.engine != "megatron":
+        raise ConfigError("optim.precision_aware", "is megatron-core's distributed optimizer: needs parallel.engine=megatron")
+    if not cfg.parallel.distributed_optimizer:
+        raise ConfigError("optim.precision_aware", "needs parallel.distributed_optimizer=true")
+    precision = cfg.train.precision
+    if precision == "fp32" or (precision == "auto" and device_type == "cpu"):
+        raise ConfigError("optim.precision_aware", "keeps the master weights inside bf16 params: needs "
+                                                   "train.precision=bf16 (auto is fp32 on CPU)")
 
 
 def _check_deepspeed(cfg: DictConfig) -> None:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from launcher.config_check import ConfigError, check_config, check_cuda_graph, world_size_from_env
+from launcher.config_check import (ConfigError, check_config, check_cuda_graph, check_precision_aware,
+                                   world_size_from_env)
 from launcher.slurm_env import map_srun_env, restart_count
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ def run(cfg: DictConfig) -> None:
     layout = check_config(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
     check_cuda_graph(cfg, device.type, world_size_from_env())  # device=auto is known only now
+    check_precision_aware(cfg, device.type)
     params_dtype = resolve_dtype(cfg.train.precision, device)
 
     data = build_data(cfg)

@@ -30,6 +30,7 @@ from parallel.layout import Layout
 from parallel import grad_accum_fusion
 from parallel.compile_layers import compile_layers
 from parallel.cuda_graph import wrap as cuda_graph_wrap
+from parallel.fused_adam import FusedAdam, as_megatron_adam, precision_aware
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
 
@@ -123,7 +124,7 @@ def use_fused_adamw(optimizer) -> None:
     scales itself (parallel/grad_scaling.py)."""
     for chained in optimizer.chained_optimizers:
         inner = chained.optimizer
-        if isinstance(inner, torch.optim.AdamW):
+        if isinstance(inner, torch.optim.AdamW) and not isinstance(inner, FusedAdam):
             for group in (inner.defaults, *inner.param_groups):
                 group["fused"], group["foreach"] = True, False
 
@@ -168,13 +169,19 @@ class MegatronEngine:
         if overlap_grad_reduce:
             self.config.grad_sync_func = [c.start_grad_sync for c in self.chunks]
 
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer_config = OptimizerConfig(
             optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
             adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2, adam_eps=optim_cfg.eps,
             clip_grad=optim_cfg.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
-            use_distributed_optimizer=distributed_optimizer), self.chunks)
-        use_fused_adamw(self.optimizer)
-        self.grad_scaling = FoldedGradScaling(self.optimizer, optim_cfg.clip_grad) \
+            use_distributed_optimizer=distributed_optimizer)
+        if optim_cfg.precision_aware:  # parallel/fused_adam.py: bf16 params hold the master weights' top half
+            moments = torch.bfloat16 if optim_cfg.moments_dtype == "bf16" else torch.float32
+            with as_megatron_adam():
+                self.optimizer = get_megatron_optimizer(precision_aware(optimizer_config, moments), self.chunks)
+        else:
+            self.optimizer = get_megatron_optimizer(optimizer_config, self.chunks)
+            use_fused_adamw(self.optimizer)
+        self.grad_scaling = FoldedGradScaling(self.optimizer, optim_cfg.clip_grad, device) \
             if FoldedGradScaling.applies(self.optimizer) else None
         self.config.finalize_model_grads_func = (self.grad_scaling.finalize_model_grads if self.grad_scaling
                                                  else finalize_model_grads)
@@ -217,7 +224,7 @@ class MegatronEngine:
             _, grad_norm, _ = self.optimizer.step()
         loss_sum, num_tokens = self._global_loss(reports)
         moe = self.moe_stats.step_metrics(len(microbatches)) if self.moe_stats is not None else {}
-        return StepResult(loss_sum=loss_sum, num_tokens=num_tokens, grad_norm=float(grad_norm or 0.0),
+        return StepResult(loss_sum=loss_sum, num_tokens=num_tokens, grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
                           lr=self.optimizer.param_groups[0]["lr"], moe=moe)
 
     def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[float, int]:

@@ -1,0 +1,109 @@
+"""optim.precision_aware (parallel/fused_adam.py) against independent references: torch's AdamW
+over an fp32 master copy (the update itself), and megatron-core's fp32-master distributed
+optimizer (whole runs, and checkpoints crossing between the two). The GPU's Triton kernel has the
+same checks in gpu_tests/test_fused_adam.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAST, config_error_line, read_metrics, run_cli
+from parallel.fused_adam import FusedAdam, join_master, split_master
+
+
+def test_remainders_hold_the_fp32_master_exactly():
+    g = torch.Generator().manual_seed(0)
+    master = torch.randn(200_000, generator=g) * torch.logspace(-8, 4, 200_000)
+    high, low = split_master(master)
+    assert high.dtype == torch.bfloat16 and low.dtype == torch.int16
+    assert torch.equal(join_master(high, low), master)
+    # The bf16 half is the round-to-nearest bf16 of the master weight (ties may round either way).
+    assert (high != master.bfloat16()).float().mean() < 1e-4
+    assert ((high.float() - master).abs() <= (master.bfloat16().float() - master).abs()).all()
+
+
+def _adamw_pair(moments: torch.dtype, steps: int = 8):
+    """The same steps through FusedAdam (bf16 params, remainders, grad_scale) and torch AdamW on fp32."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(64, 48), (48,), (1000,)]
+    masters = [torch.randn(s, generator=g) * 0.05 for s in shapes]
+    params = [torch.nn.Parameter(m.bfloat16()) for m in masters]
+    reference = [torch.nn.Parameter(p.detach().float()) for p in params]  # the master starts at the bf16 value
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    fused = FusedAdam([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}],
+                      exp_avg_dtype=moments, exp_avg_sq_dtype=moments, **kw)
+    torch_adamw = torch.optim.AdamW([{"params": reference[:2], "weight_decay": 0.1},
+                                     {"params": reference[2:], "weight_decay": 0.0}], **kw)
+    fused.grad_scale = torch.tensor(64.0)
+    for _ in range(steps):
+        for p, r in zip(params, reference):
+            grad = torch.randn(p.shape, generator=g) * 64.0
+            p.decoupled_grad, r.grad = grad, grad / 64.0
+        fused.step()
+        torch_adamw.step()
+    return fused, params, torch_adamw, reference
+
+
+def test_fused_adam_matches_torch_adamw_on_fp32_masters():
+    fused, params, torch_adamw, reference = _adamw_pair(torch.float32)
+    for p, r in zip(params, reference):
+        master = fused.get_unscaled_state(p, "master_param")
+        torch.testing.assert_close(master, r.detach(), rtol=1e-5, atol=1e-7)
+        assert (p.detach() != master.bfloat16()).sum() == 0  # the param is the master's bf16 rounding
+        for key in ("exp_avg", "exp_avg_sq"):
+            ref = torch_adamw.state[r][key]  # near-zero moments cancel: tolerance relative to their scale
+            torch.testing.assert_close(fused.get_unscaled_state(p, key), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+        assert float(fused.state[p]["step"]) == 8
+
+
+def test_bf16_moments_stay_within_bf16_tolerance():
+    fused, params, _, reference = _adamw_pair(torch.bfloat16)
+    for p, r in zip(params, reference):
+        assert fused.state[p]["exp_avg"].dtype == torch.bfloat16
+        torch.testing.assert_close(fused.get_unscaled_state(p, "master_param"), r.detach(), rtol=1e-2, atol=1e-4)
+
+
+BF16 = [*FAST, "train.precision=bf16", "train.steps=6", "checkpoint.final_save=false"]
+
+
+def _losses(run_dir):
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(run_dir)]
+
+
+def _close(a, b, rtol):
+    assert [s for s, _, _ in a] == [s for s, _, _ in b]
+    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(a, b):
+        assert abs(loss - ref_loss) <= rtol * abs(ref_loss), (step, loss, ref_loss)
+        assert abs(norm - ref_norm) <= 10 * rtol * ref_norm, (step, norm, ref_norm)
+
+
+def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_env):
+    """bf16 on CPU, 6 steps: precision_aware (fp32 moments) trains the same curve as megatron's
+    fp32-master optimizer; a checkpoint of either resumes in the other on that curve."""
+    plain, aware = [], ["optim.precision_aware=true"]
+    for name, extra in (("plain", plain), ("aware", aware)):
+        run_cli("launcher.train", [*BF16, *extra, "checkpoint.save_every=3", f"checkpoint.dir={tmp_path / name / 'ckpt'}",
+                                   f"run.dir={tmp_path / name}"])
+    reference = _losses(tmp_path / "plain")
+    _close(_losses(tmp_path / "aware"), reference, rtol=1e-3)
+    for saved, resumed in (("plain", aware), ("aware", plain)):
+        out = tmp_path / f"from_{saved}"
+        run_cli("launcher.train", [*BF16, *resumed, f"run.dir={out}", f"checkpoint.dir={out / 'ckpt'}",
+                                   f"checkpoint.load={tmp_path / saved / 'ckpt' / 'iter_0000003'}"])
+        _close(_losses(out), reference[3:], rtol=1e-3)
+    # bf16 moments: the same curve within bf16 tolerance.
+    run_cli("launcher.train", [*BF16, *aware, "optim.moments_dtype=bf16", f"run.dir={tmp_path / 'bf16_moments'}",
+                               f"checkpoint.dir={tmp_path / 'bf16_moments' / 'ckpt'}"])
+    _close(_losses(tmp_path / "bf16_moments"), reference, rtol=1e-2)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["optim.precision_aware=true"], "optim.precision_aware"),  # fp32 on CPU (precision auto)
+    (["optim.precision_aware=true", "train.precision=bf16", "parallel.distributed_optimizer=false"],
+     "optim.precision_aware"),
+    (["optim.moments_dtype=bf16", "train.precision=bf16"], "optim.moments_dtype"),
+    (["optim.precision_aware=true", "train.precision=bf16", "optim.moments_dtype=fp8"], "optim.moments_dtype"),
+], ids=["fp32-params", "no-distributed-optimizer", "bf16-moments-alone", "unknown-dtype"])
+def test_bad_precision_aware_settings_are_one_line_errors(overrides, key, tmp_path):
+    proc = run_cli("launcher.train", [*FAST, *overrides, f"run.dir={tmp_path}"], check=False)
+    config_error_line(proc, key)
