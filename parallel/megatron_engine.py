@@ -138,8 +138,10 @@ class MegatronEngine:
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         if device.type == "cuda" and backend == "torch":
             from models.kernels.rope import use_fused_rope
+            from models.kernels.swiglu import use_triton_swiglu_back
 
             use_fused_rope()
+            use_triton_swiglu_back()
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
         # Weight gradients accumulate into the fp32 main grads inside their GEMM (set before the

@@ -1,0 +1,59 @@
+"""SwiGLU's backward as one Triton pass (torch backend, CUDA).
+
+megatron-core's fused SwiGLU (bias_activation_fusion) saves the fc1 output y = [gate | up] and
+runs its backward as a torch.compile'd `swiglu_back`: both gradient halves, then a cat. On an
+H200 that took 4.2 ms of a 1.14B-model step (16 layers, 8192 tokens x 8192 ffn), where the bytes
+(read grad + y, write dy) need ~2.4 ms. Here one kernel reads each row's gate, up and grad once
+and writes both halves of dy in place; the forward stays megatron's.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _swiglu_back_kernel(g_ptr, y_ptr, dy_ptr, ffn, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < ffn
+        g = tl.load(g_ptr + row * ffn + cols, mask=mask).to(tl.float32)
+        gate = tl.load(y_ptr + row * 2 * ffn + cols, mask=mask).to(tl.float32)
+        up = tl.load(y_ptr + row * 2 * ffn + ffn + cols, mask=mask).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        d_gate = g * sig * (1.0 + gate * (1.0 - sig)) * up  # d/dgate of silu(gate) * up
+        d_up = g * gate * sig
+        tl.store(dy_ptr + row * 2 * ffn + cols, d_gate.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_ptr + row * 2 * ffn + ffn + cols, d_up.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d(silu(y1) * y2)/dy for y = [y1 | y2] along the last dim, given the output grad `g`."""
+    ffn = g.shape[-1]
+    g, y = g.contiguous(), y.contiguous()
+    dy = torch.empty_like(y)
+    block = min(1024, triton.next_power_of_2(ffn))
+    _swiglu_back_kernel[(g.numel() // ffn, triton.cdiv(ffn, block))](g, y, dy, ffn, BLOCK=block, num_warps=4)
+    return dy
+
+
+def _swiglu_function_backward(ctx, grad_output):
+    # megatron's SwiGLUFunction.backward with this kernel for its compiled swiglu_back
+    (input,) = ctx.saved_tensors
+    input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
+    return swiglu_back(grad_output, input), None, None
+
+
+def use_triton_swiglu_back() -> None:
+    """Route megatron's SwiGLUFunction (dense MLP, no bias) backward through the kernel (GPU with Triton)."""
+    if triton is None:
+        return
+    from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
+
+    SwiGLUFunction.backward = staticmethod(_swiglu_function_backward)
