@@ -29,3 +29,26 @@ def test_fused_rope_matches_unfused(dtype, tol):
     (g_out,) = torch.autograd.grad(out, x, grad)
     (g_ref,) = torch.autograd.grad(ref, x32, grad.float())
     torch.testing.assert_close(g_out.float(), g_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_triton_rope_on_a_strided_key_view(dtype, tol):
+    """k as megatron hands it: a view into the fused qkv output ([s, b, groups, (q + k + v) * d]),
+    head dim 128, odd sizes, mscale != 1; forward and backward against the unfused fp32 function."""
+    torch.manual_seed(1)
+    s, b, groups, d = 333, 3, 4, 128
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    freqs = torch.outer(torch.arange(s, device="cuda").float(), inv)
+    freqs = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    qkv = torch.randn(s, b, groups, 4 * d, device="cuda", dtype=dtype, requires_grad=True)
+    k = qkv[..., 2 * d:3 * d]
+    assert not k.is_contiguous()
+    grad = torch.randn(s, b, groups, d, device="cuda", dtype=dtype)
+    out = fused_rope_bshd(k, freqs, mscale=0.9)
+    k32 = k.detach().float().requires_grad_()
+    ref = unfused_rope_bshd(k32, freqs, mscale=0.9)
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    (g_out,) = torch.autograd.grad(out, qkv, grad)
+    (g_ref,) = torch.autograd.grad(ref, k32, grad.float())
+    torch.testing.assert_close(g_out[..., 2 * d:3 * d].float(), g_ref, rtol=tol, atol=tol)
+    assert g_out[..., :2 * d].abs().max() == 0 and g_out[..., 3 * d:].abs().max() == 0

@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.args import ModelArgs
 from models.kernels.linear_cross_entropy import linear_cross_entropy
-from models.specs import decoder_layer_spec, moe_decoder_block_spec
+from models.specs import dense_decoder_block_spec, moe_decoder_block_spec
 
 def _skip_init(weight: torch.Tensor) -> None:
     pass
@@ -114,7 +114,7 @@ def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre
     model = LlamaModel(
         config=config,
         transformer_layer_spec=(moe_decoder_block_spec(backend, config, vp_stage) if args.is_moe
-                                else decoder_layer_spec(backend, args.qk_layernorm)),
+                                else dense_decoder_block_spec(backend, config, vp_stage, args.qk_layernorm)),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

@@ -1,6 +1,6 @@
 """Layer specs: which modules implement a Llama-style decoder layer, per kernel backend.
 
-`torch`: megatron-core's own parallel linears, torch RMSNorm and the SDPA core attention.
+`torch`: megatron-core's own parallel linears, models/kernels' RMSNorm and the SDPA core attention.
 `te`: megatron-core's TransformerEngine spec (fused norm+linear, TE attention) when
 TransformerEngine imports. Models take a spec and never name a backend themselves.
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.kernels.attention import SDPAttention
 from models.kernels.grouped_experts import GroupedGemmExperts
-from models.kernels.norm import SequenceParallelRMSNorm
+from models.kernels.norm import RMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -29,7 +29,9 @@ def default_backend() -> str:
     return "te" if transformer_engine_available() else "torch"
 
 
-def decoder_layer_spec(backend: str, qk_layernorm: bool) -> ModuleSpec:
+def dense_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: int | None,
+                             qk_layernorm: bool) -> ModuleSpec | TransformerBlockSubmodules:
+    """The layers of this pipeline (virtual) stage of a dense model, and its final norm."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -37,8 +39,13 @@ def decoder_layer_spec(backend: str, qk_layernorm: bool) -> ModuleSpec:
     if backend != "torch":
         raise ValueError(f"unknown kernel backend {backend!r} (torch | te)")
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=RMSNorm)
 
 
 def moe_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
@@ -47,8 +54,8 @@ def moe_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: in
 
     Experts keep megatron's SequentialMLP parameters; on Hopper GPUs they run as torch grouped
     GEMMs (models/kernels/grouped_experts.py), elsewhere as SequentialMLP's loop.
-    Under TP the model runs sequence parallel (MoELayer
-    requires it), so norms are SequenceParallelRMSNorm instead of torch's.
+    Norms are models/kernels' RMSNorm, which also runs sequence parallel (MoELayer requires it
+    under TP).
     """
     if backend == "te":
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
@@ -62,10 +69,8 @@ def moe_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: in
         experts = getattr(layer.mlp.submodules, "experts", None)  # MoE layers only
         if experts is not None and experts.module is SequentialMLP:
             experts.module = GroupedGemmExperts
-        if config.sequence_parallel:
-            layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
-            if config.qk_layernorm:
-                attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
-    if config.sequence_parallel:
-        block.layer_norm = SequenceParallelRMSNorm
+        layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+        if config.qk_layernorm:
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
+    block.layer_norm = RMSNorm
     return block

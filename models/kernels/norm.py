@@ -1,10 +1,15 @@
-"""RMSNorm that works under sequence parallelism.
+"""RMSNorm for the torch backend: one Triton pass each way on GPU, torch's F.rms_norm elsewhere.
 
-megatron-core's torch norm (WrappedTorchNorm) asserts `not config.sequence_parallel`, and its
-SP-capable norms need TransformerEngine or apex. MoE with TP > 1 must run sequence parallel
-(MoELayer refuses to train otherwise), so the torch backend needs its own: the same math as
-torch.nn.RMSNorm (F.rms_norm), plus the `sequence_parallel` tag on the weight so that
+megatron-core's torch norm (WrappedTorchNorm) is torch.nn.RMSNorm, which asserts
+`not config.sequence_parallel`; its SP-capable norms need TransformerEngine or apex. MoE with
+TP > 1 must run sequence parallel, so this module tags the weight `sequence_parallel` and
 finalize_model_grads all-reduces its partial gradients across the TP group.
+
+On CUDA the forward reads each row once and keeps 1/rms for the backward, which reads x and dy
+once, writes dx, and sums the weight gradient per program before one reduction: at the
+1.14B bench shape (33 norms of 8192 x 2048 a step) torch's kernels took ~3.1 ms of the step
+where the bytes need ~1.2 ms. Under torch.compile (train.compile) the norm stays F.rms_norm,
+which inductor fuses itself.
 """
 from __future__ import annotations
 
@@ -12,8 +17,84 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
-class SequenceParallelRMSNorm(torch.nn.Module):
+
+if triton is not None:
+    @triton.jit
+    def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, hidden, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < hidden
+        x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * hidden + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, rows, hidden, rows_per_program,
+                      BLOCK: tl.constexpr):
+        program = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < hidden
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        first = program * rows_per_program
+        for row in range(first, tl.minimum(first + rows_per_program, rows)):
+            offs = row.to(tl.int64) * hidden + cols
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            x_hat = x * rstd
+            w_dy = w * dy
+            dx = (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=0) / hidden)) * rstd
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += dy * x_hat
+        tl.store(dw_partial_ptr + program.to(tl.int64) * hidden + cols, dw, mask=mask)
+
+
+class _TritonRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        hidden = x.shape[-1]
+        rows = x.reshape(-1, hidden).contiguous()
+        y = torch.empty_like(rows)
+        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_fwd[(rows.shape[0],)](rows, weight, y, rstd, hidden, eps, BLOCK=block, num_warps=8)
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        hidden = rows.shape[-1]
+        dy = dy.reshape(-1, hidden).contiguous()
+        dx = torch.empty_like(rows)
+        programs = min(rows.shape[0], 4 * torch.cuda.get_device_properties(rows.device).multi_processor_count)
+        rows_per_program = triton.cdiv(rows.shape[0], programs)
+        partial = torch.empty(programs, hidden, dtype=torch.float32, device=rows.device)
+        _rms_norm_bwd[(programs,)](dy, rows, weight, rstd, dx, partial, rows.shape[0], hidden, rows_per_program,
+                                   BLOCK=triton.next_power_of_2(hidden), num_warps=8)
+        return dx.view(ctx.shape), partial.sum(0).to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dim; the Triton kernels on CUDA (outside torch.compile)."""
+    if triton is not None and x.is_cuda and not torch.compiler.is_compiling():
+        return _TritonRMSNorm.apply(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class RMSNorm(torch.nn.Module):
+    """The torch backend's RMSNorm (megatron norm constructor signature)."""
+
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__()
         self.eps = eps
@@ -23,4 +104,4 @@ class SequenceParallelRMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)

@@ -2,19 +2,97 @@
 
 megatron-core without TransformerEngine/apex applies rotary embeddings unfused: cos and sin of
 the frequencies, rotate-half through two cats, three multiplies and an add — each a pass over q
-or k in memory. torch.compile turns the same function into one generated kernel per direction,
-so the maths (and its reference, the unfused function) stay megatron's own.
+or k in memory. Here, for the common case (half rotation, no interleave, the whole head dim
+rotated), one Triton kernel reads q or k once in whatever strides megatron hands it (k is a view
+into the fused qkv projection), computes cos/sin from the frequencies in registers, and writes
+the rotated rows; the backward is the same kernel rotating the other way. Other cases, and
+layers under torch.compile (train.compile: inductor fuses the same function itself), run
+megatron's function compiled by torch.compile.
 """
 from __future__ import annotations
 
 import torch
 from megatron.core.models.common.embeddings import rope_utils
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 unfused_rope_bshd = rope_utils._apply_rotary_pos_emb_bshd
 # dynamic=None: static shapes first, one dynamic recompile when packed rows change length.
-fused_rope_bshd = torch.compile(unfused_rope_bshd, fullgraph=True)
+compiled_rope_bshd = torch.compile(unfused_rope_bshd, fullgraph=True)
+
+
+if triton is not None:
+    @triton.jit
+    def _rope_kernel(x_ptr, freqs_ptr, out_ptr, rows, batch, heads, stride_s, stride_b, stride_h, mscale,
+                     HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        mask = (r < rows)[:, None]
+        s = r // (batch * heads)
+        src = (s.to(tl.int64) * stride_s + ((r // heads) % batch).to(tl.int64) * stride_b
+               + (r % heads).to(tl.int64) * stride_h)[:, None]
+        cols = tl.arange(0, HALF)[None, :]
+        x1 = tl.load(x_ptr + src + cols, mask=mask).to(tl.float32)
+        x2 = tl.load(x_ptr + src + HALF + cols, mask=mask).to(tl.float32)
+        f = s.to(tl.int64)[:, None] * (2 * HALF) + cols  # freqs [s, 1, 1, 2 * HALF], contiguous
+        f1 = tl.load(freqs_ptr + f, mask=mask)
+        f2 = tl.load(freqs_ptr + f + HALF, mask=mask)
+        c1, s1 = tl.cos(f1) * mscale, tl.sin(f1) * mscale
+        c2, s2 = tl.cos(f2) * mscale, tl.sin(f2) * mscale
+        if BACKWARD:  # transpose of [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
+        else:
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        dst = r.to(tl.int64)[:, None] * (2 * HALF)
+        tl.store(out_ptr + dst + cols, y1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + dst + HALF + cols, y2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate(x: torch.Tensor, freqs: torch.Tensor, mscale: float, backward: bool) -> torch.Tensor:
+    """x [s, b, heads, d] (any strides, last dim contiguous) -> contiguous rotated copy."""
+    s, b, heads, d = x.shape
+    out = torch.empty((s, b, heads, d), dtype=x.dtype, device=x.device)
+    rows, block_rows = s * b * heads, 16
+    _rope_kernel[(triton.cdiv(rows, block_rows),)](
+        x, freqs, out, rows, b, heads, x.stride(0), x.stride(1), x.stride(2), float(mscale),
+        HALF=d // 2, ROWS=block_rows, BACKWARD=backward, num_warps=4)
+    return out
+
+
+class _TritonRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
+        ctx.save_for_backward(freqs)
+        ctx.mscale = mscale
+        return _rotate(t, freqs, mscale, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (freqs,) = ctx.saved_tensors
+        return _rotate(grad, freqs, ctx.mscale, backward=True), None, None
+
+
+def _triton_applies(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool, multi_latent_attention: bool) -> bool:
+    d = t.shape[-1]
+    return (triton is not None and t.is_cuda and t.dim() == 4 and not rotary_interleaved and not multi_latent_attention
+            and freqs.shape[-1] == d and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0 and t.stride(-1) == 1
+            and freqs.dtype == torch.float32 and freqs.is_contiguous() and freqs.shape[0] == t.shape[0]
+            and freqs.numel() == t.shape[0] * d and not torch.compiler.is_compiling())
+
+
+def fused_rope_bshd(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool = False,
+                    multi_latent_attention: bool = False, mscale: float = 1.0) -> torch.Tensor:
+    """megatron's _apply_rotary_pos_emb_bshd (same arguments), on the Triton kernel where it applies."""
+    if _triton_applies(t, freqs, rotary_interleaved, multi_latent_attention):
+        return _TritonRope.apply(t, freqs, mscale)
+    return compiled_rope_bshd(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
 
 
 def use_fused_rope() -> None:
-    """Route megatron's apply_rotary_pos_emb (dense and THD) through the compiled kernel."""
+    """Route megatron's apply_rotary_pos_emb (dense and THD) through the fused kernels."""
     rope_utils._apply_rotary_pos_emb_bshd = fused_rope_bshd
