@@ -44,7 +44,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss, grad_logits = loss_and_grad(h @ weight.t(), labels[start:end], mask[start:end])
             losses[start:end] = loss
             grad_hidden[start:end] = grad_logits @ weight
-            grad_weight += grad_logits.t() @ h
+            if hidden.is_cuda:  # accumulate in the GEMM's fp32 epilogue: no bf16 [V, h] product to add
+                torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
+            else:  # (no CPU kernel for addmm with out_dtype)
+                grad_weight += grad_logits.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight, mask)
         ctx.weight_dtype = weight.dtype
         return losses
