@@ -44,9 +44,9 @@ if triton is not None:
         mask = cols < hidden
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        first = program * rows_per_program
+        first = program.to(tl.int64) * rows_per_program  # int64 rows: offsets past 2**31 stay exact
         for row in range(first, tl.minimum(first + rows_per_program, rows)):
-            offs = row.to(tl.int64) * hidden + cols
+            offs = row * hidden + cols
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + row)
@@ -77,7 +77,8 @@ class _TritonRMSNorm(torch.autograd.Function):
         hidden = rows.shape[-1]
         dy = dy.reshape(-1, hidden).contiguous()
         dx = torch.empty_like(rows)
-        programs = min(rows.shape[0], 4 * torch.cuda.get_device_properties(rows.device).multi_processor_count)
+        sms = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else 2
+        programs = min(rows.shape[0], 4 * sms)  # (CPU: the Triton interpreter, tests/scripts)
         rows_per_program = triton.cdiv(rows.shape[0], programs)
         partial = torch.empty(programs, hidden, dtype=torch.float32, device=rows.device)
         _rms_norm_bwd[(programs,)](dy, rows, weight, rstd, dx, partial, rows.shape[0], hidden, rows_per_program,
