@@ -42,7 +42,8 @@ def test_triton_adamw_matches_torch_adamw_on_fp32_masters(moments, tol):
     fused, params, torch_adamw, reference = _steps(moments, "cuda")
     for p, r in zip(params, reference):
         master = fused.get_unscaled_state(p, "master_param")
-        torch.testing.assert_close(master, r.detach(), rtol=tol, atol=tol * 1e-2)
+        # bf16 moments: within 1% of the distance the weights can move (lr x steps = 3e-2)
+        torch.testing.assert_close(master, r.detach(), rtol=tol, atol=1e-7 if moments == torch.float32 else 3e-4)
         # the param is the master's bf16 rounding to nearest (a tie may round either way)
         assert ((p.detach().float() - master).abs() <= (master.bfloat16().float() - master).abs()).all()
         for key in ("exp_avg", "exp_avg_sq"):
