@@ -4,8 +4,8 @@ megatron-core without TransformerEngine/apex applies rotary embeddings unfused: 
 the frequencies, rotate-half through two cats, three multiplies and an add — each a pass over q
 or k in memory. Here, for the common case (half rotation, no interleave, the whole head dim
 rotated), one Triton kernel reads q or k once in whatever strides megatron hands it (k is a view
-into the fused qkv projection), computes cos/sin from the frequencies in registers, and writes
-the rotated rows; the backward is the same kernel rotating the other way. Other cases, and
+into the fused qkv projection) and writes the rotated rows; each program takes one position and
+computes its cos/sin once for all heads (per element, the trig cost more than the bytes); the backward is the same kernel rotating the other way. Other cases, and
 layers under torch.compile (train.compile: inductor fuses the same function itself), run
 megatron's function compiled by torch.compile.
 """
@@ -27,40 +27,39 @@ compiled_rope_bshd = torch.compile(unfused_rope_bshd, fullgraph=True)
 
 if triton is not None:
     @triton.jit
-    def _rope_kernel(x_ptr, freqs_ptr, out_ptr, rows, batch, heads, stride_s, stride_b, stride_h, mscale,
+    def _rope_kernel(x_ptr, freqs_ptr, out_ptr, rows_per_position, heads, stride_s, stride_b, stride_h, mscale,
                      HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
-        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        mask = (r < rows)[:, None]
-        s = r // (batch * heads)
-        src = (s.to(tl.int64) * stride_s + ((r // heads) % batch).to(tl.int64) * stride_b
-               + (r % heads).to(tl.int64) * stride_h)[:, None]
-        cols = tl.arange(0, HALF)[None, :]
-        x1 = tl.load(x_ptr + src + cols, mask=mask).to(tl.float32)
-        x2 = tl.load(x_ptr + src + HALF + cols, mask=mask).to(tl.float32)
-        f = s.to(tl.int64)[:, None] * (2 * HALF) + cols  # freqs [s, 1, 1, 2 * HALF], contiguous
-        f1 = tl.load(freqs_ptr + f, mask=mask)
-        f2 = tl.load(freqs_ptr + f + HALF, mask=mask)
-        c1, s1 = tl.cos(f1) * mscale, tl.sin(f1) * mscale
-        c2, s2 = tl.cos(f2) * mscale, tl.sin(f2) * mscale
-        if BACKWARD:  # transpose of [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]
-            y1 = x1 * c1 + x2 * s2
-            y2 = x2 * c2 - x1 * s1
-        else:
-            y1 = x1 * c1 - x2 * s1
-            y2 = x2 * c2 + x1 * s2
-        dst = r.to(tl.int64)[:, None] * (2 * HALF)
-        tl.store(out_ptr + dst + cols, y1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + dst + HALF + cols, y2.to(out_ptr.dtype.element_ty), mask=mask)
+        # One program per sequence position: cos/sin once, then every (batch, head) row at it.
+        s = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, HALF)
+        f1 = tl.load(freqs_ptr + s * (2 * HALF) + cols)  # freqs [s, 1, 1, 2 * HALF], contiguous
+        f2 = tl.load(freqs_ptr + s * (2 * HALF) + HALF + cols)
+        c1, s1 = (tl.cos(f1) * mscale)[None, :], (tl.sin(f1) * mscale)[None, :]
+        c2, s2 = (tl.cos(f2) * mscale)[None, :], (tl.sin(f2) * mscale)[None, :]
+        for first in range(0, rows_per_position, ROWS):
+            r = first + tl.arange(0, ROWS)
+            mask = (r < rows_per_position)[:, None]
+            src = (s * stride_s + (r // heads).to(tl.int64) * stride_b + (r % heads).to(tl.int64) * stride_h)[:, None]
+            x1 = tl.load(x_ptr + src + cols[None, :], mask=mask).to(tl.float32)
+            x2 = tl.load(x_ptr + src + HALF + cols[None, :], mask=mask).to(tl.float32)
+            if BACKWARD:  # transpose of [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]
+                y1 = x1 * c1 + x2 * s2
+                y2 = x2 * c2 - x1 * s1
+            else:
+                y1 = x1 * c1 - x2 * s1
+                y2 = x2 * c2 + x1 * s2
+            dst = ((s * rows_per_position + r.to(tl.int64)) * (2 * HALF))[:, None] + cols[None, :]
+            tl.store(out_ptr + dst, y1.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rotate(x: torch.Tensor, freqs: torch.Tensor, mscale: float, backward: bool) -> torch.Tensor:
     """x [s, b, heads, d] (any strides, last dim contiguous) -> contiguous rotated copy."""
     s, b, heads, d = x.shape
     out = torch.empty((s, b, heads, d), dtype=x.dtype, device=x.device)
-    rows, block_rows = s * b * heads, 16
-    _rope_kernel[(triton.cdiv(rows, block_rows),)](
-        x, freqs, out, rows, b, heads, x.stride(0), x.stride(1), x.stride(2), float(mscale),
-        HALF=d // 2, ROWS=block_rows, BACKWARD=backward, num_warps=4)
+    rows = min(32, triton.next_power_of_2(b * heads))
+    _rope_kernel[(s,)](x, freqs, out, b * heads, heads, x.stride(0), x.stride(1), x.stride(2), float(mscale),
+                       HALF=d // 2, ROWS=rows, BACKWARD=backward, num_warps=4)
     return out
 
 
