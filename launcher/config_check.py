@@ -62,8 +62,6 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
     elif t.recompute not in (None, "selective", "full"):
         raise ConfigError("train.recompute", f"must be null, selective, full or a list of modules "
                                              f"({', '.join(RECOMPUTE_MODULES)}), got {t.recompute!r}")
-    if not isinstance(t.gc_every, int) or isinstance(t.gc_every, bool) or t.gc_every < 0:
-        raise ConfigError("train.gc_every", f"must be a non-negative integer, got {t.gc_every!r}")
     if not isinstance(t.compile, bool):
         raise ConfigError("train.compile", f"must be true or false, got {t.compile!r}")
     if t.compile and p.engine != "megatron":

@@ -5,7 +5,6 @@ and end the run with exit code 0, so a requeued job resumes from `latest`.
 """
 from __future__ import annotations
 
-import gc
 import signal
 
 from dataclasses import dataclass, field
@@ -54,7 +53,6 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
     stop = _StopOnSignal(device)
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.run.dir, device, enabled=rank0)
     done = start_step
-    collector = _ManualGC(t.gc_every)
     for step in range(start_step, t.steps):
         profiler.before_step(step + 1)
         batches = data.batches(step=step, dp_rank=dp_rank, dp_size=dp_size,
@@ -62,7 +60,6 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
         result = engine.train_step(batches)
         elapsed = timer.lap()
         done = step + 1
-        collector.after_step(done)
         profiler.after_step(done)
         if rank0 and (done % t.log_every == 0 or done == t.steps):
             record: dict[str, Any] = {
@@ -84,7 +81,6 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done != t.steps:
             checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
             timer.lap()  # keep save time out of the next step's throughput
-    collector.close()
     if (cfg.checkpoint.final_save or stop.signal) and done > start_step:
         path = checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
         if rank0:
@@ -92,28 +88,6 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
             print(f"saved checkpoint {path}{why}", flush=True)
     if logger is not None:
         logger.close()
-
-
-class _ManualGC:
-    """`train.gc_every=N`: Python's cyclic collector runs every N steps instead of whenever
-    allocations trigger it. An automatic collection pauses the host for milliseconds on a
-    megatron-core process's object graph at an arbitrary point of a step, where the GPU may be
-    waiting for the next launch; torchtitan (gc_freq) and Megatron-LM (--manual-gc) do the same.
-    0 leaves the automatic collector on."""
-
-    def __init__(self, every: int):
-        self.every = every
-        if every:
-            gc.collect()
-            gc.disable()
-
-    def after_step(self, step: int) -> None:
-        if self.every and step % self.every == 0:
-            gc.collect(1)
-
-    def close(self) -> None:
-        if self.every:
-            gc.enable()
 
 
 class _StopOnSignal:
