@@ -98,7 +98,8 @@ def _step_torch(p: torch.Tensor, rem: torch.Tensor, g: torch.Tensor, m: torch.Te
 class FusedAdam(torch.optim.AdamW):
     """AdamW (decoupled weight decay) over bf16 params with remainder master weights; the
     constructor takes what megatron-core passes TE's FusedAdam. A subclass of torch's AdamW only
-    for megatron's type checks; `step` is its own."""
+    for megatron's type checks; `step` is its own. `fused` is set, as for torch's fused AdamW: one
+    kernel per tensor that divides the grads by `grad_scale` (parallel/grad_scaling.py)."""
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, adam_w_mode: bool = True, exp_avg_dtype: torch.dtype = torch.float32,
@@ -112,7 +113,7 @@ class FusedAdam(torch.optim.AdamW):
         self.grad_scale: torch.Tensor | None = None
         torch.optim.Optimizer.__init__(self, params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False,
-            foreach=False, fused=False, capturable=False, differentiable=False, decoupled_weight_decay=True))
+            foreach=False, fused=True, capturable=False, differentiable=False, decoupled_weight_decay=True))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype != torch.bfloat16:
@@ -169,8 +170,10 @@ class FusedAdam(torch.optim.AdamW):
                 state = self.state[p]
                 if not state:
                     self.initialize_state(p)
-                state["step"] = state["step"] + 1  # not in place: a loaded checkpoint may share one tensor
-                t = float(state["step"])
+                # A new host tensor: a loaded checkpoint may share one step tensor among params or put it
+                # on the device (launcher.checkpoint, for fused optimizers); the host keeps the count.
+                t = float(state["step"]) + 1
+                state["step"] = torch.tensor(t)
                 args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                         1.0 - beta1 ** t, math.sqrt(1.0 - beta2 ** t))
                 tensors = (p, state["master_param"], grad, state["exp_avg"], state["exp_avg_sq"])

@@ -19,8 +19,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 
-from parallel.fused_adam import FusedAdam
-
 
 class FoldedGradScaling:
     """`finalize_model_grads` (the schedule's hook: reductions, no scaling) and `step` (the
@@ -34,8 +32,7 @@ class FoldedGradScaling:
 
     @staticmethod
     def applies(optimizer: Any) -> bool:
-        return all(isinstance(c.optimizer, FusedAdam) or
-                   (isinstance(c.optimizer, torch.optim.AdamW) and c.optimizer.defaults.get("fused"))
+        return all(isinstance(c.optimizer, torch.optim.AdamW) and c.optimizer.defaults.get("fused")
                    for c in optimizer.chained_optimizers)
 
     def finalize_model_grads(self, model: list, num_tokens: torch.Tensor | None = None, **kwargs: Any) -> None:
@@ -75,9 +72,8 @@ class FoldedGradScaling:
             coeff = self.clip_grad / (grad_norm + 1.0e-6)  # megatron's clip_grad_by_total_norm_fp32
             divisor = tokens / coeff.clamp(max=1.0)
         for adamw in self.adamws:
-            if not isinstance(adamw, FusedAdam):  # a loaded checkpoint brings its own flags; only fused takes grad_scale
-                for group in adamw.param_groups:
-                    group["fused"], group["foreach"] = True, False
+            for group in adamw.param_groups:  # a loaded checkpoint brings its own flags; only fused takes grad_scale
+                group["fused"], group["foreach"] = True, False
             scale = getattr(adamw, "grad_scale", None)
             if scale is None:
                 device = adamw.param_groups[0]["params"][0].device

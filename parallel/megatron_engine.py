@@ -30,7 +30,7 @@ from parallel.layout import Layout
 from parallel import grad_accum_fusion
 from parallel.compile_layers import compile_layers
 from parallel.cuda_graph import wrap as cuda_graph_wrap
-from parallel.fused_adam import FusedAdam, as_megatron_adam, precision_aware
+from parallel.fused_adam import as_megatron_adam, precision_aware
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
 
@@ -124,7 +124,7 @@ def use_fused_adamw(optimizer) -> None:
     scales itself (parallel/grad_scaling.py)."""
     for chained in optimizer.chained_optimizers:
         inner = chained.optimizer
-        if isinstance(inner, torch.optim.AdamW) and not isinstance(inner, FusedAdam):
+        if isinstance(inner, torch.optim.AdamW):
             for group in (inner.defaults, *inner.param_groups):
                 group["fused"], group["foreach"] = True, False
 
@@ -226,7 +226,8 @@ class MegatronEngine:
             _, grad_norm, _ = self.optimizer.step()
         loss_sum, num_tokens = self._global_loss(reports)
         moe = self.moe_stats.step_metrics(len(microbatches)) if self.moe_stats is not None else {}
-        return StepResult(loss_sum=loss_sum, num_tokens=num_tokens, grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+        return StepResult(loss_sum=loss_sum, num_tokens=num_tokens,
+                          grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
                           lr=self.optimizer.param_groups[0]["lr"], moe=moe)
 
     def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[float, int]:

@@ -5,7 +5,8 @@ the frequencies, rotate-half through two cats, three multiplies and an add — e
 or k in memory. Here, for the common case (half rotation, no interleave, the whole head dim
 rotated), one Triton kernel reads q or k once in whatever strides megatron hands it (k is a view
 into the fused qkv projection) and writes the rotated rows; each program takes one position and
-computes its cos/sin once for all heads (per element, the trig cost more than the bytes); the backward is the same kernel rotating the other way. Other cases, and
+computes its cos/sin once for all heads (per element, the trig cost more than the bytes); the
+backward is the same kernel rotating the other way. Other cases, and
 layers under torch.compile (train.compile: inductor fuses the same function itself), run
 megatron's function compiled by torch.compile.
 """
@@ -76,7 +77,8 @@ class _TritonRope(torch.autograd.Function):
         return _rotate(grad, freqs, ctx.mscale, backward=True), None, None
 
 
-def _triton_applies(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool, multi_latent_attention: bool) -> bool:
+def _triton_applies(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool,
+                    multi_latent_attention: bool) -> bool:
     d = t.shape[-1]
     return (triton is not None and t.is_cuda and t.dim() == 4 and not rotary_interleaved and not multi_latent_attention
             and freqs.shape[-1] == d and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0 and t.stride(-1) == 1
