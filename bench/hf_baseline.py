@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--out", help="also write the result JSON to this file")
     p.add_argument("--variant", choices=VARIANTS, default="eager", help="eager | compile (torch.compile) | liger")
+    p.add_argument("--memory-snapshot", metavar="DIR",
+                   help="record CUDA allocations over the whole run; write DIR/memory/snapshot.pickle and DIR/memory/peak.txt "
+                        "(what was live at the peak, by allocating line: launcher.profiling.peak_report)")
     p.add_argument("--sft-data", metavar="PREFIX",
                    help="packed SFT instead of random tokens: the indexed dataset PREFIX written by "
                         "`launcher.preprocess format=sft`, flattened with DataCollatorWithFlattening "
@@ -382,12 +385,20 @@ def main(argv: list[str] | None = None) -> dict:
     if a.steps - a.warmup < 20 and a.device == "cuda":
         print(f"hf_baseline: warning: only {a.steps - a.warmup} timed steps (>= 20 recommended)", file=sys.stderr)
     common = dict(lr=a.lr, clip_grad=a.clip_grad, device=a.device, variant=a.variant)
+    if a.memory_snapshot:  # same report as ShardForge's logging.memory_snapshot
+        from launcher.profiling import record_memory_history
+
+        record_memory_history(a.steps, torch.device(a.device))
     if a.sft_data:
         result = run_hf_packed(load_model_yaml(a.model), a.sft_data, a.seq_length, a.micro_batch_size, a.steps,
                                a.warmup, **common)
     else:
         result = run_hf(load_model_yaml(a.model), a.seq_length, a.micro_batch_size, a.steps, a.warmup, **common)
     result["model"] = a.model
+    if a.memory_snapshot and a.device == "cuda":
+        from launcher.profiling import MemorySnapshot
+
+        MemorySnapshot(a.steps, a.memory_snapshot, torch.device(a.device)).after_step(a.steps)
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     if a.json:

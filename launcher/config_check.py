@@ -134,6 +134,9 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
                                 or profile[0] > profile[1]):
         raise ConfigError("logging.profile_steps", f"must be null or [start, end] with 1 <= start <= end, "
                                                    f"got {list(profile) if not isinstance(profile, int) else profile}")
+    snap = cfg.logging.memory_snapshot
+    if snap is not None and (not isinstance(snap, int) or isinstance(snap, bool) or snap < 1):
+        raise ConfigError("logging.memory_snapshot", f"must be null or a step number >= 1, got {snap!r}")
     if cfg.checkpoint.save_every < 0:
         raise ConfigError("checkpoint.save_every", f"must be >= 0, got {cfg.checkpoint.save_every}")
     keep = cfg.checkpoint.keep_last

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher import checkpoint
 from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
-from launcher.profiling import StepProfiler
+from launcher.profiling import MemorySnapshot, StepProfiler
 from models.args import ModelArgs
 from parallel.megatron_engine import MegatronEngine
 
@@ -52,6 +52,7 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     stop = _StopOnSignal(device)
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.run.dir, device, enabled=rank0)
+    memory = MemorySnapshot(cfg.logging.memory_snapshot, cfg.run.dir, device, enabled=rank0)
     done = start_step
     for step in range(start_step, t.steps):
         profiler.before_step(step + 1)
@@ -61,6 +62,7 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
         elapsed = timer.lap()
         done = step + 1
         profiler.after_step(done)
+        memory.after_step(done)
         if rank0 and (done % t.log_every == 0 or done == t.steps):
             record: dict[str, Any] = {
                 "step": done, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,

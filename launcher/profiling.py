@@ -5,12 +5,19 @@ Writes `<run.dir>/profile/trace.json` (open in chrome://tracing or Perfetto) and
 can be read without a trace viewer. On GPU, ops.txt starts with how busy the GPU was over the
 profiled span (kernel time vs. wall time: the gap is launch overhead / host stalls) and the
 kernel time by kind (GEMM, attention, optimizer, other).
+
+`logging.memory_snapshot=N`: the CUDA caching allocator's history from start-up to the end of
+step N (rank 0) → `<run.dir>/memory/snapshot.pickle` (drag into https://pytorch.org/memory_viz)
+and `<run.dir>/memory/peak.txt`: what was allocated at the peak, grouped by the line of model or
+framework code that allocated it (the question a peak-memory number raises).
 """
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,3 +73,81 @@ class StepProfiler:
         (self._out / "ops.txt").write_text(summary + self._prof.key_averages().table(sort_by=sort, row_limit=60) + "\n")
         print(f"profile of steps {self._range[0]}-{self._range[1]} in {self._out}", flush=True)
         self._prof = None
+
+
+def record_memory_history(until_step: int | None, device: torch.device, enabled: bool = True) -> None:
+    """Start recording CUDA allocations (with Python stacks) if `logging.memory_snapshot` is set;
+    called before the model is built so weights and optimizer state carry their stacks too."""
+    if until_step and enabled and device.type == "cuda":
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
+
+
+_REPO = str(Path(__file__).resolve().parent.parent) + "/"
+
+
+def _site(frames: list[dict[str, Any]]) -> str:
+    """The innermost frame outside torch itself: the model / megatron / optimizer line that asked."""
+    for f in frames:
+        name = f["filename"]
+        if "/torch/" not in name and not name.startswith("<"):
+            short = re.sub(r".*/(site-packages|dist-packages)/", "", name).removeprefix(_REPO)
+            return f"{short}:{f['line']} {f['name']}"
+    return "(torch internals)" if frames else "(no stack)"
+
+
+def peak_report(snapshot: dict[str, Any], top: int = 30) -> str:
+    """Replay device 0's allocation trace; list the blocks live at the highest point of allocated
+    memory, by allocating site. Blocks allocated before recording began count as one baseline."""
+    trace = snapshot["device_traces"][0] if snapshot["device_traces"] else []
+    live_now = sum(b["size"] for seg in snapshot["segments"] for b in seg["blocks"]
+                   if b["state"] == "active_allocated")
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = peak_at = 0
+    peak_live: dict[int, tuple[int, str]] = {}
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _site(e.get("frames", [])))
+            total += e["size"]
+            if total > peak:
+                peak, peak_at = total, i
+                peak_live = dict(live)
+        elif e["action"] == "free_requested" and e["addr"] in live:
+            total -= live.pop(e["addr"])[0]
+    # The trace's net change is what was allocated while recording; the rest of what is live
+    # now was there before (allocator state at start-up).
+    baseline = max(0, live_now - total)
+    by_site: dict[str, list[int]] = {}
+    for size, site in peak_live.values():
+        count_bytes = by_site.setdefault(site, [0, 0])
+        count_bytes[0] += 1
+        count_bytes[1] += size
+    gib = 2**30
+    lines = [f"peak allocated {(peak + baseline) / gib:.2f} GiB (trace event {peak_at} of {len(trace)}; "
+             f"{baseline / gib:.2f} GiB allocated before recording began)", "",
+             f"{'GiB':>8} {'blocks':>7}  allocated at"]
+    for site, (count, size) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{size / gib:8.3f} {count:7d}  {site}")
+    if peak_at < len(trace):
+        lines += ["", "stack of the allocation that set the peak:"]
+        lines += [f"  {f['filename']}:{f['line']} {f['name']}" for f in trace[peak_at].get("frames", [])[:25]]
+    return "\n".join(lines) + "\n"
+
+
+class MemorySnapshot:
+    """Dumps the recorded history after step `until_step` and stops recording."""
+
+    def __init__(self, until_step: int | None, run_dir: str, device: torch.device, enabled: bool = True):
+        self._until = until_step if enabled and device.type == "cuda" else None
+        self._out = Path(run_dir) / "memory"
+
+    def after_step(self, step: int) -> None:
+        if self._until is None or step != self._until:
+            return
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self._out.mkdir(parents=True, exist_ok=True)
+        with open(self._out / "snapshot.pickle", "wb") as f:
+            pickle.dump(snapshot, f)
+        (self._out / "peak.txt").write_text(peak_report(snapshot))
+        print(f"memory snapshot of steps 1-{step} in {self._out}", flush=True)
+        self._until = None

@@ -106,6 +106,7 @@ def run(cfg: DictConfig) -> None:
 
     from launcher import checkpoint
     from launcher.loop import train
+    from launcher.profiling import record_memory_history
     from models.args import ModelArgs
     from models.specs import default_backend
     from parallel import cuda_graph
@@ -114,6 +115,7 @@ def run(cfg: DictConfig) -> None:
     args = ModelArgs.from_config(cfg.model)
     graphed = cuda_graph.resolve(cfg, device.type, world_size_from_env())
     init_distributed(layout, device, cfg.train.seed, cuda_graph=graphed)
+    record_memory_history(cfg.logging.memory_snapshot, device, enabled=dist.get_rank() == 0)
     try:
         if cfg.parallel.engine == "deepspeed":  # the one place that picks the engine
             from parallel.deepspeed_engine import DeepSpeedEngine

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import FAST, config_error_line, run_cli
+from conftest import FAST, REPO, config_error_line, run_cli
 
 
 def test_profile_steps_writes_trace_and_op_table(tmp_path, cache_env):
@@ -33,3 +33,33 @@ def test_gpu_busy_summary_counts_overlapping_kernels_once(tmp_path):
     summary = gpu_busy_summary(trace)
     assert "(62.5%)" in summary
     assert "gemm 0.0 ms" in summary and "attention 0.0 ms" in summary and "optimizer 0.0 ms" in summary
+
+
+def test_peak_report_lists_what_was_live_at_the_peak():
+    from launcher.profiling import peak_report
+
+    def frames(line):
+        return [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
+                {"filename": str(REPO / "models" / "llama.py"), "line": line, "name": "forward"}]
+
+    mib = 2**20
+    # a (4 MiB, line 10) and b (8 MiB, line 20) live together = 12 MiB; b freed; c (6 MiB) after a: 10 MiB.
+    trace = [{"action": "alloc", "addr": 1, "size": 4 * mib, "frames": frames(10)},
+             {"action": "alloc", "addr": 2, "size": 8 * mib, "frames": frames(20)},
+             {"action": "free_requested", "addr": 2, "size": 8 * mib},
+             {"action": "free_completed", "addr": 2, "size": 8 * mib},
+             {"action": "alloc", "addr": 3, "size": 6 * mib, "frames": frames(30)}]
+    # Live at the dump: a, c and a 2 MiB block from before recording began.
+    blocks = [{"size": s, "state": "active_allocated"} for s in (4 * mib, 6 * mib, 2 * mib)]
+    snapshot = {"device_traces": [trace], "segments": [{"blocks": blocks + [{"size": mib, "state": "inactive"}]}]}
+    report = peak_report(snapshot)
+    assert report.startswith(f"peak allocated {14 / 1024:.2f} GiB (trace event 1 of 5; {2 / 1024:.2f} GiB")
+    rows = [line.split() for line in report.splitlines()[3:5]]
+    assert rows[0][1:] == ["1", "models/llama.py:20", "forward"] and float(rows[0][0]) == round(8 / 1024, 3)
+    assert rows[1][1:] == ["1", "models/llama.py:10", "forward"]
+    assert "llama.py:30" not in report.split("stack of")[0]  # c came after the peak
+
+
+def test_bad_memory_snapshot_is_one_config_error(tmp_path):
+    proc = run_cli("launcher.train", ["logging.memory_snapshot=0", f"run.dir={tmp_path}"], check=False)
+    config_error_line(proc, "logging.memory_snapshot")
