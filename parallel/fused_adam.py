@@ -203,11 +203,12 @@ def as_megatron_adam() -> Iterator[None]:
             setattr(mcore_optimizer, name, value)
 
 
-def precision_aware(config: Any, moments_dtype: torch.dtype) -> Any:
+def precision_aware(config: Any, moments_dtype: torch.dtype, main_grads_dtype: torch.dtype = torch.float32) -> Any:
     """Switch a megatron OptimizerConfig to the precision-aware path. Set after construction:
     its __post_init__ insists on TE's FusedAdam for this path."""
     config.use_precision_aware_optimizer = True
     config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
     config.store_param_remainders = True
     config.exp_avg_dtype = config.exp_avg_sq_dtype = moments_dtype
+    config.main_grads_dtype = main_grads_dtype  # (the grad buffer's dtype itself is DDP's grad_reduce_in_fp32)
     return config

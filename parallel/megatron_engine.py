@@ -163,7 +163,11 @@ class MegatronEngine:
             if params_dtype == torch.bfloat16:
                 chunk = Float16Module(self.config, chunk)
             chunks.append(chunk)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        # bf16 main grads (precision-aware only): with one micro batch a step they hold what the
+        # wgrad GEMM's bf16 epilogue wrote; half the buffer's memory and bytes (norm, AdamW, zeroing).
+        bf16_grads = optim_cfg.precision_aware and optim_cfg.main_grads_dtype == "bf16"
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=not bf16_grads,
+                                                   overlap_grad_reduce=overlap_grad_reduce,
                                                    use_distributed_optimizer=distributed_optimizer)
         self.chunks = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
                                                disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
@@ -179,7 +183,8 @@ class MegatronEngine:
         if optim_cfg.precision_aware:  # parallel/fused_adam.py: bf16 params hold the master weights' top half
             moments = torch.bfloat16 if optim_cfg.moments_dtype == "bf16" else torch.float32
             with as_megatron_adam():
-                self.optimizer = get_megatron_optimizer(precision_aware(optimizer_config, moments), self.chunks)
+                grads = torch.bfloat16 if bf16_grads else torch.float32
+                self.optimizer = get_megatron_optimizer(precision_aware(optimizer_config, moments, grads), self.chunks)
         else:
             self.optimizer = get_megatron_optimizer(optimizer_config, self.chunks)
             use_fused_adamw(self.optimizer)

@@ -96,6 +96,10 @@ def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_en
     run_cli("launcher.train", [*BF16, *aware, "optim.moments_dtype=bf16", f"run.dir={tmp_path / 'bf16_moments'}",
                                f"checkpoint.dir={tmp_path / 'bf16_moments' / 'ckpt'}"])
     _close(_losses(tmp_path / "bf16_moments"), reference, rtol=1e-2)
+    # bf16 main grads (the buffer DDP accumulates in): the same curve within bf16 tolerance.
+    run_cli("launcher.train", [*BF16, *aware, "optim.main_grads_dtype=bf16", f"run.dir={tmp_path / 'bf16_grads'}",
+                               f"checkpoint.dir={tmp_path / 'bf16_grads' / 'ckpt'}"])
+    _close(_losses(tmp_path / "bf16_grads"), reference, rtol=1e-2)
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -104,7 +108,8 @@ def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_en
      "optim.precision_aware"),
     (["optim.moments_dtype=bf16", "train.precision=bf16"], "optim.moments_dtype"),
     (["optim.precision_aware=true", "train.precision=bf16", "optim.moments_dtype=fp8"], "optim.moments_dtype"),
-], ids=["fp32-params", "no-distributed-optimizer", "bf16-moments-alone", "unknown-dtype"])
+    (["optim.main_grads_dtype=bf16", "train.precision=bf16"], "optim.main_grads_dtype"),
+], ids=["fp32-params", "no-distributed-optimizer", "bf16-moments-alone", "unknown-dtype", "bf16-grads-alone"])
 def test_bad_precision_aware_settings_are_one_line_errors(overrides, key, tmp_path):
     proc = run_cli("launcher.train", [*FAST, *overrides, f"run.dir={tmp_path}"], check=False)
     config_error_line(proc, key)
