@@ -21,7 +21,7 @@ def _loss_and_logit_grad(logits: torch.Tensor, labels: torch.Tensor, mask: torch
 
     The one-hot is a comparison, not a scatter: compiled, this is one reduction (logsumexp) and
     one pointwise pass that writes the bf16 gradient, with no fp32 copy of the chunk in memory
-    (a scatter_add made inductor materialize two, 1 GB at 4096 tokens × 32k vocab)."""
+    (a scatter_add made inductor materialize one: 0.5 GB at 4096 tokens × 32k vocab)."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     loss = (lse - x.gather(-1, labels.unsqueeze(-1))).squeeze(-1)
