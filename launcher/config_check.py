@@ -14,8 +14,9 @@ from models.args import padded_vocab_size
 from parallel.layout import Layout
 
 
-# megatron-core's selective recompute submodules (TransformerConfig.recompute_modules).
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts")
+# megatron-core's selective recompute submodules (TransformerConfig.recompute_modules), and
+# mlp_act: the dense MLP's activation output (models/mlp_act_recompute.py).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts", "mlp_act")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,9 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
         if not t.recompute or unknown:
             raise ConfigError("train.recompute", f"a module list takes {', '.join(RECOMPUTE_MODULES)}; "
                                                  f"got {list(t.recompute)}")
+        if "mlp_act" in t.recompute and (m.get("num_experts") is not None or p.engine != "megatron"):
+            raise ConfigError("train.recompute", "mlp_act recomputes the dense MLP's activation (engine=megatron, "
+                                                 "dense models; MoE experts: moe_act)")
     elif t.recompute not in (None, "selective", "full"):
         raise ConfigError("train.recompute", f"must be null, selective, full or a list of modules "
                                              f"({', '.join(RECOMPUTE_MODULES)}), got {t.recompute!r}")

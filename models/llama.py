@@ -59,8 +59,10 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
     elif recompute == "selective":
         recompute_kw = dict(recompute_granularity="selective")  # megatron's default: core attention
     elif recompute is not None:  # selective, these submodules (e.g. ["mlp", "layernorm"])
-        recompute_kw = dict(recompute_granularity="selective", recompute_modules=list(recompute))
-    return TransformerConfig(
+        # mlp_act is ours (models/mlp_act_recompute.py): added after megatron validated its own names.
+        recompute_kw = dict(recompute_granularity="selective",
+                            recompute_modules=[m for m in recompute if m != "mlp_act"])
+    config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         kv_channels=args.kv_channels, normalization="RMSNorm", layernorm_epsilon=args.norm_epsilon,
@@ -88,6 +90,9 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
         **recompute_kw,
         **moe_config_kwargs(args, tp=tp, ep=ep),
     )
+    if recompute not in (None, "full", "selective") and "mlp_act" in recompute:
+        config.recompute_modules.append("mlp_act")
+    return config
 
 
 class LlamaModel(GPTModel):

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from models.kernels.attention import SDPAttention
 from models.kernels.grouped_experts import GroupedGemmExperts
 from models.kernels.norm import RMSNorm
+from models.mlp_act_recompute import ActivationRecomputeMLP
 
 
 def transformer_engine_available() -> bool:
@@ -44,6 +45,8 @@ def dense_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: 
     layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
     if qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
+    if config.recompute_granularity == "selective" and "mlp_act" in config.recompute_modules:
+        layer.mlp.module = ActivationRecomputeMLP
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=RMSNorm)
 

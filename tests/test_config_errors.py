@@ -22,6 +22,7 @@ CASES = [
     (["model.vocab_size=1000"], "model.vocab_size", "has 4096 tokens but model.vocab_size is 1000"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last", "must be null or a positive integer"),
     (["train.recompute=[mlp,attention]"], "train.recompute", "got ['mlp', 'attention']"),
+    (["model=qwen_moe_tiny", "train.recompute=[mlp_act]"], "train.recompute", "MoE experts: moe_act"),
     (["train.compile=yes"], "train.compile", "must be true or false"),
     (["train.compile=true", "train.recompute=[mlp]"], "train.compile", "does not trace under torch.compile"),
     (["train.compile=true", "model=mixtral_tiny"], "train.compile", "compiled layers are dense only"),

@@ -17,6 +17,7 @@ LAYOUTS = [
     ("recompute_full", ["train.recompute=full"], 1),
     ("recompute_selective_tp2", ["train.recompute=selective", "parallel.tp=2"], 2),
     ("recompute_mlp_layernorm", ["train.recompute=[mlp,layernorm]"], 1),
+    ("recompute_mlp_act_tp2", ["train.recompute=[mlp_act,layernorm]", "parallel.tp=2"], 2),
     # torch.compile'd layers, under TP and PP as well.
     ("compile_tp2_pp2", ["train.compile=true", "parallel.tp=2", "parallel.pp=2"], 4),
 ]
