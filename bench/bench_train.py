@@ -24,6 +24,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition(":")
     if not name or not overrides:
         raise argparse.ArgumentTypeError(f"--sf-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-    return f"shardforge-{name}", overrides.split(",")
+    return f"shardforge-{name}", re.split(r",(?![^\[]*\])", overrides)  # not the commas inside [a,b]
 
 
 def run_hf_subprocess(a: argparse.Namespace, variant: str) -> tuple[dict[str, Any] | None, str]:
