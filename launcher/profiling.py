@@ -89,7 +89,8 @@ def _site(frames: list[dict[str, Any]]) -> str:
     """The innermost frame outside torch itself: the model / megatron / optimizer line that asked."""
     for f in frames:
         name = f["filename"]
-        if "/torch/" not in name and not name.startswith("<"):
+        # torch's own package only: a venv under /opt/torch/ still holds transformers' and megatron's lines
+        if not re.search(r"/(site|dist)-packages/torch/", name) and not name.startswith("<"):
             short = re.sub(r".*/(site-packages|dist-packages)/", "", name).removeprefix(_REPO)
             return f"{short}:{f['line']} {f['name']}"
     return "(torch internals)" if frames else "(no stack)"

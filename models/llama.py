@@ -54,14 +54,14 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
                        on_cpu: bool, recompute: str | list[str] | None, ep: int = 1) -> TransformerConfig:
     bf16 = params_dtype == torch.bfloat16
     recompute_kw: dict[str, Any] = {}
+    ours: list[str] = []  # mlp_act (models/mlp_act_recompute.py): added after megatron validated its own names
     if recompute == "full":
         recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
         recompute_kw = dict(recompute_granularity="selective")  # megatron's default: core attention
     elif recompute is not None:  # selective, these submodules (e.g. ["mlp", "layernorm"])
-        # mlp_act is ours (models/mlp_act_recompute.py): added after megatron validated its own names.
-        recompute_kw = dict(recompute_granularity="selective",
-                            recompute_modules=[m for m in recompute if m != "mlp_act"])
+        ours = [m for m in recompute if m == "mlp_act"]
+        recompute_kw = dict(recompute_granularity="selective", recompute_modules=[m for m in recompute if m not in ours])
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
@@ -90,8 +90,7 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
         **recompute_kw,
         **moe_config_kwargs(args, tp=tp, ep=ep),
     )
-    if recompute not in (None, "full", "selective") and "mlp_act" in recompute:
-        config.recompute_modules.append("mlp_act")
+    config.recompute_modules += ours
     return config
 
 
