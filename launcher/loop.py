@@ -1,12 +1,12 @@
 """The training loop: batches in, optimizer steps out, metrics and checkpoints on the way.
 
-SIGTERM / SIGUSR1 (preemption, Slurm's `--signal`) finish the current step, save a checkpoint
-and end the run with exit code 0, so a requeued job resumes from `latest`.
+SIGTERM / SIGUSR1 (preemption, Slurm's `--signal`) finish the current step (on GPU also the
+next: the flag is read a step late), save a checkpoint and end the run with exit code 0, so a
+requeued job resumes from `latest`.
 """
 from __future__ import annotations
 
 import signal
-
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,7 +20,7 @@ from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
 from launcher.profiling import MemorySnapshot, StepProfiler
 from models.args import ModelArgs
-from parallel.megatron_engine import MegatronEngine
+from parallel.megatron_engine import MegatronEngine, StepResult
 
 
 @dataclass
@@ -45,44 +45,59 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
                                wandb_project=cfg.logging.wandb.project, wandb_name=cfg.logging.wandb.name,
                                tensorboard=cfg.logging.tensorboard,
                                config=OmegaConf.to_container(cfg, resolve=True))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(sync)
+    timer = StepTimer(device)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     stop = _StopOnSignal(device)
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.run.dir, device, enabled=rank0)
     memory = MemorySnapshot(cfg.logging.memory_snapshot, cfg.run.dir, device, enabled=rank0)
+
+    def report(done: int, result: StepResult, seconds: Callable[[], float]) -> None:
+        if not rank0 or (done % t.log_every and done != t.steps):
+            return
+        elapsed = seconds()
+        record: dict[str, Any] = {
+            "step": done, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+            "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
+            "step_time_s": elapsed,
+            # tokens that carry a loss (excludes padding, document ends, SFT prompts)
+            "loss_tokens": result.num_tokens, "loss_tokens_per_s": result.num_tokens / elapsed,
+            **data.stats,
+            **result.moe,
+        }
+        if peak is not None:
+            record["mfu"] = flops_per_token * tokens_per_step / elapsed / (peak * dist.get_world_size())
+        if device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        logger.log(record)
+
+    # A step is reported once the next one is queued: the GPU never waits for the host to read
+    # numbers (loss, grad norm, the stop flag) that would make it drain its queue.
+    pending: tuple | None = None
     done = start_step
     for step in range(start_step, t.steps):
         profiler.before_step(step + 1)
         batches = data.batches(step=step, dp_rank=dp_rank, dp_size=dp_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
         result = engine.train_step(batches)
-        elapsed = timer.lap()
         done = step + 1
+        seconds = timer.lap()
+        stop.poll()
+        if pending is not None:
+            report(*pending)
+        pending = (done, result, seconds)
         profiler.after_step(done)
         memory.after_step(done)
-        if rank0 and (done % t.log_every == 0 or done == t.steps):
-            record: dict[str, Any] = {
-                "step": done, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
-                "step_time_s": elapsed,
-                # tokens that carry a loss (excludes padding, document ends, SFT prompts)
-                "loss_tokens": result.num_tokens, "loss_tokens_per_s": result.num_tokens / elapsed,
-                **data.stats,
-                **result.moe,
-            }
-            if peak is not None:
-                record["mfu"] = flops_per_token * tokens_per_step / elapsed / (peak * dist.get_world_size())
-            if device.type == "cuda":
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            logger.log(record)
-        if stop.requested():
+        if stop.signal:
             break
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done != t.steps:
+            report(*pending)
+            pending = None
             checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
-            timer.lap()  # keep save time out of the next step's throughput
+            timer.restart()  # keep save time out of the next step's throughput
+    if pending is not None:
+        report(*pending)
     if (cfg.checkpoint.final_save or stop.signal) and done > start_step:
         path = checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
         if rank0:
@@ -93,21 +108,39 @@ def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelA
 
 
 class _StopOnSignal:
-    """Records SIGTERM/SIGUSR1; every rank learns of a signal any rank got, at the same step."""
+    """Records SIGTERM/SIGUSR1; every rank learns of a signal any rank got, at the same step.
+
+    `poll` after each step reduces the flag over all ranks; on GPU its result is read at the
+    next poll (a pinned copy and an event), so every rank stops one step after the signal."""
 
     def __init__(self, device: torch.device):
         self.signal: str | None = None
         self._got = 0
         self._device = device
+        self._queued: tuple[torch.Tensor, torch.cuda.Event] | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._got = signum
 
-    def requested(self) -> bool:
-        flag = torch.tensor([self._got], dtype=torch.int64, device=self._device)
+    def poll(self) -> None:
+        # torch.full, not torch.tensor: a host-to-device copy would wait for the queued step.
+        flag = torch.full((1,), self._got, dtype=torch.int64, device=self._device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+        if self._device.type != "cuda":
+            self._read(flag)
+            return
+        if self._queued is not None:
+            host, ready = self._queued
+            ready.synchronize()
+            self._read(host)
+        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self._queued = host, ready
+
+    def _read(self, flag: torch.Tensor) -> None:
+        if flag.item() and self.signal is None:
             self.signal = signal.Signals(int(flag.item())).name
-        return self.signal is not None

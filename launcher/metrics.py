@@ -12,8 +12,9 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from tqdm import tqdm
 
 
@@ -76,14 +77,33 @@ def _stable_run_id(run_dir: Path) -> str:
 
 
 class StepTimer:
-    """Wall time per step; on GPU synchronizes so the time covers the kernels."""
+    """Time from one step's end to the next's. On GPU the ends are CUDA events: reading a lap waits
+    for that step's kernels only, not for the next step the loop has queued meanwhile, and the
+    interval covers whatever the GPU did, idle waits for the host included."""
 
-    def __init__(self, sync):
-        self._sync = sync
-        self._t = time.perf_counter()
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._last = self._mark()
 
-    def lap(self) -> float:
-        self._sync()
-        now = time.perf_counter()
-        elapsed, self._t = now - self._t, now
-        return elapsed
+    def _mark(self) -> Any:
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self) -> Callable[[], float]:
+        """Marks a step's end; returns a function giving the seconds since the previous mark."""
+        start, end = self._last, self._mark()
+        self._last = end
+        if not self._cuda:
+            return lambda: end - start
+
+        def seconds() -> float:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return seconds
+
+    def restart(self) -> None:
+        """The next lap starts now (keeps a checkpoint save out of the next step's time)."""
+        self._last = self._mark()

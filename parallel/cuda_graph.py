@@ -47,6 +47,15 @@ def resolve(cfg: DictConfig, device_type: str, world_size: int) -> bool:
 def wrap(forward_backward: Any) -> Any:
     """megatron-core's full-iteration CUDA graph around a forward_backward_func: step 1 eager
     (warms up compiled kernels and cuBLAS), step 2 captured, every later step replayed."""
+    import torch
     from megatron.core.full_cuda_graph import FullCudaGraphWrapper
 
-    return FullCudaGraphWrapper(forward_backward, cuda_graph_warmup_steps=1)
+    class Wrapper(FullCudaGraphWrapper):
+        def data_read(self, *args: Any, **kwargs: Any) -> Any:
+            # megatron's loader copies the micro batches into the graph's static inputs on a side
+            # stream that does not wait for the current one; the loop queues a step while the last
+            # one still runs (launcher/loop.py), whose graph is still reading those inputs.
+            self.static_loader.stream.wait_stream(torch.cuda.current_stream())
+            return super().data_read(*args, **kwargs)
+
+    return Wrapper(forward_backward, cuda_graph_warmup_steps=1)

@@ -223,9 +223,9 @@ class DeepSpeedEngine:
             self.engine.step()  # an optimizer step only at the accumulation boundary
         dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         grad_norm = self.engine.get_global_grad_norm()
-        return StepResult(loss_sum=loss_sum.item(), num_tokens=num_tokens,
-                          grad_norm=float(grad_norm if grad_norm is not None else 0.0),
-                          lr=self.optimizer.param_groups[0]["lr"])
+        values = torch.tensor([loss_sum.item(), num_tokens, float(grad_norm if grad_norm is not None else 0.0)],
+                              dtype=torch.float64)
+        return StepResult(values, lr=self.optimizer.param_groups[0]["lr"])
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,6 @@ every layout and micro-batching optimizes the same objective.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -73,17 +72,51 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-@dataclass
 class StepResult:
-    loss_sum: float      # summed token losses of the global batch (valid on every rank)
-    num_tokens: int      # loss tokens in the global batch
-    grad_norm: float
-    lr: float
-    moe: dict[str, float] = field(default_factory=dict)  # MoE models: aux losses, expert load
+    """One optimizer step's loss sum (of the global batch, on every rank), loss tokens and grad norm.
+
+    On GPU they are still being computed when `train_step` returns: they come back through a
+    pinned host copy and an event, read on first use, so the loop can queue the next step before
+    it looks at this one's numbers (any `.item()` would wait for all work queued so far)."""
+
+    def __init__(self, values: torch.Tensor, lr: float, moe: dict[str, float] | None = None):
+        # values: float64 [loss_sum, num_tokens, grad_norm], on any device
+        self.lr, self.moe = lr, moe or {}
+        self._ready: torch.cuda.Event | None = None
+        if values.is_cuda:
+            self._host = torch.empty(3, dtype=torch.float64, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = values.detach().to(torch.float64).clone()
+        self._values: list[float] | None = None
+
+    def _get(self, i: int) -> float:
+        if self._values is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._values = self._host.tolist()
+        return self._values[i]
+
+    @property
+    def loss_sum(self) -> float:
+        return self._get(0)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._get(1))
+
+    @property
+    def grad_norm(self) -> float:
+        return self._get(2)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.num_tokens, 1)
+
+    def __repr__(self) -> str:
+        return f"StepResult(loss={self.loss}, grad_norm={self.grad_norm}, lr={self.lr})"
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -211,6 +244,9 @@ class MegatronEngine:
         return sum(p.numel() for c in self.chunks for p in c.parameters())
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
+        if self.device.type == "cuda":  # pinned: their copies to the GPU queue behind the running step
+            microbatches = [{k: v.pin_memory() if torch.is_tensor(v) and not v.is_cuda else v for k, v in mb.items()}
+                            for mb in microbatches]
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -231,11 +267,12 @@ class MegatronEngine:
             _, grad_norm, _ = self.optimizer.step()
         loss_sum, num_tokens = self._global_loss(reports)
         moe = self.moe_stats.step_metrics(len(microbatches)) if self.moe_stats is not None else {}
-        return StepResult(loss_sum=loss_sum, num_tokens=num_tokens,
-                          grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
-                          lr=self.optimizer.param_groups[0]["lr"], moe=moe)
+        norm = (grad_norm.to(loss_sum) if torch.is_tensor(grad_norm)
+                else torch.full((), grad_norm if grad_norm is not None else 0.0, dtype=torch.float64))
+        values = torch.stack([loss_sum, num_tokens, norm.to(loss_sum.device)])
+        return StepResult(values, lr=self.optimizer.param_groups[0]["lr"], moe=moe)
 
-    def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Loss lives on the last pipeline stage; count it once per DP replica (TP rank 0) and
         # sum over the whole world so every rank, rank 0 included, knows the global loss.
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -243,7 +280,7 @@ class MegatronEngine:
             for report in reports:
                 totals += report["lm loss"].to(totals)
         dist.all_reduce(totals)
-        return totals[0].item(), int(totals[1].item())
+        return totals[0], totals[1]
 
     def model_sharded_state_dict(self) -> dict[str, Any]:
         """'model' (or 'model0', 'model1', ... per virtual pipeline chunk) -> sharded state dict."""
