@@ -180,7 +180,7 @@ def check_cuda_graph(cfg: DictConfig, device_type: str, world_size: int) -> None
 
 
 def check_precision_aware(cfg: DictConfig, device_type: str) -> None:
-    """optim.precision_aware / moments_dtype / main_grads_dtype (parallel/fused_adam.py). Like check_cuda_graph,
+    """optim.precision_aware / moments_dtype / main_grads_dtype / master_weights (parallel/fused_adam.py). Like check_cuda_graph,
     called with the configured device and again with the resolved one (precision auto depends on it)."""
     o = cfg.optim
     if not isinstance(o.precision_aware, bool):
@@ -189,7 +189,11 @@ def check_precision_aware(cfg: DictConfig, device_type: str) -> None:
         raise ConfigError("optim.moments_dtype", f"must be fp32 or bf16, got {o.moments_dtype!r}")
     if o.main_grads_dtype not in ("fp32", "bf16"):
         raise ConfigError("optim.main_grads_dtype", f"must be fp32 or bf16, got {o.main_grads_dtype!r}")
+    if o.master_weights not in ("exact", "stochastic"):
+        raise ConfigError("optim.master_weights", f"must be exact or stochastic, got {o.master_weights!r}")
     if not o.precision_aware:
+        if o.master_weights != "exact":
+            raise ConfigError("optim.master_weights", "stochastic rounding needs optim.precision_aware=true")
         if o.moments_dtype != "fp32":
             raise ConfigError("optim.moments_dtype", "bf16 moments need optim.precision_aware=true")
         if o.main_grads_dtype != "fp32":

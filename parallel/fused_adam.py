@@ -10,7 +10,11 @@ the same arithmetic in torch ops (CPU):
   the fp32 master weight rounded to nearest, the int16 `master_param` state its low 16 bits, so
   the fp32 master weight is exact at 2 bytes per parameter instead of 4;
 * `exp_avg` / `exp_avg_sq` in fp32 or bf16;
-* `grad_scale`: a 0-dim tensor every grad is divided by inside the step (parallel/grad_scaling.py).
+* `grad_scale`: a 0-dim tensor every grad is divided by inside the step (parallel/grad_scaling.py);
+* or, with `stochastic_rounding` (`optim.master_weights=stochastic`), no master weights at all: the
+  updated fp32 value is rounded to one of its two bf16 neighbours with probability by distance,
+  so the bf16 param is the master weight's unbiased estimate (updates far below a bf16 ulp still
+  move it on average) at 0 bytes per parameter, the memory of pure-bf16 training.
 
 One pass reads 12 bytes per parameter and writes 8 (bf16 moments; 16 and 12 with fp32), where
 torch AdamW over fp32 master weights, followed by megatron's copy into the bf16 params, moves 34.
@@ -20,6 +24,7 @@ the fp32-master optimizer's, so a run may switch between the two on resume.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Iterator
 
@@ -37,6 +42,32 @@ def join_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     rem = remainder.to(torch.int32)
     high = param.view(torch.int16).to(torch.int32) - (rem < 0).to(torch.int32)  # undo the round-up
     return ((high << 16) | (rem & 0xFFFF)).view(torch.float32)
+
+
+# The noise of stochastic rounding: a 32-bit integer hash of (element index + seed) (Wellons'
+# "lowbias32"), in int64 arithmetic masked to 32 bits; 0x846CA68B is written as its negative
+# residue so no product leaves int64. Cheap next to Philox (tl.randint made the AdamW pass 1.8x
+# slower than its memory traffic) and the same in Triton and torch: both paths round alike.
+_MASK, _MUL1, _MUL2 = 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B - (1 << 32)
+
+
+def rounding_noise(n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int32 in [0, 2**16) for elements 0..n-1 of a tensor stepped with `seed`."""
+    x = (torch.arange(n, dtype=torch.int64, device=device) + seed) & _MASK
+    x ^= x >> 16
+    x = (x * _MUL1) & _MASK
+    x ^= x >> 15
+    x = (x * _MUL2) & _MASK
+    x ^= x >> 16
+    return (x & 0xFFFF).to(torch.int32)
+
+
+def stochastic_round(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, rounding up with probability (distance to the lower neighbour) / ulp:
+    `noise` (int32, uniform in [0, 2**16)) is added to the 16 bits bf16 drops, which carries
+    into the kept bits exactly that often. On the bit pattern, so it holds for either sign."""
+    bits = x.contiguous().view(torch.int32) + noise
+    return ((bits >> 16).to(torch.int16)).view(torch.bfloat16)
 
 
 def split_master(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +108,41 @@ if triton is not None:
         tl.store(param_ptr + offs, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
         tl.store(rem_ptr + offs, low.to(tl.int16), mask=mask)
 
+    @triton.jit(do_not_specialize=["seed"])
+    def _adamw_stochastic_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, scale_ptr, n, seed,
+                                 lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt,
+                                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        if HAS_SCALE:
+            g = g / tl.load(scale_ptr)
+        m = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
+        p = p * (1.0 - lr * decay)
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        p = p - (lr / bias_correction1) * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+        tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+        x = (offs + seed) & 0xFFFFFFFF  # rounding_noise, above
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * -2073254261) & 0xFFFFFFFF  # 0x846CA68B - 2**32
+        x = x ^ (x >> 16)
+        noise = (x & 0xFFFF).to(tl.int32)
+        bits = p.to(tl.int32, bitcast=True) + noise
+        tl.store(param_ptr + offs, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
 
-def _step_torch(p: torch.Tensor, rem: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+
+def _step_torch(p: torch.Tensor, rem: torch.Tensor | None, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                 scale: torch.Tensor | None, lr: float, beta1: float, beta2: float, eps: float, decay: float,
-                bias_correction1: float, bias_correction2_sqrt: float) -> None:
-    """The kernel's arithmetic in torch ops (CPU, and GPUs without Triton)."""
-    master = join_master(p, rem)
+                bias_correction1: float, bias_correction2_sqrt: float, seed: int = 0) -> None:
+    """The kernels' arithmetic in torch ops (CPU, and GPUs without Triton); `rem` None: stochastic
+    rounding with noise from `seed`."""
+    master = join_master(p, rem) if rem is not None else p.float()
     g = g.float() / scale if scale is not None else g.float()
     m32 = m.float().mul_(beta1).add_(g, alpha=1.0 - beta1)
     v32 = v.float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -90,6 +150,9 @@ def _step_torch(p: torch.Tensor, rem: torch.Tensor, g: torch.Tensor, m: torch.Te
     master.addcdiv_(m32, v32.sqrt().div_(bias_correction2_sqrt).add_(eps), value=-lr / bias_correction1)
     m.copy_(m32)
     v.copy_(v32)
+    if rem is None:
+        p.copy_(stochastic_round(master, rounding_noise(p.numel(), seed, p.device).view(p.shape)))
+        return
     high, low = split_master(master)
     p.copy_(high)
     rem.copy_(low)
@@ -105,9 +168,12 @@ class FusedAdam(torch.optim.AdamW):
                  weight_decay: float = 0.0, adam_w_mode: bool = True, exp_avg_dtype: torch.dtype = torch.float32,
                  exp_avg_sq_dtype: torch.dtype = torch.float32, master_weights: bool = True,
                  use_decoupled_grad: bool = True, master_weight_dtype: torch.dtype = torch.float32,
-                 store_param_remainders: bool = True):
+                 store_param_remainders: bool = True, stochastic_rounding: bool = False, seed: int = 0):
         if not (adam_w_mode and master_weights and store_param_remainders and master_weight_dtype == torch.float32):
             raise ValueError("FusedAdam supports AdamW with fp32 master weights kept as bf16 remainders only")
+        # Stochastic rounding keeps no master weights: the "master_param" state megatron reads and
+        # writes is the bf16 param itself (the same tensor), in fp32 when read.
+        self.stochastic_rounding, self.seed = stochastic_rounding, seed
         self.exp_avg_dtype, self.exp_avg_sq_dtype = exp_avg_dtype, exp_avg_sq_dtype
         self.use_decoupled_grad = use_decoupled_grad
         self.grad_scale: torch.Tensor | None = None
@@ -123,21 +189,23 @@ class FusedAdam(torch.optim.AdamW):
         """Zero moments, master weight = the bf16 param (remainder 0), step 0."""
         self.state[p].update(exp_avg=torch.zeros_like(p, dtype=self.exp_avg_dtype),
                              exp_avg_sq=torch.zeros_like(p, dtype=self.exp_avg_sq_dtype),
-                             master_param=torch.zeros_like(p, dtype=torch.int16),
+                             master_param=p if self.stochastic_rounding else torch.zeros_like(p, dtype=torch.int16),
                              step=torch.tensor(0.0))  # on the host: bias corrections without a sync
 
     def get_unscaled_state(self, p: torch.Tensor, key: str) -> torch.Tensor:
         """A state in fp32 (the master weight joined from its halves); what checkpoints store."""
         value = self.state[p][key]
         if key == "master_param":
-            return join_master(p.detach(), value)
+            return p.detach().float() if self.stochastic_rounding else join_master(p.detach(), value)
         return value if key == "step" else value.float()
 
     def set_scaled_state(self, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
         if not self.state[p]:
             self.initialize_state(p)
         state = self.state[p]
-        if key == "master_param":  # the bf16 param is the master weight's rounding: both change
+        if key == "master_param" and self.stochastic_rounding:
+            p.data.copy_(value.to(device=p.device).view_as(p))  # to nearest: a loaded master rounds once
+        elif key == "master_param":  # the bf16 param is the master weight's rounding: both change
             high, low = split_master(value.to(device=p.device, dtype=torch.float32).view_as(p))
             p.data.copy_(high)
             state["master_param"].copy_(low)
@@ -149,7 +217,9 @@ class FusedAdam(torch.optim.AdamW):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # torch casts floating states to the param's dtype (bf16) on load: restore the moments' dtypes.
-        for state in self.state.values():
+        for p, state in self.state.items():
+            if self.stochastic_rounding and "master_param" in state:
+                state["master_param"] = p  # torch's load made it a copy
             for key, dtype in (("exp_avg", self.exp_avg_dtype), ("exp_avg_sq", self.exp_avg_sq_dtype)):
                 if key in state:
                     state[key] = state[key].to(dtype)
@@ -159,9 +229,11 @@ class FusedAdam(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         assert closure is None, "FusedAdam takes no closure"
+        index = -1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
+                index += 1
                 grad = getattr(p, "decoupled_grad", None) if self.use_decoupled_grad else None
                 if grad is None:  # megatron's dummy step before a checkpoint load sets .grad
                     grad = p.grad
@@ -176,6 +248,9 @@ class FusedAdam(torch.optim.AdamW):
                 state["step"] = torch.tensor(t)
                 args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                         1.0 - beta1 ** t, math.sqrt(1.0 - beta2 ** t))
+                if self.stochastic_rounding:
+                    self._step_stochastic(p, grad, state, args, index)
+                    continue
                 tensors = (p, state["master_param"], grad, state["exp_avg"], state["exp_avg_sq"])
                 if triton is not None and p.is_cuda:
                     block = 4096
@@ -185,16 +260,32 @@ class FusedAdam(torch.optim.AdamW):
                 else:
                     _step_torch(*tensors, self.grad_scale, *args)
 
+    def _step_stochastic(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], args: tuple,
+                         index: int) -> None:
+        # A fresh noise stream per (seed, rank, param, step): reproducible, also across a resume.
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        seed = hash((self.seed, rank, index, int(state["step"]))) & 0x7FFFFFFF
+        tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
+        if triton is not None and p.is_cuda:
+            block = 4096
+            _adamw_stochastic_kernel[(triton.cdiv(p.numel(), block),)](
+                *tensors, self.grad_scale if self.grad_scale is not None else grad, p.numel(), seed, *args,
+                HAS_SCALE=self.grad_scale is not None, BLOCK=block, num_warps=8)
+        else:
+            p_, g_, m_, v_ = tensors
+            _step_torch(p_, None, g_, m_, v_, self.grad_scale, *args, seed=seed)
+
 
 @contextlib.contextmanager
-def as_megatron_adam() -> Iterator[None]:
+def as_megatron_adam(stochastic_rounding: bool = False, seed: int = 0) -> Iterator[None]:
     """megatron-core builds its precision-aware optimizer from TE's FusedAdam, picked by these
     module names of megatron.core.optimizer; inside this block they name FusedAdam instead."""
     import megatron.core.optimizer as mcore_optimizer
 
     names = ("Adam", "USING_PYTORCH_OPTIMIZER", "is_te_min_version")
     saved = {name: getattr(mcore_optimizer, name) for name in names}
-    mcore_optimizer.Adam, mcore_optimizer.USING_PYTORCH_OPTIMIZER = FusedAdam, False
+    mcore_optimizer.Adam = functools.partial(FusedAdam, stochastic_rounding=stochastic_rounding, seed=seed)
+    mcore_optimizer.USING_PYTORCH_OPTIMIZER = False
     mcore_optimizer.is_te_min_version = lambda *args, **kwargs: False  # TE's version: none here
     try:
         yield

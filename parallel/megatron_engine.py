@@ -215,7 +215,7 @@ class MegatronEngine:
             use_distributed_optimizer=distributed_optimizer)
         if optim_cfg.precision_aware:  # parallel/fused_adam.py: bf16 params hold the master weights' top half
             moments = torch.bfloat16 if optim_cfg.moments_dtype == "bf16" else torch.float32
-            with as_megatron_adam():
+            with as_megatron_adam(stochastic_rounding=optim_cfg.master_weights == "stochastic", seed=seed):
                 grads = torch.bfloat16 if bf16_grads else torch.float32
                 self.optimizer = get_megatron_optimizer(precision_aware(optimizer_config, moments, grads), self.chunks)
         else:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FAST, config_error_line, read_metrics, run_cli
-from parallel.fused_adam import FusedAdam, join_master, split_master
+from parallel.fused_adam import FusedAdam, join_master, split_master, stochastic_round
 
 
 def test_remainders_hold_the_fp32_master_exactly():
@@ -64,6 +64,50 @@ def test_bf16_moments_stay_within_bf16_tolerance():
         torch.testing.assert_close(fused.get_unscaled_state(p, "master_param"), r.detach(), rtol=1e-2, atol=1e-4)
 
 
+def test_stochastic_round_picks_a_neighbour_with_probability_by_distance():
+    g = torch.Generator().manual_seed(2)
+    n = 1_000_000
+    for value in (1.0 + 0.3 * 2**-7, -3.0 - 0.8 * 2**-6, 1e-6 * (1 + 0.5 * 2**-7)):
+        x = torch.full((n,), value)
+        down = (x.view(torch.int32) & ~0xFFFF).view(torch.float32)  # truncation: toward zero
+        up = ((x.view(torch.int32) & ~0xFFFF) + 0x10000).view(torch.float32)  # next bf16 away from zero
+        noise = torch.randint(0, 1 << 16, (n,), generator=g, dtype=torch.int32)
+        out = stochastic_round(x, noise).float()
+        assert ((out == down) | (out == up)).all(), value
+        p_up = float((x[0] - down[0]) / (up[0] - down[0]))
+        sigma = abs(float(up[0] - down[0])) * (p_up * (1 - p_up) / n) ** 0.5
+        assert abs(out.double().mean().item() - value) < 5 * sigma, value
+
+
+def sub_ulp_adam(params: torch.Tensor, stochastic: bool, steps: int = 30) -> torch.Tensor:
+    """params all 1.0 (bf16), a constant gradient: AdamW moves each by lr = 1e-4 a step, 1/39 of
+    the bf16 spacing below 1.0; returns the params after `steps`."""
+    fused = FusedAdam([params], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, stochastic_rounding=stochastic)
+    params.decoupled_grad = torch.ones_like(params, dtype=torch.float32)
+    for _ in range(steps):
+        fused.step()
+    return params.detach()
+
+
+def test_stochastic_rounding_tracks_updates_below_a_bf16_ulp():
+    """torch AdamW on fp32 moves 1.0 to 0.997; on bf16 params (rounding to nearest) not at all.
+    Stochastic rounding's bf16 params average the fp32 value."""
+    reference = torch.nn.Parameter(torch.ones(200_000))
+    adamw = torch.optim.AdamW([reference], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    nearest = torch.nn.Parameter(torch.ones(200_000, dtype=torch.bfloat16))
+    nearest_adamw = torch.optim.AdamW([nearest], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    for _ in range(30):
+        reference.grad, nearest.grad = torch.ones_like(reference), torch.ones_like(nearest)
+        adamw.step()
+        nearest_adamw.step()
+    expected = reference.detach().double().mean().item()
+    assert abs(expected - (1 - 30e-4)) < 1e-5 and (nearest.detach() == 1.0).all()  # the contrast
+    stochastic = sub_ulp_adam(torch.nn.Parameter(torch.ones(200_000, dtype=torch.bfloat16)), stochastic=True)
+    moved = 1.0 - expected
+    assert abs(stochastic.double().mean().item() - expected) < 0.02 * moved
+    assert stochastic.unique().numel() > 1  # individual params land on neighbouring bf16 values
+
+
 BF16 = [*FAST, "train.precision=bf16", "train.steps=6", "checkpoint.final_save=false"]
 
 
@@ -100,6 +144,16 @@ def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_en
     run_cli("launcher.train", [*BF16, *aware, "optim.main_grads_dtype=bf16", f"run.dir={tmp_path / 'bf16_grads'}",
                                f"checkpoint.dir={tmp_path / 'bf16_grads' / 'ckpt'}"])
     _close(_losses(tmp_path / "bf16_grads"), reference, rtol=1e-2)
+    # No master weights, stochastic rounding: the same curve within bf16 tolerance; its checkpoint
+    # (the bf16 params as fp32 masters) resumes with exact masters on that curve.
+    stochastic = tmp_path / "stochastic"
+    run_cli("launcher.train", [*BF16, *aware, "optim.master_weights=stochastic", "checkpoint.save_every=3",
+                               f"run.dir={stochastic}", f"checkpoint.dir={stochastic / 'ckpt'}"])
+    _close(_losses(stochastic), reference, rtol=1e-2)
+    out = tmp_path / "from_stochastic"
+    run_cli("launcher.train", [*BF16, *aware, f"run.dir={out}", f"checkpoint.dir={out / 'ckpt'}",
+                               f"checkpoint.load={stochastic / 'ckpt' / 'iter_0000003'}"])
+    _close(_losses(out), reference[3:], rtol=1e-2)
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -109,7 +163,10 @@ def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_en
     (["optim.moments_dtype=bf16", "train.precision=bf16"], "optim.moments_dtype"),
     (["optim.precision_aware=true", "train.precision=bf16", "optim.moments_dtype=fp8"], "optim.moments_dtype"),
     (["optim.main_grads_dtype=bf16", "train.precision=bf16"], "optim.main_grads_dtype"),
-], ids=["fp32-params", "no-distributed-optimizer", "bf16-moments-alone", "unknown-dtype", "bf16-grads-alone"])
+    (["optim.master_weights=stochastic", "train.precision=bf16"], "optim.master_weights"),
+    (["optim.precision_aware=true", "train.precision=bf16", "optim.master_weights=none"], "optim.master_weights"),
+], ids=["fp32-params", "no-distributed-optimizer", "bf16-moments-alone", "unknown-dtype", "bf16-grads-alone",
+        "stochastic-alone", "unknown-master-weights"])
 def test_bad_precision_aware_settings_are_one_line_errors(overrides, key, tmp_path):
     proc = run_cli("launcher.train", [*FAST, *overrides, f"run.dir={tmp_path}"], check=False)
     config_error_line(proc, key)
