@@ -61,13 +61,14 @@ def test_triton_kernel_matches_the_torch_path():
 
 def test_triton_stochastic_kernel_matches_the_torch_path():
     """The same noise (parallel/fused_adam.rounding_noise) in both: the params agree but where the
-    two paths' fp32 arithmetic differs in the last bit right at a rounding threshold."""
+    two paths' fp32 arithmetic differs in the last bit right at a rounding threshold (7 of 1M on
+    an H200). Such a param stays one bf16 step (of the magnitude it had then) off afterwards."""
     triton_run = _steps(torch.float32, "cuda", stochastic=True)
     torch_run = _steps(torch.float32, "cpu", stochastic=True)
     for p_gpu, p_cpu in zip(triton_run[1], torch_run[1]):
         a, b = p_gpu.detach().cpu().float(), p_cpu.detach().float()
-        assert (a != b).float().mean().item() < 1e-3
-        torch.testing.assert_close(a, b, rtol=2 ** -7, atol=0)  # at most one bf16 step apart
+        assert (a != b).float().mean().item() < 1e-4
+        torch.testing.assert_close(a, b, rtol=0, atol=2 ** -8 * b.abs().max().item())
 
 
 def test_triton_stochastic_rounding_picks_a_neighbour_of_the_exact_update():

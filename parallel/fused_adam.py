@@ -45,9 +45,9 @@ def join_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
 
 
 # The noise of stochastic rounding: a 32-bit integer hash of (element index + seed) (Wellons'
-# "lowbias32"), in int64 arithmetic masked to 32 bits; 0x846CA68B is written as its negative
-# residue so no product leaves int64. Cheap next to Philox (tl.randint made the AdamW pass 1.8x
-# slower than its memory traffic) and the same in Triton and torch: both paths round alike.
+# "lowbias32"). Here in int64 masked to 32 bits, 0x846CA68B as its negative residue so no
+# product leaves int64; the kernel's uint32 wraps by itself. Cheap next to Philox (tl.randint
+# made the AdamW pass 1.8x slower than its memory traffic), and the same in Triton and torch.
 _MASK, _MUL1, _MUL2 = 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B - (1 << 32)
 
 
@@ -126,11 +126,12 @@ if triton is not None:
         p = p - (lr / bias_correction1) * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
         tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
         tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
-        x = (offs + seed) & 0xFFFFFFFF  # rounding_noise, above
+        # rounding_noise (above) in uint32, whose products wrap mod 2**32 by themselves
+        x = (offs + seed).to(tl.uint32)
         x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x * tl.full([BLOCK], 0x7FEB352D, tl.uint32)
         x = x ^ (x >> 15)
-        x = (x * -2073254261) & 0xFFFFFFFF  # 0x846CA68B - 2**32
+        x = x * tl.full([BLOCK], 0x846CA68B, tl.uint32)
         x = x ^ (x >> 16)
         noise = (x & 0xFFFF).to(tl.int32)
         bits = p.to(tl.int32, bitcast=True) + noise
