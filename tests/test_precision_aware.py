@@ -170,3 +170,27 @@ def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_en
 def test_bad_precision_aware_settings_are_one_line_errors(overrides, key, tmp_path):
     proc = run_cli("launcher.train", [*FAST, *overrides, f"run.dir={tmp_path}"], check=False)
     config_error_line(proc, key)
+
+
+PARALLEL = [
+    ("dp2_bf16_grads_stochastic", ["optim.main_grads_dtype=bf16", "optim.master_weights=stochastic"], 2),
+    ("tp2_bf16_moments", ["parallel.tp=2", "optim.moments_dtype=bf16"], 2),
+    ("pp2_bf16_grads_stochastic", ["parallel.pp=2", "optim.main_grads_dtype=bf16",
+                                   "optim.master_weights=stochastic"], 2),
+]
+
+
+@pytest.fixture(scope="module")
+def fp32_master_reference(tmp_path_factory, cache_env):
+    """megatron-core's own fp32-master distributed optimizer, one process, bf16."""
+    run_dir = tmp_path_factory.mktemp("fp32_master")
+    run_cli("launcher.train", [*BF16, f"run.dir={run_dir}"])
+    return _losses(run_dir)
+
+
+@pytest.mark.parametrize("name,extra,nproc", PARALLEL, ids=[x[0] for x in PARALLEL])
+def test_parallel_layouts_train_the_fp32_master_curve(name, extra, nproc, fp32_master_reference, tmp_path):
+    """The precision-aware optimizer's params and states are DP shards of flattened buffers (and TP/PP
+    slices): under torchrun with gloo each layout follows the single-process fp32-master curve."""
+    run_cli("launcher.train", [*BF16, "optim.precision_aware=true", *extra, f"run.dir={tmp_path}"], nproc=nproc)
+    _close(_losses(tmp_path), fp32_master_reference, rtol=5e-3)
