@@ -5,8 +5,8 @@ the frequencies, rotate-half through two cats, three multiplies and an add — e
 or k in memory. Here, for the common case (half rotation, no interleave, the whole head dim
 rotated), one Triton kernel reads q or k once in whatever strides megatron hands it (k is a view
 into the fused qkv projection) and writes the rotated rows; each program takes one position and
-computes its cos/sin once for all heads (per element, the trig cost more than the bytes); the
-backward is the same kernel rotating the other way. Other cases, and
+reads its cos/sin from a table computed once per forward for all layers (per element, the trig
+cost more than the bytes); the backward is the same kernel rotating the other way. Other cases, and
 layers under torch.compile (train.compile: inductor fuses the same function itself), run
 megatron's function compiled by torch.compile.
 """
@@ -28,15 +28,14 @@ compiled_rope_bshd = torch.compile(unfused_rope_bshd, fullgraph=True)
 
 if triton is not None:
     @triton.jit
-    def _rope_kernel(x_ptr, freqs_ptr, out_ptr, rows_per_position, heads, stride_s, stride_b, stride_h, mscale,
+    def _rope_kernel(x_ptr, table_ptr, out_ptr, rows_per_position, heads, stride_s, stride_b, stride_h,
                      HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
-        # One program per sequence position: cos/sin once, then every (batch, head) row at it.
+        # One program per sequence position: its cos/sin row of the table, then every (batch, head) row at it.
         s = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, HALF)
-        f1 = tl.load(freqs_ptr + s * (2 * HALF) + cols)  # freqs [s, 1, 1, 2 * HALF], contiguous
-        f2 = tl.load(freqs_ptr + s * (2 * HALF) + HALF + cols)
-        c1, s1 = (tl.cos(f1) * mscale)[None, :], (tl.sin(f1) * mscale)[None, :]
-        c2, s2 = (tl.cos(f2) * mscale)[None, :], (tl.sin(f2) * mscale)[None, :]
+        row = table_ptr + s * (4 * HALF) + cols  # table [s, 2 (cos, sin), 2 * HALF]
+        c1, c2 = tl.load(row)[None, :], tl.load(row + HALF)[None, :]
+        s1, s2 = tl.load(row + 2 * HALF)[None, :], tl.load(row + 3 * HALF)[None, :]
         for first in range(0, rows_per_position, ROWS):
             r = first + tl.arange(0, ROWS)
             mask = (r < rows_per_position)[:, None]
@@ -54,12 +53,27 @@ if triton is not None:
             tl.store(out_ptr + dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rotate(x: torch.Tensor, freqs: torch.Tensor, mscale: float, backward: bool) -> torch.Tensor:
+# (freqs, mscale, table) of the last call. megatron computes the frequencies once per forward for
+# all layers (and lru-caches them across steps), so the table of mscale * cos/sin is computed once
+# and read by every layer's q and k, forward and backward, instead of the trig per program.
+_last_table: tuple[torch.Tensor, float, torch.Tensor] | None = None
+
+
+def _cos_sin_table(freqs: torch.Tensor, mscale: float) -> torch.Tensor:
+    """freqs [s, 1, 1, d] -> [s, 2, d] fp32: mscale * cos(freqs), mscale * sin(freqs)."""
+    global _last_table
+    if _last_table is None or _last_table[0] is not freqs or _last_table[1] != mscale:
+        f = freqs.reshape(freqs.shape[0], -1)
+        _last_table = freqs, mscale, torch.stack([f.cos() * mscale, f.sin() * mscale], dim=1)
+    return _last_table[2]
+
+
+def _rotate(x: torch.Tensor, table: torch.Tensor, backward: bool) -> torch.Tensor:
     """x [s, b, heads, d] (any strides, last dim contiguous) -> contiguous rotated copy."""
     s, b, heads, d = x.shape
     out = torch.empty((s, b, heads, d), dtype=x.dtype, device=x.device)
     rows = min(32, triton.next_power_of_2(b * heads))
-    _rope_kernel[(s,)](x, freqs, out, b * heads, heads, x.stride(0), x.stride(1), x.stride(2), float(mscale),
+    _rope_kernel[(s,)](x, table, out, b * heads, heads, x.stride(0), x.stride(1), x.stride(2),
                        HALF=d // 2, ROWS=rows, BACKWARD=backward, num_warps=4)
     return out
 
@@ -67,14 +81,14 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor, mscale: float, backward: bool)
 class _TritonRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
-        ctx.save_for_backward(freqs)
-        ctx.mscale = mscale
-        return _rotate(t, freqs, mscale, backward=False)
+        table = _cos_sin_table(freqs, mscale)
+        ctx.save_for_backward(table)
+        return _rotate(t, table, backward=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (freqs,) = ctx.saved_tensors
-        return _rotate(grad, freqs, ctx.mscale, backward=True), None, None
+        (table,) = ctx.saved_tensors
+        return _rotate(grad, table, backward=True), None, None
 
 
 def _triton_applies(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool,
