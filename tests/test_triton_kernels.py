@@ -1,6 +1,7 @@
-"""The torch backend's Triton kernels (fused AdamW with remainders and with stochastic rounding, SwiGLU backward, RMSNorm,
-RoPE) on CPU through Triton's interpreter, against independent references: see
-tests/scripts/triton_kernels_interpreted.py. On the GPU the same kernels run compiled in gpu_tests/."""
+"""The torch backend's Triton kernels (fused AdamW with remainders and with stochastic rounding,
+SwiGLU backward, RMSNorm, RoPE) on CPU through Triton's interpreter, against independent
+references: see tests/scripts/triton_kernels_interpreted.py. On the GPU the same kernels run
+compiled in gpu_tests/."""
 from __future__ import annotations
 
 from conftest import run_cli
