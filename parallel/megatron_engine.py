@@ -267,9 +267,9 @@ class MegatronEngine:
             _, grad_norm, _ = self.optimizer.step()
         loss_sum, num_tokens = self._global_loss(reports)
         moe = self.moe_stats.step_metrics(len(microbatches)) if self.moe_stats is not None else {}
-        norm = (grad_norm.to(loss_sum) if torch.is_tensor(grad_norm)
-                else torch.full((), grad_norm if grad_norm is not None else 0.0, dtype=torch.float64))
-        values = torch.stack([loss_sum, num_tokens, norm.to(loss_sum.device)])
+        norm = (grad_norm.to(loss_sum) if torch.is_tensor(grad_norm)  # (a fill, not a host-to-device copy)
+                else torch.full((), grad_norm or 0.0, dtype=torch.float64, device=loss_sum.device))
+        values = torch.stack([loss_sum, num_tokens, norm])
         return StepResult(values, lr=self.optimizer.param_groups[0]["lr"], moe=moe)
 
     def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
