@@ -1,6 +1,7 @@
 """parallel/fused_adam.py's Triton kernel on the GPU, against torch's AdamW over fp32 master
 copies (the independent reference) and against its own torch-ops path (what CPU runs use);
-its stochastic-rounding variant against the exact update; then a whole bf16 run with optim.precision_aware against megatron's fp32-master optimizer."""
+its stochastic-rounding variant against the exact update; then a whole bf16 run with
+optim.precision_aware against megatron's fp32-master optimizer."""
 from __future__ import annotations
 
 import json
@@ -92,7 +93,8 @@ def test_triton_stochastic_rounding_picks_a_neighbour_of_the_exact_update():
     err = (rounded - exact).double()
     spacing = (up - down).abs().double()
     assert abs(err.mean().item()) < 5 * (spacing.square().mean().item() / 4 / exact.numel()) ** 0.5
-    assert (rounded == up).float().mean().item() == pytest.approx(((exact - down) / (up - down)).mean().item(), abs=2e-3)
+    p_up = ((exact - down) / (up - down)).mean().item()
+    assert (rounded == up).float().mean().item() == pytest.approx(p_up, abs=2e-3)
 
 
 def test_triton_stochastic_rounding_tracks_updates_below_a_bf16_ulp():

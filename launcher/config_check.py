@@ -180,8 +180,9 @@ def check_cuda_graph(cfg: DictConfig, device_type: str, world_size: int) -> None
 
 
 def check_precision_aware(cfg: DictConfig, device_type: str) -> None:
-    """optim.precision_aware / moments_dtype / main_grads_dtype / master_weights (parallel/fused_adam.py). Like check_cuda_graph,
-    called with the configured device and again with the resolved one (precision auto depends on it)."""
+    """optim.precision_aware / moments_dtype / main_grads_dtype / master_weights (parallel/fused_adam.py).
+    Like check_cuda_graph, called with the configured device and again with the resolved one
+    (precision auto depends on it)."""
     o = cfg.optim
     if not isinstance(o.precision_aware, bool):
         raise ConfigError("optim.precision_aware", f"must be true or false, got {o.precision_aware!r}")

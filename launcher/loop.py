@@ -20,7 +20,7 @@ from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
 from launcher.profiling import MemorySnapshot, StepProfiler
 from models.args import ModelArgs
-from parallel.megatron_engine import MegatronEngine, StepResult
+from parallel.megatron_engine import HostCopy, MegatronEngine, StepResult
 
 
 @dataclass
@@ -117,7 +117,7 @@ class _StopOnSignal:
         self.signal: str | None = None
         self._got = 0
         self._device = device
-        self._queued: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._queued: HostCopy | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -132,14 +132,8 @@ class _StopOnSignal:
             self._read(flag)
             return
         if self._queued is not None:
-            host, ready = self._queued
-            ready.synchronize()
-            self._read(host)
-        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        self._queued = host, ready
+            self._read(self._queued.get())
+        self._queued = HostCopy(flag)
 
     def _read(self, flag: torch.Tensor) -> None:
         if flag.item() and self.signal is None:

@@ -81,16 +81,20 @@ def split_master(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 if triton is not None:
-    @triton.jit
-    def _adamw_remainders_kernel(param_ptr, rem_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, scale_ptr, n,
-                                 lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt,
-                                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["seed"])
+    def _adamw_kernel(param_ptr, rem_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, scale_ptr, n, seed,
+                      lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt,
+                      STOCHASTIC: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        """STOCHASTIC: no remainders (rem_ptr unused), the param rounded with noise from `seed`."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        rem = tl.load(rem_ptr + offs, mask=mask).to(tl.int32)
-        high = tl.load(param_ptr + offs, mask=mask).to(tl.int16, bitcast=True).to(tl.int32)
-        high = high - (rem < 0).to(tl.int32)
-        p = ((high << 16) | (rem & 0xFFFF)).to(tl.float32, bitcast=True)
+        if STOCHASTIC:
+            p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+        else:
+            rem = tl.load(rem_ptr + offs, mask=mask).to(tl.int32)
+            high = tl.load(param_ptr + offs, mask=mask).to(tl.int16, bitcast=True).to(tl.int32)
+            high = high - (rem < 0).to(tl.int32)
+            p = ((high << 16) | (rem & 0xFFFF)).to(tl.float32, bitcast=True)
         g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
         if HAS_SCALE:
             g = g / tl.load(scale_ptr)
@@ -103,45 +107,26 @@ if triton is not None:
         tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
         tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
         bits = p.to(tl.int32, bitcast=True)
-        low = bits & 0xFFFF
-        high = (bits >> 16) + (low >= 0x8000).to(tl.int32)
+        if STOCHASTIC:
+            # rounding_noise (above) in uint32, whose products wrap mod 2**32 by themselves
+            x = (offs + seed).to(tl.uint32)
+            x = x ^ (x >> 16)
+            x = x * tl.full([BLOCK], 0x7FEB352D, tl.uint32)
+            x = x ^ (x >> 15)
+            x = x * tl.full([BLOCK], 0x846CA68B, tl.uint32)
+            x = x ^ (x >> 16)
+            high = (bits + (x & 0xFFFF).to(tl.int32)) >> 16
+        else:
+            low = bits & 0xFFFF
+            high = (bits >> 16) + (low >= 0x8000).to(tl.int32)
+            tl.store(rem_ptr + offs, low.to(tl.int16), mask=mask)
         tl.store(param_ptr + offs, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
-        tl.store(rem_ptr + offs, low.to(tl.int16), mask=mask)
-
-    @triton.jit(do_not_specialize=["seed"])
-    def _adamw_stochastic_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, scale_ptr, n, seed,
-                                 lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt,
-                                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-        if HAS_SCALE:
-            g = g / tl.load(scale_ptr)
-        m = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)
-        v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
-        p = p * (1.0 - lr * decay)
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        p = p - (lr / bias_correction1) * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
-        tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-        tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
-        # rounding_noise (above) in uint32, whose products wrap mod 2**32 by themselves
-        x = (offs + seed).to(tl.uint32)
-        x = x ^ (x >> 16)
-        x = x * tl.full([BLOCK], 0x7FEB352D, tl.uint32)
-        x = x ^ (x >> 15)
-        x = x * tl.full([BLOCK], 0x846CA68B, tl.uint32)
-        x = x ^ (x >> 16)
-        noise = (x & 0xFFFF).to(tl.int32)
-        bits = p.to(tl.int32, bitcast=True) + noise
-        tl.store(param_ptr + offs, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
 
 
 def _step_torch(p: torch.Tensor, rem: torch.Tensor | None, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                 scale: torch.Tensor | None, lr: float, beta1: float, beta2: float, eps: float, decay: float,
                 bias_correction1: float, bias_correction2_sqrt: float, seed: int = 0) -> None:
-    """The kernels' arithmetic in torch ops (CPU, and GPUs without Triton); `rem` None: stochastic
+    """The kernel's arithmetic in torch ops (CPU, and GPUs without Triton); `rem` None: stochastic
     rounding with noise from `seed`."""
     master = join_master(p, rem) if rem is not None else p.float()
     g = g.float() / scale if scale is not None else g.float()
@@ -230,6 +215,7 @@ class FusedAdam(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         assert closure is None, "FusedAdam takes no closure"
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         index = -1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -249,32 +235,18 @@ class FusedAdam(torch.optim.AdamW):
                 state["step"] = torch.tensor(t)
                 args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                         1.0 - beta1 ** t, math.sqrt(1.0 - beta2 ** t))
-                if self.stochastic_rounding:
-                    self._step_stochastic(p, grad, state, args, index)
-                    continue
-                tensors = (p, state["master_param"], grad, state["exp_avg"], state["exp_avg_sq"])
+                rem, seed = state["master_param"], 0
+                if self.stochastic_rounding:  # no remainders; a fresh noise stream per (seed, rank, param, step)
+                    rem, seed = None, hash((self.seed, rank, index, int(t))) & 0x7FFFFFFF
+                tensors = (grad, state["exp_avg"], state["exp_avg_sq"])
                 if triton is not None and p.is_cuda:
                     block = 4096
-                    _adamw_remainders_kernel[(triton.cdiv(p.numel(), block),)](
-                        *tensors, self.grad_scale if self.grad_scale is not None else grad, p.numel(), *args,
-                        HAS_SCALE=self.grad_scale is not None, BLOCK=block, num_warps=8)
+                    scale = self.grad_scale if self.grad_scale is not None else grad  # (unread without)
+                    _adamw_kernel[(triton.cdiv(p.numel(), block),)](
+                        p, p if rem is None else rem, *tensors, scale, p.numel(), seed, *args,
+                        STOCHASTIC=rem is None, HAS_SCALE=self.grad_scale is not None, BLOCK=block, num_warps=8)
                 else:
-                    _step_torch(*tensors, self.grad_scale, *args)
-
-    def _step_stochastic(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], args: tuple,
-                         index: int) -> None:
-        # A fresh noise stream per (seed, rank, param, step): reproducible, also across a resume.
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        seed = hash((self.seed, rank, index, int(state["step"]))) & 0x7FFFFFFF
-        tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
-        if triton is not None and p.is_cuda:
-            block = 4096
-            _adamw_stochastic_kernel[(triton.cdiv(p.numel(), block),)](
-                *tensors, self.grad_scale if self.grad_scale is not None else grad, p.numel(), seed, *args,
-                HAS_SCALE=self.grad_scale is not None, BLOCK=block, num_warps=8)
-        else:
-            p_, g_, m_, v_ = tensors
-            _step_torch(p_, None, g_, m_, v_, self.grad_scale, *args, seed=seed)
+                    _step_torch(p, rem, *tensors, self.grad_scale, *args, seed=seed)
 
 
 @contextlib.contextmanager

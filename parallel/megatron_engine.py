@@ -72,31 +72,41 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+class HostCopy:
+    """A tensor's value on the host without a stream sync: on GPU a pinned copy and an event, so
+    `get` waits for the work queued before the copy only (`.item()` would wait for all of it)."""
+
+    def __init__(self, value: torch.Tensor):
+        self._ready: torch.cuda.Event | None = None
+        if value.is_cuda:
+            self._host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = value.detach().clone()
+
+    def get(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
+
+
 class StepResult:
     """One optimizer step's loss sum (of the global batch, on every rank), loss tokens and grad norm.
 
-    On GPU they are still being computed when `train_step` returns: they come back through a
-    pinned host copy and an event, read on first use, so the loop can queue the next step before
-    it looks at this one's numbers (any `.item()` would wait for all work queued so far)."""
+    On GPU they are still being computed when `train_step` returns: read on first use through a
+    HostCopy, so the loop can queue the next step before it looks at this one's numbers."""
 
     def __init__(self, values: torch.Tensor, lr: float, moe: dict[str, float] | None = None):
         # values: float64 [loss_sum, num_tokens, grad_norm], on any device
         self.lr, self.moe = lr, moe or {}
-        self._ready: torch.cuda.Event | None = None
-        if values.is_cuda:
-            self._host = torch.empty(3, dtype=torch.float64, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = values.detach().to(torch.float64).clone()
+        self._copy = HostCopy(values.to(torch.float64))
         self._values: list[float] | None = None
 
     def _get(self, i: int) -> float:
         if self._values is None:
-            if self._ready is not None:
-                self._ready.synchronize()
-            self._values = self._host.tolist()
+            self._values = self._copy.get().tolist()
         return self._values[i]
 
     @property

@@ -34,9 +34,9 @@ def adamw() -> None:
         grad = torch.randn(n, generator=g) * scale
         reference.grad = grad / scale
         torch_adamw.step()
-        fused_adam._adamw_remainders_kernel[(triton_cdiv(n, 1024),)](
-            param, remainder, grad, exp_avg, exp_avg_sq, torch.tensor(scale), n, lr, betas[0], betas[1], eps, wd,
-            1 - betas[0] ** step, math.sqrt(1 - betas[1] ** step), HAS_SCALE=True, BLOCK=1024)
+        fused_adam._adamw_kernel[(triton_cdiv(n, 1024),)](
+            param, remainder, grad, exp_avg, exp_avg_sq, torch.tensor(scale), n, 0, lr, betas[0], betas[1], eps, wd,
+            1 - betas[0] ** step, math.sqrt(1 - betas[1] ** step), STOCHASTIC=False, HAS_SCALE=True, BLOCK=1024)
     master = fused_adam.join_master(param, remainder)
     check("adamw master", master, reference.detach(), 1e-5)
     check("adamw exp_avg_sq", exp_avg_sq, torch_adamw.state[reference]["exp_avg_sq"], 1e-5)
@@ -55,8 +55,8 @@ def adamw_stochastic() -> None:
         grad = torch.randn(n, generator=g) * scale
         args = (lr, betas[0], betas[1], eps, wd, 1 - betas[0] ** step, math.sqrt(1 - betas[1] ** step))
         p, m, v = states["triton"]
-        fused_adam._adamw_stochastic_kernel[(triton_cdiv(n, 1024),)](
-            p, grad, m, v, torch.tensor(scale), n, seed + step, *args, HAS_SCALE=True, BLOCK=1024)
+        fused_adam._adamw_kernel[(triton_cdiv(n, 1024),)](
+            p, p, grad, m, v, torch.tensor(scale), n, seed + step, *args, STOCHASTIC=True, HAS_SCALE=True, BLOCK=1024)
         p, m, v = states["torch"]
         fused_adam._step_torch(p, None, grad, m, v, torch.tensor(scale), *args, seed=seed + step)
     got, want = states["triton"][0], states["torch"][0]
