@@ -1,4 +1,4 @@
-"""The compiled RoPE (models/kernels/rope.py) against megatron's unfused function, on the GPU.
+"""The RoPE kernels (models/kernels/rope.py) against megatron's unfused function, on the GPU.
 
 The reference is the unfused function in fp32 on the same inputs: the compiled kernel computes
 bf16 inputs in fp32 and rounds once, the unfused one rounds after every op, so comparing the two
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.kernels.rope import fused_rope_bshd, unfused_rope_bshd
+from models.kernels.rope import fused_qkv_rope, fused_rope_bshd, unfused_rope_bshd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the GPU machine)")
 
@@ -52,3 +52,71 @@ def test_triton_rope_on_a_strided_key_view(dtype, tol):
     (g_ref,) = torch.autograd.grad(ref, k32, grad.float())
     torch.testing.assert_close(g_out[..., 2 * d:3 * d].float(), g_ref, rtol=tol, atol=tol)
     assert g_out[..., :2 * d].abs().max() == 0 and g_out[..., 3 * d:].abs().max() == 0
+
+
+def _split_path(qkv: torch.Tensor, freqs: torch.Tensor, per_group: int):
+    """megatron's unfused path on the fused projection: split, query heads out of their groups, RoPE on q and k."""
+    d = qkv.shape[-1] // (per_group + 2)
+    q, k, v = torch.split(qkv, [per_group * d, d, d], dim=3)
+    q = q.reshape(q.shape[0], q.shape[1], -1, d)
+    return unfused_rope_bshd(q, freqs), unfused_rope_bshd(k, freqs), v
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(512, 2, 8, 2, 128), (77, 3, 2, 4, 64)], ids=["bench_heads", "odd"])
+def test_fused_qkv_rope_matches_split_path(dtype, tol, shape):
+    """fused_qkv_rope (megatron's fused_single_qkv_rope path) against the split path in fp32 on the
+    same projection: rotated q, rotated k, v, and the projection's gradient."""
+    s, b, groups, per_group, d = shape
+    torch.manual_seed(2)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    freqs = torch.outer(torch.arange(s, device="cuda").float(), inv)
+    freqs = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    qkv = torch.randn(s, b, groups, (per_group + 2) * d, device="cuda", dtype=dtype, requires_grad=True)
+    out = fused_qkv_rope(qkv, freqs, freqs, [per_group * d, d, d])
+    qkv32 = qkv.detach().float().requires_grad_()
+    ref = _split_path(qkv32, freqs, per_group)
+    grads = [torch.randn_like(t, dtype=dtype) for t in ref]
+    for got, want in zip(out, ref):
+        assert got.is_contiguous() and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    (g_out,) = torch.autograd.grad(out, qkv, grads)
+    (g_ref,) = torch.autograd.grad(ref, qkv32, [g.float() for g in grads])
+    torch.testing.assert_close(g_out.float(), g_ref, rtol=tol, atol=tol)
+
+
+def test_attention_with_fused_qkv_rope_matches_split_path(monkeypatch):
+    """A megatron SelfAttention of the engine's model (GQA, fp32) with fused_single_qkv_rope on and
+    off: output and the gradients of its input and qkv weight agree within 1e-5."""
+    from omegaconf import OmegaConf
+
+    from models.args import ModelArgs
+    from parallel import grad_accum_fusion
+    from parallel.layout import Layout
+    from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
+
+    repo = __file__.rsplit("/gpu_tests/", 1)[0]
+    monkeypatch.setattr(grad_accum_fusion, "enable", lambda device: False)  # wgrads to autograd.grad
+    device = torch.device("cuda")
+    init_distributed(Layout(world_size=1), device, seed=3)
+    try:
+        args = ModelArgs.from_config(OmegaConf.load(f"{repo}/conf/model/tiny.yaml"))
+        engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{repo}/conf/optim/adamw.yaml"),
+                                steps=1, seq_length=128, micro_batch_size=2, seed=3, device=device,
+                                params_dtype=torch.float32, recompute=None, backend="torch")
+        gpt = engine.chunks[0].module
+        attention = gpt.decoder.layers[1].self_attention
+        freqs = gpt.rotary_pos_emb(128)
+        hidden = torch.randn(128, 2, args.hidden_size, device=device, generator=torch.Generator("cuda").manual_seed(0))
+        results = []
+        for fused in (True, False):
+            engine.config.fused_single_qkv_rope = fused
+            x = hidden.clone().requires_grad_()
+            out, _ = attention(x, attention_mask=None, rotary_pos_emb=freqs)
+            grads = torch.autograd.grad(out, [x, attention.linear_qkv.weight], torch.ones_like(out))
+            results.append((out, *grads))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert results[0][0].abs().max() > 0
+    finally:
+        shutdown()

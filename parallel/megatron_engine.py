@@ -179,11 +179,16 @@ class MegatronEngine:
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        # Unpacked self-attention rotates q and k in one pass over the fused qkv projection
+        # (megatron's fused_single_qkv_rope path, served by models/kernels/rope.py); set per step.
+        self._fused_qkv_rope = (device.type == "cuda" and backend == "torch" and not args.qk_layernorm
+                                and layout.cp == 1 and (args.num_query_groups or args.num_attention_heads) >= layout.tp)
         if device.type == "cuda" and backend == "torch":
-            from models.kernels.rope import use_fused_rope
+            from models.kernels.rope import use_fused_qkv_rope, use_fused_rope
             from models.kernels.swiglu import use_triton_swiglu_back
 
             use_fused_rope()
+            use_fused_qkv_rope()
             use_triton_swiglu_back()
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
@@ -264,6 +269,7 @@ class MegatronEngine:
         data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
         # Pipeline stages exchange [seq, batch, hidden]; a packed micro batch is one THD stream.
         packed = "cu_seqlens" in microbatches[0]
+        self.config.fused_single_qkv_rope = self._fused_qkv_rope and not packed  # megatron asserts on it for THD
         reports = self._forward_backward(
             forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
             num_microbatches=len(microbatches),

@@ -60,8 +60,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses: torch.Tensor):
         grad_hidden, grad_weight, mask = ctx.saved_tensors
         scale = (grad_losses.float() * mask).sum() / mask.sum().clamp(min=1)  # c, from grad = c · mask
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None)
+        # scaled and rounded to the weight's dtype in one pass over the fp32 [V, h] gradient
+        grad_weight = torch.mul(grad_weight, scale, out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
+        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

@@ -9,6 +9,11 @@ reads its cos/sin from a table computed once per forward for all layers (per ele
 cost more than the bytes); the backward is the same kernel rotating the other way. Other cases, and
 layers under torch.compile (train.compile: inductor fuses the same function itself), run
 megatron's function compiled by torch.compile.
+
+Dense (unpacked) self-attention takes megatron's `fused_single_qkv_rope` path instead
+(`fused_qkv_rope`): one kernel reads the fused qkv projection once and writes rotated q, rotated k
+and a contiguous v; its backward writes the qkv gradient in place of the split's cat, the two
+RoPE backwards and the copies that reshaped the query gradient.
 """
 from __future__ import annotations
 
@@ -28,6 +33,16 @@ compiled_rope_bshd = torch.compile(unfused_rope_bshd, fullgraph=True)
 
 if triton is not None:
     @triton.jit
+    def _rotate_halves(x1, x2, c1, c2, s1, s2, BACKWARD: tl.constexpr):
+        if BACKWARD:  # transpose of [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
+        else:
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        return y1, y2
+
+    @triton.jit
     def _rope_kernel(x_ptr, table_ptr, out_ptr, rows_per_position, heads, stride_s, stride_b, stride_h,
                      HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
         # One program per sequence position: its cos/sin row of the table, then every (batch, head) row at it.
@@ -42,15 +57,63 @@ if triton is not None:
             src = (s * stride_s + (r // heads).to(tl.int64) * stride_b + (r % heads).to(tl.int64) * stride_h)[:, None]
             x1 = tl.load(x_ptr + src + cols[None, :], mask=mask).to(tl.float32)
             x2 = tl.load(x_ptr + src + HALF + cols[None, :], mask=mask).to(tl.float32)
-            if BACKWARD:  # transpose of [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]
-                y1 = x1 * c1 + x2 * s2
-                y2 = x2 * c2 - x1 * s1
-            else:
-                y1 = x1 * c1 - x2 * s1
-                y2 = x2 * c2 + x1 * s2
+            y1, y2 = _rotate_halves(x1, x2, c1, c2, s1, s2, BACKWARD)
             dst = ((s * rows_per_position + r.to(tl.int64)) * (2 * HALF))[:, None] + cols[None, :]
             tl.store(out_ptr + dst, y1.to(out_ptr.dtype.element_ty), mask=mask)
             tl.store(out_ptr + dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, table_ptr, batch, groups,
+                         qkv_stride_s, qkv_stride_b, q_stride_s, q_stride_b, q_stride_h,
+                         k_stride_s, k_stride_b, k_stride_h, v_stride_s, v_stride_b, v_stride_h,
+                         PER_GROUP: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
+        # One program per sequence position. A row is one head slot of one (batch, group) of the
+        # fused projection [s, b, groups, (PER_GROUP query heads, key, value) * d]: query and key
+        # slots rotate, the value slot is copied. Forward reads qkv and writes q, k, v; backward
+        # reads their gradients and writes qkv's.
+        s = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, HALF)
+        row = table_ptr + s * (4 * HALF) + cols
+        c1, c2 = tl.load(row)[None, :], tl.load(row + HALF)[None, :]
+        s1, s2 = tl.load(row + 2 * HALF)[None, :], tl.load(row + 3 * HALF)[None, :]
+        slots = PER_GROUP + 2
+        rows_per_position = batch * groups * slots
+        for first in range(0, rows_per_position, ROWS):
+            r = first + tl.arange(0, ROWS)
+            live = r < rows_per_position
+            bi = (r // (groups * slots)).to(tl.int64)
+            in_batch = r % (groups * slots)  # group * slots + slot: contiguous within a (s, b) row of qkv
+            group, slot = (in_batch // slots).to(tl.int64), in_batch % slots
+            is_q, is_k, is_v = live & (slot < PER_GROUP), live & (slot == PER_GROUP), live & (slot == PER_GROUP + 1)
+            at_qkv = (s * qkv_stride_s + bi * qkv_stride_b + in_batch.to(tl.int64) * (2 * HALF))[:, None] + cols[None, :]
+            at_q = (s * q_stride_s + bi * q_stride_b + (group * PER_GROUP + slot) * q_stride_h)[:, None] + cols[None, :]
+            at_k = (s * k_stride_s + bi * k_stride_b + group * k_stride_h)[:, None] + cols[None, :]
+            at_v = (s * v_stride_s + bi * v_stride_b + group * v_stride_h)[:, None] + cols[None, :]
+            if BACKWARD:
+                x1 = (tl.load(q_ptr + at_q, mask=is_q[:, None], other=0.0).to(tl.float32)
+                      + tl.load(k_ptr + at_k, mask=is_k[:, None], other=0.0).to(tl.float32)
+                      + tl.load(v_ptr + at_v, mask=is_v[:, None], other=0.0).to(tl.float32))
+                x2 = (tl.load(q_ptr + at_q + HALF, mask=is_q[:, None], other=0.0).to(tl.float32)
+                      + tl.load(k_ptr + at_k + HALF, mask=is_k[:, None], other=0.0).to(tl.float32)
+                      + tl.load(v_ptr + at_v + HALF, mask=is_v[:, None], other=0.0).to(tl.float32))
+            else:
+                x1 = tl.load(qkv_ptr + at_qkv, mask=live[:, None]).to(tl.float32)
+                x2 = tl.load(qkv_ptr + at_qkv + HALF, mask=live[:, None]).to(tl.float32)
+            y1, y2 = _rotate_halves(x1, x2, c1, c2, s1, s2, BACKWARD)
+            rotated = (slot <= PER_GROUP)[:, None]
+            y1, y2 = tl.where(rotated, y1, x1), tl.where(rotated, y2, x2)
+            if BACKWARD:
+                out = qkv_ptr.dtype.element_ty
+                tl.store(qkv_ptr + at_qkv, y1.to(out), mask=live[:, None])
+                tl.store(qkv_ptr + at_qkv + HALF, y2.to(out), mask=live[:, None])
+            else:
+                out = q_ptr.dtype.element_ty
+                tl.store(q_ptr + at_q, y1.to(out), mask=is_q[:, None])
+                tl.store(q_ptr + at_q + HALF, y2.to(out), mask=is_q[:, None])
+                tl.store(k_ptr + at_k, y1.to(out), mask=is_k[:, None])
+                tl.store(k_ptr + at_k + HALF, y2.to(out), mask=is_k[:, None])
+                tl.store(v_ptr + at_v, y1.to(out), mask=is_v[:, None])
+                tl.store(v_ptr + at_v + HALF, y2.to(out), mask=is_v[:, None])
 
 
 # (freqs, mscale, table) of the last call. megatron computes the frequencies once per forward for
@@ -106,6 +169,65 @@ def fused_rope_bshd(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bo
     if _triton_applies(t, freqs, rotary_interleaved, multi_latent_attention):
         return _TritonRope.apply(t, freqs, mscale)
     return compiled_rope_bshd(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+
+
+class _TritonQkvRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, freqs: torch.Tensor, per_group: int):
+        s, b, groups, width = qkv.shape
+        d = width // (per_group + 2)
+        table = _cos_sin_table(freqs, 1.0)
+        q = torch.empty((s, b, groups * per_group, d), dtype=qkv.dtype, device=qkv.device)
+        k, v = (torch.empty((s, b, groups, d), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
+        _launch_qkv(qkv, q, k, v, table, per_group, backward=False)
+        ctx.save_for_backward(table)
+        ctx.per_group = per_group
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        (table,) = ctx.saved_tensors
+        s, b, heads, d = dq.shape
+        dqkv = torch.empty((s, b, dk.shape[2], (ctx.per_group + 2) * d), dtype=dq.dtype, device=dq.device)
+        dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+        _launch_qkv(dqkv, dq, dk, dv, table, ctx.per_group, backward=True)
+        return dqkv, None, None
+
+
+def _launch_qkv(qkv, q, k, v, table, per_group: int, backward: bool) -> None:
+    s, b, groups, _ = k.shape
+    rows = min(32, triton.next_power_of_2(b * groups * (per_group + 2)))
+    _qkv_rope_kernel[(s,)](qkv, q, k, v, table, b, groups, qkv.stride(0), qkv.stride(1),
+                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                           PER_GROUP=per_group, HALF=k.shape[-1] // 2, ROWS=rows, BACKWARD=backward, num_warps=4)
+
+
+def fused_qkv_rope(qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor, qkv_split_arg_list: list[int],
+                   *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TransformerEngine's apply_fused_qkv_rotary_pos_emb as megatron calls it: the fused projection
+    [s, b, groups, (q heads per group + 2) * d] -> rotated query [s, b, heads, d], rotated key and
+    value [s, b, groups, d], all contiguous (no rotary interleave, mscale 1, sbhd)."""
+    if args or kwargs:
+        raise NotImplementedError("fused_qkv_rope takes only megatron's four arguments")
+    d = qkv_split_arg_list[1]
+    per_group = qkv_split_arg_list[0] // d
+    if (q_freqs is k_freqs and qkv.stride(-1) == 1 and qkv.stride(2) == qkv.shape[3]
+            and _triton_applies(qkv[..., :d], q_freqs, False, False)):
+        return _TritonQkvRope.apply(qkv, q_freqs, per_group)
+    # megatron's split path: split, query heads out of their groups, RoPE each
+    query, key, value = torch.split(qkv, qkv_split_arg_list, dim=3)
+    query = query.reshape(query.size(0), query.size(1), -1, d)
+    return fused_rope_bshd(query, q_freqs), fused_rope_bshd(key, k_freqs), value.contiguous()
+
+
+def use_fused_qkv_rope() -> None:
+    """Serve megatron's `fused_single_qkv_rope` path (TransformerEngine's function otherwise) with
+    fused_qkv_rope. The config flag is the engine's to set, per step: megatron asserts on it for
+    packed (THD) batches, which keep the split path."""
+    from megatron.core.transformer import attention
+
+    attention.apply_fused_qkv_rotary_pos_emb = fused_qkv_rope
+    attention.HAVE_FUSED_QKV_ROPE = True
 
 
 def use_fused_rope() -> None:

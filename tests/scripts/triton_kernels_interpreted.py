@@ -115,10 +115,37 @@ def rope_on_strided_key() -> None:
     assert g_out[..., :2 * d].abs().max() == 0 and g_out[..., 3 * d:].abs().max() == 0
 
 
+def qkv_rope() -> None:
+    """The one-pass qkv kernel against megatron's split path (torch.split of the fused projection,
+    query heads out of their groups, the unfused RoPE on q and k, v untouched), forward and the
+    qkv gradient; 3 groups of 2 query heads, a batch whose rows are padded in the projection."""
+    torch.manual_seed(4)
+    s, b, groups, per_group, d = 13, 2, 3, 2, 64
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(s).float(), inv)
+    freqs = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    width = (per_group + 2) * d
+    padded = torch.randn(s, b + 1, groups * width)  # qkv's (s, b) strides differ from a packed tensor's
+    qkv = padded[:, :b].view(s, b, groups, width).requires_grad_(True)
+    out = rope._TritonQkvRope.apply(qkv, freqs, per_group)
+    qkv32 = qkv.detach().clone().requires_grad_(True)
+    q, k, v = torch.split(qkv32, [per_group * d, d, d], dim=3)
+    ref = (rope.unfused_rope_bshd(q.reshape(s, b, groups * per_group, d), freqs), rope.unfused_rope_bshd(k, freqs), v)
+    grads = [torch.randn_like(t) for t in ref]
+    grads[0] = grads[0].transpose(0, 1).contiguous().transpose(0, 1)  # a strided query gradient, as SDPA may hand it
+    (g_out,) = torch.autograd.grad(out, qkv, grads)
+    (g_ref,) = torch.autograd.grad(ref, qkv32, grads)
+    for name, got, want in zip("qkv", out, ref):
+        check(f"qkv rope forward {name}", got, want, 1e-5)
+        assert got.is_contiguous()
+    check("qkv rope backward", g_out, g_ref, 1e-5)
+
+
 if __name__ == "__main__":
     adamw()
     adamw_stochastic()
     swiglu_back()
     rms_norm()
     rope_on_strided_key()
+    qkv_rope()
     print("TRITON KERNELS OK")
