@@ -71,7 +71,7 @@ def run_row(a: argparse.Namespace, row: Row) -> tuple[dict[str, Any] | None, str
                             micro_batch_size=a.micro_batch_size, global_batch_size=row.global_batch or a.global_batch_size,
                             steps=a.steps, sf_override=overrides)
     run_dir = tempfile.mkdtemp(prefix="shardforge_layouts_")
-    ok, text = _run(f"{row.name} ({model})", shardforge_command(ns, run_dir))
+    ok, text, _ = _run(f"{row.name} ({model})", shardforge_command(ns, run_dir))
     return (summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup) if ok else None), text
 
 

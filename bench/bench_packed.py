@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                f"train.micro_batch_size={a.micro_batch_size}", f"train.global_batch_size={a.micro_batch_size}",
                f"train.steps={a.steps}", "logging.wandb.mode=disabled", "logging.progress=false",
                "checkpoint.save_every=0", "checkpoint.final_save=false", f"run.dir={run_dir}"]
-        ok, text = _run("packed" if packing else "padded", cmd)
+        ok, text, _ = _run("packed" if packing else "padded", cmd)
         commands.append(text)
         if not ok:
             return 1
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
                f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}", f"--steps={a.steps}",
                f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}", f"--out={out}"]
-        ok, text = _run(f"HF packed peer ({variant})", cmd)
+        ok, text, _ = _run(f"HF packed peer ({variant})", cmd)
         commands.append(text)
         if not ok:
             failed = True

@@ -14,7 +14,8 @@ Each side runs in its own subprocess, so neither sees the other's memory:
     AdamW, random tokens) eager, under torch.compile, or with liger-kernel's kernels, timed with
     CUDA events over the same number of steps after the same warmup.
 Both report MFU through launcher.flops (one formula, dense bf16 peak) and peak memory as
-torch.cuda.max_memory_allocated in GiB. The table is printed and appended to bench/RESULTS.md
+torch.cuda.max_memory_allocated in GiB, and the GPU's median SM clock and mean power while each side ran
+(bench/gpu_power.py: the H200 runs this shape at its power limit). The table is printed and appended to bench/RESULTS.md
 with the date, device, versions and the exact commands.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from bench.gpu_power import PowerSampler
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -93,23 +96,25 @@ def summarize_metrics(path: Path, warmup: int) -> dict[str, Any]:
     return out
 
 
-def _run(label: str, cmd: list[str]) -> tuple[bool, str]:
-    """Run one side of the bench in its own process; (succeeded, the command as text)."""
+def _run(label: str, cmd: list[str]) -> tuple[bool, str, dict[str, Any]]:
+    """Run one side of the bench in its own process; (succeeded, the command as text, the GPU's
+    clock and power while it ran: bench/gpu_power.py, empty without nvidia-smi)."""
     text = shlex.join(cmd)
     print(f"\n[bench] {label}: {text}", flush=True)
-    rc = subprocess.run(cmd, cwd=REPO, env=_env()).returncode
+    with PowerSampler() as power:
+        rc = subprocess.run(cmd, cwd=REPO, env=_env()).returncode
     if rc != 0:
         print(f"[bench] {label} failed (exit {rc})", file=sys.stderr, flush=True)
-    return rc == 0, text
+    return rc == 0, text, power.summary or {}
 
 
 def run_shardforge(a: argparse.Namespace, name: str = "shardforge",
                    extra: list[str] = ()) -> tuple[dict[str, Any] | None, str]:
     run_dir = tempfile.mkdtemp(prefix="shardforge_bench_")
-    ok, text = _run(name, shardforge_command(a, run_dir, list(extra)))
+    ok, text, power = _run(name, shardforge_command(a, run_dir, list(extra)))
     if not ok:
         return None, text
-    return {**summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup), "framework": name}, text
+    return {**summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup), **power, "framework": name}, text
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -123,8 +128,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def run_hf_subprocess(a: argparse.Namespace, variant: str) -> tuple[dict[str, Any] | None, str]:
     fd, out = tempfile.mkstemp(prefix="hf_bench_", suffix=".json")
     os.close(fd)
-    ok, text = _run(f"HF baseline ({variant})", hf_command(a, out, variant))
-    return (json.loads(Path(out).read_text()) if ok else None), text
+    ok, text, power = _run(f"HF baseline ({variant})", hf_command(a, out, variant))
+    return ({**json.loads(Path(out).read_text()), **power} if ok else None), text
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -132,14 +137,18 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| framework | tokens/s | MFU | peak mem (GiB) | step time (ms) | timed steps | loss first → last |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| framework | tokens/s | MFU | peak mem (GiB) | step time (ms) | timed steps | loss first → last "
+             "| SM clock, power (power-capped) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         losses = r.get("losses") or []
         loss = f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "n/a"
         step_ms = None if r.get("step_time_s") is None else r["step_time_s"] * 1e3
+        power = (f"{r['sm_clock_mhz']:.0f} MHz, {r['power_w']:.0f} W ({r['power_capped']:.0%})"
+                 if "sm_clock_mhz" in r else "n/a")
         lines.append(f"| {r['framework']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['mfu'], '.1%')} | "
-                     f"{_fmt(r['peak_mem_gb'], '.1f')} | {_fmt(step_ms, '.1f')} | {r['timed_steps']} | {loss} |")
+                     f"{_fmt(r['peak_mem_gb'], '.1f')} | {_fmt(step_ms, '.1f')} | {r['timed_steps']} | {loss} "
+                     f"| {power} |")
     for r in rows:
         if r.get("moe"):
             lines.append("\n" + r["framework"] + " MoE, mean over timed steps: " +
