@@ -1,12 +1,13 @@
 """models/kernels/swiglu.py: the Triton SwiGLU backward against autograd through the unfused
-silu(gate) * up (fp32 1e-5, bf16 1e-2), alone and inside megatron's SwiGLUFunction."""
+silu(gate) * up (fp32 1e-5, bf16 1e-2), alone and inside megatron's SwiGLUFunction, and the
+forward written into a given tensor (the mlp_act recompute) against silu(gate) * up."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.kernels.swiglu import swiglu_back, use_triton_swiglu_back
+from models.kernels.swiglu import swiglu_back, swiglu_into, use_triton_swiglu_back
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the GPU machine)")
 
@@ -26,6 +27,18 @@ def test_swiglu_back_matches_autograd(dtype, tol, shape):
     y = torch.randn(*lead, 2 * ffn, device="cuda", generator=g).to(dtype) * 3
     grad = torch.randn(*lead, ffn, device="cuda", generator=g).to(dtype)
     torch.testing.assert_close(swiglu_back(grad, y).float(), _reference(y, grad), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(512, 2, 8192), (37, 3, 1000)], ids=["bench", "ragged"])
+def test_swiglu_into_matches_unfused(dtype, tol, shape):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    *lead, ffn = shape
+    y = torch.randn(*lead, 2 * ffn, device="cuda", generator=g).to(dtype) * 3
+    out = torch.full((*lead, ffn), float("nan"), device="cuda", dtype=dtype)
+    swiglu_into(y, out)
+    gate, up = torch.chunk(y.float(), 2, -1)
+    torch.testing.assert_close(out.float(), F.silu(gate) * up, rtol=tol, atol=tol)
 
 
 def test_megatron_swiglu_function_uses_it():

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 
+from parallel.grad_norm import l2_norm
+
 
 class FoldedGradScaling:
     """`finalize_model_grads` (the schedule's hook: reductions, no scaling) and `step` (the
@@ -49,11 +51,11 @@ class FoldedGradScaling:
         total = None
         for chained in self.optimizer.chained_optimizers:
             grads = chained.get_main_grads_for_grad_norm()
-            # bf16 grads: per-tensor norms in fp32, the fused multi-tensor kernel (asking fp64 of bf16
+            # bf16 grads: in fp32 (in the multi-tensor fallback, asking fp64 of bf16
             # falls back to a conversion and a reduction per tensor, 1.7 ms a step at the bench shape);
             # fp32 grads: in fp64, as megatron's reference agrees to 1e-6. Squares summed in fp64.
             dtype = torch.float32 if grads and grads[0].dtype == torch.bfloat16 else torch.float64
-            squares = (torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).double().square().sum()
+            squares = (l2_norm(grads, dtype).double().square()
                        if grads else torch.zeros((), dtype=torch.float64, device=self.device))
             dist.all_reduce(squares, group=chained.get_grad_stats_parallel_group())
             total = squares if total is None else total + squares

@@ -83,11 +83,13 @@ def _foreach_grad_norm_and_scale() -> None:
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
+    from parallel.grad_norm import l2_norm as norm_of
+
     def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
         # On CPU, torch's fp32 norm of a large tensor drifts ~6e-6 from the exact value (it feeds
         # the clip coefficient and the grad norm the parity tests compare): accumulate in fp64 there.
-        norms = [n for tensors in tensor_lists if tensors
-                 for n in torch._foreach_norm(tensors, 2.0, dtype=torch.float64 if tensors[0].is_cpu else None)]
+        norms = [norm_of(tensors, torch.float64 if tensors[0].is_cpu else torch.float32)
+                 for tensors in tensor_lists if tensors]
         total = torch.linalg.vector_norm(torch.stack(norms)).float() if norms else torch.zeros(())
         return total.reshape(1), None
 

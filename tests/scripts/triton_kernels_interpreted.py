@@ -79,6 +79,9 @@ def swiglu_back() -> None:
         gate, up = torch.chunk(y32, 2, -1)
         (F.silu(gate) * up).backward(grad.float())
         check(f"swiglu backward {dtype}", swiglu.swiglu_back(grad, y), y32.grad, tol)
+        out = torch.full((5, 3, 96), float("nan"), dtype=dtype)
+        swiglu._swiglu_kernel_into(y, out)
+        check(f"swiglu forward into a tensor {dtype}", out, (F.silu(gate) * up).detach(), tol)
 
 
 def rms_norm() -> None:
