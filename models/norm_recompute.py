@@ -1,0 +1,54 @@
+"""`train.recompute=[layernorm]` for the torch backend's Triton RMSNorm: the norm output is
+refilled in place.
+
+megatron-core's TransformerLayer runs each norm under an output-discarding checkpoint
+(CheckpointWithoutOutput): the forward runs without autograd, and right before the consumer's
+backward it recomputes the norm under autograd into a new tensor, copies that into the freed
+storage and backpropagates through the recomputed graph. For `models.kernels.norm.RMSNorm` on
+CUDA this checkpoint keeps the forward's own graph (the Triton backward needs x and 1/rms, not
+the output) and refills the freed storage with one forward kernel: no copy, no second graph
+(~1 ms less a step at the 1.14B bench shape on an H200). Other functions (MoE's `moe_act`, norms
+on CPU) take megatron's path.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+
+from models.kernels import norm
+
+
+class NormOutputCheckpoint(tensor_parallel.CheckpointWithoutOutput):
+    _norm_output: torch.Tensor | None = None
+
+    def checkpoint(self, run_function, *args):
+        x = args[0] if args else None
+        if (isinstance(run_function, norm.RMSNorm) and norm.triton is not None and len(args) == 1
+                and x.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            self._norm_output = run_function(x)
+            return self._norm_output
+        return super().checkpoint(run_function, *args)
+
+    def discard_output_and_register_recompute(self, hook_tensor: torch.Tensor) -> None:
+        y, self._norm_output = self._norm_output, None
+        if y is None:
+            return super().discard_output_and_register_recompute(hook_tensor)
+        rows, weight, rstd = y.grad_fn.saved_tensors  # (the Triton norm's own saved tensors)
+        eps = y.grad_fn.eps
+        storage = y.untyped_storage()
+        nbytes = storage.nbytes()
+        storage.resize_(0)
+        pending = [y]
+
+        def refill(grad: torch.Tensor) -> None:
+            out = pending.pop()
+            storage.resize_(nbytes)
+            norm.rms_norm_forward_into(rows, weight, eps, out)
+
+        hook_tensor.register_hook(refill)
+
+
+def use_in_place_norm_recompute() -> None:
+    """Serve megatron's layernorm recompute with NormOutputCheckpoint (TransformerLayer looks the
+    class up on `tensor_parallel` at every forward)."""
+    tensor_parallel.CheckpointWithoutOutput = NormOutputCheckpoint
