@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 def _train(run_dir, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "launcher.train", "model=tiny", "device=cuda", "train.precision=fp32",
-           "train.steps=6", "train.seq_length=1024", "train.global_batch_size=8", "train.micro_batch_size=4",
+           "train.steps=6", "train.seq_length=1024", "train.global_batch_size=32", "train.micro_batch_size=16",
            "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.final_save=false",
            f"run.dir={run_dir}", *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -36,5 +36,6 @@ def test_recompute_matches_kept_outputs(tmp_path, graph):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), a["step"]
     assert kept[-1]["loss"] < kept[0]["loss"]
-    # SwiGLU output (ffn 704) + two norm outputs (hidden 256) a layer, 4096 tokens, fp32: > 10 MiB a layer
-    assert recomputed[-1]["peak_mem_gb"] < kept[-1]["peak_mem_gb"] - 0.02
+    # SwiGLU output (ffn 704) + two norm outputs (hidden 256) a layer, 16k tokens, fp32: 78 MiB a layer,
+    # 0.3 GiB over 4 layers (the refills must let go after their backward, or the peak moves there)
+    assert recomputed[-1]["peak_mem_gb"] < kept[-1]["peak_mem_gb"] - 0.2

@@ -41,8 +41,12 @@ def _free_until_backward(activation: torch.Tensor, fc1_out: torch.Tensor, output
     storage = activation.untyped_storage()
     nbytes = storage.nbytes()
     storage.resize_(0)
+    # The hook lives as long as the graph (to the end of backward): it must not keep the refilled
+    # storage or fc1's output alive past fc2's and SwiGLU's backward, so it lets go of them.
+    pending = [(storage, activation, fc1_out)]
 
     def refill(grad: torch.Tensor) -> None:
+        storage, activation, fc1_out = pending.pop()
         storage.resize_(nbytes)
         # A fresh tensor over the same storage: writing through `activation` (or a detach of it,
         # which shares its version counter) would fail fc2's saved-tensor version check.

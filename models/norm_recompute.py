@@ -24,7 +24,8 @@ class NormOutputCheckpoint(tensor_parallel.CheckpointWithoutOutput):
     def checkpoint(self, run_function, *args):
         x = args[0] if args else None
         if (isinstance(run_function, norm.RMSNorm) and norm.triton is not None and len(args) == 1
-                and x.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+                and x.is_cuda and x.is_contiguous() and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            # (a strided x would be saved as a contiguous copy: as large as the output freed)
             self._norm_output = run_function(x)
             return self._norm_output
         return super().checkpoint(run_function, *args)
@@ -33,16 +34,17 @@ class NormOutputCheckpoint(tensor_parallel.CheckpointWithoutOutput):
         y, self._norm_output = self._norm_output, None
         if y is None:
             return super().discard_output_and_register_recompute(hook_tensor)
-        rows, weight, rstd = y.grad_fn.saved_tensors  # (the Triton norm's own saved tensors)
         eps = y.grad_fn.eps
-        storage = y.untyped_storage()
-        nbytes = storage.nbytes()
-        storage.resize_(0)
+        nbytes = y.untyped_storage().nbytes()
+        y.untyped_storage().resize_(0)
+        # The hook lives as long as the graph (to the end of backward): holding x or the refilled
+        # output past their own backward would keep every layer's alive at once, so it lets go.
         pending = [y]
 
         def refill(grad: torch.Tensor) -> None:
             out = pending.pop()
-            storage.resize_(nbytes)
+            rows, weight, _ = out.grad_fn.saved_tensors  # (the Triton norm's own saved x and weight)
+            out.untyped_storage().resize_(nbytes)
             norm.rms_norm_forward_into(rows, weight, eps, out)
 
         hook_tensor.register_hook(refill)
