@@ -79,8 +79,7 @@ class _TritonRMSNorm(torch.autograd.Function):
         rows = x.reshape(-1, hidden).contiguous()
         y = torch.empty_like(rows)
         rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
-        _rms_norm_fwd[(rows.shape[0],)](rows, weight, y, rstd, hidden, eps, BLOCK=triton.next_power_of_2(hidden),
-                                        num_warps=8)
+        _forward(rows, weight, eps, y, rstd)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.shape, ctx.eps = x.shape, eps
         return y.view(x.shape)
@@ -102,14 +101,17 @@ class _TritonRMSNorm(torch.autograd.Function):
         return dx.view(ctx.shape), dw, None
 
 
+def _forward(rows: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, rstd: torch.Tensor) -> None:
+    hidden = rows.shape[-1]
+    _rms_norm_fwd[(rows.shape[0],)](rows, weight, out, rstd, hidden, eps, BLOCK=triton.next_power_of_2(hidden),
+                                    num_warps=8)
+
+
 def rms_norm_forward_into(rows: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     """The Triton forward of contiguous [rows, hidden] into `out` (contiguous, same numel): the
     in-place refill of models/norm_recompute.py. The kernel writes raw memory, so autograd's
     version counter on `out` (saved by the next linear) is untouched."""
-    hidden = rows.shape[-1]
-    rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-    _rms_norm_fwd[(rows.shape[0],)](rows, weight, out, rstd, hidden, eps, BLOCK=triton.next_power_of_2(hidden),
-                                    num_warps=8)
+    _forward(rows, weight, eps, out, torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

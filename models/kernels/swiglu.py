@@ -34,7 +34,6 @@ if triton is not None:
         tl.store(dy_ptr + row * 2 * ffn + cols, d_gate.to(dy_ptr.dtype.element_ty), mask=mask)
         tl.store(dy_ptr + row * 2 * ffn + ffn + cols, d_up.to(dy_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _swiglu_kernel(y_ptr, out_ptr, ffn, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)

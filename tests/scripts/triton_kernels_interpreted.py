@@ -97,6 +97,9 @@ def rms_norm() -> None:
         check(f"rms_norm forward {dtype}", y, F.rms_norm(x32.detach(), (80,), w32.detach(), 1e-5), tol)
         check(f"rms_norm dx {dtype}", x.grad, x32.grad, tol)
         check(f"rms_norm dweight {dtype}", w.grad, w32.grad, tol)
+        out = torch.full((39, 80), float("nan"), dtype=dtype)
+        norm.rms_norm_forward_into(x.detach().reshape(39, 80), w.detach(), 1e-5, out)
+        check(f"rms_norm forward into a tensor {dtype}", out, F.rms_norm(x32.detach(), (80,), w32.detach(), 1e-5).reshape(39, 80), tol)
 
 
 def rope_on_strided_key() -> None:
