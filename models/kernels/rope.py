@@ -43,14 +43,19 @@ if triton is not None:
         return y1, y2
 
     @triton.jit
+    def _table_row(table_ptr, s, cols, HALF: tl.constexpr):
+        # Position s's row of the table [s, 2 (cos, sin), 2 * HALF], each half as a [1, HALF] row.
+        row = table_ptr + s * (4 * HALF) + cols
+        return (tl.load(row)[None, :], tl.load(row + HALF)[None, :],
+                tl.load(row + 2 * HALF)[None, :], tl.load(row + 3 * HALF)[None, :])
+
+    @triton.jit
     def _rope_kernel(x_ptr, table_ptr, out_ptr, rows_per_position, heads, stride_s, stride_b, stride_h,
                      HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
         # One program per sequence position: its cos/sin row of the table, then every (batch, head) row at it.
         s = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, HALF)
-        row = table_ptr + s * (4 * HALF) + cols  # table [s, 2 (cos, sin), 2 * HALF]
-        c1, c2 = tl.load(row)[None, :], tl.load(row + HALF)[None, :]
-        s1, s2 = tl.load(row + 2 * HALF)[None, :], tl.load(row + 3 * HALF)[None, :]
+        c1, c2, s1, s2 = _table_row(table_ptr, s, cols, HALF)
         for first in range(0, rows_per_position, ROWS):
             r = first + tl.arange(0, ROWS)
             mask = (r < rows_per_position)[:, None]
@@ -73,9 +78,7 @@ if triton is not None:
         # reads their gradients and writes qkv's.
         s = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, HALF)
-        row = table_ptr + s * (4 * HALF) + cols
-        c1, c2 = tl.load(row)[None, :], tl.load(row + HALF)[None, :]
-        s1, s2 = tl.load(row + 2 * HALF)[None, :], tl.load(row + 3 * HALF)[None, :]
+        c1, c2, s1, s2 = _table_row(table_ptr, s, cols, HALF)
         slots = PER_GROUP + 2
         rows_per_position = batch * groups * slots
         for first in range(0, rows_per_position, ROWS):
