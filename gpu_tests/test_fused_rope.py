@@ -85,38 +85,22 @@ def test_fused_qkv_rope_matches_split_path(dtype, tol, shape):
     torch.testing.assert_close(g_out.float(), g_ref, rtol=tol, atol=tol)
 
 
-def test_attention_with_fused_qkv_rope_matches_split_path(monkeypatch):
+def test_attention_with_fused_qkv_rope_matches_split_path(build_engine):
     """A megatron SelfAttention of the engine's model (GQA, fp32) with fused_single_qkv_rope on and
     off: output and the gradients of its input and qkv weight agree within 1e-5."""
-    from omegaconf import OmegaConf
-
-    from models.args import ModelArgs
-    from parallel import grad_accum_fusion
-    from parallel.layout import Layout
-    from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
-
-    repo = __file__.rsplit("/gpu_tests/", 1)[0]
-    monkeypatch.setattr(grad_accum_fusion, "enable", lambda device: False)  # wgrads to autograd.grad
+    args, engine = build_engine("tiny", seed=3, seq_length=128, micro_batch_size=2, params_dtype=torch.float32)
     device = torch.device("cuda")
-    init_distributed(Layout(world_size=1), device, seed=3)
-    try:
-        args = ModelArgs.from_config(OmegaConf.load(f"{repo}/conf/model/tiny.yaml"))
-        engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{repo}/conf/optim/adamw.yaml"),
-                                steps=1, seq_length=128, micro_batch_size=2, seed=3, device=device,
-                                params_dtype=torch.float32, recompute=None, backend="torch")
-        gpt = engine.chunks[0].module
-        attention = gpt.decoder.layers[1].self_attention
-        freqs = gpt.rotary_pos_emb(128)
-        hidden = torch.randn(128, 2, args.hidden_size, device=device, generator=torch.Generator("cuda").manual_seed(0))
-        results = []
-        for fused in (True, False):
-            engine.config.fused_single_qkv_rope = fused
-            x = hidden.clone().requires_grad_()
-            out, _ = attention(x, attention_mask=None, rotary_pos_emb=freqs)
-            grads = torch.autograd.grad(out, [x, attention.linear_qkv.weight], torch.ones_like(out))
-            results.append((out, *grads))
-        for got, want in zip(*results):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert results[0][0].abs().max() > 0
-    finally:
-        shutdown()
+    gpt = engine.chunks[0].module
+    attention = gpt.decoder.layers[1].self_attention
+    freqs = gpt.rotary_pos_emb(128)
+    hidden = torch.randn(128, 2, args.hidden_size, device=device, generator=torch.Generator("cuda").manual_seed(0))
+    results = []
+    for fused in (True, False):
+        engine.config.fused_single_qkv_rope = fused
+        x = hidden.clone().requires_grad_()
+        out, _ = attention(x, attention_mask=None, rotary_pos_emb=freqs)
+        grads = torch.autograd.grad(out, [x, attention.linear_qkv.weight], torch.ones_like(out))
+        results.append((out, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert results[0][0].abs().max() > 0

@@ -6,15 +6,11 @@ on the GPU:
   the bf16 tolerance 1e-2, per step."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from parallel import grad_accum_fusion
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the GPU machine)")
 
 
@@ -28,17 +24,9 @@ def test_wgrad_accumulates_in_fp32():
     assert ((main_grad - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def _two_steps(fused: bool, monkeypatch) -> list[tuple[float, float]]:
-    from models.args import ModelArgs
-    from parallel.layout import Layout
-    from parallel.megatron_engine import MegatronEngine
-
-    enable = grad_accum_fusion.enable
-    monkeypatch.setattr(grad_accum_fusion, "enable", lambda device: fused and enable(device))
-    args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
-    engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"),
-                            steps=2, seq_length=128, micro_batch_size=2, seed=3, device=torch.device("cuda"),
-                            params_dtype=torch.bfloat16, recompute=None, backend="torch")
+def _two_steps(build_engine, fused: bool) -> list[tuple[float, float]]:
+    args, engine = build_engine("tiny", seed=3, seq_length=128, micro_batch_size=2, params_dtype=torch.bfloat16,
+                                steps=2, fusion=fused)
     assert engine.config.gradient_accumulation_fusion is fused
     g = torch.Generator().manual_seed(1)
     results = []
@@ -53,15 +41,8 @@ def _two_steps(fused: bool, monkeypatch) -> list[tuple[float, float]]:
     return results
 
 
-def test_training_with_fusion_matches_unfused(monkeypatch):
-    from parallel.layout import Layout
-    from parallel.megatron_engine import init_distributed, shutdown
-
-    init_distributed(Layout(world_size=1), torch.device("cuda"), seed=3)
-    try:
-        fused, unfused = _two_steps(True, monkeypatch), _two_steps(False, monkeypatch)
-    finally:
-        shutdown()
+def test_training_with_fusion_matches_unfused(build_engine):
+    fused, unfused = _two_steps(build_engine, True), _two_steps(build_engine, False)
     for (loss, norm), (ref_loss, ref_norm) in zip(fused, unfused):
         assert abs(loss - ref_loss) / ref_loss < 1e-2
         assert abs(norm - ref_norm) / ref_norm < 1e-2
