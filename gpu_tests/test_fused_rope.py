@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.kernels.rope import fused_qkv_rope, fused_rope_bshd, unfused_rope_bshd
+import types
+
+from models.kernels.rope import fused_qkv_rope, fused_rope_bshd, fused_rope_thd, unfused_rope_bshd, unfused_rope_thd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the GPU machine)")
 
@@ -52,6 +54,34 @@ def test_triton_rope_on_a_strided_key_view(dtype, tol):
     (g_ref,) = torch.autograd.grad(ref, k32, grad.float())
     torch.testing.assert_close(g_out[..., 2 * d:3 * d].float(), g_ref, rtol=tol, atol=tol)
     assert g_out[..., :2 * d].abs().max() == 0 and g_out[..., 3 * d:].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_token_freqs", [False, True], ids=["restart_per_document", "row_per_token"])
+def test_packed_rope_matches_megatron_thd_path(dtype, tol, per_token_freqs):
+    """Packed rows [t, heads, d] of five documents (q as a view into the fused projection) against
+    megatron's unfused THD path in fp32, which rotates each document from position 0 (or, given
+    a freqs row per token, takes row i for token i)."""
+    torch.manual_seed(4)
+    heads, d = 6, 128
+    cu = torch.tensor([0, 700, 701, 1500, 2900, 3000], device="cuda", dtype=torch.int32)
+    tokens = int(cu[-1])
+    rows = tokens if per_token_freqs else 1400
+    inv = 1.0 / (500000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    freqs = torch.outer(torch.arange(rows, device="cuda").float(), inv)
+    freqs = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    group = types.SimpleNamespace(size=lambda: 1, rank=lambda: 0)  # megatron reads only these of its cp group
+    qkv = torch.randn(tokens, heads, 3 * d, device="cuda", dtype=dtype, requires_grad=True)
+    q = qkv[..., :d]
+    out = fused_rope_thd(q, cu, freqs, mscale=1.1, cp_group=group)
+    q32 = q.detach().float().requires_grad_()
+    ref = unfused_rope_thd(q32, cu, freqs, mscale=1.1, cp_group=group)
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    grad = torch.randn(tokens, heads, d, device="cuda", dtype=dtype)
+    (g_out,) = torch.autograd.grad(out, qkv, grad)
+    (g_ref,) = torch.autograd.grad(ref, q32, grad.float())
+    torch.testing.assert_close(g_out[..., :d].float(), g_ref, rtol=tol, atol=tol)
+    assert g_out[..., d:].abs().max() == 0
 
 
 def _split_path(qkv: torch.Tensor, freqs: torch.Tensor, per_group: int):

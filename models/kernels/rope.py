@@ -10,6 +10,9 @@ cost more than the bytes); the backward is the same kernel rotating the other wa
 layers under torch.compile (train.compile: inductor fuses the same function itself), run
 megatron's function compiled by torch.compile.
 
+Packed rows (THD) without context parallelism take the same kernel over all documents at once,
+from a per-token table built once per forward (`fused_rope_thd`).
+
 Dense (unpacked) self-attention takes megatron's `fused_single_qkv_rope` path instead
 (`fused_qkv_rope`): one kernel reads the fused qkv projection once and writes rotated q, rotated k
 and a contiguous v; its backward writes the qkv gradient in place of the split's cat, the two
@@ -27,6 +30,7 @@ except ImportError:
     triton = None
 
 unfused_rope_bshd = rope_utils._apply_rotary_pos_emb_bshd
+unfused_rope_thd = rope_utils._apply_rotary_pos_emb_thd
 # dynamic=None: static shapes first, one dynamic recompile when packed rows change length.
 compiled_rope_bshd = torch.compile(unfused_rope_bshd, fullgraph=True)
 
@@ -144,34 +148,66 @@ def _rotate(x: torch.Tensor, table: torch.Tensor, backward: bool) -> torch.Tenso
     return out
 
 
+# (freqs, cu_seqlens, mscale, table) of the last packed call: every layer's q and k of one forward
+# share cu_seqlens and freqs, so the per-token table is built once, not per layer.
+_last_thd_table: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None
+
+
+def _thd_cos_sin_table(freqs: torch.Tensor, cu_seqlens: torch.Tensor, tokens: int, mscale: float) -> torch.Tensor:
+    """[tokens, 2, d] fp32 table of packed rows: token i takes freqs' row of its position in its own
+    document, as megatron's unfused THD path maps it (or row i when freqs has a row per token).
+    No host sync: the positions come from a searchsorted over cu_seqlens on the device."""
+    global _last_thd_table
+    cached = _last_thd_table
+    if cached is None or cached[0] is not freqs or cached[1] is not cu_seqlens or cached[2] != mscale:
+        index = torch.arange(tokens, device=freqs.device)
+        if freqs.shape[0] != tokens:  # megatron's case 2: positions restart at every document
+            starts = cu_seqlens.to(device=freqs.device, dtype=torch.long)
+            index = index - starts[torch.searchsorted(starts[1:], index, right=True)]
+        f = freqs.reshape(freqs.shape[0], -1)[index]
+        _last_thd_table = freqs, cu_seqlens, mscale, torch.stack([f.cos() * mscale, f.sin() * mscale], dim=1)
+    return _last_thd_table[3]
+
+
 class _TritonRope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
-        table = _cos_sin_table(freqs, mscale)
+    def forward(ctx, t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(table)
         return _rotate(t, table, backward=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (table,) = ctx.saved_tensors
-        return _rotate(grad, table, backward=True), None, None
+        return _rotate(grad, table, backward=True), None
 
 
 def _triton_applies(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool,
-                    multi_latent_attention: bool) -> bool:
+                    multi_latent_attention: bool, dims: int = 4) -> bool:
     d = t.shape[-1]
-    return (triton is not None and t.is_cuda and t.dim() == 4 and not rotary_interleaved and not multi_latent_attention
-            and freqs.shape[-1] == d and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0 and t.stride(-1) == 1
-            and freqs.dtype == torch.float32 and freqs.is_contiguous() and freqs.shape[0] == t.shape[0]
-            and freqs.numel() == t.shape[0] * d and not torch.compiler.is_compiling())
+    return (triton is not None and t.is_cuda and t.dim() == dims and not rotary_interleaved
+            and not multi_latent_attention and freqs.shape[-1] == d and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0
+            and t.stride(-1) == 1 and freqs.dtype == torch.float32 and freqs.is_contiguous()
+            and freqs.numel() == freqs.shape[0] * d and not torch.compiler.is_compiling())
 
 
 def fused_rope_bshd(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool = False,
                     multi_latent_attention: bool = False, mscale: float = 1.0) -> torch.Tensor:
     """megatron's _apply_rotary_pos_emb_bshd (same arguments), on the Triton kernel where it applies."""
-    if _triton_applies(t, freqs, rotary_interleaved, multi_latent_attention):
-        return _TritonRope.apply(t, freqs, mscale)
+    if _triton_applies(t, freqs, rotary_interleaved, multi_latent_attention) and freqs.shape[0] == t.shape[0]:
+        return _TritonRope.apply(t, _cos_sin_table(freqs, mscale))
     return compiled_rope_bshd(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+
+
+def fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool = False,
+                   multi_latent_attention: bool = False, mscale: float = 1.0, cp_group=None) -> torch.Tensor:
+    """megatron's _apply_rotary_pos_emb_thd (same arguments): packed rows [t, heads, d]. Without
+    context parallelism, one kernel over all documents from a per-token table; megatron's path
+    splits the rows per document (a host sync per document and layer) and builds the table anew."""
+    if (cp_group is not None and cp_group.size() == 1
+            and _triton_applies(t, freqs, rotary_interleaved, multi_latent_attention, dims=3)):
+        table = _thd_cos_sin_table(freqs, cu_seqlens, t.shape[0], mscale)
+        return _TritonRope.apply(t.unsqueeze(1), table).squeeze(1)
+    return unfused_rope_thd(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale, cp_group)
 
 
 class _TritonQkvRope(torch.autograd.Function):
@@ -215,7 +251,7 @@ def fused_qkv_rope(qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tens
     d = qkv_split_arg_list[1]
     per_group = qkv_split_arg_list[0] // d
     if (q_freqs is k_freqs and qkv.stride(-1) == 1 and qkv.stride(2) == qkv.shape[3]
-            and _triton_applies(qkv[..., :d], q_freqs, False, False)):
+            and q_freqs.shape[0] == qkv.shape[0] and _triton_applies(qkv[..., :d], q_freqs, False, False)):
         return _TritonQkvRope.apply(qkv, q_freqs, per_group)
     # megatron's split path: split, query heads out of their groups, RoPE each
     query, key, value = torch.split(qkv, qkv_split_arg_list, dim=3)
@@ -236,3 +272,4 @@ def use_fused_qkv_rope() -> None:
 def use_fused_rope() -> None:
     """Route megatron's apply_rotary_pos_emb (dense and THD) through the fused kernels."""
     rope_utils._apply_rotary_pos_emb_bshd = fused_rope_bshd
+    rope_utils._apply_rotary_pos_emb_thd = fused_rope_thd

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,7 @@ def rope_on_strided_key() -> None:
     freqs = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
     qkv = torch.randn(s, b, groups, 4 * d, requires_grad=True)
     key = qkv[..., 2 * d:3 * d]  # a view into the fused projection, as megatron hands k over
-    out = rope._TritonRope.apply(key, freqs, 0.9)
+    out = rope._TritonRope.apply(key, rope._cos_sin_table(freqs, 0.9))
     key32 = key.detach().clone().requires_grad_(True)
     ref = rope.unfused_rope_bshd(key32, freqs, mscale=0.9)
     grad = torch.randn(s, b, groups, d)
@@ -119,6 +120,29 @@ def rope_on_strided_key() -> None:
     check("rope forward", out, ref, 1e-5)
     check("rope backward", g_out[..., 2 * d:3 * d], g_ref, 1e-5)
     assert g_out[..., :2 * d].abs().max() == 0 and g_out[..., 3 * d:].abs().max() == 0
+
+
+def rope_packed() -> None:
+    """Packed rows (THD, three documents) against megatron's unfused THD path, which splits the
+    rows per document and rotates each from position 0; and with a freqs row per token."""
+    torch.manual_seed(6)
+    heads, d, cu = 3, 32, torch.tensor([0, 5, 6, 17], dtype=torch.int32)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    group = types.SimpleNamespace(size=lambda: 1, rank=lambda: 0)  # megatron reads only these of its cp group
+    for max_s in (11, 17):  # 17 = one row per token: megatron's exact-offset mapping
+        freqs = torch.outer(torch.arange(max_s).float(), inv)
+        freqs = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+        qkv = torch.randn(17, heads, 3 * d, requires_grad=True)
+        query = qkv[..., :d]  # a view into the fused projection, as megatron hands q over
+        rope._last_thd_table = None
+        out = rope._TritonRope.apply(query.unsqueeze(1), rope._thd_cos_sin_table(freqs, cu, 17, 0.8)).squeeze(1)
+        q32 = query.detach().clone().requires_grad_(True)
+        ref = rope.unfused_rope_thd(q32, cu, freqs, mscale=0.8, cp_group=group)
+        grad = torch.randn(17, heads, d)
+        (g_out,) = torch.autograd.grad(out, qkv, grad)
+        (g_ref,) = torch.autograd.grad(ref, q32, grad)
+        check(f"packed rope forward, freqs rows {max_s}", out, ref, 1e-5)
+        check(f"packed rope backward, freqs rows {max_s}", g_out[..., :d], g_ref, 1e-5)
 
 
 def qkv_rope() -> None:
@@ -153,5 +177,6 @@ if __name__ == "__main__":
     swiglu_back()
     rms_norm()
     rope_on_strided_key()
+    rope_packed()
     qkv_rope()
     print("TRITON KERNELS OK")
