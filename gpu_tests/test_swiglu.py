@@ -1,13 +1,13 @@
 """models/kernels/swiglu.py: the Triton SwiGLU backward against autograd through the unfused
-silu(gate) * up (fp32 1e-5, bf16 1e-2), alone and inside megatron's SwiGLUFunction, and the
-forward written into a given tensor (the mlp_act recompute) against silu(gate) * up."""
+silu(gate) * up (fp32 1e-5, bf16 1e-2), the forward written into a given tensor (the mlp_act
+recompute) against silu(gate) * up, and both inside megatron's SwiGLUFunction."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.kernels.swiglu import swiglu_back, swiglu_into, use_triton_swiglu_back
+from models.kernels.swiglu import swiglu_back, swiglu_into, use_triton_swiglu
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the GPU machine)")
 
@@ -44,7 +44,7 @@ def test_swiglu_into_matches_unfused(dtype, tol, shape):
 def test_megatron_swiglu_function_uses_it():
     from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
 
-    use_triton_swiglu_back()
+    use_triton_swiglu()
     g = torch.Generator(device="cuda").manual_seed(1)
     y = (torch.randn(256, 2, 2 * 4096, device="cuda", generator=g) * 3).bfloat16().requires_grad_(True)
     grad = torch.randn(256, 2, 4096, device="cuda", generator=g).bfloat16()

@@ -185,12 +185,12 @@ class MegatronEngine:
                                 and layout.cp == 1 and (args.num_query_groups or args.num_attention_heads) >= layout.tp)
         if device.type == "cuda" and backend == "torch":
             from models.kernels.rope import use_fused_qkv_rope, use_fused_rope
-            from models.kernels.swiglu import use_triton_swiglu_back
+            from models.kernels.swiglu import use_triton_swiglu
             from models.norm_recompute import use_in_place_norm_recompute
 
             use_fused_rope()
             use_fused_qkv_rope()
-            use_triton_swiglu_back()
+            use_triton_swiglu()
             use_in_place_norm_recompute()
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)

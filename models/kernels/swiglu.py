@@ -1,12 +1,12 @@
-"""SwiGLU's backward as one Triton pass (torch backend, CUDA), and its forward into a given tensor.
+"""SwiGLU forward and backward as one Triton pass each (torch backend, CUDA).
 
-megatron-core's fused SwiGLU (bias_activation_fusion) saves the fc1 output y = [gate | up] and
-runs its backward as a torch.compile'd `swiglu_back`: both gradient halves, then a cat. On an
-H200 that took 4.2 ms of a 1.14B-model step (16 layers, 8192 tokens x 8192 ffn), where the bytes
-(read grad + y, write dy) need ~2.4 ms. Here one kernel reads each row's gate, up and grad once
-and writes both halves of dy in place; the forward stays megatron's. `swiglu_into` writes the
-forward into an existing tensor: the recompute of `train.recompute=[mlp_act]` refills the
-storage fc2 saved instead of computing a new tensor and copying it over.
+megatron-core's fused SwiGLU (bias_activation_fusion) runs a torch.compile'd `swiglu` forward and
+`swiglu_back` backward (both gradient halves, then a cat). On an H200 at the 1.14B bench shape
+(16 layers, 8192 tokens x 8192 ffn) they took 1.45 and 4.2 ms a step, the forward at ~2.2 TB/s.
+Here each is one kernel that reads a row's gate and up once; the backward writes both halves of
+dy in place. `swiglu_into` writes the forward into an existing tensor: the recompute of
+`train.recompute=[mlp_act]` refills the storage fc2 saved instead of computing a new tensor and
+copying it over. Launch sizes (BLOCK, WARPS) from `python -m bench.bench_swiglu` on the H200.
 """
 from __future__ import annotations
 
@@ -44,10 +44,13 @@ if triton is not None:
         tl.store(out_ptr + row * ffn + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+BLOCK, WARPS = 1024, 4
+
+
 def swiglu_into(y: torch.Tensor, out: torch.Tensor) -> None:
     """out = silu(y1) * y2 for y = [y1 | y2] along the last dim; `out` contiguous, y's shape but half
     its last dim. Triton on CUDA, torch's ops elsewhere."""
-    if triton is not None and y.is_cuda:
+    if triton is not None and y.is_cuda and not torch.compiler.is_compiling():
         _swiglu_kernel_into(y, out)
     else:
         gate, up = torch.chunk(y, 2, dim=-1)
@@ -57,8 +60,8 @@ def swiglu_into(y: torch.Tensor, out: torch.Tensor) -> None:
 def _swiglu_kernel_into(y: torch.Tensor, out: torch.Tensor) -> None:
     ffn = out.shape[-1]
     y = y.contiguous()
-    block = min(1024, triton.next_power_of_2(ffn))
-    _swiglu_kernel[(out.numel() // ffn, triton.cdiv(ffn, block))](y, out, ffn, BLOCK=block, num_warps=4)
+    block = min(BLOCK, triton.next_power_of_2(ffn))
+    _swiglu_kernel[(out.numel() // ffn, triton.cdiv(ffn, block))](y, out, ffn, BLOCK=block, num_warps=WARPS)
 
 
 def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -66,9 +69,22 @@ def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ffn = g.shape[-1]
     g, y = g.contiguous(), y.contiguous()
     dy = torch.empty_like(y)
-    block = min(1024, triton.next_power_of_2(ffn))
-    _swiglu_back_kernel[(g.numel() // ffn, triton.cdiv(ffn, block))](g, y, dy, ffn, BLOCK=block, num_warps=4)
+    block = min(BLOCK, triton.next_power_of_2(ffn))
+    _swiglu_back_kernel[(g.numel() // ffn, triton.cdiv(ffn, block))](g, y, dy, ffn, BLOCK=block, num_warps=WARPS)
     return dy
+
+
+def _swiglu_function_forward(ctx, input, fp8_input_store, cpu_offload_input):
+    # megatron's SwiGLUFunction.forward with the kernel for its compiled swiglu
+    input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+    if cpu_offload_input:
+        input_for_backward.activation_offloading = True
+    ctx.save_for_backward(input_for_backward)
+    ctx.ori_input_dtype = input.dtype
+    ctx.fp8_input_store = fp8_input_store
+    out = input.new_empty((*input.shape[:-1], input.shape[-1] // 2))
+    swiglu_into(input, out)
+    return out
 
 
 def _swiglu_function_backward(ctx, grad_output):
@@ -78,10 +94,11 @@ def _swiglu_function_backward(ctx, grad_output):
     return swiglu_back(grad_output, input), None, None
 
 
-def use_triton_swiglu_back() -> None:
-    """Route megatron's SwiGLUFunction (dense MLP, no bias) backward through the kernel (GPU with Triton)."""
+def use_triton_swiglu() -> None:
+    """Route megatron's SwiGLUFunction (dense MLP, no bias) through the kernels (GPU with Triton)."""
     if triton is None:
         return
     from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
 
+    SwiGLUFunction.forward = staticmethod(_swiglu_function_forward)
     SwiGLUFunction.backward = staticmethod(_swiglu_function_backward)
