@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.args import ModelArgs
 from models.kernels.linear_cross_entropy import linear_cross_entropy
+from models.residual_norm import fuse_residual_norms
 from models.specs import dense_decoder_block_spec, moe_decoder_block_spec
 
 def _skip_init(weight: torch.Tensor) -> None:
@@ -131,4 +132,6 @@ def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre
         **kw,
     )
     model.fused_loss = fused_loss and config.tensor_model_parallel_size == 1
+    if backend == "torch":
+        fuse_residual_norms(model.decoder)
     return model

@@ -26,19 +26,28 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, hidden, eps, BLOCK: tl.constexpr):
+    def _rms_norm_fwd(x_ptr, residual_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, hidden, eps, BLOCK: tl.constexpr,
+                      ADD_RESIDUAL: tl.constexpr):
+        # ADD_RESIDUAL: x + residual is written to sum_ptr, rounded to its dtype as a separate add
+        # would round it, and that rounded sum is what is normalized.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADD_RESIDUAL:
+            x = (x + tl.load(residual_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)).to(
+                sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * hidden + cols, x, mask=mask)
+            x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * hidden + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rms_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, rows, hidden, rows_per_program,
-                      BLOCK: tl.constexpr):
+    def _rms_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, dsum_ptr, rows, hidden,
+                      rows_per_program, BLOCK: tl.constexpr, ADD_GRAD: tl.constexpr):
+        # ADD_GRAD: dx also takes the gradient that reached the residual sum itself (dsum_ptr).
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -53,6 +62,8 @@ if triton is not None:
             x_hat = x * rstd
             w_dy = w * dy
             dx = (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=0) / hidden)) * rstd
+            if ADD_GRAD:
+                dx += tl.load(dsum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             dw += dy * x_hat
         tl.store(dw_partial_ptr + program.to(tl.int64) * hidden + cols, dw, mask=mask)
@@ -87,23 +98,64 @@ class _TritonRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         rows, weight, rstd = ctx.saved_tensors
-        hidden = rows.shape[-1]
-        dy = dy.reshape(-1, hidden).contiguous()
-        dx = torch.empty_like(rows)
-        sms = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else 2
-        programs = min(rows.shape[0], 4 * sms)  # (CPU: the Triton interpreter, tests/scripts)
-        rows_per_program = triton.cdiv(rows.shape[0], programs)
-        partial = torch.empty(programs, hidden, dtype=torch.float32, device=rows.device)
-        _rms_norm_bwd[(programs,)](dy, rows, weight, rstd, dx, partial, rows.shape[0], hidden, rows_per_program,
-                                   BLOCK=triton.next_power_of_2(hidden), num_warps=8)
-        dw = torch.empty_like(weight)
-        _column_sum[(triton.cdiv(hidden, 32),)](partial, dw, programs, hidden, BLOCK_R=64, BLOCK_C=32, num_warps=4)
+        dx, dw = _backward(dy, rows, weight, rstd, None)
         return dx.view(ctx.shape), dw, None
 
 
-def _forward(rows: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, rstd: torch.Tensor) -> None:
+class _TritonAddRMSNorm(torch.autograd.Function):
+    """(x + residual, rms_norm(x + residual)) in one pass; the backward hands x and residual the
+    sum's gradient plus the norm's in one pass. Saves what _TritonRMSNorm saves, in its order
+    (models/norm_recompute.py reads them)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        hidden = x.shape[-1]
+        rows, res = x.reshape(-1, hidden).contiguous(), residual.reshape(-1, hidden).contiguous()
+        # Allocated in x's shape, not as views of rows: megatron's make_viewless_tensor would
+        # replace a view by a new tensor, and models/residual_norm.py finds the sum by identity.
+        total, y = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2))
+        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+        _forward(rows, weight, eps, y, rstd, residual=res, total=total)
+        ctx.save_for_backward(total.view(-1, hidden), weight, rstd)
+        ctx.shape, ctx.eps = x.shape, eps
+        return total, y
+
+    @staticmethod
+    def backward(ctx, d_total: torch.Tensor | None, dy: torch.Tensor | None):
+        total, weight, rstd = ctx.saved_tensors
+        if dy is None:  # the norm's output was not used
+            return d_total, d_total, torch.zeros_like(weight), None
+        dx, dw = _backward(dy, total, weight, rstd, d_total)
+        dx = dx.view(ctx.shape)
+        return dx, dx, dw, None
+
+
+def _backward(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+              d_sum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = rows.shape[-1]
-    _rms_norm_fwd[(rows.shape[0],)](rows, weight, out, rstd, hidden, eps, BLOCK=triton.next_power_of_2(hidden),
+    dy = dy.reshape(-1, hidden).contiguous()
+    if d_sum is not None:
+        d_sum = d_sum.reshape(-1, hidden).contiguous()
+    dx = torch.empty_like(rows)
+    sms = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else 2
+    programs = min(rows.shape[0], 4 * sms)  # (CPU: the Triton interpreter, tests/scripts)
+    rows_per_program = triton.cdiv(rows.shape[0], programs)
+    partial = torch.empty(programs, hidden, dtype=torch.float32, device=rows.device)
+    _rms_norm_bwd[(programs,)](dy, rows, weight, rstd, dx, partial, dx if d_sum is None else d_sum, rows.shape[0],
+                               hidden, rows_per_program, BLOCK=triton.next_power_of_2(hidden),
+                               ADD_GRAD=d_sum is not None, num_warps=8)
+    dw = torch.empty_like(weight)
+    _column_sum[(triton.cdiv(hidden, 32),)](partial, dw, programs, hidden, BLOCK_R=64, BLOCK_C=32, num_warps=4)
+    return dx, dw
+
+
+def _forward(rows: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, rstd: torch.Tensor,
+             residual: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
+    """out = rms_norm(rows) (rows + residual, also written to `total`, when residual is given)."""
+    hidden = rows.shape[-1]
+    add = residual is not None
+    _rms_norm_fwd[(rows.shape[0],)](rows, residual if add else rows, total if add else out, weight, out, rstd,
+                                    hidden, eps, BLOCK=triton.next_power_of_2(hidden), ADD_RESIDUAL=add,
                                     num_warps=8)
 
 
@@ -132,5 +184,14 @@ class RMSNorm(torch.nn.Module):
         # its weight gradient is partial and must be summed over TP.
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
+    # (sum, output) left by the residual add that produced this norm's input (models/residual_norm.py)
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ready = self.precomputed
+        if ready is not None:
+            self.precomputed = None
+            # (under no_grad, e.g. megatron's output-discarding checkpoint, an output with a graph won't do)
+            if ready[0] is x and (torch.is_grad_enabled() or not ready[1].requires_grad):
+                return ready[1]
         return rms_norm(x, self.weight, self.eps)

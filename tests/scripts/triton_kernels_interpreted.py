@@ -102,6 +102,22 @@ def rms_norm() -> None:
         norm.rms_norm_forward_into(x.detach().reshape(39, 80), w.detach(), 1e-5, out)
         check(f"rms_norm forward into a tensor {dtype}", out, F.rms_norm(x32.detach(), (80,), w32.detach(), 1e-5).reshape(39, 80), tol)
 
+        # the residual add fused in: both outputs used, as in a layer (the sum feeds the next add)
+        r = torch.randn(13, 3, 80, generator=g).to(dtype).requires_grad_(True)
+        x.grad = w.grad = None
+        d_total = torch.randn(13, 3, 80, generator=g).to(dtype)
+        total, y = norm._TritonAddRMSNorm.apply(x, r, w, 1e-5)
+        torch.autograd.backward([total, y], [d_total, dy])
+        r32 = r.detach().float().requires_grad_(True)
+        x32.grad = w32.grad = None
+        total32 = x32 + r32
+        torch.autograd.backward([total32, F.rms_norm(total32, (80,), w32, 1e-5)], [d_total.float(), dy.float()])
+        check(f"add_rms_norm sum {dtype}", total, total32, tol)
+        check(f"add_rms_norm forward {dtype}", y, F.rms_norm(total32.detach(), (80,), w32.detach(), 1e-5), tol)
+        check(f"add_rms_norm dx {dtype}", x.grad, x32.grad, tol)
+        check(f"add_rms_norm dresidual {dtype}", r.grad, r32.grad, tol)
+        check(f"add_rms_norm dweight {dtype}", w.grad, w32.grad, tol)
+
 
 def rope_on_strided_key() -> None:
     torch.manual_seed(3)
