@@ -33,6 +33,13 @@ def _loss_and_logit_grad(logits: torch.Tensor, labels: torch.Tensor, mask: torch
 _compiled = torch.compile(_loss_and_logit_grad, dynamic=True)
 
 
+def _scale(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (grad * scale).to(dtype)
+
+
+_compiled_scale = torch.compile(_scale)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -41,17 +48,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         mask = mask.to(torch.float32)
         losses = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = None
         for start in range(0, hidden.size(0), chunk_tokens):
             end = min(start + chunk_tokens, hidden.size(0))
             h = hidden[start:end]
             loss, grad_logits = loss_and_grad(h @ weight.t(), labels[start:end], mask[start:end])
             losses[start:end] = loss
             grad_hidden[start:end] = grad_logits @ weight
-            if hidden.is_cuda:  # accumulate in the GEMM's fp32 epilogue: no bf16 [V, h] product to add
+            if not hidden.is_cuda:  # (no CPU kernel for addmm with out_dtype)
+                product = (grad_logits.t() @ h).float()
+                grad_weight = product if grad_weight is None else grad_weight.add_(product)
+            elif grad_weight is None:  # the first chunk writes the fp32 gradient: no zero-filled [V, h] first
+                grad_weight = torch.mm(grad_logits.t(), h, out_dtype=torch.float32)
+            else:  # accumulate in the GEMM's fp32 epilogue: no bf16 [V, h] product to add
                 torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
-            else:  # (no CPU kernel for addmm with out_dtype)
-                grad_weight += grad_logits.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight, mask)
         ctx.weight_dtype = weight.dtype
         return losses
@@ -60,8 +70,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses: torch.Tensor):
         grad_hidden, grad_weight, mask = ctx.saved_tensors
         scale = (grad_losses.float() * mask).sum() / mask.sum().clamp(min=1)  # c, from grad = c · mask
-        # scaled and rounded to the weight's dtype in one pass over the fp32 [V, h] gradient
-        grad_weight = torch.mul(grad_weight, scale, out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
+        # scaled and rounded to the weight's dtype in one pass over the fp32 [V, h] gradient (torch's
+        # mixed-dtype mul with out= takes its unvectorized loop: 0.25 ms where the bytes need 0.1)
+        grad_weight = (_compiled_scale if grad_weight.is_cuda else _scale)(grad_weight, scale, ctx.weight_dtype)
         return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
