@@ -44,7 +44,7 @@ if triton is not None:
         tl.store(out_ptr + row * ffn + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-BLOCK, WARPS = 1024, 4
+BLOCK, WARPS = 8192, 16  # bench_swiglu on the H200: 4.2 TB/s both ways (1024, 4: 4.05-4.08)
 
 
 def swiglu_into(y: torch.Tensor, out: torch.Tensor) -> None:
