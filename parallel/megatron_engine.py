@@ -262,7 +262,9 @@ class MegatronEngine:
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
         if self.device.type == "cuda":  # pinned: their copies to the GPU queue behind the running step
-            microbatches = [{k: v.pin_memory() if torch.is_tensor(v) and not v.is_cuda else v for k, v in mb.items()}
+            # (contiguous first: an expanded tensor, e.g. shared position ids, cannot be pinned as it is)
+            microbatches = [{k: v.contiguous().pin_memory() if torch.is_tensor(v) and not v.is_cuda else v
+                             for k, v in mb.items()}
                             for mb in microbatches]
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
