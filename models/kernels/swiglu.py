@@ -5,8 +5,9 @@ megatron-core's fused SwiGLU (bias_activation_fusion) runs a torch.compile'd `sw
 (16 layers, 8192 tokens x 8192 ffn) the backward took 4.2 ms a step; its bytes need ~2.5 ms.
 Here each is one kernel that reads a row's gate and up once (both at ~4.2 TB/s, as fast as the
 compiled forward); the backward writes both halves of dy in place. `swiglu_into` writes the
-forward into an existing tensor: the recompute of `train.recompute=[mlp_act]` refills the storage fc2 saved instead of computing a new tensor and
-copying it over. Launch sizes (BLOCK, WARPS) from `python -m bench.bench_swiglu` on the H200.
+forward into an existing tensor: the recompute of `train.recompute=[mlp_act]` refills the
+storage fc2 saved instead of computing a new tensor and copying it over. Launch sizes (BLOCK,
+WARPS) from `python -m bench.bench_swiglu` on the H200.
 """
 from __future__ import annotations
 
