@@ -5,10 +5,10 @@ bf16 inputs in fp32 and rounds once, the unfused one rounds after every op, so c
 bf16 outputs with each other would measure the unfused one's error. Tolerance bf16 1e-2, fp32 1e-5."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
-
-import types
 
 from models.kernels.rope import fused_qkv_rope, fused_rope_bshd, fused_rope_thd, unfused_rope_bshd, unfused_rope_thd
 

@@ -3,8 +3,8 @@
   1e-2), both outputs used;
 - three fp32 training steps of the tiny model (4 layers) with the fusion against the same model
   built without it (megatron's bias-dropout-add and a separate norm): loss and grad norm within
-  1e-5 at step 1 (1e-4 after), with every residual add of every forward taken by the fused pass; and the same
-  with `train.recompute`'s layernorm output refill on top."""
+  1e-5 at step 1 (1e-4 after), with every residual add of every forward taken by the fused
+  pass; and the same with `train.recompute`'s layernorm output refill on top."""
 from __future__ import annotations
 
 import pytest
@@ -34,7 +34,8 @@ def test_add_rms_norm_matches_unfused(dtype, tol):
     torch.testing.assert_close(w.grad.float(), w32.grad, rtol=tol, atol=tol * w32.grad.abs().max().item())
 
 
-def _three_steps(build_engine, monkeypatch, fused: bool, recompute: list[str] | None) -> tuple[list, int]:
+def _three_steps(build_engine, monkeypatch, fused: bool,
+                 recompute: list[str] | None) -> tuple[list[tuple[float, float]], int, int]:
     import models.llama
 
     if not fused:

@@ -129,12 +129,17 @@ if triton is not None:
 _last_table: tuple[torch.Tensor, float, torch.Tensor] | None = None
 
 
+def _scaled_cos_sin(f: torch.Tensor, mscale: float) -> torch.Tensor:
+    """[rows, d] angles -> [rows, 2, d]: mscale * cos, mscale * sin (the kernels' table layout)."""
+    return torch.stack([f.cos() * mscale, f.sin() * mscale], dim=1)
+
+
 def _cos_sin_table(freqs: torch.Tensor, mscale: float) -> torch.Tensor:
     """freqs [s, 1, 1, d] -> [s, 2, d] fp32: mscale * cos(freqs), mscale * sin(freqs)."""
     global _last_table
     if _last_table is None or _last_table[0] is not freqs or _last_table[1] != mscale:
         f = freqs.reshape(freqs.shape[0], -1)
-        _last_table = freqs, mscale, torch.stack([f.cos() * mscale, f.sin() * mscale], dim=1)
+        _last_table = freqs, mscale, _scaled_cos_sin(f, mscale)
     return _last_table[2]
 
 
@@ -165,7 +170,7 @@ def _thd_cos_sin_table(freqs: torch.Tensor, cu_seqlens: torch.Tensor, tokens: in
             starts = cu_seqlens.to(device=freqs.device, dtype=torch.long)
             index = index - starts[torch.searchsorted(starts[1:], index, right=True)]
         f = freqs.reshape(freqs.shape[0], -1)[index]
-        _last_thd_table = freqs, cu_seqlens, mscale, torch.stack([f.cos() * mscale, f.sin() * mscale], dim=1)
+        _last_thd_table = freqs, cu_seqlens, mscale, _scaled_cos_sin(f, mscale)
     return _last_thd_table[3]
 
 
