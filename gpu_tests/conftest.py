@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def build_engine(monkeypatch):
-    """`build(model, seed=, seq_length=, micro_batch_size=, params_dtype=, steps=1, fusion=False, recompute=None)`
+    """`build(model, seed=, seq_length=, micro_batch_size=, params_dtype=, steps=1, fusion=False, recompute=None,
+    fp8=False)`
     -> (ModelArgs, MegatronEngine) of conf/model/<model>.yaml on one GPU, torch backend. Process
     groups start at the first build and shut down after the test. fusion=False sends the weight
     gradients to autograd instead of adding them into DDP's main_grad inside the GEMM."""
@@ -25,7 +26,7 @@ def build_engine(monkeypatch):
     device = torch.device("cuda")
 
     def build(model: str, *, seed: int, seq_length: int, micro_batch_size: int, params_dtype: torch.dtype,
-              steps: int = 1, fusion: bool = False, recompute: str | list[str] | None = None):
+              steps: int = 1, fusion: bool = False, recompute: str | list[str] | None = None, fp8: bool = False):
         if not started:
             init_distributed(Layout(world_size=1), device, seed=seed)
             started.append(True)
@@ -33,7 +34,8 @@ def build_engine(monkeypatch):
         args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/{model}.yaml"))
         engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"),
                                 steps=steps, seq_length=seq_length, micro_batch_size=micro_batch_size, seed=seed,
-                                device=device, params_dtype=params_dtype, recompute=recompute, backend="torch")
+                                device=device, params_dtype=params_dtype, recompute=recompute, backend="torch",
+                                fp8=fp8)
         return args, engine
 
     yield build

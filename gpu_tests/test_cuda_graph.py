@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 def _train(tmp_path, graph: str, *extra: str) -> tuple[str, list[dict]]:
     run_dir = tmp_path / f"graph_{graph}"
-    cmd = [sys.executable, "-m", "launcher.train", "model=tiny", "device=cuda", "train.precision=bf16",
+    precision = [] if any(e.startswith("train.precision=") for e in extra) else ["train.precision=bf16"]
+    cmd = [sys.executable, "-m", "launcher.train", "model=tiny", "device=cuda", *precision,
            "train.steps=8", "train.global_batch_size=8", "train.micro_batch_size=4", f"train.cuda_graph={graph}",
            "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.final_save=false",
            f"run.dir={run_dir}", *extra]
@@ -28,7 +29,8 @@ def _train(tmp_path, graph: str, *extra: str) -> tuple[str, list[dict]]:
     return proc.stdout, records
 
 
-@pytest.mark.parametrize("extra", [[], ["train.recompute=full"]], ids=["plain", "full_recompute"])
+@pytest.mark.parametrize("extra", [[], ["train.recompute=full"], ["train.precision=fp8"]],
+                         ids=["plain", "full_recompute", "fp8"])
 def test_graph_replay_matches_eager(tmp_path, extra):
     eager_out, eager = _train(tmp_path, "false", *extra)
     graph_out, graphed = _train(tmp_path, "true", *extra)

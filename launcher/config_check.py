@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
@@ -53,8 +54,13 @@ def check_config(cfg: DictConfig, world_size: int) -> Layout:
         raise ConfigError("parallel.engine", f"unknown engine {p.engine!r} (available: megatron, deepspeed)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("device", f"must be auto, cpu or cuda, got {cfg.device!r}")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError("train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
+    if t.precision not in ("auto", "bf16", "fp32", "fp8"):
+        raise ConfigError("train.precision", f"must be auto, bf16, fp32 or fp8, got {t.precision!r}")
+    if t.precision == "fp8":  # models/kernels/fp8_linear.py: the torch backend's dense layers
+        if p.engine != "megatron" or m.get("num_experts") is not None:
+            raise ConfigError("train.precision", "fp8 runs the linears of dense models under parallel.engine=megatron")
+        if t.compile:
+            raise ConfigError("train.precision", "fp8 layers run eager or CUDA-graphed: set train.compile=false")
     if isinstance(t.recompute, ListConfig):
         unknown = [m for m in t.recompute if m not in RECOMPUTE_MODULES]
         if not t.recompute or unknown:
@@ -179,6 +185,18 @@ def check_cuda_graph(cfg: DictConfig, device_type: str, world_size: int) -> None
             raise ConfigError("train.cuda_graph", "; ".join(why) + " (set auto or false)")
 
 
+def check_fp8_device(cfg: DictConfig, device: Any) -> None:
+    """train.precision=fp8 on CUDA needs fp8 tensor cores (compute capability 8.9: Ada, Hopper and
+    later); on CPU torch's `_scaled_mm` runs it (slowly: for tests)."""
+    if cfg.train.precision == "fp8" and device.type == "cuda":
+        import torch
+
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ConfigError("train.precision", f"fp8 needs a GPU of compute capability 8.9 or later; "
+                                                 f"this one is {capability[0]}.{capability[1]}")
+
+
 def check_precision_aware(cfg: DictConfig, device_type: str) -> None:
     """optim.precision_aware / moments_dtype / main_grads_dtype / master_weights (parallel/fused_adam.py).
     Like check_cuda_graph, called with the configured device and again with the resolved one
@@ -205,7 +223,7 @@ def check_precision_aware(cfg: DictConfig, device_type: str) -> None:
     if not cfg.parallel.distributed_optimizer:
         raise ConfigError("optim.precision_aware", "needs parallel.distributed_optimizer=true")
     precision = cfg.train.precision
-    if precision == "fp32" or (precision == "auto" and device_type == "cpu"):
+    if precision == "fp32" or (precision == "auto" and device_type == "cpu"):  # (fp8: bf16 params)
         raise ConfigError("optim.precision_aware", "keeps the master weights inside bf16 params: needs "
                                                    "train.precision=bf16 (auto is fp32 on CPU)")
 

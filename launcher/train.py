@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from launcher.config_check import (ConfigError, check_config, check_cuda_graph, check_precision_aware,
-                                   world_size_from_env)
+from launcher.config_check import (ConfigError, check_config, check_cuda_graph, check_fp8_device,
+                                   check_precision_aware, world_size_from_env)
 from launcher.slurm_env import map_srun_env, restart_count
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.float32 if precision == "fp32" else torch.bfloat16  # fp8: bf16 params, fp8 GEMMs
 
 
 def build_data(cfg: DictConfig) -> TrainData:
@@ -100,7 +100,9 @@ def run(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     check_cuda_graph(cfg, device.type, world_size_from_env())  # device=auto is known only now
     check_precision_aware(cfg, device.type)
+    check_fp8_device(cfg, device)
     params_dtype = resolve_dtype(cfg.train.precision, device)
+    fp8 = cfg.train.precision == "fp8"
 
     data = build_data(cfg)
 
@@ -129,11 +131,11 @@ def run(cfg: DictConfig) -> None:
             engine = MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,
                                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
                                     params_dtype=params_dtype, recompute=cfg.train.recompute,
-                                    backend=default_backend(),
+                                    backend="torch" if fp8 else default_backend(),  # fp8 is the torch backend's
                                     distributed_optimizer=cfg.parallel.distributed_optimizer,
                                     overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                                     compile=cfg.train.compile,
-                                    cuda_graph=graphed)
+                                    cuda_graph=graphed, fp8=fp8)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())

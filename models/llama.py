@@ -113,13 +113,15 @@ class LlamaModel(GPTModel):
 
 
 def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre_process: bool,
-                post_process: bool, vp_stage: int | None = None, fused_loss: bool = False) -> GPTModel:
-    """`fused_loss` (tensor parallel 1 only: the fused loss has no vocab-parallel reduction)."""
+                post_process: bool, vp_stage: int | None = None, fused_loss: bool = False,
+                fp8: bool = False) -> GPTModel:
+    """`fused_loss` (tensor parallel 1 only: the fused loss has no vocab-parallel reduction);
+    `fp8`: fp8 GEMMs in the layers' linears (torch backend, dense models)."""
     kw = {"vp_stage": vp_stage} if vp_stage is not None else {}
     model = LlamaModel(
         config=config,
         transformer_layer_spec=(moe_decoder_block_spec(backend, config, vp_stage) if args.is_moe
-                                else dense_decoder_block_spec(backend, config, vp_stage, args.qk_layernorm)),
+                                else dense_decoder_block_spec(backend, config, vp_stage, args.qk_layernorm, fp8=fp8)),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.kernels.attention import SDPAttention
+from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.kernels.grouped_experts import GroupedGemmExperts
 from models.kernels.norm import RMSNorm
 from models.mlp_act_recompute import ActivationRecomputeMLP
@@ -31,8 +32,9 @@ def default_backend() -> str:
 
 
 def dense_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: int | None,
-                             qk_layernorm: bool) -> ModuleSpec | TransformerBlockSubmodules:
-    """The layers of this pipeline (virtual) stage of a dense model, and its final norm."""
+                             qk_layernorm: bool, fp8: bool = False) -> ModuleSpec | TransformerBlockSubmodules:
+    """The layers of this pipeline (virtual) stage of a dense model, and its final norm. `fp8`
+    (torch backend): the layers' four linears run fp8 GEMMs (models/kernels/fp8_linear.py)."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -47,6 +49,9 @@ def dense_decoder_block_spec(backend: str, config: TransformerConfig, vp_stage: 
         attention.q_layernorm = attention.k_layernorm = RMSNorm
     if config.recompute_granularity == "selective" and "mlp_act" in config.recompute_modules:
         layer.mlp.module = ActivationRecomputeMLP
+    if fp8:
+        attention.linear_qkv = layer.mlp.submodules.linear_fc1 = Fp8ColumnParallelLinear
+        attention.linear_proj = layer.mlp.submodules.linear_fc2 = Fp8RowParallelLinear
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=RMSNorm)
 

@@ -176,7 +176,8 @@ class MegatronEngine:
     def __init__(self, args: ModelArgs, layout: Layout, optim_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
-                 overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False):
+                 overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
+                 fp8: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         # Unpacked self-attention rotates q and k in one pass over the fused qkv projection
@@ -204,7 +205,7 @@ class MegatronEngine:
             chunk = build_llama(args, self.config, backend=backend,
                                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                                vp_stage=vp, fused_loss=device.type == "cuda")
+                                vp_stage=vp, fused_loss=device.type == "cuda", fp8=fp8)
             if device.type == "cuda":
                 chunk.cuda(device)
             init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)

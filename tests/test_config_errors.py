@@ -26,6 +26,9 @@ CASES = [
     (["train.compile=yes"], "train.compile", "must be true or false"),
     (["train.compile=true", "train.recompute=[mlp]"], "train.compile", "does not trace under torch.compile"),
     (["train.compile=true", "model=mixtral_tiny"], "train.compile", "compiled layers are dense only"),
+    (["train.precision=fp16"], "train.precision", "must be auto, bf16, fp32 or fp8"),
+    (["train.precision=fp8", "model=mixtral_tiny"], "train.precision", "linears of dense models"),
+    (["train.precision=fp8", "train.compile=true"], "train.precision", "set train.compile=false"),
     (["train.cuda_graph=maybe"], "train.cuda_graph", "must be auto, true or false"),
     (["train.cuda_graph=true", "device=cpu"], "train.cuda_graph", "needs device=cuda"),
 ]

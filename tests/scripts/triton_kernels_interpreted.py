@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton_kernels.py"
 
-from models.kernels import norm, rope, swiglu  # noqa: E402
+from models.kernels import fp8_linear, norm, rope, swiglu  # noqa: E402
 from parallel import fused_adam  # noqa: E402
 
 
@@ -187,6 +187,24 @@ def qkv_rope() -> None:
     check("qkv rope backward", g_out, g_ref, 1e-5)
 
 
+def fp8_cast() -> None:
+    """The fp8 cast kernel (scale, both layouts, ragged edges) on inputs whose scaled values are
+    exact fp8 values: the interpreter's own fp32 -> fp8 rounding is wrong near powers of two
+    (124 -> 64 in e4m3), so rounding is left to gpu_tests/test_fp8_linear.py, which asserts the
+    bits against torch's cast on the GPU."""
+    g = torch.Generator().manual_seed(7)
+    for dtype, shift in ((torch.float8_e4m3fn, 2.0 ** -4), (torch.float8_e5m2, 2.0 ** -12)):
+        fp8_max = torch.finfo(dtype).max
+        q = (torch.randn(100, 72, generator=g) * fp8_max / 4).clamp(-fp8_max, fp8_max).to(dtype)
+        q[5, 70] = fp8_max  # the amax: scale = 1 / shift exactly
+        t = (q.float() * shift).bfloat16()
+        scale = torch.tensor(fp8_max) / t.float().abs().max()
+        out, out_t = torch.empty(100, 72, dtype=dtype), torch.empty(72, 100, dtype=dtype)
+        fp8_linear._cast_kernel[(2, 2)](t, scale, out, out_t, 100, 72, FP8_MAX=fp8_max, ROWWISE=True,
+                                         COLWISE=True, BR=64, BC=64)
+        check(f"fp8 cast {dtype}", out.float(), q.float(), 0.0)
+        check(f"fp8 cast transposed {dtype}", out_t.float(), q.float().t(), 0.0)
+
 if __name__ == "__main__":
     adamw()
     adamw_stochastic()
@@ -195,4 +213,5 @@ if __name__ == "__main__":
     rope_on_strided_key()
     rope_packed()
     qkv_rope()
+    fp8_cast()
     print("TRITON KERNELS OK")

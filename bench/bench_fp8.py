@@ -1,0 +1,76 @@
+"""fp8 against bf16 for the transformer layer's GEMMs at the dense bench shape.
+
+    python -m bench.bench_fp8 [--rows 8192]
+
+For each linear of a llama_1b_32k layer (qkv, proj, fc1, fc2) and each of its three GEMMs
+(forward, input grad, weight grad), prints the bf16 `torch.matmul` time and the fp8
+`torch._scaled_mm` time (tensorwise scales; e4m3 inputs and weights, e5m2 output grads), and the
+time of the casts the fp8 linear adds (models/kernels/fp8_linear.py). GPU with fp8 (sm89+) only.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from models.kernels import fp8_linear
+
+SHAPES = {"qkv": (2048, 4096), "proj": (2048, 2048), "fc1": (2048, 16384), "fc2": (8192, 2048)}
+
+
+def _time_us(fn, iters: int = 30) -> float:
+    for _ in range(5):
+        fn()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) * 1e3 / iters
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=8192)
+    m = p.parse_args().rows
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    one = torch.ones((), device="cuda")
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    totals = {"bf16": 0.0, "fp8": 0.0, "fp8 fast": 0.0, "fp8 layer": 0.0}
+    print(f"{'GEMM':14s} {'bf16 us':>9s} {'TF/s':>6s} {'fp8 us':>9s} {'TF/s':>6s} {'fast us':>9s} {'TF/s':>6s}")
+    for name, (k, n) in SHAPES.items():
+        x, w, dy = torch.randn(m, k, **bf16), torch.randn(n, k, **bf16), torch.randn(m, n, **bf16)
+        x8, w8, dy8 = x.to(e4), w.to(e4), dy.to(e5)
+        w8_t, dy8_t, x8_t = w8.t().contiguous(), dy8.t().contiguous(), x8.t().contiguous()
+        gemms = {  # name: (bf16 fn, fp8 fn(fast_accum))
+            "fwd": (lambda: x @ w.t(), lambda f: torch._scaled_mm(x8, w8.t(), one, one, out_dtype=torch.bfloat16,
+                                                                   use_fast_accum=f)),
+            "dgrad": (lambda: dy @ w, lambda f: torch._scaled_mm(dy8, w8_t.t(), one, one, out_dtype=torch.bfloat16,
+                                                                 use_fast_accum=f)),
+            "wgrad": (lambda: dy.t() @ x, lambda f: torch._scaled_mm(dy8_t, x8_t.t(), one, one,
+                                                                     out_dtype=torch.bfloat16, use_fast_accum=f)),
+        }
+        flops = 2 * m * k * n
+        for g, (ref, fp8) in gemms.items():
+            t_ref, t8, t8f = _time_us(ref), _time_us(lambda: fp8(False)), _time_us(lambda: fp8(True))
+            totals["bf16"] += t_ref
+            totals["fp8"] += t8
+            totals["fp8 fast"] += t8f
+            print(f"{name + ' ' + g:14s} {t_ref:9.1f} {flops / t_ref / 1e6:6.0f} {t8:9.1f} {flops / t8 / 1e6:6.0f} "
+                  f"{t8f:9.1f} {flops / t8f / 1e6:6.0f}", flush=True)
+        # the whole fp8 linear, casts included, forward + backward
+        xr = x.detach().requires_grad_()
+        wr = w.detach().requires_grad_()
+
+        def layer() -> None:
+            fp8_linear.fp8_linear(xr, wr).backward(dy)
+
+        t_layer = _time_us(layer)
+        totals["fp8 layer"] += t_layer
+        print(f"{name + ' fp8 linear':14s} fwd+bwd with casts {t_layer:9.1f} us", flush=True)
+    print("per layer, us: " + ", ".join(f"{k} {v:.0f}" for k, v in totals.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""fp8 GEMMs for the transformer layers' linears (`train.precision=fp8`), without TransformerEngine.
+
+Each linear's three GEMMs (output, input grad, weight grad) run through `torch._scaled_mm` with
+one scale per tensor, taken from the tensor's own amax at every call: dynamic tensorwise
+scaling, torchao's `tensorwise` float8 recipe. Inputs and weights are cast to e4m3, output
+gradients to e5m2 (range over precision, as in TE's `hybrid` format); the forward GEMM uses
+fast accumulation, the two gradient GEMMs do not (torchao's defaults). Everything between the
+linears, the embedding and the output layer stay bf16.
+
+`_scaled_mm` reads its first operand row-major and its second column-major, so x, w and dy are
+each cast into the layouts their GEMMs read by one Triton pass (`_cast_kernel`) that writes
+both. Backward keeps only the transposed fp8 copies of x and w: the layer input the plain
+linear saves in bf16 is not held, so fp8 also frees those activations.
+
+`Fp8ColumnParallelLinear` / `Fp8RowParallelLinear` are megatron-core's linears with this GEMM;
+they fall back to megatron's own where it does not apply (a bias, tensor-parallel
+communication inside the linear, dims not multiples of 16, non-bf16 input).
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+_MAX = {E4M3: 448.0, E5M2: 57344.0}
+_AMAX_FLOOR = 1e-12  # an all-zero tensor gets a finite scale
+
+
+if triton is not None:
+    @triton.jit
+    def _cast_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, rows, cols, FP8_MAX: tl.constexpr,
+                     ROWWISE: tl.constexpr, COLWISE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask).to(tl.float32)
+        y = tl.clamp(x * tl.load(scale_ptr), -FP8_MAX, FP8_MAX)
+        if ROWWISE:
+            tl.store(out_ptr + r[:, None] * cols + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        if COLWISE:
+            tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y.to(out_t_ptr.dtype.element_ty), mask=mask)
+
+
+def cast_to_fp8(t: torch.Tensor, dtype: torch.dtype, rowwise: bool = True, colwise: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """2D `t` in fp8 `dtype` with one scale: (t, t.T contiguous, the dequantizing scale), each
+    layout only when asked (else None). `fp8 * scale` approximates `t`; no host sync."""
+    fp8_max = _MAX[dtype]
+    amax = torch.linalg.vector_norm(t, float("inf")).float()  # one reduction, no |t| temporary
+    scale = fp8_max / amax.clamp(min=_AMAX_FLOOR)
+    if triton is not None and t.is_cuda and t.is_contiguous():
+        rows, cols = t.shape
+        out = torch.empty(rows, cols, dtype=dtype, device=t.device) if rowwise else None
+        out_t = torch.empty(cols, rows, dtype=dtype, device=t.device) if colwise else None
+        grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
+        _cast_kernel[grid](t, scale, out, out_t, rows, cols, FP8_MAX=fp8_max, ROWWISE=rowwise, COLWISE=colwise,
+                           BR=64, BC=64, num_warps=4)
+    else:
+        q = scaled_cast(t, scale, dtype)
+        out, out_t = (q if rowwise else None), (q.t().contiguous() if colwise else None)
+    return out, out_t, scale.reciprocal()
+
+
+def scaled_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t * scale` in fp8, saturated at the format's largest finite value (what _cast_kernel writes)."""
+    return (t.float() * scale).clamp(-_MAX[dtype], _MAX[dtype]).to(dtype)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x @ w.T with fp8 GEMMs. With `main_grad` (megatron's gradient_accumulation_fusion) the
+    weight gradient is added into it and autograd gets megatron's placeholder instead."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, main_grad: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        x8, x8_t, x_scale = cast_to_fp8(x2, E4M3, colwise=weight.requires_grad)
+        w8, w8_t, w_scale = cast_to_fp8(weight, E4M3, colwise=x.requires_grad)
+        out = torch._scaled_mm(x8, w8.t(), x_scale, w_scale, out_dtype=x.dtype, use_fast_accum=True)
+        ctx.save_for_backward(x8_t, x_scale, w8_t, w_scale)
+        ctx.x_shape, ctx.x_dtype, ctx.main_grad, ctx.weight = x.shape, x.dtype, main_grad, weight
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x8_t, x_scale, w8_t, w_scale = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        dy8, dy8_t, dy_scale = cast_to_fp8(dy, E5M2, rowwise=w8_t is not None, colwise=x8_t is not None)
+        grad_x = grad_w = None
+        if w8_t is not None:
+            grad_x = torch._scaled_mm(dy8, w8_t.t(), dy_scale, w_scale, out_dtype=ctx.x_dtype).view(ctx.x_shape)
+        if x8_t is not None:
+            main_grad = ctx.main_grad
+            grad_w = torch._scaled_mm(dy8_t, x8_t.t(), dy_scale, x_scale,
+                                      out_dtype=ctx.x_dtype if main_grad is None else main_grad.dtype)
+            if main_grad is not None:
+                main_grad.add_(grad_w)
+                grad_w = _main_grad_placeholder(ctx.weight, ctx.x_dtype)
+        return grad_x, grad_w, None
+
+
+def _main_grad_placeholder(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """What megatron's fused-accumulation linear hands autograd once the gradient is in main_grad:
+    an unused tensor where DDP's hook checks `grad_added_to_main_grad`, else nothing."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    shape = weight.main_grad.shape
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros(shape, dtype=dtype, device=weight.device)
+    return torch.empty(shape, dtype=dtype, device=weight.device)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gradient_accumulation_fusion: bool = False) -> torch.Tensor:
+    """`x @ weight.T` through fp8 GEMMs; x [..., k], weight [n, k], both bf16, k and n multiples of 16."""
+    main_grad = getattr(weight, "main_grad", None) if gradient_accumulation_fusion else None
+    return _Fp8Linear.apply(x, weight, main_grad)
+
+
+def _fp8_applies(x: torch.Tensor, weight: torch.Tensor, kw: dict) -> bool:
+    return (kw.get("bias") is None and not kw.get("sequence_parallel") and not kw.get("allreduce_dgrad")
+            and kw.get("grad_output_buffer") is None and x.dtype == weight.dtype == torch.bfloat16
+            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and weight.requires_grad)
+
+
+class Fp8ColumnParallelLinear(ColumnParallelLinear):
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if args or not _fp8_applies(input, weight, kwargs):
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False))
+
+
+class Fp8RowParallelLinear(RowParallelLinear):
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if args or not _fp8_applies(input, weight, kwargs):
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False))

@@ -1,0 +1,98 @@
+"""train.precision=fp8 (models/kernels/fp8_linear.py) on CPU, where torch's `_scaled_mm` runs the
+fp8 GEMMs: each GEMM against an fp32 matmul of independently quantized-and-dequantized operands
+(one scale per tensor from its amax), and a whole fp8 run against the bf16 run. The Triton cast
+kernel is checked by tests/scripts/triton_kernels_interpreted.py and on the GPU by
+gpu_tests/test_fp8_linear.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAST, read_metrics, run_cli
+from models.kernels import fp8_linear
+
+
+def _dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as the fp8 GEMM sees it: scaled so its amax lands on the format's largest value, rounded."""
+    fp8_max = torch.finfo(dtype).max
+    scale = fp8_max / t.float().abs().max()
+    return (t.float() * scale).clamp(-fp8_max, fp8_max).to(dtype).float() / scale
+
+
+def _operands(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 5, 64, generator=g) * 3).bfloat16()  # [s, b, k] as megatron's linears get it
+    w = (torch.randn(48, 64, generator=g) * 0.02).bfloat16()
+    dy = (torch.randn(3, 5, 48, generator=g) * 1e-3).bfloat16()
+    return x, w, dy
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:  # bf16 outputs: 1e-2 of the largest value
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_gemms_match_dequantized_fp32_reference():
+    x, w, dy = _operands()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8_linear.fp8_linear(xr, wr)
+    y.backward(dy)
+    xq, wq = _dequantized(x, torch.float8_e4m3fn), _dequantized(w, torch.float8_e4m3fn)
+    dyq = _dequantized(dy, torch.float8_e5m2).reshape(-1, 48)
+    _close(y, xq @ wq.t())
+    _close(xr.grad, (dyq @ wq).reshape(x.shape))
+    _close(wr.grad, dyq.t() @ xq.reshape(-1, 64))
+    # and fp8 is a close approximation of the bf16 linear itself (a few % relative error)
+    exact = x.float() @ w.float().t()
+    assert (y.float() - exact).norm() / exact.norm() < 0.05
+
+
+@pytest.mark.parametrize("main_grad_dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_is_added_into_main_grad(main_grad_dtype):
+    """megatron's gradient_accumulation_fusion contract: the weight gradient goes into main_grad
+    (accumulating over micro batches) and autograd gets a placeholder DDP's hook recognizes."""
+    x, w, dy = _operands(1)
+    wr = w.clone().requires_grad_()
+    start = torch.randn(48, 64, generator=torch.Generator().manual_seed(2)).to(main_grad_dtype)
+    wr.main_grad, wr.grad_added_to_main_grad = start.clone(), False
+    fp8_linear.fp8_linear(x.clone().requires_grad_(), wr, gradient_accumulation_fusion=True).backward(dy)
+    want = start.float() + _dequantized(dy, torch.float8_e5m2).reshape(-1, 48).t() @ \
+        _dequantized(x, torch.float8_e4m3fn).reshape(-1, 64)
+    torch.testing.assert_close(wr.main_grad.float(), want, rtol=1e-2, atol=1e-2)
+    assert wr.grad_added_to_main_grad is True and wr.grad is not None and wr.grad.shape == w.shape
+
+
+def test_zero_input_gives_zero_output():
+    w = torch.randn(32, 16).bfloat16()
+    assert torch.equal(fp8_linear.fp8_linear(torch.zeros(4, 16, dtype=torch.bfloat16), w),
+                       torch.zeros(4, 32, dtype=torch.bfloat16))
+
+
+def test_fp8_spec_swaps_the_four_linears(monkeypatch):
+    import models.specs
+    from models.args import ModelArgs
+    from models.llama import transformer_config
+    from models.specs import dense_decoder_block_spec
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+
+    args = ModelArgs.from_config(OmegaConf.load(REPO / "conf/model/tiny.yaml"))
+    monkeypatch.setattr(models.specs, "get_num_layers_to_build", lambda config, vp_stage: 1)  # (no process groups)
+    config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=torch.bfloat16, on_cpu=True, recompute=None)
+    (layer, *_) = dense_decoder_block_spec("torch", config, None, False, fp8=True).layer_specs
+    attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    assert (attention.linear_qkv, mlp.linear_fc1) == (fp8_linear.Fp8ColumnParallelLinear,) * 2
+    assert (attention.linear_proj, mlp.linear_fc2) == (fp8_linear.Fp8RowParallelLinear,) * 2
+
+
+def test_fp8_run_tracks_the_bf16_run(tmp_path, cache_env):
+    """The embedded default model, 20 steps: fp8 GEMMs against bf16 ones, from the same weights and data."""
+    losses = {}
+    for precision in ("bf16", "fp8"):
+        run_dir = tmp_path / precision
+        run_cli("launcher.train", [*FAST, "train.steps=20", f"train.precision={precision}", f"run.dir={run_dir}",
+                                   "checkpoint.save_every=0", "checkpoint.final_save=false"])
+        losses[precision] = [m["loss"] for m in read_metrics(run_dir)]
+    assert losses["fp8"] != losses["bf16"]  # the fp8 GEMMs did run
+    assert losses["fp8"] == pytest.approx(losses["bf16"], rel=5e-3)
+    assert losses["fp8"][-1] < losses["fp8"][0] - 0.5
