@@ -7,10 +7,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.args import ModelArgs
+from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.kernels.linear_cross_entropy import linear_cross_entropy
+from models.mlp_act_recompute import ActivationRecomputeMLP
 from models.residual_norm import fuse_residual_norms
 from models.specs import dense_decoder_block_spec, moe_decoder_block_spec
 
@@ -136,4 +139,22 @@ def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre
     model.fused_loss = fused_loss and config.tensor_model_parallel_size == 1
     if backend == "torch":
         fuse_residual_norms(model.decoder)
+    if fp8:
+        keep_refilled_fp8_inputs(model.decoder)
     return model
+
+
+def keep_refilled_fp8_inputs(decoder: TransformerBlock) -> None:
+    """fp8 linears whose input a recompute refills before their backward (the norm outputs under
+    `layernorm`, the SwiGLU output under `mlp_act`) hold that input for backward, not an fp8 copy."""
+    for layer in decoder.layers:
+        linears = []
+        if getattr(layer, "recompute_input_layernorm", False):
+            linears.append(layer.self_attention.linear_qkv)
+        if getattr(layer, "recompute_pre_mlp_layernorm", False):
+            linears.append(layer.mlp.linear_fc1)
+        if isinstance(layer.mlp, ActivationRecomputeMLP):
+            linears.append(layer.mlp.linear_fc2)
+        for linear in linears:
+            if isinstance(linear, (Fp8ColumnParallelLinear, Fp8RowParallelLinear)):
+                linear.keep_input = True

@@ -61,6 +61,51 @@ def test_weight_grad_is_added_into_main_grad(main_grad_dtype):
     assert wr.grad_added_to_main_grad is True and wr.grad is not None and wr.grad.shape == w.shape
 
 
+def _saved_by_forward(x: torch.Tensor, w: torch.Tensor, keep_input: bool) -> list[torch.Tensor]:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fp8_linear.fp8_linear(x, w, keep_input=keep_input)
+    return [t for t in saved if t.numel() > 1]  # (the scales)
+
+
+def test_backward_holds_an_fp8_input_and_the_weight_itself():
+    """What the linear holds for backward: x as its fp8 transpose (half the bf16 bytes), or with
+    keep_input x's own storage; the weight is the parameter itself, never an fp8 copy."""
+    x, w, _ = _operands()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    held = _saved_by_forward(xr, wr, keep_input=False)
+    assert [(t.dtype, tuple(t.shape)) for t in held if t is not wr] == [(torch.float8_e4m3fn, (64, 15))]
+    assert any(t is wr for t in held)
+    held = _saved_by_forward(xr, wr, keep_input=True)
+    assert {t.dtype for t in held} == {torch.bfloat16}
+    assert sorted(t.untyped_storage().data_ptr() for t in held) == sorted(
+        [xr.untyped_storage().data_ptr(), wr.untyped_storage().data_ptr()])
+
+
+def test_keep_input_reads_the_input_refilled_before_backward():
+    """A recompute frees the input after forward and refills it before backward (models/norm_recompute.py,
+    models/mlp_act_recompute.py): the gradients are those of the linear that never let go of it."""
+    x, w, dy = _operands(3)
+    grads = []
+    for free in (False, True):
+        a, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        h = a * 1  # a non-leaf activation, as a norm output is
+        y = fp8_linear.fp8_linear(h, wr, keep_input=free)
+        if free:
+            kept, nbytes = h.detach().clone(), h.untyped_storage().nbytes()
+            h.untyped_storage().resize_(0)
+
+            def refill(grad, kept=kept, h=h, nbytes=nbytes):
+                h.untyped_storage().resize_(nbytes)
+                h.untyped_storage().copy_(kept.untyped_storage())
+
+            y.register_hook(refill)
+        y.backward(dy)
+        grads.append((a.grad, wr.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert grads[1][1].abs().sum() > 0
+
+
 def test_zero_input_gives_zero_output():
     w = torch.randn(32, 16).bfloat16()
     assert torch.equal(fp8_linear.fp8_linear(torch.zeros(4, 16, dtype=torch.bfloat16), w),
@@ -86,13 +131,17 @@ def test_fp8_spec_swaps_the_four_linears(monkeypatch):
 
 
 def test_fp8_run_tracks_the_bf16_run(tmp_path, cache_env):
-    """The embedded default model, 20 steps: fp8 GEMMs against bf16 ones, from the same weights and data."""
+    """The embedded default model, 20 steps: fp8 GEMMs against bf16 ones, from the same weights and
+    data; and fp8 with the norm and SwiGLU outputs recomputed (which the fp8 linears then read in
+    backward instead of fp8 copies) exactly as fp8 without."""
     losses = {}
-    for precision in ("bf16", "fp8"):
-        run_dir = tmp_path / precision
-        run_cli("launcher.train", [*FAST, "train.steps=20", f"train.precision={precision}", f"run.dir={run_dir}",
+    for name, extra in (("bf16", ["train.precision=bf16"]), ("fp8", ["train.precision=fp8"]),
+                        ("fp8_rc", ["train.precision=fp8", "train.recompute=[mlp_act,layernorm]"])):
+        run_dir = tmp_path / name
+        run_cli("launcher.train", [*FAST, "train.steps=20", *extra, f"run.dir={run_dir}",
                                    "checkpoint.save_every=0", "checkpoint.final_save=false"])
-        losses[precision] = [m["loss"] for m in read_metrics(run_dir)]
+        losses[name] = [m["loss"] for m in read_metrics(run_dir)]
     assert losses["fp8"] != losses["bf16"]  # the fp8 GEMMs did run
     assert losses["fp8"] == pytest.approx(losses["bf16"], rel=5e-3)
     assert losses["fp8"][-1] < losses["fp8"][0] - 0.5
+    assert losses["fp8_rc"] == losses["fp8"]

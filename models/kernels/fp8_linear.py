@@ -9,8 +9,9 @@ linears, the embedding and the output layer stay bf16.
 
 `_scaled_mm` reads its first operand row-major and its second column-major, so x, w and dy are
 each cast into the layouts their GEMMs read by one Triton pass (`_cast_kernel`) that writes
-both. Backward keeps only the transposed fp8 copies of x and w: the layer input the plain
-linear saves in bf16 is not held, so fp8 also frees those activations.
+either or both. Backward holds x as its fp8 transpose (half the bytes of the bf16 input a
+plain linear holds) or, where a recompute refills x anyway, x itself; the weight is cast again
+in backward from the parameter with its forward scale.
 
 `Fp8ColumnParallelLinear` / `Fp8RowParallelLinear` are megatron-core's linears with this GEMM;
 they fall back to megatron's own where it does not apply (a bias, tensor-parallel
@@ -47,24 +48,26 @@ if triton is not None:
             tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y.to(out_t_ptr.dtype.element_ty), mask=mask)
 
 
-def cast_to_fp8(t: torch.Tensor, dtype: torch.dtype, rowwise: bool = True, colwise: bool = False
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """2D `t` in fp8 `dtype` with one scale: (t, t.T contiguous, the dequantizing scale), each
-    layout only when asked (else None). `fp8 * scale` approximates `t`; no host sync."""
-    fp8_max = _MAX[dtype]
+def fp8_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale that puts `t`'s amax on `dtype`'s largest finite value (fp32 scalar, no host sync)."""
     amax = torch.linalg.vector_norm(t, float("inf")).float()  # one reduction, no |t| temporary
-    scale = fp8_max / amax.clamp(min=_AMAX_FLOOR)
+    return _MAX[dtype] / amax.clamp(min=_AMAX_FLOOR)
+
+
+def cast_to_fp8(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor, rowwise: bool = True,
+                colwise: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """2D `t * scale` in fp8 `dtype`, saturated: (row-major, transposed contiguous), each layout only
+    when asked (else None). `fp8 / scale` approximates `t`."""
     if triton is not None and t.is_cuda and t.is_contiguous():
         rows, cols = t.shape
         out = torch.empty(rows, cols, dtype=dtype, device=t.device) if rowwise else None
         out_t = torch.empty(cols, rows, dtype=dtype, device=t.device) if colwise else None
         grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
-        _cast_kernel[grid](t, scale, out, out_t, rows, cols, FP8_MAX=fp8_max, ROWWISE=rowwise, COLWISE=colwise,
+        _cast_kernel[grid](t, scale, out, out_t, rows, cols, FP8_MAX=_MAX[dtype], ROWWISE=rowwise, COLWISE=colwise,
                            BR=64, BC=64, num_warps=4)
-    else:
-        q = scaled_cast(t, scale, dtype)
-        out, out_t = (q if rowwise else None), (q.t().contiguous() if colwise else None)
-    return out, out_t, scale.reciprocal()
+        return out, out_t
+    q = scaled_cast(t, scale, dtype)
+    return (q if rowwise else None), (q.t().contiguous() if colwise else None)
 
 
 def scaled_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -74,34 +77,49 @@ def scaled_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
 
 class _Fp8Linear(torch.autograd.Function):
     """y = x @ w.T with fp8 GEMMs. With `main_grad` (megatron's gradient_accumulation_fusion) the
-    weight gradient is added into it and autograd gets megatron's placeholder instead."""
+    weight gradient is added into it and autograd gets megatron's placeholder instead.
+
+    Backward holds x as its fp8 transpose, or, with `keep_input` (x stays alive for another
+    consumer, or a recompute refills its storage before this backward), x itself, cast again
+    there. The weight (a parameter, alive anyway) is held as is and cast again with its forward
+    scale: an fp8 copy per linear would hold 1 GB at the 1.14B bench shape."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, main_grad: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, main_grad: torch.Tensor | None,
+                keep_input: bool) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        x8, x8_t, x_scale = cast_to_fp8(x2, E4M3, colwise=weight.requires_grad)
-        w8, w8_t, w_scale = cast_to_fp8(weight, E4M3, colwise=x.requires_grad)
-        out = torch._scaled_mm(x8, w8.t(), x_scale, w_scale, out_dtype=x.dtype, use_fast_accum=True)
-        ctx.save_for_backward(x8_t, x_scale, w8_t, w_scale)
-        ctx.x_shape, ctx.x_dtype, ctx.main_grad, ctx.weight = x.shape, x.dtype, main_grad, weight
+        x_scale, w_scale = fp8_scale(x2, E4M3), fp8_scale(weight, E4M3)
+        wgrad = weight.requires_grad
+        x8, x8_t = cast_to_fp8(x2, E4M3, x_scale, colwise=wgrad and not keep_input)
+        w8, _ = cast_to_fp8(weight, E4M3, w_scale)
+        out = torch._scaled_mm(x8, w8.t(), x_scale.reciprocal(), w_scale.reciprocal(), out_dtype=x.dtype,
+                               use_fast_accum=True)
+        saved_x = (x2 if keep_input else x8_t) if wgrad else None
+        ctx.save_for_backward(saved_x, x_scale, weight if x.requires_grad else None, w_scale)
+        ctx.x_shape, ctx.x_dtype, ctx.main_grad, ctx.keep_input = x.shape, x.dtype, main_grad, keep_input
+        ctx.weight = weight
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x8_t, x_scale, w8_t, w_scale = ctx.saved_tensors
+        saved_x, x_scale, weight, w_scale = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-        dy8, dy8_t, dy_scale = cast_to_fp8(dy, E5M2, rowwise=w8_t is not None, colwise=x8_t is not None)
+        dy_scale = fp8_scale(dy, E5M2)
+        dy8, dy8_t = cast_to_fp8(dy, E5M2, dy_scale, rowwise=weight is not None, colwise=saved_x is not None)
         grad_x = grad_w = None
-        if w8_t is not None:
-            grad_x = torch._scaled_mm(dy8, w8_t.t(), dy_scale, w_scale, out_dtype=ctx.x_dtype).view(ctx.x_shape)
-        if x8_t is not None:
+        if weight is not None:
+            _, w8_t = cast_to_fp8(weight, E4M3, w_scale, rowwise=False, colwise=True)
+            grad_x = torch._scaled_mm(dy8, w8_t.t(), dy_scale.reciprocal(), w_scale.reciprocal(),
+                                      out_dtype=ctx.x_dtype).view(ctx.x_shape)
+        if saved_x is not None:
+            x8_t = cast_to_fp8(saved_x, E4M3, x_scale, rowwise=False, colwise=True)[1] if ctx.keep_input else saved_x
             main_grad = ctx.main_grad
-            grad_w = torch._scaled_mm(dy8_t, x8_t.t(), dy_scale, x_scale,
+            grad_w = torch._scaled_mm(dy8_t, x8_t.t(), dy_scale.reciprocal(), x_scale.reciprocal(),
                                       out_dtype=ctx.x_dtype if main_grad is None else main_grad.dtype)
             if main_grad is not None:
                 main_grad.add_(grad_w)
                 grad_w = _main_grad_placeholder(ctx.weight, ctx.x_dtype)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def _main_grad_placeholder(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -116,10 +134,12 @@ def _main_grad_placeholder(weight: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return torch.empty(shape, dtype=dtype, device=weight.device)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gradient_accumulation_fusion: bool = False) -> torch.Tensor:
-    """`x @ weight.T` through fp8 GEMMs; x [..., k], weight [n, k], both bf16, k and n multiples of 16."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gradient_accumulation_fusion: bool = False,
+               keep_input: bool = False) -> torch.Tensor:
+    """`x @ weight.T` through fp8 GEMMs; x [..., k], weight [n, k], both bf16, k and n multiples of 16.
+    `keep_input`: backward reads x itself, not an fp8 copy of it (see _Fp8Linear)."""
     main_grad = getattr(weight, "main_grad", None) if gradient_accumulation_fusion else None
-    return _Fp8Linear.apply(x, weight, main_grad)
+    return _Fp8Linear.apply(x, weight, main_grad, keep_input)
 
 
 def _fp8_applies(x: torch.Tensor, weight: torch.Tensor, kw: dict) -> bool:
@@ -129,14 +149,18 @@ def _fp8_applies(x: torch.Tensor, weight: torch.Tensor, kw: dict) -> bool:
 
 
 class Fp8ColumnParallelLinear(ColumnParallelLinear):
+    keep_input = False  # set where a recompute refills the input before backward (models/llama.py)
+
     def _forward_impl(self, input, weight, *args, **kwargs):
         if args or not _fp8_applies(input, weight, kwargs):
             return super()._forward_impl(input, weight, *args, **kwargs)
-        return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False))
+        return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False), self.keep_input)
 
 
 class Fp8RowParallelLinear(RowParallelLinear):
+    keep_input = False
+
     def _forward_impl(self, input, weight, *args, **kwargs):
         if args or not _fp8_applies(input, weight, kwargs):
             return super()._forward_impl(input, weight, *args, **kwargs)
-        return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False))
+        return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False), self.keep_input)
