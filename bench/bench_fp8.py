@@ -4,8 +4,11 @@
 
 For each linear of a llama_1b_32k layer (qkv, proj, fc1, fc2) and each of its three GEMMs
 (forward, input grad, weight grad), prints the bf16 `torch.matmul` time and the fp8
-`torch._scaled_mm` time (tensorwise scales; e4m3 inputs and weights, e5m2 output grads), and the
-time of the casts the fp8 linear adds (models/kernels/fp8_linear.py). GPU with fp8 (sm89+) only.
+`torch._scaled_mm` time (tensorwise scales; e4m3 inputs and weights, e5m2 output grads), each
+cast of the fp8 linear (models/kernels/fp8_linear.py: amax, then both layouts in one pass) with
+its HBM rate, and the whole fp8 linear forward + backward. The casts and the whole linear are
+timed as CUDA-graph replays, as training runs them (eager, the host's launches would be timed).
+GPU with fp8 (sm89+) only.
 """
 from __future__ import annotations
 
@@ -28,6 +31,25 @@ def _time_us(fn, iters: int = 30) -> float:
     stop.record()
     torch.cuda.synchronize()
     return start.elapsed_time(stop) * 1e3 / iters
+
+
+def _time_graphed_us(fn, iters: int = 30) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles, .grad exists) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _time_us(graph.replay, iters)
+
+
+def _cast_line(name: str, t: torch.Tensor, dtype: torch.dtype) -> str:
+    t_us = _time_graphed_us(lambda: fp8_linear.cast_to_fp8(t, dtype, fp8_linear.amax(t), colwise=True))
+    moved = t.numel() * (2 + 2 + 2)  # amax read, cast read, two fp8 writes
+    return f"{name:14s} cast {tuple(t.shape)} both layouts {t_us:8.1f} us {moved / t_us / 1e3:6.0f} GB/s"
 
 
 def main() -> None:
@@ -66,7 +88,9 @@ def main() -> None:
         def layer() -> None:
             fp8_linear.fp8_linear(xr, wr).backward(dy)
 
-        t_layer = _time_us(layer)
+        print(_cast_line(f"{name} x", x, e4), flush=True)
+        print(_cast_line(f"{name} dy", dy, e5), flush=True)
+        t_layer = _time_graphed_us(layer)
         totals["fp8 layer"] += t_layer
         print(f"{name + ' fp8 linear':14s} fwd+bwd with casts {t_layer:9.1f} us", flush=True)
     print("per layer, us: " + ", ".join(f"{k} {v:.0f}" for k, v in totals.items()))

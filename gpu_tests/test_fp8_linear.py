@@ -20,12 +20,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 def test_triton_cast_equals_torch_cast(dtype, shape):
     t = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 7
     t[3, 5] = 1000.0  # sets the amax: everything else far below it, some values underflow
-    scale = fp8_linear.fp8_scale(t, dtype)
-    torch.testing.assert_close(scale, torch.finfo(dtype).max / t.float().abs().max())
-    out, out_t = fp8_linear.cast_to_fp8(t, dtype, scale, rowwise=True, colwise=True)
+    out, out_t, inverse = fp8_linear.cast_to_fp8(t, dtype, fp8_linear.amax(t), rowwise=True, colwise=True)
+    scale = torch.finfo(dtype).max / t.float().abs().max()
     want = (t.float() * scale).to(dtype)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(out_t.view(torch.uint8), want.t().contiguous().view(torch.uint8))
+    torch.testing.assert_close(inverse, 1 / scale)
 
 
 def _dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -198,12 +198,13 @@ def fp8_cast() -> None:
         q = (torch.randn(100, 72, generator=g) * fp8_max / 4).clamp(-fp8_max, fp8_max).to(dtype)
         q[5, 70] = fp8_max  # the amax: scale = 1 / shift exactly
         t = (q.float() * shift).bfloat16()
-        scale = torch.tensor(fp8_max) / t.float().abs().max()
         out, out_t = torch.empty(100, 72, dtype=dtype), torch.empty(72, 100, dtype=dtype)
-        fp8_linear._cast_kernel[(2, 2)](t, scale, out, out_t, 100, 72, FP8_MAX=fp8_max, ROWWISE=True,
-                                         COLWISE=True, BR=64, BC=64)
+        inverse = torch.empty((), dtype=torch.float32)
+        fp8_linear._cast_kernel[(2, 2)](t, t.abs().max(), inverse, out, out_t, 100, 72, FP8_MAX=fp8_max,
+                                         AMAX_FLOOR=1e-12, ROWWISE=True, COLWISE=True, BR=64, BC=64)
         check(f"fp8 cast {dtype}", out.float(), q.float(), 0.0)
         check(f"fp8 cast transposed {dtype}", out_t.float(), q.float().t(), 0.0)
+        check(f"fp8 dequantizing scale {dtype}", inverse, torch.tensor(shift, dtype=torch.float32), 0.0)
 
 if __name__ == "__main__":
     adamw()
