@@ -140,15 +140,17 @@ def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre
     if backend == "torch":
         fuse_residual_norms(model.decoder)
     if fp8:
-        keep_refilled_fp8_inputs(model.decoder)
+        keep_fp8_inputs_held_elsewhere(model.decoder)
     return model
 
 
-def keep_refilled_fp8_inputs(decoder: TransformerBlock) -> None:
-    """fp8 linears whose input a recompute refills before their backward (the norm outputs under
-    `layernorm`, the SwiGLU output under `mlp_act`) hold that input for backward, not an fp8 copy."""
+def keep_fp8_inputs_held_elsewhere(decoder: TransformerBlock) -> None:
+    """fp8 linears whose input is held for backward anyway hold it too, not an fp8 copy: the output
+    projection's (core attention keeps its output for its own backward), and the inputs a
+    recompute refills before their backward (norm outputs under `layernorm`, the SwiGLU output
+    under `mlp_act`)."""
     for layer in decoder.layers:
-        linears = []
+        linears = [layer.self_attention.linear_proj]
         if getattr(layer, "recompute_input_layernorm", False):
             linears.append(layer.self_attention.linear_qkv)
         if getattr(layer, "recompute_pre_mlp_layernorm", False):

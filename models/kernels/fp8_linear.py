@@ -87,7 +87,7 @@ class _Fp8Linear(torch.autograd.Function):
     """y = x @ w.T with fp8 GEMMs. With `main_grad` (megatron's gradient_accumulation_fusion) the
     weight gradient is added into it and autograd gets megatron's placeholder instead.
 
-    Backward holds x as its fp8 transpose, or, with `keep_input` (x stays alive for another
+    Backward holds x as its fp8 transpose, or, with `keep_input` (x is held anyway by another
     consumer, or a recompute refills its storage before this backward), x itself, cast again
     there. The weight (a parameter, alive anyway) is held as is and cast again with its forward
     scale: an fp8 copy per linear would hold 1 GB at the 1.14B bench shape."""
@@ -101,7 +101,7 @@ class _Fp8Linear(torch.autograd.Function):
         x8, x8_t, x_inv = cast_to_fp8(x2, E4M3, x_amax, colwise=wgrad and not keep_input)
         w8, _, w_inv = cast_to_fp8(weight, E4M3, w_amax)
         out = torch._scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype=x.dtype, use_fast_accum=True)
-        saved_x = (x2 if keep_input else x8_t) if wgrad else None
+        saved_x = (x if keep_input else x8_t) if wgrad else None
         ctx.save_for_backward(saved_x, x_amax, x_inv, weight if x.requires_grad else None, w_amax)
         ctx.x_shape, ctx.x_dtype, ctx.main_grad, ctx.keep_input = x.shape, x.dtype, main_grad, keep_input
         ctx.weight = weight
@@ -119,7 +119,10 @@ class _Fp8Linear(torch.autograd.Function):
             grad_x = torch._scaled_mm(dy8, w8_t.t(), dy_inv, w_inv, out_dtype=ctx.x_dtype).view(ctx.x_shape)
             del dy8, w8_t  # freed before the weight-gradient GEMM allocates its output
         if saved_x is not None:
-            x8_t = cast_to_fp8(saved_x, E4M3, x_amax, rowwise=False, colwise=True)[1] if ctx.keep_input else saved_x
+            x8_t = saved_x
+            if ctx.keep_input:  # (a strided x, as the core attention's output is, gets copied here, not held)
+                x2 = saved_x.reshape(-1, saved_x.shape[-1]).contiguous()
+                x8_t = cast_to_fp8(x2, E4M3, x_amax, rowwise=False, colwise=True)[1]
             main_grad = ctx.main_grad
             grad_w = torch._scaled_mm(dy8_t, x8_t.t(), dy_inv, x_inv,
                                       out_dtype=ctx.x_dtype if main_grad is None else main_grad.dtype)

@@ -76,10 +76,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
+def chunk_tokens_for(vocab: int) -> int:
+    """Tokens per chunk: a power of two, 256 to 4096, whose logits hold at most 2**25 values (64 MiB
+    in bf16; the chunk's gradient and the compiled loss's buffers are as large, and all of them are
+    live at the forward's end, where the whole model's activations are). 1024 for a 32k vocab."""
+    fits = max(1, (1 << 25) // vocab)
+    return max(256, min(4096, 1 << (fits.bit_length() - 1)))  # (the largest power of two <= fits)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                         chunk_tokens: int = 4096) -> torch.Tensor:
+                         chunk_tokens: int | None = None) -> torch.Tensor:
     """hidden [..., h] @ weight[V, h]ᵀ → per-token cross entropy [...] against labels, for a loss
     of the form c · Σ mask · loss (see the module docstring)."""
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.size(0))
     shape = labels.shape
     losses = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
                                       mask.reshape(-1), chunk_tokens)
