@@ -10,8 +10,9 @@ linears, the embedding and the output layer stay bf16.
 `_scaled_mm` reads its first operand row-major and its second column-major, so x, w and dy are
 each cast into the layouts their GEMMs read by one Triton pass (`_cast_kernel`) that writes
 either or both. Backward holds x as its fp8 transpose (half the bytes of the bf16 input a
-plain linear holds) or, where a recompute refills x anyway, x itself; the weight is cast again
-in backward from the parameter with its forward scale.
+plain linear holds) or, where x is held anyway (the core attention's output; an input a
+recompute refills), x itself; the weight is cast again in backward from the parameter with its
+forward amax.
 
 `Fp8ColumnParallelLinear` / `Fp8RowParallelLinear` are megatron-core's linears with this GEMM;
 they fall back to megatron's own where it does not apply (a bias, tensor-parallel
