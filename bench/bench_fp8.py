@@ -16,38 +16,14 @@ import argparse
 
 import torch
 
+from bench.cuda_timing import time_graphed_us, time_us
 from models.kernels import fp8_linear
 
 SHAPES = {"qkv": (2048, 4096), "proj": (2048, 2048), "fc1": (2048, 16384), "fc2": (8192, 2048)}
 
 
-def _time_us(fn, iters: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1e3 / iters
-
-
-def _time_graphed_us(fn, iters: int = 30) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (Triton compiles, .grad exists) off the capture
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return _time_us(graph.replay, iters)
-
-
 def _cast_line(name: str, t: torch.Tensor, dtype: torch.dtype) -> str:
-    t_us = _time_graphed_us(lambda: fp8_linear.cast_to_fp8(t, dtype, fp8_linear.amax(t), colwise=True))
+    t_us = time_graphed_us(lambda: fp8_linear.cast_to_fp8(t, dtype, fp8_linear.amax(t), colwise=True))
     moved = t.numel() * (2 + 2 + 2)  # amax read, cast read, two fp8 writes
     return f"{name:14s} cast {tuple(t.shape)} both layouts {t_us:8.1f} us {moved / t_us / 1e3:6.0f} GB/s"
 
@@ -75,7 +51,7 @@ def main() -> None:
         }
         flops = 2 * m * k * n
         for g, (ref, fp8) in gemms.items():
-            t_ref, t8, t8f = _time_us(ref), _time_us(lambda: fp8(False)), _time_us(lambda: fp8(True))
+            t_ref, t8, t8f = time_us(ref), time_us(lambda: fp8(False)), time_us(lambda: fp8(True))
             totals["bf16"] += t_ref
             totals["fp8"] += t8
             totals["fp8 fast"] += t8f
@@ -90,7 +66,7 @@ def main() -> None:
 
         print(_cast_line(f"{name} x", x, e4), flush=True)
         print(_cast_line(f"{name} dy", dy, e5), flush=True)
-        t_layer = _time_graphed_us(layer)
+        t_layer = time_graphed_us(layer)
         totals["fp8 layer"] += t_layer
         print(f"{name + ' fp8 linear':14s} fwd+bwd with casts {t_layer:9.1f} us", flush=True)
     print("per layer, us: " + ", ".join(f"{k} {v:.0f}" for k, v in totals.items()))

@@ -12,19 +12,8 @@ import argparse
 import torch
 import triton
 
+from bench.cuda_timing import time_us
 from models.kernels import swiglu
-
-
-def _time_us(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1e3 / iters
 
 
 def main() -> None:
@@ -39,19 +28,20 @@ def main() -> None:
     dy = torch.empty_like(y)
     fwd_bytes, bwd_bytes = 3 * g.numel() * 2, 5 * g.numel() * 2
 
-    def report(name: str, us: float, nbytes: int) -> None:
+    def report(name: str, fn, nbytes: int) -> None:
+        us = time_us(fn, iters=50)
         print(f"{name:40s} {us:8.1f} us {nbytes / us / 1e3:7.0f} GB/s", flush=True)
 
-    report("copy of y (reference)", _time_us(lambda: dy.copy_(y)), 2 * y.numel() * 2)
+    report("copy of y (reference)", lambda: dy.copy_(y), 2 * y.numel() * 2)
     from megatron.core.fusions.fused_bias_swiglu import swiglu as megatron_swiglu
-    report("megatron compiled forward", _time_us(lambda: megatron_swiglu(y)), fwd_bytes)
+    report("megatron compiled forward", lambda: megatron_swiglu(y), fwd_bytes)
     for block in (1024, 2048, 4096, 8192):
         for warps in (4, 8, 16):
             grid = (rows, triton.cdiv(ffn, block))
             report(f"triton forward  BLOCK={block} warps={warps}",
-                   _time_us(lambda: swiglu._swiglu_kernel[grid](y, out, ffn, BLOCK=block, num_warps=warps)), fwd_bytes)
+                   lambda: swiglu._swiglu_kernel[grid](y, out, ffn, BLOCK=block, num_warps=warps), fwd_bytes)
             report(f"triton backward BLOCK={block} warps={warps}",
-                   _time_us(lambda: swiglu._swiglu_back_kernel[grid](g, y, dy, ffn, BLOCK=block, num_warps=warps)),
+                   lambda: swiglu._swiglu_back_kernel[grid](g, y, dy, ffn, BLOCK=block, num_warps=warps),
                    bwd_bytes)
 
 

@@ -91,7 +91,7 @@ class _Fp8Linear(torch.autograd.Function):
     Backward holds x as its fp8 transpose, or, with `keep_input` (x is held anyway by another
     consumer, or a recompute refills its storage before this backward), x itself, cast again
     there. The weight (a parameter, alive anyway) is held as is and cast again with its forward
-    scale: an fp8 copy per linear would hold 1 GB at the 1.14B bench shape."""
+    amax: an fp8 copy per linear would hold 1 GB at the 1.14B bench shape."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, main_grad: torch.Tensor | None,
@@ -159,8 +159,10 @@ def _fp8_applies(x: torch.Tensor, weight: torch.Tensor, kw: dict) -> bool:
             and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and weight.requires_grad)
 
 
-class Fp8ColumnParallelLinear(ColumnParallelLinear):
-    keep_input = False  # set where a recompute refills the input before backward (models/llama.py)
+class _Fp8Forward:
+    """megatron's linear forward with the fp8 GEMM where `_fp8_applies`, its own elsewhere."""
+
+    keep_input = False  # set where the input is held anyway (models/llama.py keep_fp8_inputs_held_elsewhere)
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if args or not _fp8_applies(input, weight, kwargs):
@@ -168,10 +170,9 @@ class Fp8ColumnParallelLinear(ColumnParallelLinear):
         return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False), self.keep_input)
 
 
-class Fp8RowParallelLinear(RowParallelLinear):
-    keep_input = False
+class Fp8ColumnParallelLinear(_Fp8Forward, ColumnParallelLinear):
+    pass
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        if args or not _fp8_applies(input, weight, kwargs):
-            return super()._forward_impl(input, weight, *args, **kwargs)
-        return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False), self.keep_input)
+
+class Fp8RowParallelLinear(_Fp8Forward, RowParallelLinear):
+    pass
