@@ -10,6 +10,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "dist", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier (the folder under tests/ it lives in), so `-m unit` selects it.
+    Done here rather than in per-tier conftests: those would all be importable as `conftest`,
+    shadowing this module's helpers that the tests import."""
+    for item in items:
+        path = Path(item.path).resolve()
+        if path.is_relative_to(TESTS) and (tier := path.relative_to(TESTS).parts[0]) in TIERS:
+            item.add_marker(tier)
 
 # Small, fast settings shared by the multi-process tests (fp32 on CPU).
 FAST = ["train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=2",

@@ -1,5 +1,5 @@
 """The Triton kernels of the torch backend, run on CPU by Triton's interpreter (TRITON_INTERPRET=1,
-set by tests/test_triton_kernels.py before triton is imported), against independent references:
+set by tests/dist/test_triton_kernels.py before triton is imported), against independent references:
 torch's AdamW over an fp32 master copy, autograd through silu(gate) * up, torch's F.rms_norm and
 megatron's unfused RoPE. fp32 within 1e-5; bf16 inputs within 1e-2. The same kernels run
 compiled on the GPU in gpu_tests/."""
@@ -12,7 +12,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton_kernels.py"
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/dist/test_triton_kernels.py"
 
 from models.kernels import fp8_linear, norm, rope, swiglu  # noqa: E402
 from parallel import fused_adam  # noqa: E402

@@ -16,7 +16,7 @@ from launcher.data.tokenizer import HFTokenizer, SentencePieceTokenizer, check_v
 from models.args import padded_vocab_size
 from launcher.preprocess import DataError, Options, preprocess
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXTS = [f"{s} Document {i}." for i, s in enumerate(SENTENCES * 4)] + ["ünïcödé ✓ 😀 and\ttabs\n  and  spaces"]
 
 

@@ -105,7 +105,7 @@ def test_default_data_reads_the_corpus_in_its_seeded_window_order(built):
     from launcher.train import build_data
 
     seq, seed = 64, 1234
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/data/stdlib_docs.yaml")
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/data/stdlib_docs.yaml")
     cfg.merge_with({"cache_dir": str(built[0].parent.parent), "tokenizer_vocab_size": VOCAB,
                     "max_corpus_bytes": CORPUS_BYTES})
     cfg = OmegaConf.create({"data": cfg, "train": {"seq_length": seq, "seed": seed}, "model": {"vocab_size": VOCAB}})
