@@ -1,4 +1,4 @@
-"""Benchmark: parallel layouts on several GPUs of one host (issue 9), through ShardForge only.
+"""Benchmark: parallel layouts on several GPUs of one host, through ShardForge only.
 
     python -m bench.bench_layouts --preset 2gpu      # bench model: 1 GPU, dp=2, tp=2, pp=2; MoE: 1 GPU, ep=2
     python -m bench.bench_layouts --preset 8gpu      # llama3_8b, seq 8192: tp2 pp2 dp2, tp4 dp2, pp4 vpp2 dp2, dp8
@@ -13,7 +13,9 @@ row: tokens/s, tokens/s per GPU, MFU (per GPU, launcher.flops), peak memory, and
 efficiency against the 1-GPU row of the same model (tokens/s ÷ (GPUs × 1-GPU tokens/s)).
 Rows that need more GPUs than the host has are listed as not run. Each row's global batch is
 `--global-batch-size` (presets: the same for every layout of a model; `scaling` keeps the per-GPU
-batch instead), so pipeline layouts get micro batches to fill their stages.
+batch instead), so pipeline layouts get micro batches to fill their stages. The table is printed and
+the rows are written as one JSON result (bench/results_io.py; `--out`, default under bench/results/),
+with the `scaling` preset's plot beside it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.bench_train import REPO, _run, environment, report, results_block, shardforge_command, summarize_metrics
+from bench.bench_train import _run, shardforge_command, summarize_metrics, summary_text
+from bench.results_io import environment, invocation, write_result
 
 
 @dataclass
@@ -118,7 +121,7 @@ def plot_scaling(results: list[tuple[Row, dict[str, Any] | None, str]], path: Pa
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    return f"![scaling]({path.name})"
+    return f"plot: {path}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script")
     p.add_argument("--gpus", type=int, help="processes available (default: the host's GPU count)")
     p.add_argument("--sf-override", action="append", default=[], metavar="KEY=VALUE", help="added to every row")
-    p.add_argument("--no-record", action="store_true")
+    p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_layouts-<preset>.json; "
+                                 "never overwritten)")
+    p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
     model, seq, micro, global_batch = PRESET_DEFAULTS[a.preset]
     a.model = a.model or model
@@ -155,16 +160,21 @@ def main(argv: list[str] | None = None) -> int:
         commands.append(cmd)
         results.append((row, r, "failed (see the log)" if r is None else ""))
 
-    body = table(results, a)
-    if a.preset == "scaling" and not a.no_record:
-        body += ["", plot_scaling(results, REPO / "bench" / f"scaling_{a.model}.png")]
     env = environment()
     description = (f"preset `{a.preset}`: model `{a.model}` (MoE rows `{a.moe_model}` {' '.join(a.moe_override)}), "
                    f"seq {a.seq_length}, micro batch {a.micro_batch_size}, global batch "
                    f"{a.global_batch_size or 'micro batch × GPUs'}, {a.steps} steps ({a.warmup} untimed), "
                    f"{gpus} GPU(s) on the host. torch {env['torch']}, megatron-core {env['megatron-core']}.")
-    report(results_block(f"layouts, preset {a.preset}", env, description, "bench.bench_layouts", argv, commands, body),
-           record=not a.no_record)
+    command = invocation("bench.bench_layouts", argv)
+    print("\n" + summary_text(f"layouts, preset {a.preset}", env, description, command, commands,
+                              table(results, a)), flush=True)
+    if not a.no_record:
+        rows = [{"layout": row.name, "model": a.moe_model if row.moe else a.model, "gpus": row.gpus,
+                 "overrides": row.overrides, "status": note or "ran", **(r or {})} for row, r, note in results]
+        path = write_result(a.out, f"layouts-{a.preset}", command, rows, env, args=vars(a), subprocesses=commands)
+        print(f"[bench] wrote {path}", flush=True)
+        if a.preset == "scaling":
+            print(plot_scaling(results, path.with_suffix(".png")), flush=True)
     return 0 if all(r is not None or note.startswith("not run") for _, r, note in results) else 1
 
 

@@ -19,7 +19,8 @@ seq_length tokens, the same token budget per step as ShardForge's rows, flattens
 `transformers.DataCollatorWithFlattening` (labels -100 where ShardForge's loss mask is 0), and
 trains with SDPA attention (no flash-attn on the GPU machine: transformers builds a block-causal
 mask from the position_ids; the run checks that no conversation sees another) and, for liger,
-liger-kernel's Llama kernels. Each run is its own subprocess.
+liger-kernel's Llama kernels. Each run is its own subprocess. The table is printed and the rows
+are written as one JSON result (bench/results_io.py; `--out`, default under bench/results/).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_train import REPO, _env, _run, environment, report, results_block
+from bench.bench_train import _env, _run, summary_text
+from bench.results_io import REPO, environment, invocation, read_rows, write_result
 
 WORDS = ("the function returns a value for each key in the mapping and raises an error when the "
          "argument is not a valid path to a file or directory object with attributes like name size "
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default="liger",
                    help="comma-separated HF packed peers (bench.hf_baseline --sft-data --variant=...): liger, "
                         "eager, compile; empty for none. liger needs CUDA; eager smoke-tests on CPU")
-    p.add_argument("--no-record", action="store_true")
+    p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_packed.json; never overwritten)")
+    p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
 
     from launcher.data.pretrain import prepare_default_corpus
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             failed = True
             continue
-        r = json.loads(out.read_text())
+        r = read_rows(out)[0]
         rows.append({**r, "mode": f"HF {variant} + DataCollatorWithFlattening", "unfilled": 1 - r["budget_fill"],
                      "samples_per_step": r["samples_per_step"]})
 
@@ -160,23 +163,17 @@ def main(argv: list[str] | None = None) -> int:
                    f"{a.micro_batch_size * a.seq_length} tokens per step), {a.samples} synthetic conversations "
                    f"(lognormal turn lengths), {a.steps} steps, first {a.warmup} untimed. "
                    f"torch {env['torch']}, megatron-core {env['megatron-core']}, transformers {env['transformers']}, "
-                   f"liger-kernel {_version('liger-kernel')}.")
-    text = results_block("packed vs padded SFT" + (", HF padding-free peer" if a.peers else ""), env, description,
-                         "bench.bench_packed", argv, commands, lines)
-    report(text, record=not (a.no_record or failed))
+                   f"liger-kernel {env['liger-kernel']}.")
+    command = invocation("bench.bench_packed", argv)
+    print("\n" + summary_text("packed vs padded SFT" + (", HF padding-free peer" if a.peers else ""), env,
+                              description, command, commands, lines), flush=True)
+    if not (a.no_record or failed):
+        path = write_result(a.out, "packed", command, rows, env, args=vars(a), subprocesses=commands)
+        print(f"[bench] wrote {path}", flush=True)
     if failed:
         print("[bench] an HF peer failed: nothing recorded", file=sys.stderr)
         return 1
     return 0
-
-
-def _version(package: str) -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version(package)
-    except md.PackageNotFoundError:
-        return "not installed"
 
 
 if __name__ == "__main__":

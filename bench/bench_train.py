@@ -13,15 +13,16 @@ Each side runs in its own subprocess, so neither sees the other's memory:
   * HF: `python -m bench.hf_baseline --variant=...` (LlamaForCausalLM, SDPA, bf16 params, fused
     AdamW, random tokens) eager, under torch.compile, or with liger-kernel's kernels, timed with
     CUDA events over the same number of steps after the same warmup.
-Both report MFU through launcher.flops (one formula, dense bf16 peak) and peak memory as
+Both report MFU through launcher.flops (one formula, dense bf16 peak, full attention matmuls; the
+`MFU causal` column counts half of them, as a causal kernel computes) and peak memory as
 torch.cuda.max_memory_allocated in GiB, and the GPU's median SM clock and mean power while each side ran
-(bench/gpu_power.py: the H200 runs this shape at its power limit). The table is printed and appended to bench/RESULTS.md
-with the date, device, versions and the exact commands.
+(bench/gpu_power.py: a board held at its power limit lowers its clock, which moves every row). The
+table is printed, and the rows are written with the environment and the exact commands as one JSON
+result (bench/results_io.py; `--out`, default under bench/results/).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import json
 import os
@@ -34,9 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu_power import PowerSampler
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "RESULTS.md"
+from bench.results_io import REPO, environment, invocation, read_rows, write_result
 
 
 def _env() -> dict[str, str]:
@@ -126,10 +125,22 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def run_hf_subprocess(a: argparse.Namespace, variant: str) -> tuple[dict[str, Any] | None, str]:
-    fd, out = tempfile.mkstemp(prefix="hf_bench_", suffix=".json")
-    os.close(fd)
-    ok, text, power = _run(f"HF baseline ({variant})", hf_command(a, out, variant))
-    return ({**json.loads(Path(out).read_text()), **power} if ok else None), text
+    out = Path(tempfile.mkdtemp(prefix="hf_bench_")) / "result.json"
+    ok, text, power = _run(f"HF baseline ({variant})", hf_command(a, str(out), variant))
+    return ({**read_rows(out)[0], **power} if ok else None), text
+
+
+def causal_fraction(model: str, seq_length: int) -> float:
+    """Share of launcher.flops' per-token FLOPs left when the attention matmuls count causally (half):
+    MFU x this is the causal-only figure some reports quote."""
+    from bench.hf_baseline import flops_shape, load_model_yaml
+    from launcher.flops import train_flops_per_token
+
+    shape = flops_shape(load_model_yaml(model))
+    full = train_flops_per_token(seq_length=seq_length, **shape)
+    head_dim = shape["kv_channels"] or shape["hidden_size"] // shape["num_attention_heads"]
+    attention = 12 * shape["num_layers"] * shape["num_attention_heads"] * head_dim * seq_length
+    return (full - attention / 2) / full
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -137,9 +148,9 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| framework | tokens/s | MFU | peak mem (GiB) | step time (ms) | timed steps | loss first → last "
-             "| SM clock, power (power-capped) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines = ["| framework | tokens/s | MFU | MFU causal | peak mem (GiB) | step time (ms) | timed steps "
+             "| loss first → last | SM clock, power (power-capped) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         losses = r.get("losses") or []
         loss = f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "n/a"
@@ -147,7 +158,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         power = (f"{r['sm_clock_mhz']:.0f} MHz, {r['power_w']:.0f} W ({r['power_capped']:.0%})"
                  if "sm_clock_mhz" in r else "n/a")
         lines.append(f"| {r['framework']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['mfu'], '.1%')} | "
-                     f"{_fmt(r['peak_mem_gb'], '.1f')} | {_fmt(step_ms, '.1f')} | {r['timed_steps']} | {loss} "
+                     f"{_fmt(r.get('mfu_causal'), '.1%')} | {_fmt(r['peak_mem_gb'], '.1f')} | {_fmt(step_ms, '.1f')} | {r['timed_steps']} | {loss} "
                      f"| {power} |")
     for r in rows:
         if r.get("moe"):
@@ -163,53 +174,20 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict[str, str]:
-    """Device and versions, read after the children have exited (this process never held the GPU before)."""
-    import importlib.metadata as md
-
-    import torch
-
-    info = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
-            "torch": torch.__version__}
-    for pkg in ("transformers", "megatron-core"):
-        try:
-            info[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            info[pkg] = "not installed"
-    return info
-
-
-def results_block(title: str, env: dict[str, str], description: str, module: str, argv: list[str] | None,
-                  commands: list[str], body: list[str]) -> str:
-    """One RESULTS.md entry: dated heading with the device, what ran, the exact commands, the table."""
-    date = dt.datetime.now(dt.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    invocation = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
-    return "\n".join([f"## {date} — {env['device']}" + (f" — {title}" if title else ""), "", description, "",
-                      "Command:", "", "```", invocation, "```", "", "Subprocesses:", "", "```", *commands, "```", "",
+def summary_text(title: str, env: dict[str, Any], description: str, command: str, commands: list[str],
+                 body: list[str]) -> str:
+    """The printed summary of a run: heading with the device, what ran, the exact commands, the table."""
+    return "\n".join([f"## {env['device']}" + (f" — {title}" if title else ""), "", description, "",
+                      "Command:", "", "```", command, "```", "", "Subprocesses:", "", "```", *commands, "```", "",
                       *body, ""])
 
 
-def report(text: str, record: bool) -> None:
-    """Print a results entry and (record=True) append it to bench/RESULTS.md."""
-    print("\n" + text, flush=True)
-    if not record:
-        return
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/ (each says what it measures "
-                           "and how).\n\n")
-    with RESULTS.open("a") as f:
-        f.write(text + "\n")
-    print(f"[bench] appended to {RESULTS.relative_to(REPO)}", flush=True)
-
-
-def record(a: argparse.Namespace, rows: list[dict[str, Any]], commands: list[str], env: dict[str, str]) -> str:
-    description = (f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size}, global batch "
-                   f"{a.global_batch_size or a.micro_batch_size * a.nproc}, {a.nproc} GPU(s), "
-                   f"{'bf16' if a.device == 'cuda' else 'fp32 (CPU smoke test)'}, {a.steps} steps of which the first "
-                   f"{a.warmup} are warmup and not timed. torch {env['torch']}, transformers {env['transformers']}, "
-                   f"megatron-core {env['megatron-core']}.")
-    body = [table(rows), ""] + ([a.note, ""] if a.note else [])
-    return results_block(a.label, env, description, "bench.bench_train", None, commands, body)
+def describe(a: argparse.Namespace, env: dict[str, Any]) -> str:
+    return (f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size}, global batch "
+            f"{a.global_batch_size or a.micro_batch_size * a.nproc}, {a.nproc} GPU(s), "
+            f"{'bf16' if a.device == 'cuda' else 'fp32 (CPU smoke test)'}, {a.steps} steps of which the first "
+            f"{a.warmup} are warmup and not timed. torch {env['torch']}, transformers {env['transformers']}, "
+            f"megatron-core {env['megatron-core']}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["hf", "shardforge"], help="run one side only")
     p.add_argument("--peers", default="eager",
                    help="comma-separated HF variants to run next to ShardForge: eager, compile, liger")
-    p.add_argument("--model", default="llama_1b_32k", help="conf/model/<name> (default: the issue-8 shape)")
+    p.add_argument("--model", default="llama_1b_32k", help="conf/model/<name> (default: the dense bench shape)")
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x nproc")
@@ -233,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sf-variant", action="append", default=[], type=parse_variant, metavar="NAME:KEY=VALUE,...",
                    help="another ShardForge row with these overrides on top of --sf-override (repeatable); "
                         "ratios are taken against the first ShardForge row")
-    p.add_argument("--label", default="", help="added to the RESULTS.md heading, e.g. 'HF-only validation run'")
-    p.add_argument("--note", default="", help="a line added under the table in RESULTS.md")
-    p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
-    p.add_argument("--json-out", help="also write all results as JSON to this file")
+    p.add_argument("--label", default="", help="what this run compares, kept in the result and its heading")
+    p.add_argument("--note", default="", help="a line kept in the result and printed under the table")
+    p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_train.json; never overwritten)")
+    p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
     if a.steps - a.warmup < 20:
         print(f"[bench] warning: only {a.steps - a.warmup} timed steps (>= 20 recommended)", file=sys.stderr)
@@ -258,10 +236,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows.append(result)
 
+    causal = causal_fraction(a.model, a.seq_length)
+    for r in rows:
+        r["mfu_causal"] = None if r["mfu"] is None else r["mfu"] * causal
     env = environment()
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps({"env": env, "results": rows, "commands": commands}, indent=1) + "\n")
-    report(record(a, rows, commands, env), record=not (a.no_record or failed))
+    command = invocation("bench.bench_train", argv)
+    body = [table(rows), ""] + ([a.note, ""] if a.note else [])
+    print("\n" + summary_text(a.label, env, describe(a, env), command, commands, body), flush=True)
+    if not (a.no_record or failed):
+        path = write_result(a.out, "train", command, rows, env, label=a.label, note=a.note, args=vars(a),
+                            subprocesses=commands)
+        print(f"[bench] wrote {path}", flush=True)
     if failed:
         print("[bench] a side failed: nothing recorded", file=sys.stderr)
         return 1

@@ -10,7 +10,9 @@ For each engine, the model's depth (`model.num_layers`) grows through its list (
 `python -m launcher.train` in its own process. Reported per engine:
 the deepest model that trained, its parameter count, tokens/s over the steps after warmup, peak GPU
 memory (torch max allocated, from metrics.jsonl) and peak CPU memory (resident set of the run's
-process tree, sampled by this script). The issue's target: ZeRO-3 + offload ≥ 3× larger.
+process tree, sampled by this script), and the ratio of the two engines' largest models. The table
+is printed and the rows are written as one JSON result (bench/results_io.py; `--out`, default under
+bench/results/).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from typing import Any
 import psutil
 from omegaconf import OmegaConf
 
-from bench.bench_train import REPO, _env, environment, report, results_block, summarize_metrics
+from bench.bench_train import _env, summarize_metrics, summary_text
+from bench.results_io import REPO, environment, invocation, write_result
 from launcher.flops import matmul_params
 
 ENGINES = {
@@ -71,7 +74,7 @@ def run_once(cmd: list[str], timeout_s: float) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_8b", help="conf/model/<name>: the layer shape")
-    # Defaults bracket the limits on 1×H100 (80 GB GPU, 128 GiB host): megatron keeps ~18 B/param on the
+    # Defaults bracket the limits of one 80 GB GPU on a 128 GiB host: megatron keeps ~18 B/param on the
     # GPU (bf16 weight, fp32 main grad, fp32 master, Adam m and v), ZeRO-3+offload the same in host memory.
     p.add_argument("--megatron-layers", default="8,12,14,16", help="depths to try with megatron, ascending")
     p.add_argument("--zero-layers", default="16,20,24,26", help="depths to try with ZeRO-3 + offload, ascending")
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--no-record", action="store_true")
+    p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_zero3.json; never overwritten)")
+    p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="shardforge_zero3_"))
     rows, commands = [], []
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 break
             best = {"engine": engine, "layers": layers, "params": param_count(a.model, layers), "peak_cpu_gb": cpu_gb,
-                    **summarize_metrics(run_dir / "metrics.jsonl", a.warmup)}
+                    **summarize_metrics(run_dir / "metrics.jsonl", a.warmup), "command": shlex.join(cmd)}
             commands.append(shlex.join(cmd))
         if best:
             rows.append(best)
@@ -116,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     description = (f"`{a.model}` layer shape, depths megatron {a.megatron_layers} / ZeRO-3 {a.zero_layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
                    f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.")
-    text = results_block("largest model: megatron vs ZeRO-3 + CPU offload", env, description, "bench.bench_zero3",
-                         argv, commands[-2:], lines)
-    report(text, record=not a.no_record)
+    command = invocation("bench.bench_zero3", argv)
+    print("\n" + summary_text("largest model: megatron vs ZeRO-3 + CPU offload", env, description, command,
+                              commands, lines), flush=True)
+    if not a.no_record:
+        path = write_result(a.out, "zero3", command, rows, env, args=vars(a), subprocesses=commands)
+        print(f"[bench] wrote {path}", flush=True)
     return 0
 
 

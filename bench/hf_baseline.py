@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/hf_baseline.py` as well as `python -m bench.hf_baseline`
     sys.path.insert(0, str(REPO))
 
+from bench.results_io import invocation, write_result  # noqa: E402
 from launcher.flops import peak_flops, train_flops_per_token  # noqa: E402
 
 # Llama-3 long-context RoPE (the published Llama-3.1/3.2 values; only the factor is in our yaml).
@@ -372,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clip-grad", type=float, default=None, help="clip the global grad norm (off by default)")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test only)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    p.add_argument("--out", help="also write the result JSON to this file")
+    p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_hf.json; never overwritten)")
+    p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     p.add_argument("--variant", choices=VARIANTS, default="eager", help="eager | compile (torch.compile) | liger")
     p.add_argument("--memory-snapshot", metavar="DIR",
                    help="record CUDA allocations over the whole run; write DIR/memory/snapshot.pickle and DIR/memory/peak.txt "
@@ -399,8 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
         from launcher.profiling import MemorySnapshot
 
         MemorySnapshot(a.steps, a.memory_snapshot, torch.device(a.device)).after_step(a.steps)
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    if not a.no_record:
+        path = write_result(a.out, "hf", invocation("bench.hf_baseline", argv), [result], args=vars(a))
+        print(f"hf_baseline: wrote {path}", file=sys.stderr)
     if a.json:
         print(json.dumps(result))
     else:
