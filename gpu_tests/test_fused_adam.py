@@ -62,8 +62,8 @@ def test_triton_kernel_matches_the_torch_path():
 
 def test_triton_stochastic_kernel_matches_the_torch_path():
     """The same noise (parallel/fused_adam.rounding_noise) in both: the params agree but where the
-    two paths' fp32 arithmetic differs in the last bit right at a rounding threshold (7 of 1M on
-    an H200). Such a param stays one bf16 step (of the magnitude it had then) off afterwards."""
+    two paths' fp32 arithmetic differs in the last bit right at a rounding threshold (a few per
+    million). Such a param stays one bf16 step (of the magnitude it had then) off afterwards."""
     triton_run = _steps(torch.float32, "cuda", stochastic=True)
     torch_run = _steps(torch.float32, "cpu", stochastic=True)
     for p_gpu, p_cpu in zip(triton_run[1], torch_run[1]):

@@ -24,7 +24,7 @@ ShardForge model built in a world of one on CPU and writes a model-only dist che
     <out>/hf_config.json  the source config.json (export reuses its architecture and token ids)
     <out>/tokenizer/      the source's tokenizer files, if it had any (generate/export default to them)
 
-Memory (not yet the issue's "one shard"): import reads HF tensors one at a time, but the model it
+Memory (not yet one shard at a time): import reads HF tensors one at a time, but the model it
 fills is whole (fp32 by default), so peak ≈ model size. export reads one checkpoint key at a time
 (a key holds one weight kind of every layer, e.g. all fc1 matrices) and writes shards of
 `max_shard_size_mb`: peak ≈ the largest key + one output shard.

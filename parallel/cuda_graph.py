@@ -1,7 +1,7 @@
 """`train.cuda_graph`: each step's forward and backward replayed as one CUDA graph.
 
-Eager, the host launches a step's kernels one Python op at a time through megatron-core; for
-the 1.14B bench shape on an H200 that left the GPU idle ~12 ms of a 130 ms step (bench/RESULTS.md).
+Eager, the host launches a step's kernels one Python op at a time through megatron-core, and
+the GPU idles between them wherever the host falls behind.
 megatron-core's FullCudaGraphWrapper captures the whole `forward_backward_func` (schedule,
 loss, weight-gradient accumulation into the fp32 main grads, finalize_model_grads) on the
 second step and replays it from then on; each step's micro batches are first copied into

@@ -47,7 +47,7 @@ def join_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
 # The noise of stochastic rounding: a 32-bit integer hash of (element index + seed) (Wellons'
 # "lowbias32"). Here in int64 masked to 32 bits, 0x846CA68B as its negative residue so no
 # product leaves int64; the kernel's uint32 wraps by itself. Cheap next to Philox (tl.randint
-# made the AdamW pass 1.8x slower than its memory traffic), and the same in Triton and torch.
+# made the AdamW pass compute-bound instead of bound by its memory traffic), and the same in Triton and torch.
 _MASK, _MUL1, _MUL2 = 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B - (1 << 32)
 
 

@@ -3,7 +3,7 @@
 
 Megatron's DDP keeps an fp32 `main_grad` per parameter. Unfused, each linear's backward writes
 its weight gradient in bf16, then a hook reads it back and adds it into main_grad: an extra
-round trip over every weight per micro batch (~9 ms of a 168 ms llama3_1b step on an H100), and a
+round trip over every weight per micro batch, and a
 bf16 rounding of each micro batch's gradient. Fused, the wgrad GEMM accumulates into main_grad
 in its epilogue (C = 1·C + gᵀx with fp32 C). megatron-core calls apex's
 `fused_weight_gradient_mlp_cuda` for that; on CUDA torch does the same with `addmm(...,

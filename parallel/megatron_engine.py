@@ -162,8 +162,8 @@ def _packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
 
 def use_fused_adamw(optimizer) -> None:
     """Step torch AdamW with its fused kernel (CUDA and CPU). Without apex/TE megatron-core builds
-    torch AdamW in its default foreach mode, ~8 passes over the fp32 states per step (37 ms of a
-    215 ms llama3_1b step on an H100); the fused kernel makes one, and it can apply the gradient
+    torch AdamW in its default foreach mode, ~8 passes over the fp32 states per step; the fused
+    kernel makes one, and it can apply the gradient
     scales itself (parallel/grad_scaling.py)."""
     for chained in optimizer.chained_optimizers:
         inner = chained.optimizer

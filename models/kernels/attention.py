@@ -1,7 +1,7 @@
 """Core attention for the `torch` backend: torch's scaled_dot_product_attention.
 
-megatron-core's local DotProductAttention materializes the s×s score matrix (out of memory
-at seq 4096 on an H100); SDPA dispatches to cuDNN / flash / memory-efficient kernels on GPU
+megatron-core's local DotProductAttention materializes the s×s score matrix (memory quadratic
+in the sequence length); SDPA dispatches to cuDNN / flash / memory-efficient kernels on GPU
 and to a fused CPU kernel, with grouped-query attention handled natively.
 
 Packed rows (THD layout, documents delimited by cu_seqlens) go through

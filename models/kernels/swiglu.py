@@ -1,13 +1,12 @@
 """SwiGLU forward and backward as one Triton pass each (torch backend, CUDA).
 
 megatron-core's fused SwiGLU (bias_activation_fusion) runs a torch.compile'd `swiglu` forward and
-`swiglu_back` backward (both gradient halves, then a cat). On an H200 at the 1.14B bench shape
-(16 layers, 8192 tokens x 8192 ffn) the backward took 4.2 ms a step; its bytes need ~2.5 ms.
-Here each is one kernel that reads a row's gate and up once (both at ~4.2 TB/s, as fast as the
-compiled forward); the backward writes both halves of dy in place. `swiglu_into` writes the
+`swiglu_back` backward (both gradient halves, then a cat), which moves more bytes than the
+gradient needs. Here each is one kernel that reads a row's gate and up once (both at the HBM
+rate, as fast as the compiled forward); the backward writes both halves of dy in place. `swiglu_into` writes the
 forward into an existing tensor: the recompute of `train.recompute=[mlp_act]` refills the
 storage fc2 saved instead of computing a new tensor and copying it over. Launch sizes (BLOCK,
-WARPS) from `python -m bench.bench_swiglu` on the H200.
+WARPS) chosen with `python -m bench.bench_swiglu` (results: bench/results/).
 """
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ if triton is not None:
         tl.store(out_ptr + row * ffn + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-BLOCK, WARPS = 8192, 16  # bench_swiglu on the H200: 4.2 TB/s both ways (1024, 4: 4.05-4.08)
+BLOCK, WARPS = 8192, 16  # the fastest launch size of bench_swiglu at the bench shape, both ways
 
 
 def swiglu_into(y: torch.Tensor, out: torch.Tensor) -> None:

@@ -4,7 +4,7 @@
 # Slurm is built with MULTIPLE_SLURMD). Installs slurmctld/slurmd/slurm-client/munge with apt-get
 # when missing. Everything (config, state, logs, munge key and socket, pid files) lives under
 # $SLURM_TEST_DIR; afterwards `source $SLURM_TEST_DIR/env.sh` (exports SLURM_CONF). Stop with down.sh,
-# which kills only the PIDs recorded here. Adapted from the bring-up measured while planning.
+# which kills only the PIDs recorded here.
 set -euo pipefail
 
 D=${SLURM_TEST_DIR:?set SLURM_TEST_DIR to a private directory}
