@@ -1,9 +1,9 @@
 """SM clock and board power while one side of a benchmark runs.
 
-On the H200 of the bench the dense 1.14B step holds the board at its 700 W limit: the driver
-lowers the SM clock (throttle reason "SW power cap") to 1.4-1.8 GHz of 1.98, by how much depends
-on how much work the kernels do per second. A same-run ratio is then also a ratio of energy per
-token, and these columns say which regime a row ran in. Sampled with `nvidia-smi -lms`; only
+A step that keeps the board at its power limit makes the driver lower the SM clock (throttle
+reason "SW power cap"), by how much depends on how much work the kernels do per second. A
+same-run ratio is then also a ratio of energy per token, and these columns say which regime a row
+ran in. Sampled with `nvidia-smi -lms`; only
 samples above half the power limit count (start-up, compilation and teardown draw far less).
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from bench.bench_train import causal_fraction
 from bench.hf_baseline import flops_shape, load_model_yaml
 from launcher.flops import train_flops_per_token
 
+WHEN = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)  # a fixed date, not the run's
 ROWS = [{"framework": "shardforge", "tokens_per_s": 1234.5, "losses": [10.7, 9.1]},
         {"framework": "hf-liger", "tokens_per_s": 1000.0, "mfu": None}]
 
@@ -34,7 +35,7 @@ def test_result_holds_env_command_and_rows(tmp_path):
 
 
 def test_an_existing_result_is_never_overwritten(tmp_path):
-    env = {"date": "2030-01-02T03:04:05+00:00", "device": "NVIDIA H200"}
+    env = {"date": WHEN.isoformat(), "device": "NVIDIA H200"}
     first = results_io.write_result(tmp_path / "r.json", "train", "cmd one", ROWS[:1], env)
     before = first.read_bytes()
     second = results_io.write_result(tmp_path / "r.json", "train", "cmd two", ROWS[1:], env)
@@ -47,9 +48,9 @@ def test_an_existing_result_is_never_overwritten(tmp_path):
 
 def test_default_path_names_date_device_and_bench(tmp_path, monkeypatch):
     monkeypatch.setattr(results_io, "RESULTS_DIR", tmp_path / "results")
-    env = {"date": "2030-01-02T03:04:05+00:00", "device": "NVIDIA H100 80GB HBM3"}
+    env = {"date": WHEN.isoformat(), "device": "NVIDIA H100 80GB HBM3"}
     path = results_io.write_result(None, "layouts-2gpu", "cmd", ROWS, env)
-    assert path == tmp_path / "results" / "2030-01-02_nvidia-h100-80gb-hbm3_layouts-2gpu.json"
+    assert path == tmp_path / "results" / f"{WHEN.date().isoformat()}_nvidia-h100-80gb-hbm3_layouts-2gpu.json"
     assert results_io.write_result(None, "layouts-2gpu", "cmd", ROWS, env).name.endswith("layouts-2gpu-2.json")
 
 
