@@ -467,9 +467,7 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
     shutil.rmtree(out, ignore_errors=True)
 
     import torch.distributed as dist
-    from parallel import cpu_compat
 
-    cpu_compat.apply()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         meta = check_checkpoint_matches(directory, args)

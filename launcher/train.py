@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from launcher.config_check import (ConfigError, check_config, check_cuda_graph, check_fp8_device,
                                    check_precision_aware, world_size_from_env)
 from launcher.slurm_env import map_srun_env, restart_count
+from parallel.compat import UnverifiedMegatronVersion
 
 if TYPE_CHECKING:
     from launcher.loop import TrainData
@@ -156,7 +157,7 @@ def _restart_note() -> str:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except ConfigError as err:
+    except (ConfigError, UnverifiedMegatronVersion) as err:
         print(err, file=sys.stderr)
         sys.exit(2)
 

@@ -23,10 +23,9 @@ the fp32-master optimizer's, so a run may switch between the two on resume.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
 import torch
 
@@ -249,22 +248,12 @@ class FusedAdam(torch.optim.AdamW):
                     _step_torch(p, rem, *tensors, self.grad_scale, *args, seed=seed)
 
 
-@contextlib.contextmanager
-def as_megatron_adam(stochastic_rounding: bool = False, seed: int = 0) -> Iterator[None]:
-    """megatron-core builds its precision-aware optimizer from TE's FusedAdam, picked by these
-    module names of megatron.core.optimizer; inside this block they name FusedAdam instead."""
-    import megatron.core.optimizer as mcore_optimizer
+def as_megatron_adam(stochastic_rounding: bool = False, seed: int = 0) -> ContextManager[None]:
+    """Inside this block megatron-core builds its precision-aware optimizer from FusedAdam where
+    it would take TE's (parallel/compat)."""
+    from parallel import compat
 
-    names = ("Adam", "USING_PYTORCH_OPTIMIZER", "is_te_min_version")
-    saved = {name: getattr(mcore_optimizer, name) for name in names}
-    mcore_optimizer.Adam = functools.partial(FusedAdam, stochastic_rounding=stochastic_rounding, seed=seed)
-    mcore_optimizer.USING_PYTORCH_OPTIMIZER = False
-    mcore_optimizer.is_te_min_version = lambda *args, **kwargs: False  # TE's version: none here
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(mcore_optimizer, name, value)
+    return compat.te_fused_adam(functools.partial(FusedAdam, stochastic_rounding=stochastic_rounding, seed=seed))
 
 
 def precision_aware(config: Any, moments_dtype: torch.dtype, main_grads_dtype: torch.dtype = torch.float32) -> Any:

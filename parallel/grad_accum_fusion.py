@@ -11,9 +11,9 @@ out_dtype=float32)`, which is what this module hands megatron-core when apex is 
 """
 from __future__ import annotations
 
-import types
-
 import torch
+
+from parallel import compat
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
@@ -28,14 +28,9 @@ def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, 
 
 def enable(device: torch.device) -> bool:
     """Make megatron-core's gradient_accumulation_fusion usable on `device`; True when it is
-    (apex's extension present, or the torch one installed here). CUDA only: torch has no
+    (apex's extension present, or these GEMMs served in its place). CUDA only: torch has no
     CPU kernel for addmm with out_dtype."""
-    from megatron.core.tensor_parallel import layers
-
     if device.type != "cuda":
         return False
-    if not layers._grad_accum_fusion_available:
-        layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
-            wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32, wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
-        layers._grad_accum_fusion_available = True
+    compat.provide_fused_weight_gradient(wgrad_gemm_accum_fp32, wgrad_gemm_accum_fp16)
     return True

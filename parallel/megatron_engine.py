@@ -7,6 +7,7 @@ every layout and micro-batching optimizes the same objective.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from functools import partial
@@ -32,18 +33,18 @@ from parallel.cuda_graph import wrap as cuda_graph_wrap
 from parallel.fused_adam import as_megatron_adam, precision_aware
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
+from parallel import compat
+
+# CPU emulation of CUDA APIs, from init_distributed(device=cpu) to shutdown().
+_cpu_scope = contextlib.ExitStack()
 
 
 def init_distributed(layout: Layout, device: torch.device, seed: int, cuda_graph: bool = False) -> None:
     """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's process groups.
     `cuda_graph`: RNG streams as torch.Generators, which a CUDA graph can register and advance."""
-    from parallel import mcore_fixes
-
-    mcore_fixes.apply()
-    if device.type == "cpu":
-        from parallel import cpu_compat
-
-        cpu_compat.apply()
+    compat.apply_fixes()
+    if device.type == "cpu":  # left by shutdown()
+        _cpu_scope.enter_context(compat.cpu_emulation())
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if cuda_graph:
@@ -70,6 +71,7 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_scope.close()
 
 
 class HostCopy:
@@ -249,12 +251,9 @@ class MegatronEngine:
             self._forward_backward = cuda_graph_wrap(self._forward_backward)
         self.moe_stats = None
         if args.is_moe:
-            from parallel import mcore_fixes
             from parallel.moe_metrics import MoEStats
 
-            per_token_sp = self.config.sequence_parallel and self.config.calculate_per_token_loss
-            mcore_fixes.moe_aux_loss_tp_factor = float(layout.tp) if per_token_sp else 1.0
-
+            compat.set_moe_aux_loss_tp_factor(self.config)
             self.moe_stats = MoEStats([c.module for c in self.chunks], args, device)
 
     def num_parameters(self) -> int:

@@ -21,9 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def compare(ref: str, other: str) -> None:
-    from parallel import cpu_compat
-
-    cpu_compat.apply()
     torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
     a, b = dist_checkpointing.load_plain_tensors(ref), dist_checkpointing.load_plain_tensors(other)
     weights = sorted(k for k in a if not k.endswith("_extra_state"))
