@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     command = invocation("bench.bench_zero3", argv)
     print("\n" + summary_text("largest model: megatron vs ZeRO-3 + CPU offload", env, description, command,
                               commands, lines), flush=True)
+    if not rows:
+        print("[bench] no engine trained any depth: nothing recorded", file=sys.stderr)
+        return 1
     if not a.no_record:
         path = write_result(a.out, "zero3", command, rows, env, args=vars(a), subprocesses=commands)
         print(f"[bench] wrote {path}", flush=True)
