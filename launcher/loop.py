@@ -20,7 +20,7 @@ from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
 from launcher.profiling import MemorySnapshot, StepProfiler
 from models.args import ModelArgs
-from parallel.megatron_engine import HostCopy, MegatronEngine, StepResult
+from parallel.engine import Engine, HostCopy, StepResult
 
 
 @dataclass
@@ -31,7 +31,7 @@ class TrainData:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def train(cfg: DictConfig, engine: MegatronEngine, data: TrainData, args: ModelArgs, start_step: int) -> None:
+def train(cfg: DictConfig, engine: Engine, data: TrainData, args: ModelArgs, start_step: int) -> None:
     t = cfg.train
     device = engine.device
     rank0 = dist.get_rank() == 0

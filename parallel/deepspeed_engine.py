@@ -17,7 +17,9 @@ megatron engine). One `train_step` follows the megatron engine's semantics:
 """
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,22 @@ from megatron.core import parallel_state as ps
 
 from models.args import ModelArgs
 from models.init import local_init, local_tensors
+from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
 from parallel.lr_schedule import lr_scheduler
-from parallel.megatron_engine import StepResult, prepare_batch
+from parallel import megatron_state
+from parallel.engine import StepResult, prepare_batch
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+# In a checkpoint directory written by this engine (beside DeepSpeed's own ZeRO-3 files):
+# {"format": "deepspeed_zero3", "step", "layout", "model_args"}.
+ZERO_META = "shardforge_zero.json"
+
+
+def zero_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata of a ZeRO-3 checkpoint directory; None for any other (e.g. a dist checkpoint)."""
+    path = Path(directory) / ZERO_META
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def import_deepspeed(device: torch.device):
@@ -129,9 +142,9 @@ class _MegatronMPU:
 
 
 class DeepSpeedEngine:
-    """Same interface as MegatronEngine (`device`, `train_step`, `num_parameters`, `args`), plus
-    `save_state` / `load_state` (DeepSpeed's own checkpoint format) and `load_model_weights`
-    (a megatron checkpoint's weights) for launcher.checkpoint, and `logits` for evaluation."""
+    """The `parallel.engine.Engine` contract over DeepSpeed ZeRO-3, plus `logits` for evaluation.
+    Its checkpoints are DeepSpeed's own per-rank partition files (`save`); `load` also takes a
+    megatron (dist_checkpointing) checkpoint's weights, for a fresh start from them."""
 
     def __init__(self, args: ModelArgs, dp: int, optim_cfg: Any, zero_cfg: Any, *, steps: int, seq_length: int,
                  micro_batch_size: int, global_batch_size: int, seed: int, device: torch.device,
@@ -148,7 +161,8 @@ class DeepSpeedEngine:
         self.tp = ps.get_tensor_model_parallel_world_size()
         config = transformer_config(args, tp=self.tp, pp=1, vpp=None, params_dtype=params_dtype,
                                     on_cpu=device.type == "cpu", recompute=recompute)
-        build = dict(backend=backend, pre_process=True, post_process=True)
+        kernels = KernelOptions(device=device.type, backend=backend, engine="deepspeed")
+        build = dict(options=kernels, pre_process=True, post_process=True)
         with torch.device("meta"):  # shapes and checkpoint keys only: the init plan
             twin = build_llama(args, config, **build)
         # Each module's parameters are partitioned over DP as soon as the module is built.
@@ -241,14 +255,32 @@ class DeepSpeedEngine:
             logits = gather_from_tensor_model_parallel_region(logits)
         return logits
 
-    # -- checkpoints: launcher.checkpoint owns directories, `latest` and atomicity -----------------
+    # -- state I/O: launcher.checkpoint owns directories, `latest` and atomicity ---------------------
 
-    def save_state(self, root: Path, tag: str, step: int) -> None:
-        """Write the ZeRO-3 checkpoint (every rank its partition) into <root>/<tag>/."""
+    def save(self, directory: Path, step: int) -> None:
+        """The ZeRO-3 checkpoint (every rank its partition) and its metadata into `directory`."""
         client = {"scheduler": self.scheduler.state_dict(), "step": step}
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client, save_latest=False)
+        if dist.get_rank() == 0:
+            meta = {"format": "deepspeed_zero3", "step": step, "layout": megatron_state.layout(),
+                    "model_args": asdict(self.args)}
+            (directory / ZERO_META).write_text(json.dumps(meta, indent=1))
 
-    def load_model_weights(self, directory: Path) -> None:
+    def load(self, directory: Path) -> int:
+        """A ZeRO-3 checkpoint of this engine (in the layout that saved it: partitions load only into
+        the same tp x dp, which launcher.checkpoint.check_engine says first) -> its step; a megatron
+        checkpoint -> its weights, a fresh start (0)."""
+        if zero_meta(directory) is None:
+            self._load_model_weights(directory)
+            return 0
+        _, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        if client is None:
+            raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+        self.scheduler.load_state_dict(client["scheduler"])
+        return int(client["step"])
+
+    def _load_model_weights(self, directory: Path) -> None:
         """The model weights of a megatron (dist_checkpointing) checkpoint: a training checkpoint of
         any layout, an HF import, a zero_to_megatron conversion. One checkpoint key (e.g. every
         layer's fc1) is read at a time, by every rank (dist_checkpointing loads collectively)."""
@@ -281,12 +313,16 @@ class DeepSpeedEngine:
         # deepspeed.initialize: without this its first step would write those back.
         self.optimizer.refresh_fp32_params()
 
-    def load_state(self, directory: Path) -> int:
-        """Load <root>/<iter_*> written by save_state, in the layout that saved it (ZeRO-3 partitions
-        load only into the same tp x dp; launcher.checkpoint.check_engine says so first); returns its step."""
-        _, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
-        if client is None:
-            raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
-        self.scheduler.load_state_dict(client["scheduler"])
-        return int(client["step"])
+    @torch.no_grad()
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Every model tensor whole, by checkpoint key, on every rank (collective; parameters are
+        gathered one module at a time, the whole model is assembled on each rank's CPU)."""
+        pieces = []
+        for prefix, module in self.module.named_modules():
+            named = list(module.named_parameters(prefix=prefix, recurse=False))
+            if not named:
+                continue
+            with self._deepspeed.zero.GatheredParameters([p for _, p in named]):
+                # the twin's ShardedTensors carry this rank's TP offsets and replica ids
+                pieces += [(sh, _view(p, sh).detach().cpu().clone()) for name, p in named for sh in self._plan[name]]
+        return megatron_state.gather_full(pieces)

@@ -9,30 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import asdict
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
 from models.init import init_weights
 from models.args import ModelArgs
+from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
 from parallel.layout import Layout
 from parallel import grad_accum_fusion
 from parallel.compile_layers import compile_layers
 from parallel.cuda_graph import wrap as cuda_graph_wrap
+from parallel.engine import StepResult, prepare_batch
 from parallel.fused_adam import as_megatron_adam, precision_aware
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
+from parallel import megatron_state
 from parallel import compat
 
 # CPU emulation of CUDA APIs, from init_distributed(device=cpu) to shutdown().
@@ -74,77 +79,11 @@ def shutdown() -> None:
     _cpu_scope.close()
 
 
-class HostCopy:
-    """A tensor's value on the host without a stream sync: on GPU a pinned copy and an event, so
-    `get` waits for the work queued before the copy only (`.item()` would wait for all of it)."""
-
-    def __init__(self, value: torch.Tensor):
-        self._ready: torch.cuda.Event | None = None
-        if value.is_cuda:
-            self._host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            self._host.copy_(value, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = value.detach().clone()
-
-    def get(self) -> torch.Tensor:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host
-
-
-class StepResult:
-    """One optimizer step's loss sum (of the global batch, on every rank), loss tokens and grad norm.
-
-    On GPU they are still being computed when `train_step` returns: read on first use through a
-    HostCopy, so the loop can queue the next step before it looks at this one's numbers."""
-
-    def __init__(self, values: torch.Tensor, lr: float, moe: dict[str, float] | None = None):
-        # values: float64 [loss_sum, num_tokens, grad_norm], on any device
-        self.lr, self.moe = lr, moe or {}
-        self._copy = HostCopy(values.to(torch.float64))
-        self._values: list[float] | None = None
-
-    def _get(self, i: int) -> float:
-        if self._values is None:
-            self._values = self._copy.get().tolist()
-        return self._values[i]
-
-    @property
-    def loss_sum(self) -> float:
-        return self._get(0)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self._get(1))
-
-    @property
-    def grad_norm(self) -> float:
-        return self._get(2)
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.num_tokens, 1)
-
-    def __repr__(self) -> str:
-        return f"StepResult(loss={self.loss}, grad_norm={self.grad_norm}, lr={self.lr})"
-
-
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     losses = output.float() * loss_mask
     total = losses.sum()
     count = loss_mask.sum().to(torch.int)
     return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
-
-
-def prepare_batch(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], PackedSeqParams | None]:
-    """A micro batch on `device`, and its PackedSeqParams when it is packed (else None)."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    packed = _packed_seq_params(batch) if "cu_seqlens" in batch else None
-    if packed is not None:  # THD: the micro batch's rows become one stream of documents
-        batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    return batch, packed
 
 
 def _forward_step(device: torch.device, data_iterator, model):
@@ -153,13 +92,6 @@ def _forward_step(device: torch.device, data_iterator, model):
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
                    packed_seq_params=packed)
     return output, partial(_loss_func, batch["loss_mask"])
-
-
-def _packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
-    cu = batch["cu_seqlens"].to(torch.int32)
-    max_len = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-                           max_seqlen_kv=max_len)
 
 
 def use_fused_adamw(optimizer) -> None:
@@ -182,19 +114,8 @@ class MegatronEngine:
                  fp8: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
-        # Unpacked self-attention rotates q and k in one pass over the fused qkv projection
-        # (megatron's fused_single_qkv_rope path, served by models/kernels/rope.py); set per step.
-        self._fused_qkv_rope = (device.type == "cuda" and backend == "torch" and not args.qk_layernorm
-                                and layout.cp == 1 and (args.num_query_groups or args.num_attention_heads) >= layout.tp)
-        if device.type == "cuda" and backend == "torch":
-            from models.kernels.rope import use_fused_qkv_rope, use_fused_rope
-            from models.kernels.swiglu import use_triton_swiglu
-            from models.norm_recompute import use_in_place_norm_recompute
-
-            use_fused_rope()
-            use_fused_qkv_rope()
-            use_triton_swiglu()
-            use_in_place_norm_recompute()
+        # models/kernel_provider.py picks every module class of the model from these
+        kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8)
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
         # Weight gradients accumulate into the fp32 main grads inside their GEMM (set before the
@@ -204,10 +125,10 @@ class MegatronEngine:
         chunks = []
         for vp_stage in range(layout.vpp or 1):
             vp = vp_stage if layout.vpp else None
-            chunk = build_llama(args, self.config, backend=backend,
+            chunk = build_llama(args, self.config, kernels,
                                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                                vp_stage=vp, fused_loss=device.type == "cuda", fp8=fp8)
+                                vp_stage=vp)
             if device.type == "cuda":
                 chunk.cuda(device)
             init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
@@ -273,7 +194,6 @@ class MegatronEngine:
         data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
         # Pipeline stages exchange [seq, batch, hidden]; a packed micro batch is one THD stream.
         packed = "cu_seqlens" in microbatches[0]
-        self.config.fused_single_qkv_rope = self._fused_qkv_rope and not packed  # megatron asserts on it for THD
         reports = self._forward_backward(
             forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
             num_microbatches=len(microbatches),
@@ -319,3 +239,63 @@ class MegatronEngine:
             # (MoE under ep>1 adds one for expert params), the parameter names do not.
             metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True})
         return {**model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+
+    def save(self, directory: Path, step: int) -> None:
+        """A dist checkpoint of model, optimizer, scheduler, step, layout, shape and RNG streams."""
+        state = self.sharded_state_dict()
+        state.update(step=step, layout=megatron_state.layout(), model_args=asdict(self.args),
+                     rng_state=megatron_state.rng_state(is_loading=False))
+        dist_checkpointing.save(state, str(directory))
+
+    def load(self, directory: Path) -> int:
+        """Load a dist checkpoint saved in any layout; returns the step to resume after. A model-only
+        checkpoint (no step) loads the weights and returns 0: fine-tuning starts fresh."""
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+        if "step" not in common:
+            # (the optimizer is left untouched: a never-stepped one cannot even describe its state)
+            self._load_model(dist_checkpointing.load(self.model_sharded_state_dict(), str(directory)))
+            return 0
+        for chained in self.optimizer.chained_optimizers:
+            # Without apex/TE the distributed optimizer's state_dict() asserts on a never-stepped
+            # optimizer; give it states to overwrite.
+            chained._init_optimizer_states_with_dummy_values()
+        state = self.sharded_state_dict(is_loading=True)
+        # RNG streams are per rank: restore them only into the layout that saved them.
+        same_layout = megatron_state.saved_layout(common) == megatron_state.layout()
+        if same_layout:
+            state["rng_state"] = megatron_state.rng_state(is_loading=True)
+        loaded = dist_checkpointing.load(state, str(directory))
+        self._load_model(loaded)
+        # Non-tensor optimizer state (param groups: lr, wd, ... which the scheduler sets again every
+        # step) is this layout's own; tensors (main params, Adam moments) come from the checkpoint.
+        optimizer_state = (loaded["optimizer"] if same_layout
+                           else megatron_state.own_structure(state["optimizer"], loaded["optimizer"]))
+        # fp32 main params are views of the model params; the in-place copy must not record grads.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(optimizer_state)
+        step = int(common["step"])
+        # torch AdamW's per-param `step` counter is not restored by megatron without apex/TE
+        # (it comes back as one shared dummy tensor): set it from our own step count.
+        for chained in self.optimizer.chained_optimizers:
+            fused = chained.optimizer.defaults.get("fused")  # the fused kernel keeps `step` on the device
+            for param, param_state in chained.optimizer.state.items():
+                param_state["step"] = torch.tensor(float(step), device=param.device if fused else "cpu")
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        if same_layout:
+            megatron_state.set_rng_state(loaded["rng_state"])
+        elif dist.get_rank() == 0:
+            print(f"checkpoint: layout changed {megatron_state.saved_layout(common)} -> {megatron_state.layout()}: "
+                  f"weights and optimizer state resharded, RNG streams start fresh", flush=True)
+        return step
+
+    def _load_model(self, loaded: dict[str, Any]) -> None:
+        for key, value in loaded.items():
+            # 'model' -> chunk 0, 'model3' -> chunk 3 (virtual pipeline chunks); other keys are not the model's
+            index = 0 if key == "model" else int(key[5:]) if key.startswith("model") and key[5:].isdigit() else None
+            if index is not None:
+                self.chunks[index].module.load_state_dict(value)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Every model tensor whole, by checkpoint key, on every rank (collective; the whole model
+        is assembled on each rank's CPU)."""
+        return megatron_state.gather_full(megatron_state.model_pieces([c.module for c in self.chunks]))

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from launcher.checkpoint import resolve, zero_meta
+from launcher.checkpoint import resolve
 from launcher.convert import build_model, load_model_weights, model_args_for, resolve_checkpoint
 from models.args import ModelArgs
-from parallel.deepspeed_engine import DeepSpeedEngine
+from parallel.deepspeed_engine import DeepSpeedEngine, zero_meta
 from parallel.layout import Layout
 from parallel.megatron_engine import init_distributed, shutdown
 
@@ -43,7 +43,7 @@ def main() -> None:
                                    device=device, params_dtype=torch.float32, recompute=None, backend="torch")
 
         engine = fresh_engine(1)
-        engine.load_state(directory)
+        assert engine.load(directory) > 0
         ds_logits = engine.logits(tokens)
 
         converted = resolve_checkpoint(megatron_ckpt)
@@ -55,7 +55,7 @@ def main() -> None:
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
             mg_logits = model(tokens, positions, None)
         engine = fresh_engine(2)
-        engine.load_model_weights(converted)
+        assert engine.load(converted) == 0  # a megatron checkpoint: its weights, a fresh start
         back_logits = engine.logits(tokens)
         if torch.distributed.get_rank() == 0:
             torch.save({"tokens": tokens, "deepspeed": ds_logits, "megatron": mg_logits,
