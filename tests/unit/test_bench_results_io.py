@@ -1,9 +1,12 @@
-"""bench/results_io.py: one JSON result per bench run (env, command, rows), never overwritten."""
+"""bench/results_io.py: one JSON result per bench run (env, command, rows), never overwritten; bench_train
+writes its rows through it."""
 from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata as md
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -61,3 +64,37 @@ def test_causal_fraction_halves_the_attention_flops():
     attention = full - train_flops_per_token(seq_length=0, **shape)
     assert attention > 0
     assert abs(causal_fraction("llama_1b_32k", 4096) - (full - attention / 2) / full) < 1e-12
+
+
+def test_bench_train_writes_one_row_per_side(tmp_path, monkeypatch):
+    """bench_train end to end with the child processes faked: ShardForge's row from its metrics.jsonl
+    (timed steps only, tokens over time), the HF peer's row as its own result file holds it."""
+    from bench import bench_train
+
+    steps = [{"step": s, "loss": 10.0 - s, "tokens_per_s": tps, "step_time_s": t, "mfu": mfu}
+             for s, tps, t, mfu in [(1, 10.0, 9.0, 0.1), (2, 300.0, 2.0, 0.5), (3, 100.0, 4.0, 0.2)]]
+    hf_row = {"framework": "hf-eager", "tokens_per_s": 123.0, "mfu": 0.25, "peak_mem_gb": None,
+              "step_time_s": 0.5, "timed_steps": 2, "losses": [9.0, 8.0]}
+
+    def fake_run(label, cmd):
+        arg = dict(a.split("=", 1) for a in cmd if "=" in a)
+        if "launcher.train" in cmd:  # run.dir: the empty directory bench_train made for the run
+            (Path(arg["run.dir"]) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+        else:
+            results_io.write_result(arg["--out"], "hf", "python -m bench.hf_baseline", [hf_row])
+        return True, " ".join(cmd), {}
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bench_train, "_run", fake_run)
+    out = tmp_path / "r.json"
+    assert bench_train.main(["--device", "cpu", "--model", "llama_1b_32k", "--steps", "3", "--warmup", "1",
+                             "--peers", "eager", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python -m bench.bench_train --device cpu")
+    sf, hf = data["rows"]
+    assert sf["framework"] == "shardforge" and sf["timed_steps"] == 2 and sf["losses"] == [9.0, 8.0, 7.0]
+    assert abs(sf["tokens_per_s"] - (300.0 * 2 + 100.0 * 4) / 6) < 1e-9
+    assert abs(sf["mfu"] - (0.5 * 2 + 0.2 * 4) / 6) < 1e-12
+    assert abs(sf["mfu_causal"] - sf["mfu"] * causal_fraction("llama_1b_32k", 4096)) < 1e-12
+    assert {k: hf[k] for k in hf_row} == hf_row
+    assert len(data["subprocesses"]) == 2 and "launcher.train" in data["subprocesses"][0]
