@@ -117,7 +117,7 @@ def build_model(args: ModelArgs, *, tp: int = 1, ep: int = 1, params_dtype: torc
 
     config = transformer_config(args, tp=tp, pp=1, vpp=None, params_dtype=params_dtype, on_cpu=True, recompute=None,
                                 ep=ep)
-    return build_llama(args, config, backend="torch", pre_process=True, post_process=True)
+    return build_llama(args, config, pre_process=True, post_process=True)  # (CPU, torch backend)
 
 
 def checkpoint_root(directory: Path) -> Path:

@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> None:
     from launcher.loop import train
     from launcher.profiling import record_memory_history
     from models.args import ModelArgs
-    from models.specs import default_backend
+    from models.kernel_provider import default_backend
     from parallel import cuda_graph
     from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 

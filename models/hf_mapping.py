@@ -30,6 +30,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from models.args import ModelArgs
+from models.hf_error import HFMappingError
+from models.hf_moe_mapping import (default_moe_architecture, moe_checkpoint_suffixes, moe_fields_from_hf, moe_hf_config,
+                                   moe_layer_hf_names, moe_layer_to_shardforge, moe_to_hf)
 
 # HF architecture -> the model_type transformers writes beside it.
 ARCHITECTURES: dict[str, str] = {
@@ -45,10 +48,6 @@ _QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")   # q/k/v bias by defini
 _QK_NORM_ARCHS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 # Megatron's llama3 RoPE scaling hard-codes these (rotary_pos_embedding._apply_scaling).
 _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-class HFMappingError(ValueError):
-    """An HF model/config we cannot map; the message is one line meant for the user."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,8 +100,6 @@ def args_from_hf_config(config: Mapping[str, Any], name: str) -> ModelArgs:
     head_dim = config.get("head_dim") or hidden // heads
     moe: dict[str, Any] = {}
     if _is_moe_architecture(arch):
-        from models.hf_moe_mapping import moe_fields_from_hf
-
         moe = moe_fields_from_hf(config, arch)
     return ModelArgs(
         name=name,
@@ -131,8 +128,6 @@ def default_architecture(args: ModelArgs) -> str:
     if args.qk_layernorm and args.add_qkv_bias:
         raise HFMappingError("no supported HF architecture has both qk-norm and qkv bias")
     if args.is_moe:
-        from models.hf_moe_mapping import default_moe_architecture
-
         return default_moe_architecture(args)
     if args.qk_layernorm:
         return "Qwen3ForCausalLM"
@@ -177,8 +172,6 @@ def hf_config_from_args(args: ModelArgs, architecture: str, base: Mapping[str, A
     if architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
         config.setdefault("sliding_window", None)
     if args.is_moe:
-        from models.hf_moe_mapping import moe_hf_config
-
         config.update(moe_hf_config(args, architecture))
     return config
 
@@ -259,8 +252,6 @@ def hf_tensor_names(args: ModelArgs, architecture: str | None = None) -> list[st
         hf = _HF_LAYER.format(i=i)
         names += [hf + s for s in _layer_hf_suffixes(args)]
         if moe:
-            from models.hf_moe_mapping import moe_layer_hf_names
-
             names += moe_layer_hf_names(args, architecture or default_architecture(args), hf)
         else:
             names += [hf + s for s in _DENSE_MLP]
@@ -299,8 +290,6 @@ def hf_to_shardforge(get: Callable[[str], torch.Tensor], args: ModelArgs, archit
             yield ours + "self_attention.linear_qkv.bias", fuse_qkv(
                 *(get(f"{hf}self_attn.{p}_proj.bias") for p in "qkv"), args)
         if pattern[i]:
-            from models.hf_moe_mapping import moe_layer_to_shardforge
-
             yield from moe_layer_to_shardforge(get, args, architecture or default_architecture(args), hf, ours)
             continue
         yield ours + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
@@ -331,8 +320,6 @@ def checkpoint_layer_keys(args: ModelArgs) -> list[str]:
     if not all(pattern):
         keys += ["mlp.linear_fc2.weight", "mlp.linear_fc1.weight"]
     if any(pattern):
-        from models.hf_moe_mapping import moe_checkpoint_suffixes
-
         keys += moe_checkpoint_suffixes(args)
     if args.add_qkv_bias:
         keys.append("self_attention.linear_qkv.bias")
@@ -361,7 +348,6 @@ def global_to_hf(key: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, 
 def layer_to_hf(layer: int, tensors: Mapping[str, torch.Tensor], args: ModelArgs,
                 architecture: str | None = None) -> dict[str, torch.Tensor]:
     """One layer's checkpoint tensors (keyed like checkpoint_layer_keys, layer axis removed) -> HF tensors."""
-    from models.hf_moe_mapping import moe_to_hf
 
     hf = _HF_LAYER.format(i=layer)
     out: dict[str, torch.Tensor] = {}

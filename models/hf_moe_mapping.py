@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from models.args import ModelArgs
-from models.hf_mapping import HFMappingError
+from models.hf_error import HFMappingError
 
 MIXTRAL, QWEN2_MOE, QWEN3_MOE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 MOE_ARCHITECTURES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)

@@ -7,15 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.args import ModelArgs
-from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
-from models.kernels.linear_cross_entropy import linear_cross_entropy
-from models.mlp_act_recompute import ActivationRecomputeMLP
-from models.residual_norm import fuse_residual_norms
-from models.specs import dense_decoder_block_spec, moe_decoder_block_spec
+from models.kernel_provider import KernelOptions, decoder_block_spec, model_class
 
 def _skip_init(weight: torch.Tensor) -> None:
     pass
@@ -98,33 +93,14 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
     return config
 
 
-class LlamaModel(GPTModel):
-    """megatron-core's GPTModel; with `fused_loss` set, the training loss (labels and loss_mask
-    given) goes through the fused output layer + cross entropy and never builds the logits."""
-
-    fused_loss = False
-
-    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
-        if not (self.fused_loss and self.training and labels is not None and loss_mask is not None
-                and not kwargs.get("mtp_in_postprocess")):
-            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, loss_mask=loss_mask,
-                                        **kwargs)
-        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
-                  else self.output_layer.weight)
-        # hidden [s, b, h]; labels and loss_mask [b, s]; per-token losses [b, s] as megatron returns them.
-        return linear_cross_entropy(hidden_states.transpose(0, 1), weight, labels, loss_mask)
-
-
-def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre_process: bool,
-                post_process: bool, vp_stage: int | None = None, fused_loss: bool = False,
-                fp8: bool = False) -> GPTModel:
-    """`fused_loss` (tensor parallel 1 only: the fused loss has no vocab-parallel reduction);
-    `fp8`: fp8 GEMMs in the layers' linears (torch backend, dense models)."""
+def build_llama(args: ModelArgs, config: TransformerConfig, options: KernelOptions = KernelOptions(), *,
+                pre_process: bool, post_process: bool, vp_stage: int | None = None) -> GPTModel:
+    """One model chunk: megatron-core's GPTModel with the classes models/kernel_provider.py names
+    for `options`."""
     kw = {"vp_stage": vp_stage} if vp_stage is not None else {}
-    model = LlamaModel(
+    return model_class(config, options)(
         config=config,
-        transformer_layer_spec=(moe_decoder_block_spec(backend, config, vp_stage) if args.is_moe
-                                else dense_decoder_block_spec(backend, config, vp_stage, args.qk_layernorm, fp8=fp8)),
+        transformer_layer_spec=decoder_block_spec(config, options, vp_stage),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -136,27 +112,3 @@ def build_llama(args: ModelArgs, config: TransformerConfig, *, backend: str, pre
         rope_scaling_factor=args.rope_scaling_factor,
         **kw,
     )
-    model.fused_loss = fused_loss and config.tensor_model_parallel_size == 1
-    if backend == "torch":
-        fuse_residual_norms(model.decoder)
-    if fp8:
-        keep_fp8_inputs_held_elsewhere(model.decoder)
-    return model
-
-
-def keep_fp8_inputs_held_elsewhere(decoder: TransformerBlock) -> None:
-    """fp8 linears whose input is held for backward anyway hold it too, not an fp8 copy: the output
-    projection's (core attention keeps its output for its own backward), and the inputs a
-    recompute refills before their backward (norm outputs under `layernorm`, the SwiGLU output
-    under `mlp_act`)."""
-    for layer in decoder.layers:
-        linears = [layer.self_attention.linear_proj]
-        if getattr(layer, "recompute_input_layernorm", False):
-            linears.append(layer.self_attention.linear_qkv)
-        if getattr(layer, "recompute_pre_mlp_layernorm", False):
-            linears.append(layer.mlp.linear_fc1)
-        if isinstance(layer.mlp, ActivationRecomputeMLP):
-            linears.append(layer.mlp.linear_fc2)
-        for linear in linears:
-            if isinstance(linear, (Fp8ColumnParallelLinear, Fp8RowParallelLinear)):
-                linear.keep_input = True

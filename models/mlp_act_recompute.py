@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 from megatron.core.transformer.mlp import MLP
 
+from models.kernels import swiglu
 from models.kernels.swiglu import swiglu_into
 
 
 class ActivationRecomputeMLP(MLP):
     def _swiglu(self, fc1_out: torch.Tensor) -> torch.Tensor:
-        if self.config.bias_activation_fusion:  # megatron's fused SwiGLU (models/kernels/swiglu.py's backward)
+        if self.config.bias_activation_fusion:  # megatron's fused SwiGLU
             return bias_swiglu_impl(fc1_out, None)
         gate, up = torch.chunk(fc1_out, 2, dim=-1)
         return F.silu(gate) * up
@@ -54,3 +55,12 @@ def _free_until_backward(activation: torch.Tensor, fc1_out: torch.Tensor, output
         swiglu_into(fc1_out.detach(), target)
 
     output.register_hook(refill)
+
+
+class TritonActivationRecomputeMLP(ActivationRecomputeMLP):
+    """ActivationRecomputeMLP whose fused SwiGLU runs models/kernels/swiglu.py's kernels (CUDA)."""
+
+    def _swiglu(self, fc1_out: torch.Tensor) -> torch.Tensor:
+        if self.config.bias_activation_fusion:
+            return swiglu.swiglu(fc1_out)
+        return super()._swiglu(fc1_out)

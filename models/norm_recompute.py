@@ -9,18 +9,23 @@ CUDA this checkpoint keeps the forward's own graph (the Triton backward needs x 
 the output) and refills the freed storage with one forward kernel: no copy, no second graph.
 With models/mlp_act_recompute.py, `[mlp_act,layernorm]` costs 1.9 ms a step at the 1.14B bench
 shape on an H200 where megatron's path cost 3.8 ms (bench/RESULTS.md, 2026-12-03). Other
-functions (MoE's `moe_act`, norms on CPU) take megatron's path.
+functions (MoE's `moe_act`, norms on CPU) take megatron's path. models/transformer_layer.py
+wraps the layer's checkpoints in NormOutputCheckpoint.
 """
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
 
 from models.kernels import norm
 
 
-class NormOutputCheckpoint(tensor_parallel.CheckpointWithoutOutput):
-    _norm_output: torch.Tensor | None = None
+class NormOutputCheckpoint:
+    """Wraps one of megatron's CheckpointWithoutOutput (the layer's own): the norm's output refilled
+    in place where that applies, megatron's checkpoint for everything else."""
+
+    def __init__(self, megatron_checkpoint):
+        self._megatron = megatron_checkpoint
+        self._norm_output: torch.Tensor | None = None
 
     def checkpoint(self, run_function, *args):
         x = args[0] if args else None
@@ -29,12 +34,12 @@ class NormOutputCheckpoint(tensor_parallel.CheckpointWithoutOutput):
             # (a strided x would be saved as a contiguous copy: as large as the output freed)
             self._norm_output = run_function(x)
             return self._norm_output
-        return super().checkpoint(run_function, *args)
+        return self._megatron.checkpoint(run_function, *args)
 
     def discard_output_and_register_recompute(self, hook_tensor: torch.Tensor) -> None:
         y, self._norm_output = self._norm_output, None
         if y is None:
-            return super().discard_output_and_register_recompute(hook_tensor)
+            return self._megatron.discard_output_and_register_recompute(hook_tensor)
         eps = y.grad_fn.eps
         nbytes = y.untyped_storage().nbytes()
         y.untyped_storage().resize_(0)
@@ -49,9 +54,3 @@ class NormOutputCheckpoint(tensor_parallel.CheckpointWithoutOutput):
             norm.rms_norm_forward_into(rows, weight, eps, out)
 
         hook_tensor.register_hook(refill)
-
-
-def use_in_place_norm_recompute() -> None:
-    """Serve megatron's layernorm recompute with NormOutputCheckpoint (TransformerLayer looks the
-    class up on `tensor_parallel` at every forward)."""
-    tensor_parallel.CheckpointWithoutOutput = NormOutputCheckpoint

@@ -160,9 +160,12 @@ def _fp8_applies(x: torch.Tensor, weight: torch.Tensor, kw: dict) -> bool:
 
 
 class _Fp8Forward:
-    """megatron's linear forward with the fp8 GEMM where `_fp8_applies`, its own elsewhere."""
+    """megatron's linear forward with the fp8 GEMM where `_fp8_applies`, its own elsewhere.
+    `keep_input` (a spec param): the input is held anyway, by another consumer or a recompute."""
 
-    keep_input = False  # set where the input is held anyway (models/llama.py keep_fp8_inputs_held_elsewhere)
+    def __init__(self, *args, keep_input: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_input = keep_input
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if args or not _fp8_applies(input, weight, kwargs):

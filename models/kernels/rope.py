@@ -165,13 +165,19 @@ def _thd_cos_sin_table(freqs: torch.Tensor, cu_seqlens: torch.Tensor, tokens: in
     global _last_thd_table
     cached = _last_thd_table
     if cached is None or cached[0] is not freqs or cached[1] is not cu_seqlens or cached[2] != mscale:
-        index = torch.arange(tokens, device=freqs.device)
-        if freqs.shape[0] != tokens:  # megatron's case 2: positions restart at every document
-            starts = cu_seqlens.to(device=freqs.device, dtype=torch.long)
-            index = index - starts[torch.searchsorted(starts[1:], index, right=True)]
-        f = freqs.reshape(freqs.shape[0], -1)[index]
+        f = freqs.reshape(freqs.shape[0], -1)[_packed_positions(freqs, cu_seqlens, tokens)]
         _last_thd_table = freqs, cu_seqlens, mscale, _scaled_cos_sin(f, mscale)
     return _last_thd_table[3]
+
+
+def _packed_positions(freqs: torch.Tensor, cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The row of freqs each packed token takes (without context parallelism): its position in its
+    own document, or row i for token i when freqs has a row per token (megatron's two THD cases)."""
+    index = torch.arange(tokens, device=freqs.device)
+    if freqs.shape[0] != tokens:  # megatron's case 2: positions restart at every document
+        starts = cu_seqlens.to(device=freqs.device, dtype=torch.long)
+        index = index - starts[torch.searchsorted(starts[1:], index, right=True)]
+    return index
 
 
 class _TritonRope(torch.autograd.Function):
@@ -208,11 +214,15 @@ def fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tenso
     """megatron's _apply_rotary_pos_emb_thd (same arguments): packed rows [t, heads, d]. Without
     context parallelism, one kernel over all documents from a per-token table; megatron's path
     splits the rows per document (a host sync per document and layer) and builds the table anew."""
-    if (cp_group is not None and cp_group.size() == 1
-            and _triton_applies(t, freqs, rotary_interleaved, multi_latent_attention, dims=3)):
+    if cp_group is None or cp_group.size() != 1:
+        return unfused_rope_thd(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale, cp_group)
+    if _triton_applies(t, freqs, rotary_interleaved, multi_latent_attention, dims=3):
         table = _thd_cos_sin_table(freqs, cu_seqlens, t.shape[0], mscale)
         return _TritonRope.apply(t.unsqueeze(1), table).squeeze(1)
-    return unfused_rope_thd(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale, cp_group)
+    # megatron's THD path: each token's freqs row, then its bshd function over all tokens at once
+    # (here fused_rope_bshd; megatron's would be the unfused one)
+    packed = freqs[_packed_positions(freqs, cu_seqlens, t.shape[0])]
+    return fused_rope_bshd(t.unsqueeze(1), packed, rotary_interleaved, multi_latent_attention, mscale).squeeze(1)
 
 
 class _TritonQkvRope(torch.autograd.Function):
@@ -262,19 +272,3 @@ def fused_qkv_rope(qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tens
     query, key, value = torch.split(qkv, qkv_split_arg_list, dim=3)
     query = query.reshape(query.size(0), query.size(1), -1, d)
     return fused_rope_bshd(query, q_freqs), fused_rope_bshd(key, k_freqs), value.contiguous()
-
-
-def use_fused_qkv_rope() -> None:
-    """Serve megatron's `fused_single_qkv_rope` path (TransformerEngine's function otherwise) with
-    fused_qkv_rope. The config flag is the engine's to set, per step: megatron asserts on it for
-    packed (THD) batches, which keep the split path."""
-    from megatron.core.transformer import attention
-
-    attention.apply_fused_qkv_rotary_pos_emb = fused_qkv_rope
-    attention.HAVE_FUSED_QKV_ROPE = True
-
-
-def use_fused_rope() -> None:
-    """Route megatron's apply_rotary_pos_emb (dense and THD) through the fused kernels."""
-    rope_utils._apply_rotary_pos_emb_bshd = fused_rope_bshd
-    rope_utils._apply_rotary_pos_emb_thd = fused_rope_thd

@@ -74,31 +74,32 @@ def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return dy
 
 
-def _swiglu_function_forward(ctx, input, fp8_input_store, cpu_offload_input):
-    # megatron's SwiGLUFunction.forward with the kernel for its compiled swiglu
-    input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
-    if cpu_offload_input:
-        input_for_backward.activation_offloading = True
-    ctx.save_for_backward(input_for_backward)
-    ctx.ori_input_dtype = input.dtype
-    ctx.fp8_input_store = fp8_input_store
-    out = input.new_empty((*input.shape[:-1], input.shape[-1] // 2))
-    swiglu_into(input, out)
-    return out
+class SwiGLUFunction(torch.autograd.Function):
+    """megatron-core's bias-free SwiGLUFunction (same arguments, same saved input) on these kernels."""
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, fp8_input_store: bool, cpu_offload_input: bool) -> torch.Tensor:
+        input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+        if cpu_offload_input:
+            input_for_backward.activation_offloading = True
+        ctx.save_for_backward(input_for_backward)
+        ctx.ori_input_dtype = input.dtype
+        ctx.fp8_input_store = fp8_input_store
+        out = input.new_empty((*input.shape[:-1], input.shape[-1] // 2))
+        swiglu_into(input, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (input,) = ctx.saved_tensors
+        input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
+        return swiglu_back(grad_output, input), None, None
 
 
-def _swiglu_function_backward(ctx, grad_output):
-    # megatron's SwiGLUFunction.backward with this kernel for its compiled swiglu_back
-    (input,) = ctx.saved_tensors
-    input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
-    return swiglu_back(grad_output, input), None, None
-
-
-def use_triton_swiglu() -> None:
-    """Route megatron's SwiGLUFunction (dense MLP, no bias) through the kernels (GPU with Triton)."""
-    if triton is None:
-        return
-    from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
-
-    SwiGLUFunction.forward = staticmethod(_swiglu_function_forward)
-    SwiGLUFunction.backward = staticmethod(_swiglu_function_backward)
+def swiglu(input: torch.Tensor, fp8_input_store: bool = False, cpu_offload_input: bool = False) -> torch.Tensor:
+    """silu(y1) * y2 for input = [y1 | y2] along the last dim (2D or 3D), with the kernels' backward:
+    megatron's `bias_swiglu_impl(input, None, ...)` on them."""
+    shape = input.shape
+    assert len(shape) in (2, 3), shape
+    out = SwiGLUFunction.apply(input.view(-1, shape[-1]), fp8_input_store, cpu_offload_input)
+    return out if len(shape) == 2 else out.view(shape[0], shape[1], -1)
