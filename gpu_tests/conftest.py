@@ -19,6 +19,7 @@ def build_engine(monkeypatch):
     gradients to autograd instead of adding them into DDP's main_grad inside the GEMM."""
     from models.args import ModelArgs
     from parallel import grad_accum_fusion
+    from parallel.engine_config import OptimConfig
     from parallel.layout import Layout
     from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -32,7 +33,7 @@ def build_engine(monkeypatch):
             started.append(True)
         monkeypatch.setattr(grad_accum_fusion, "enable", lambda d: fusion and enable(d))
         args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/{model}.yaml"))
-        engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"),
+        engine = MegatronEngine(args, Layout(world_size=1), OptimConfig(),
                                 steps=steps, seq_length=seq_length, micro_batch_size=micro_batch_size, seed=seed,
                                 device=device, params_dtype=params_dtype, recompute=recompute, backend="torch",
                                 fp8=fp8)

@@ -7,15 +7,15 @@ requeued job resumes from `latest`.
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from omegaconf import DictConfig, OmegaConf
 
 from launcher import checkpoint
+from launcher.config.schema import JobConfig
 from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
 from launcher.profiling import MemorySnapshot, StepProfiler
@@ -31,7 +31,7 @@ class TrainData:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def train(cfg: DictConfig, engine: Engine, data: TrainData, args: ModelArgs, start_step: int) -> None:
+def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, start_step: int) -> None:
     t = cfg.train
     device = engine.device
     rank0 = dist.get_rank() == 0
@@ -44,7 +44,7 @@ def train(cfg: DictConfig, engine: Engine, data: TrainData, args: ModelArgs, sta
                                progress=cfg.logging.progress, wandb_mode=cfg.logging.wandb.mode,
                                wandb_project=cfg.logging.wandb.project, wandb_name=cfg.logging.wandb.name,
                                tensorboard=cfg.logging.tensorboard,
-                               config=OmegaConf.to_container(cfg, resolve=True))
+                               config=asdict(cfg))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(device)

@@ -22,7 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from launcher.config_check import ConfigError, check_config
+from launcher.config.schema import SlurmCluster, SubmitJobConfig
+from launcher.config.validate import ConfigError, WorldSizeError, typed, validate
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
 # Overrides the job gets from the rendered script itself (or that only the submitter reads).
@@ -36,24 +37,22 @@ class Job:
     world_size: int
 
 
-def procs_per_node(cluster: DictConfig) -> int:
+def procs_per_node(cluster: SlurmCluster) -> int:
     """Training processes per node: cluster.procs_per_node, else one per GPU, else 1 (CPU job)."""
     if cluster.procs_per_node is not None:
         return cluster.procs_per_node
     return cluster.gpus_per_node if cluster.gpus_per_node > 0 else 1
 
 
-def _check_cluster(c: DictConfig) -> None:
-    if "nodes" not in c:
-        raise ConfigError("cluster", f"launcher.submit needs a Slurm cluster (cluster=slurm), got cluster={c.name}")
+def _check_cluster(c: SlurmCluster) -> None:
     for key in ("nodes", "signal_grace_s", "max_restarts", "gpus_per_node", "rdzv_port_base"):
-        value = c[key]
-        low = 1 if key == "nodes" else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        value, low = getattr(c, key), 1 if key == "nodes" else 0
+        if value < low:
             raise ConfigError(f"cluster.{key}", f"must be an integer >= {low}, got {value!r}")
     for key in ("procs_per_node", "cpus_per_task"):
-        if c[key] is not None and (not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1):
-            raise ConfigError(f"cluster.{key}", f"must be null or a positive integer, got {c[key]!r}")
+        value = getattr(c, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"cluster.{key}", f"must be null or a positive integer, got {value!r}")
     if c.gpus_per_node and c.procs_per_node not in (None, c.gpus_per_node):
         raise ConfigError("cluster.procs_per_node", f"{c.procs_per_node} processes per node with "
                                                     f"{c.gpus_per_node} GPUs: one process per GPU (or null)")
@@ -63,33 +62,37 @@ def _check_cluster(c: DictConfig) -> None:
         raise ConfigError("cluster.partition_required", f"must be auto, true or false, got {c.partition_required!r}")
 
 
-def _check_world(cfg: DictConfig) -> int:
-    """World size of the job, validated against the parallel layout before anything is submitted."""
+# Rules that depend on the data-parallel size, which the cluster's world size sets.
+_DP_BOUND = ("parallel.dp", "train.global_batch_size")
+
+
+def _check_world(cfg: SubmitJobConfig) -> int:
+    """World size of the job, validated against the parallel layout before anything is submitted
+    (on the configured device: `auto` rules nothing out on a submit host)."""
     c = cfg.cluster
     per_node = procs_per_node(c)
     world = c.nodes * per_node
     try:
-        check_config(cfg, world)
+        validate(cfg, world, cfg.device)
+    except WorldSizeError as err:  # the ranks the cluster gives do not fit the parallel layout
+        raise ConfigError("cluster.nodes", f"{c.nodes} nodes x {per_node} processes per node = {world} ranks: "
+                                           f"not divisible by {err.product} = {err.size}") from err
     except ConfigError as err:
-        what = str(err).split(": ", 2)[2]
-        if "world size" not in what and " dp " not in what:
+        if err.key not in _DP_BOUND:
             raise
-        if "not divisible" in what:  # the ranks the cluster gives do not fit the parallel layout
-            raise ConfigError("cluster.nodes", f"{c.nodes} nodes x {per_node} processes per node = {world} ranks: "
-                                               f"{what.replace(f'world size {world} is ', '')}") from err
         # say where that world size comes from: the cluster, not a torchrun command line
-        raise ConfigError(err.key, f"{what} (world size {world} = cluster.nodes {c.nodes} x {per_node} per node)") \
-            from err
+        raise ConfigError(err.key, f"{err.reason} (world size {world} = cluster.nodes {c.nodes} x {per_node} "
+                                   f"per node)") from err
     return world
 
 
-def _slurm_command(c: DictConfig, name: str) -> str:
+def _slurm_command(c: SlurmCluster, name: str) -> str:
     """sinfo/scontrol next to the configured sbatch (same installation), else from PATH."""
     sibling = Path(shutil.which(c.sbatch) or c.sbatch).parent / name
     return str(sibling) if sibling.is_file() else name
 
 
-def _check_slurm(c: DictConfig) -> None:
+def _check_slurm(c: SlurmCluster) -> None:
     """sbatch is there, the controller answers, and a partition is named where the cluster needs one."""
     if shutil.which(c.sbatch) is None:
         raise ConfigError("cluster.sbatch", f"{c.sbatch!r} not found on PATH (run launcher.submit on a Slurm "
@@ -124,7 +127,7 @@ def _forwarded_overrides(task_overrides: list[str]) -> list[str]:
     return keep
 
 
-def _directives(cfg: DictConfig, run_dir: Path, per_node: int) -> list[str]:
+def _directives(cfg: SubmitJobConfig, run_dir: Path, per_node: int) -> list[str]:
     c = cfg.cluster
     torchrun = c.launcher == "torchrun"
     lines = [
@@ -153,7 +156,7 @@ def _directives(cfg: DictConfig, run_dir: Path, per_node: int) -> list[str]:
     return [f"{'#SBATCH ' + d:<36}  # {why}" if why else f"#SBATCH {d}" for d, why in lines if d]
 
 
-def _launch(cfg: DictConfig, run_dir: Path, per_node: int, overrides: list[str]) -> str:
+def _launch(cfg: SubmitJobConfig, run_dir: Path, per_node: int, overrides: list[str]) -> str:
     c = cfg.cluster
     python = shlex.quote(c.python or sys.executable)
     train_args = [*map(_sh, overrides), _sh(f"run.dir={hydra_quote(str(run_dir))}"),
@@ -195,7 +198,7 @@ def _sh(arg: str) -> str:
     return f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)
 
 
-def _environment(c: DictConfig) -> str:
+def _environment(c: SlurmCluster) -> str:
     lines = [str(line) for line in c.setup]
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items()]
     return "\n".join(lines) or "# (none)"
@@ -207,10 +210,13 @@ def _render(template: str, values: dict[str, str]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", sub, template)
 
 
-def build_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Job:
+def build_job(cfg: SubmitJobConfig, run_dir: Path, overrides: list[str]) -> Job:
     """Validate `cfg` for its cluster and render the batch script (no Slurm needed)."""
+    if not isinstance(cfg.cluster, SlurmCluster):
+        raise ConfigError("cluster", f"launcher.submit needs a Slurm cluster (cluster=slurm), got "
+                                     f"cluster={cfg.cluster.name}")
     _check_cluster(cfg.cluster)
-    first_load = cfg.checkpoint.load  # before check_config resolves `auto` in place
+    first_load = cfg.checkpoint.load
     world = _check_world(cfg)
     per_node = procs_per_node(cfg.cluster)
     c, p = cfg.cluster, cfg.parallel
@@ -258,11 +264,12 @@ def _swept_keys() -> set[str]:
             if o.is_sweep_override()}
 
 
-def submit(cfg: DictConfig) -> None:
+def submit(composed: DictConfig) -> None:
     hc = HydraConfig.get()
-    run_dir = _point_run_dir(cfg)
-    cfg.run.dir = str(run_dir)  # what the job gets: ${run.dir} interpolations (checkpoint.dir) follow it
+    run_dir = _point_run_dir(composed)
+    composed.run.dir = str(run_dir)  # what the job gets: ${run.dir} interpolations (checkpoint.dir) follow it
     overrides = _forwarded_overrides(list(hc.overrides.task))
+    cfg = typed(composed)
     job = build_job(cfg, run_dir, overrides)
     if cfg.submit.dry_run:
         print(job.script, end="")

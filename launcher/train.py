@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from launcher.config_check import (ConfigError, check_config, check_cuda_graph, check_fp8_device,
-                                   check_precision_aware, world_size_from_env)
+from launcher.config.schema import JobConfig
+from launcher.config.validate import ConfigError, check_fp8_device, validate, world_size_from_env
 from launcher.slurm_env import map_srun_env, restart_count
 from parallel.compat import UnverifiedMegatronVersion
 
@@ -29,6 +30,8 @@ warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|Trans
 
 
 def resolve_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu or cuda, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -42,7 +45,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32 if precision == "fp32" else torch.bfloat16  # fp8: bf16 params, fp8 GEMMs
 
 
-def build_data(cfg: DictConfig) -> TrainData:
+def build_data(cfg: JobConfig) -> TrainData:
     """The micro-batch stream `data.*` asks for; bad data paths or a tokenizer/model vocab mismatch
     raise ConfigError here, before any process group exists."""
     from launcher.data.tokenizer import load_tokenizer
@@ -94,14 +97,13 @@ def _check_vocab(tokenizer, model_vocab_size: int) -> None:
         raise ConfigError("model.vocab_size", str(err)) from err
 
 
-def run(cfg: DictConfig) -> None:
+def run(composed: DictConfig) -> None:
     map_srun_env()  # an srun task (cluster.launcher=srun): RANK/WORLD_SIZE/... from SLURM_PROCID/...
     # Everything that can be wrong with the input is checked before a process group starts.
-    layout = check_config(cfg, world_size_from_env())
-    device = resolve_device(cfg.device)
-    check_cuda_graph(cfg, device.type, world_size_from_env())  # device=auto is known only now
-    check_precision_aware(cfg, device.type)
-    check_fp8_device(cfg, device)
+    device = resolve_device(composed.device)
+    resolved = validate(composed, world_size_from_env(), device.type)
+    cfg, layout, graphed = resolved.config, resolved.layout, resolved.cuda_graph
+    check_fp8_device(cfg.train.precision, device)
     params_dtype = resolve_dtype(cfg.train.precision, device)
     fp8 = cfg.train.precision == "fp8"
 
@@ -112,18 +114,16 @@ def run(cfg: DictConfig) -> None:
     from launcher.profiling import record_memory_history
     from models.args import ModelArgs
     from models.kernel_provider import default_backend
-    from parallel import cuda_graph
     from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
-    args = ModelArgs.from_config(cfg.model)
-    graphed = cuda_graph.resolve(cfg, device.type, world_size_from_env())
+    args = ModelArgs.from_config(asdict(cfg.model))
     init_distributed(layout, device, cfg.train.seed, cuda_graph=graphed)
     record_memory_history(cfg.logging.memory_snapshot, device, enabled=dist.get_rank() == 0)
     try:
         if cfg.parallel.engine == "deepspeed":  # the one place that picks the engine
             from parallel.deepspeed_engine import DeepSpeedEngine
 
-            engine = DeepSpeedEngine(args, layout.dp, cfg.optim, cfg.parallel.zero, steps=cfg.train.steps,
+            engine = DeepSpeedEngine(args, layout, cfg.optim, cfg.parallel.zero, steps=cfg.train.steps,
                                      seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                                      global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
                                      device=device, params_dtype=params_dtype, recompute=cfg.train.recompute,

@@ -16,32 +16,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
 
-
-def blockers(cfg: DictConfig, device_type: str, world_size: int) -> list[str]:
-    """Why a CUDA graph cannot capture this run's steps (empty: it can). `device_type` may be
-    `auto` (a submit host validating a job for other machines): only `cpu` rules it out."""
+def blockers(setting: str | bool, *, device_type: str, world_size: int, engine: str, moe: bool, packing: bool,
+             pp: int) -> list[str]:
+    """Why a CUDA graph cannot capture this run's steps (empty: it can). `setting` is
+    train.cuda_graph; `device_type` may be `auto` (a submit host validating a job for other
+    machines): only `cpu` rules it out."""
     why = []
     if device_type == "cpu":
         why.append("needs device=cuda")
-    if cfg.parallel.engine != "megatron":
+    if engine != "megatron":
         why.append("needs parallel.engine=megatron")
-    if cfg.model.get("num_experts") is not None:
-        why.append(f"model={cfg.model.name} is a mixture of experts (data-dependent routing)")
-    if cfg.data.get("packing"):
+    if moe:
+        why.append("the model is a mixture of experts (data-dependent routing)")
+    if packing:
         why.append("data.packing=true gives each step other document boundaries (cu_seqlens)")
-    if cfg.parallel.pp > 1:
+    if pp > 1:
         why.append("pipeline parallel (pp>1) is not captured")
-    if cfg.train.cuda_graph == "auto" and world_size > 1:
+    if setting == "auto" and world_size > 1:
         why.append("auto uses it on one process only")
     return why
 
 
-def resolve(cfg: DictConfig, device_type: str, world_size: int) -> bool:
-    """train.cuda_graph (auto | true | false) for this run; `true` where it cannot apply is a
-    config error raised by launcher.config_check before any process group starts."""
-    return cfg.train.cuda_graph is not False and not blockers(cfg, device_type, world_size)
+def resolve(setting: str | bool, **run: Any) -> bool:
+    """train.cuda_graph (auto | true | false) for this run (`run`: blockers' keywords); `true` where
+    it cannot apply is a config error raised by launcher.config.validate before any process group
+    starts."""
+    return setting is not False and not blockers(setting, **run)
 
 
 def wrap(forward_backward: Any) -> Any:

@@ -32,11 +32,12 @@ from models.args import ModelArgs
 from models.init import local_init, local_tensors
 from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
+from parallel.engine_config import OptimConfig, ZeroConfig
+from parallel.layout import Layout
 from parallel.lr_schedule import lr_scheduler
 from parallel import megatron_state
 from parallel.engine import StepResult, prepare_batch
 
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 # In a checkpoint directory written by this engine (beside DeepSpeed's own ZeRO-3 files):
 # {"format": "deepspeed_zero3", "step", "layout", "model_args"}.
 ZERO_META = "shardforge_zero.json"
@@ -59,23 +60,22 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def deepspeed_config(zero_cfg: Any, *, micro_batch_size: int, grad_accum: int, dp: int, clip_grad: float,
+def deepspeed_config(zero: ZeroConfig, *, micro_batch_size: int, grad_accum: int, dp: int, clip_grad: float,
                      bf16: bool, pin_memory: bool) -> dict[str, Any]:
     """The DeepSpeed config dict of `parallel.zero.*` (ZeRO stage 3)."""
-    zero: dict[str, Any] = {"stage": 3, "contiguous_gradients": True, "overlap_comm": False}
-    for key, ds_key in (("offload_params", "offload_param"), ("offload_optimizer", "offload_optimizer")):
-        target = zero_cfg[key] or "none"
+    stage3: dict[str, Any] = {"stage": 3, "contiguous_gradients": True, "overlap_comm": False}
+    for target, ds_key in ((zero.offload_params, "offload_param"), (zero.offload_optimizer, "offload_optimizer")):
         if target != "none":
-            zero[ds_key] = {"device": target, "pin_memory": pin_memory}
+            stage3[ds_key] = {"device": target, "pin_memory": pin_memory}
             if target == "nvme":
-                zero[ds_key]["nvme_path"] = zero_cfg.nvme_path
+                stage3[ds_key]["nvme_path"] = zero.nvme_path
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * dp,
         "gradient_clipping": clip_grad,
         "bf16": {"enabled": bf16},
-        "zero_optimization": zero,
+        "zero_optimization": stage3,
         "steps_per_print": 2**62,  # our metrics.jsonl reports steps; keep DeepSpeed's log quiet
         "wall_clock_breakdown": False,
     }
@@ -146,15 +146,16 @@ class DeepSpeedEngine:
     Its checkpoints are DeepSpeed's own per-rank partition files (`save`); `load` also takes a
     megatron (dist_checkpointing) checkpoint's weights, for a fresh start from them."""
 
-    def __init__(self, args: ModelArgs, dp: int, optim_cfg: Any, zero_cfg: Any, *, steps: int, seq_length: int,
+    def __init__(self, args: ModelArgs, layout: Layout, optim: OptimConfig, zero: ZeroConfig, *, steps: int,
+                 seq_length: int,
                  micro_batch_size: int, global_batch_size: int, seed: int, device: torch.device,
                  params_dtype: torch.dtype, recompute: str | list[str] | None, backend: str):
         deepspeed = import_deepspeed(device)
-        self.args, self.device, self.dp = args, device, dp
-        self.grad_accum = global_batch_size // (micro_batch_size * dp)
-        offload_optimizer = (zero_cfg.offload_optimizer or "none") != "none"
-        self.ds_config = deepspeed_config(zero_cfg, micro_batch_size=micro_batch_size, grad_accum=self.grad_accum,
-                                          dp=dp, clip_grad=optim_cfg.clip_grad,
+        self.args, self.device, self.dp = args, device, layout.dp
+        self.grad_accum = global_batch_size // (micro_batch_size * self.dp)
+        offload_optimizer = zero.offload_optimizer != "none"
+        self.ds_config = deepspeed_config(zero, micro_batch_size=micro_batch_size, grad_accum=self.grad_accum,
+                                          dp=self.dp, clip_grad=optim.clip_grad,
                                           bf16=params_dtype == torch.bfloat16, pin_memory=device.type == "cuda")
         # megatron-core's own tensor-parallel layers (parallel_state's TP groups); ZeRO-3 shards
         # each TP rank's slices over its DP group.
@@ -184,9 +185,8 @@ class DeepSpeedEngine:
                 _fill_partitioned(deepspeed, named, self._plan, init)
         self._deepspeed = deepspeed
 
-        groups = _param_groups(list(model.named_parameters()), optim_cfg.lr, optim_cfg.min_lr)
-        adam = dict(lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay)
+        groups = _param_groups(list(model.named_parameters()), optim.lr, optim.min_lr)
+        adam = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
         if offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # C++ op, JIT-built with ninja on first use
 
@@ -200,7 +200,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                   config=self.ds_config, mpu=_MegatronMPU)
         # megatron's own scheduler on DeepSpeed's param groups: the same lr/wd per step as the megatron engine.
-        self.scheduler = lr_scheduler(self.optimizer, optim_cfg, steps)
+        self.scheduler = lr_scheduler(self.optimizer, optim, steps)
 
     @property
     def module(self) -> torch.nn.Module:

@@ -14,14 +14,6 @@ class Layout:
     ep: int = 1
     dp: int = 1
 
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tp * self.pp * self.cp
-
-    def num_microbatches(self, global_batch_size: int, micro_batch_size: int) -> int:
-        """Micro batches each DP rank runs per optimizer step (gradient accumulation)."""
-        return global_batch_size // (micro_batch_size * self.dp)
-
     def __str__(self) -> str:
         vpp = f" vpp={self.vpp}" if self.vpp else ""
         return f"world={self.world_size} tp={self.tp} pp={self.pp}{vpp} cp={self.cp} ep={self.ep} dp={self.dp}"

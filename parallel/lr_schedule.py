@@ -6,11 +6,13 @@ from typing import Any
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from parallel.engine_config import OptimConfig
 
-def lr_scheduler(optimizer: Any, optim_cfg: Any, steps: int) -> OptimizerParamScheduler:
-    warmup = min(optim_cfg.warmup_steps, steps)
+
+def lr_scheduler(optimizer: Any, optim: OptimConfig, steps: int) -> OptimizerParamScheduler:
+    warmup = min(optim.warmup_steps, steps)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=max(steps, warmup + 1), lr_decay_style=optim_cfg.decay_style,
-        start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=steps,
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(steps, warmup + 1), lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=steps,
         wd_incr_style="constant")

@@ -29,6 +29,7 @@ from models.init import init_weights
 from models.args import ModelArgs
 from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel import grad_accum_fusion
 from parallel.compile_layers import compile_layers
@@ -107,7 +108,7 @@ def use_fused_adamw(optimizer) -> None:
 
 
 class MegatronEngine:
-    def __init__(self, args: ModelArgs, layout: Layout, optim_cfg: Any, *, steps: int, seq_length: int,
+    def __init__(self, args: ModelArgs, layout: Layout, optim: OptimConfig, *, steps: int, seq_length: int,
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
@@ -139,7 +140,7 @@ class MegatronEngine:
             chunks.append(chunk)
         # bf16 main grads (precision-aware only): with one micro batch a step they hold what the
         # wgrad GEMM's bf16 epilogue wrote; half the buffer's memory and bytes (norm, AdamW, zeroing).
-        bf16_grads = optim_cfg.precision_aware and optim_cfg.main_grads_dtype == "bf16"
+        bf16_grads = optim.precision_aware and optim.main_grads_dtype == "bf16"
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=not bf16_grads,
                                                    overlap_grad_reduce=overlap_grad_reduce,
                                                    use_distributed_optimizer=distributed_optimizer)
@@ -150,23 +151,23 @@ class MegatronEngine:
             self.config.grad_sync_func = [c.start_grad_sync for c in self.chunks]
 
         optimizer_config = OptimizerConfig(
-            optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
-            adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2, adam_eps=optim_cfg.eps,
-            clip_grad=optim_cfg.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.eps,
+            clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
             use_distributed_optimizer=distributed_optimizer)
-        if optim_cfg.precision_aware:  # parallel/fused_adam.py: bf16 params hold the master weights' top half
-            moments = torch.bfloat16 if optim_cfg.moments_dtype == "bf16" else torch.float32
-            with as_megatron_adam(stochastic_rounding=optim_cfg.master_weights == "stochastic", seed=seed):
+        if optim.precision_aware:  # parallel/fused_adam.py: bf16 params hold the master weights' top half
+            moments = torch.bfloat16 if optim.moments_dtype == "bf16" else torch.float32
+            with as_megatron_adam(stochastic_rounding=optim.master_weights == "stochastic", seed=seed):
                 grads = torch.bfloat16 if bf16_grads else torch.float32
                 self.optimizer = get_megatron_optimizer(precision_aware(optimizer_config, moments, grads), self.chunks)
         else:
             self.optimizer = get_megatron_optimizer(optimizer_config, self.chunks)
             use_fused_adamw(self.optimizer)
-        self.grad_scaling = FoldedGradScaling(self.optimizer, optim_cfg.clip_grad, device) \
+        self.grad_scaling = FoldedGradScaling(self.optimizer, optim.clip_grad, device) \
             if FoldedGradScaling.applies(self.optimizer) else None
         self.config.finalize_model_grads_func = (self.grad_scaling.finalize_model_grads if self.grad_scaling
                                                  else finalize_model_grads)
-        self.scheduler = lr_scheduler(self.optimizer, optim_cfg, steps)
+        self.scheduler = lr_scheduler(self.optimizer, optim, steps)
         self._forward_backward = get_forward_backward_func()
         if cuda_graph:  # parallel/cuda_graph.py: steps from the second on replay one graph
             self._forward_backward = cuda_graph_wrap(self._forward_backward)

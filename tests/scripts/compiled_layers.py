@@ -13,6 +13,7 @@ import torch._dynamo
 from omegaconf import OmegaConf
 
 from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -36,7 +37,7 @@ def batches(vocab: int, packed: bool) -> list[list[dict[str, torch.Tensor]]]:
 
 def train(compiled: bool, recompute, packed: bool) -> list[tuple[float, float]]:
     args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
-    engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=3,
+    engine = MegatronEngine(args, Layout(world_size=1), OptimConfig(), steps=3,
                             seq_length=SEQ, micro_batch_size=2, seed=3, device=torch.device("cpu"),
                             params_dtype=torch.float32, recompute=recompute, backend="torch", compile=compiled)
     layers = engine.chunks[0].module.module.decoder.layers if hasattr(engine.chunks[0].module, "module") \

@@ -10,6 +10,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from omegaconf import OmegaConf
 
 from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -29,7 +30,7 @@ def logits(model, docs: list[torch.Tensor]) -> torch.Tensor:
 def main() -> None:
     init_distributed(Layout(world_size=1), torch.device("cpu"), seed=3)
     args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
-    engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=1,
+    engine = MegatronEngine(args, Layout(world_size=1), OptimConfig(), steps=1,
                             seq_length=64, micro_batch_size=1, seed=3, device=torch.device("cpu"),
                             params_dtype=torch.float32, recompute=None, backend="torch")
     model = engine.chunks[0].module

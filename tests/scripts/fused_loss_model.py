@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from models.args import ModelArgs
 from models.fused_loss import LinearCrossEntropyGPTModel
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -39,7 +40,7 @@ def main() -> None:
         cfg = OmegaConf.load(f"{REPO}/conf/model/tiny.yaml")
         cfg.tie_word_embeddings = tied
         args = ModelArgs.from_config(cfg)
-        engine = MegatronEngine(args, Layout(world_size=1), OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=1,
+        engine = MegatronEngine(args, Layout(world_size=1), OptimConfig(), steps=1,
                                 seq_length=64, micro_batch_size=2, seed=3, device=torch.device("cpu"),
                                 params_dtype=torch.float32, recompute=None, backend="torch")
         model = engine.chunks[0].module

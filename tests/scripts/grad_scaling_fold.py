@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from models.args import ModelArgs
 from parallel.grad_scaling import FoldedGradScaling
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -18,9 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def train(folded: bool, clip_grad: float) -> tuple[list[tuple[float, float]], list[torch.Tensor]]:
-    optim = OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml")
-    optim.clip_grad = clip_grad
-    optim.eps = 1e-3  # near the grads' size, so the update depends on their scale (Adam otherwise mostly does not)
+    optim = OptimConfig(clip_grad=clip_grad,
+                        eps=1e-3)  # near the grads' size, so the update depends on their scale (Adam otherwise mostly does not)
     args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
     engine = MegatronEngine(args, Layout(world_size=1), optim, steps=4, seq_length=32, micro_batch_size=2, seed=3,
                             device=torch.device("cpu"), params_dtype=torch.float32, recompute=None, backend="torch")

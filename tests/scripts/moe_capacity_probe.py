@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from omegaconf import OmegaConf
 
 from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -35,7 +36,7 @@ def main() -> None:
                                moe_expert_capacity_factor=factor)
     layout = Layout(world_size=1)
     init_distributed(layout, torch.device("cpu"), seed=5)
-    engine = MegatronEngine(args, layout, OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=steps,
+    engine = MegatronEngine(args, layout, OptimConfig(), steps=steps,
                             seq_length=SEQ, micro_batch_size=MICRO, seed=5, device=torch.device("cpu"),
                             params_dtype=torch.float32, recompute=None, backend="torch")
     counted = {"kept": 0, "asked": 0}

@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from omegaconf import OmegaConf
 
 from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -37,7 +38,7 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = Layout(world_size=world, ep=ep, dp=world)
     init_distributed(layout, torch.device("cpu"), seed=3)
-    engine = MegatronEngine(args, layout, OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=steps,
+    engine = MegatronEngine(args, layout, OptimConfig(), steps=steps,
                             seq_length=SEQ, micro_batch_size=MICRO, seed=3, device=torch.device("cpu"),
                             params_dtype=torch.float32, recompute=None, backend="torch")
     for chunk in engine.chunks:

@@ -15,6 +15,7 @@ from megatron.core import parallel_state as ps
 from omegaconf import OmegaConf
 
 from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -82,7 +83,7 @@ def main() -> None:
     layout = Layout(world_size=world, tp=tp, pp=pp, dp=world // (tp * pp))
     assert layout.dp == 1, "this check feeds every rank the whole batch"
     args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
-    optim = OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml")
+    optim = OptimConfig()
     init_distributed(layout, torch.device("cpu"), seed=5)
     result = {}
     for name, batches in (("unpacked", unpacked()), ("packed", packed())):

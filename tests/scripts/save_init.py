@@ -14,6 +14,7 @@ from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
 from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 
@@ -41,7 +42,7 @@ def main() -> None:
     layout = Layout(world_size=world, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=world // (tp * pp))
     args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/{name}.yaml"))
     init_distributed(layout, torch.device("cpu"), seed=seed)
-    engine = MegatronEngine(args, layout, OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml"), steps=1, seq_length=32,
+    engine = MegatronEngine(args, layout, OptimConfig(), steps=1, seq_length=32,
                             micro_batch_size=1, seed=seed, device=torch.device("cpu"), params_dtype=torch.float32,
                             recompute=None, backend="torch")
     model = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(engine.chunks)}

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from launcher import checkpoint
 from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 from megatron.core import parallel_state as ps
@@ -44,7 +45,7 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = Layout(world_size=world, tp=tp, pp=pp, dp=world // (tp * pp))
     args = ModelArgs.from_config(OmegaConf.load(f"{REPO}/conf/model/tiny.yaml"))
-    optim = OmegaConf.load(f"{REPO}/conf/optim/adamw.yaml")
+    optim = OptimConfig()
     init_distributed(layout, torch.device("cpu"), seed=1)
 
     def engine(seed: int) -> MegatronEngine:

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from launcher.checkpoint import resolve
 from launcher.convert import build_model, load_model_weights, model_args_for, resolve_checkpoint
 from models.args import ModelArgs
 from parallel.deepspeed_engine import DeepSpeedEngine, zero_meta
+from parallel.engine_config import OptimConfig, ZeroConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import init_distributed, shutdown
 
@@ -35,10 +35,10 @@ def main() -> None:
         directory = resolve(zero_ckpt)
         args = ModelArgs.from_config(zero_meta(directory)["model_args"])
         tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(7))
-        zero = OmegaConf.create({"offload_params": offload, "offload_optimizer": offload, "nvme_path": None})
+        zero = ZeroConfig(offload_params=offload, offload_optimizer=offload)
 
         def fresh_engine(seed: int) -> DeepSpeedEngine:  # another seed: every weight must come from the load
-            return DeepSpeedEngine(args, world, OmegaConf.load(REPO / "conf/optim/adamw.yaml"), zero, steps=1,
+            return DeepSpeedEngine(args, Layout(world_size=world, dp=world), OptimConfig(), zero, steps=1,
                                    seq_length=48, micro_batch_size=2, global_batch_size=2 * world, seed=seed,
                                    device=device, params_dtype=torch.float32, recompute=None, backend="torch")
 

@@ -1,0 +1,244 @@
+"""The train config's schema: one frozen dataclass per section, registered in Hydra's ConfigStore.
+
+Hydra stays the front end: conf/config.yaml's defaults list starts from `job_schema`, so every
+key has a type and a default here, the YAML groups (conf/<group>/<option>.yaml) hold only what
+an option sets, and an override of a key that is not here is an error. OmegaConf makes a node
+of a frozen dataclass read-only; the nodes stored here are writable, so Hydra can merge the YAML
+and the overrides into them, and `OmegaConf.to_object` still builds the frozen dataclasses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from parallel.engine_config import OptimConfig, ZeroConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family model (conf/model/*.yaml); the fields of models.args.ModelArgs."""
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING            # dense MLP width
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING           # GQA: key/value heads
+    vocab_size: int = MISSING                 # the tokenizer's size (padded to a multiple of 128 inside)
+    max_position_embeddings: int = MISSING
+    kv_channels: int | None = None            # head dim; null = hidden_size / num_attention_heads
+    rotary_base: float = 10000
+    rope_scaling: bool = False                # Llama-3.1 style long-context RoPE scaling
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    add_qkv_bias: bool = False                # Qwen2 sets this
+    qk_layernorm: bool = False                # Qwen3 sets this
+    init_method_std: float = 0.02
+    # Mixture of experts (megatron-core MoELayer); num_experts null is a dense model and every
+    # field below is then ignored.
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None    # per-expert FFN width; null = ffn_hidden_size
+    moe_shared_expert_intermediate_size: int | None = None  # total width of the shared expert(s)
+    moe_shared_expert_gate: bool = False      # Qwen2-MoE's sigmoid gate on the shared expert
+    moe_layer_freq: Any = 1                   # every N-th layer is MoE, or a 0/1 list with one entry per layer
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_pre_softmax: bool = False      # softmax over all experts before top-k (no renormalisation)
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_enable_expert_bias: bool = False  # DeepSeek-V3 aux-loss-free balancing (sigmoid only)
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_router_num_groups: int | None = None  # group-limited routing (DeepSeek device/node limit)
+    moe_router_group_topk: int | None = None
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
+    moe_expert_capacity_factor: float | None = None  # null = dropless
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    engine: str = "megatron"          # megatron | deepspeed (ZeRO-3 over DP x megatron TP, pp=1; see zero)
+    tp: int = 1                       # tensor parallel
+    pp: int = 1                       # pipeline parallel
+    vpp: int | None = None            # virtual stages per pipeline rank (interleaved 1F1B); null = off
+    cp: int = 1                       # context parallel
+    ep: int = 1                       # expert parallel (MoE models)
+    dp: int | None = None             # data parallel; null = world_size / (tp * pp * cp)
+    distributed_optimizer: bool = True  # ZeRO-1 style optimizer-state sharding over DP
+    overlap_grad_reduce: bool = False
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What every data source (conf/data/*.yaml) takes; each option adds its own keys."""
+    name: str = MISSING
+    weights: list[float] | None = None  # blend weights, one per prefix; null = equal
+    format: str = "pretrain"          # pretrain | sft (assistant-only loss; needs <prefix>.mask.bin)
+    packing: bool = False             # pack whole samples into seq_length rows (cu_seqlens, padding-free attention)
+    packing_algorithm: str = "bfd"    # bfd (best-fit decreasing) | greedy (first fit, in order)
+    reset_position_ids: bool = False  # pretrain windows: positions restart after each EOD (Megatron semantics)
+    reset_attention_mask: bool = False  # pretrain windows: no attention across EOD
+    eod_mask_loss: bool = False       # pretrain windows: no loss on EOD tokens
+    blend_block: int = 1000           # samples per block of the blend's interleaving
+
+
+@dataclass(frozen=True)
+class StdlibDocsData(DataConfig):
+    """data=stdlib_docs: the embedded corpus, built at first use and cached as an indexed dataset."""
+    cache_dir: str = MISSING
+    tokenizer_vocab_size: int = MISSING
+    max_corpus_bytes: int = MISSING
+
+
+@dataclass(frozen=True)
+class IndexedData(DataConfig):
+    """data=indexed: preprocessed datasets (`python -m launcher.preprocess`), <prefix>.bin/.idx."""
+    prefixes: list[str] = MISSING     # one or more dataset prefixes
+    tokenizer: str = MISSING          # the tokenizer the data was preprocessed with (.model, tokenizer.json or its dir)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 256
+    seed: int = 1234
+    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp8 (bf16 with fp8 GEMMs)
+    # null | selective (core attention) | full | a module list, e.g. [mlp,layernorm] or [mlp_act,layernorm]
+    recompute: Any = None
+    # auto | true | false: replay forward+backward as one CUDA graph (CUDA, megatron, dense,
+    # unpacked, pp=1; auto: one process)
+    cuda_graph: Any = "auto"
+    compile: bool = False             # torch.compile each transformer layer (engine=megatron, dense models)
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = "${run.dir}/checkpoints"
+    save_every: int = 0               # 0 = only at the end of training
+    # a checkpoint dir (its `latest`) or one iter_* dir to resume from; auto = checkpoint.dir's
+    # latest if there is one, else start fresh
+    load: str | None = None
+    final_save: bool = True           # save once more when training ends
+    keep_last: int | None = None      # keep only the newest N checkpoints (pruned after a new one is complete)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str = "offline"             # offline | online | disabled
+    project: str = "shardforge"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    progress: bool = True             # live progress line on rank 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    profile_steps: list[int] | None = None  # [start, end]: torch.profiler over those steps -> <run.dir>/profile/
+    # N (CUDA): allocator history from start-up to step N -> <run.dir>/memory/
+    memory_snapshot: int | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """cluster=local: no scheduler, `python -m launcher.train` / torchrun on this host."""
+    name: str = MISSING
+
+
+@dataclass(frozen=True)
+class SlurmCluster(ClusterConfig):
+    """A Slurm cluster for `python -m launcher.submit` (conf/cluster/slurm.yaml and copies of it)."""
+    nodes: int = 1
+    gpus_per_node: int = 8            # GPUs (and so processes) per node; 0 = a CPU-only job
+    procs_per_node: int | None = None  # training processes per node; null = gpus_per_node, or 1 when it is 0
+    cpus_per_task: int | None = None  # --cpus-per-task (torchrun launcher: one task per node; srun: one per GPU)
+    partition: str | None = None      # --partition; required when the cluster has no default partition
+    partition_required: Any = "auto"  # auto (ask sinfo for a default partition) | true | false
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = "04:00:00"     # --time; the requeue signal arrives signal_grace_s before it ends
+    mem: str | None = None            # --mem, e.g. 0 (all of the node) or 500G
+    constraint: str | None = None
+    exclusive: bool = True
+    job_name: str | None = None       # null = the run dir's name
+    launcher: str = "torchrun"        # torchrun (one per node, c10d rendezvous) | srun (one task per process)
+    rdzv_port_base: int = 29500       # rendezvous/master port = base + job id % 20000 (same for a requeued job)
+    requeue: bool = True              # on the time-limit signal: save, then `scontrol requeue` the job
+    signal_grace_s: int = 180         # USR1 reaches the job this long before its time limit: save, requeue
+    max_restarts: int = 20            # stop requeueing after SLURM_RESTART_COUNT reaches this
+    python: str | None = None         # interpreter on the nodes; null = the one running launcher.submit
+    sbatch: str = "sbatch"            # the sbatch command (sinfo/scontrol are looked up next to it)
+    sbatch_extra: list[str] = field(default_factory=list)  # more "#SBATCH ..." lines
+    setup: list[str] = field(default_factory=list)  # shell lines run first on the batch node (modules, venv)
+    # exported for every rank; the network env of a fabric goes here too (NCCL_SOCKET_IFNAME, ...)
+    env: dict[str, str] = field(default_factory=lambda: {
+        "OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/${model.name}"   # metrics.jsonl, checkpoints and the resolved config live here
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """`python -m launcher.train`: the whole config (conf/config.yaml)."""
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = MISSING
+    device: str = "auto"              # auto | cpu | cuda
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    dry_run: bool = False             # true: validate and print the rendered sbatch script, submit nothing
+
+
+@dataclass(frozen=True)
+class SubmitJobConfig(JobConfig):
+    """`python -m launcher.submit`: the training config plus what only the submitter reads (conf/submit.yaml)."""
+    submit: SubmitOptions = field(default_factory=SubmitOptions)
+
+
+def _writable(schema: type) -> DictConfig:
+    """The schema as a config node Hydra can merge into (see the module docstring)."""
+    node = OmegaConf.structured(schema)
+
+    def clear(n: Any) -> None:
+        n._set_flag("readonly", None)
+        if isinstance(n, DictConfig):
+            for key in n.keys():
+                clear(n._get_node(key))
+        elif isinstance(n, ListConfig):
+            for i in range(len(n)):
+                clear(n._get_node(i))
+
+    clear(node)
+    return node
+
+
+def register() -> None:
+    """Store the schemas under the names the YAML defaults lists use (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="job", node=_writable(JobConfig), package="_global_")
+    cs.store(group="schema", name="submit", node=_writable(SubmitJobConfig), package="_global_")
+    cs.store(group="data", name="stdlib_docs_schema", node=_writable(StdlibDocsData))
+    cs.store(group="data", name="indexed_schema", node=_writable(IndexedData))
+    cs.store(group="cluster", name="slurm_schema", node=_writable(SlurmCluster))
+
+
+register()

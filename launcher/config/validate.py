@@ -1,0 +1,361 @@
+"""Whole-config validation, run before any process group exists.
+
+`validate` takes the composed config, the world size and the device type and returns the typed,
+frozen config with what depends on them resolved (the layout, `checkpoint.load=auto`,
+`train.cuda_graph`); it never changes its input. Every rule raises `ConfigError` with the
+offending key and the reason; the CLIs print it as one line and exit 2, so a bad layout fails in
+a second rather than after NCCL start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from launcher.config.schema import JobConfig, ModelConfig
+from models.args import padded_vocab_size
+from parallel import cuda_graph
+from parallel.engine_config import OptimConfig
+from parallel.layout import Layout
+
+# megatron-core's selective recompute submodules (TransformerConfig.recompute_modules), and
+# mlp_act: the dense MLP's activation output (models/mlp_act_recompute.py).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts", "mlp_act")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run: `key` names it, `reason` says why."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"config error: {key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+class WorldSizeError(ConfigError):
+    """The world size is not a multiple of `product` (e.g. tp*pp*cp) = `size`: the number of ranks
+    does not fit the parallel layout (launcher.submit names the cluster's nodes instead)."""
+
+    def __init__(self, key: str, world_size: int, product: str, size: int):
+        super().__init__(key, f"world size {world_size} is not divisible by {product} = {size}")
+        self.product, self.size = product, size
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    config: JobConfig       # typed and frozen; checkpoint.load is a directory or None (auto resolved)
+    layout: Layout
+    cuda_graph: bool        # train.cuda_graph resolved for this device and world size
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def typed(cfg: DictConfig | JobConfig) -> JobConfig:
+    """The composed config as its frozen dataclasses; a key left at `???` is a ConfigError."""
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(err.full_key, "must be set (it has no default)") from None
+
+
+def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> ResolvedConfig:
+    """Validate `cfg` for `world_size` ranks on `device_type` (cpu, cuda, or auto: a submit host
+    that does not know the nodes' device yet)."""
+    c = typed(cfg)
+    p, m, t = c.parallel, c.model, c.train
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp), ("parallel.ep", p.ep),
+                       ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads),
+                       ("model.num_query_groups", m.num_query_groups), ("model.vocab_size", m.vocab_size),
+                       ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.global_batch_size", t.global_batch_size), ("train.seq_length", t.seq_length)):
+        _positive(key, value)
+    moe = m.num_experts is not None
+
+    if p.engine == "deepspeed":
+        _check_deepspeed(c)
+    elif p.engine != "megatron":
+        raise ConfigError("parallel.engine", f"unknown engine {p.engine!r} (available: megatron, deepspeed)")
+    if c.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu or cuda, got {c.device!r}")
+    if t.precision not in ("auto", "bf16", "fp32", "fp8"):
+        raise ConfigError("train.precision", f"must be auto, bf16, fp32 or fp8, got {t.precision!r}")
+    if t.precision == "fp8":  # models/kernels/fp8_linear.py: the torch backend's dense layers
+        if p.engine != "megatron" or moe:
+            raise ConfigError("train.precision", "fp8 runs the linears of dense models under parallel.engine=megatron")
+        if t.compile:
+            raise ConfigError("train.precision", "fp8 layers run eager or CUDA-graphed: set train.compile=false")
+    _check_recompute(c)
+    if t.compile and p.engine != "megatron":
+        raise ConfigError("train.compile", "compiles megatron-core layers: needs parallel.engine=megatron")
+    if t.compile and isinstance(t.recompute, list):
+        raise ConfigError("train.compile", "megatron's per-module recompute (train.recompute as a list) does not "
+                                           "trace under torch.compile; use recompute null, selective or full")
+    if t.compile and moe:
+        raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
+                                           "(MoE routing sends a data-dependent number of tokens to each expert)")
+    graphed = _check_cuda_graph(c, device_type, world_size)
+    _check_precision_aware(c.optim, c, device_type)
+    if c.logging.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {c.logging.wandb.mode!r}")
+
+    _check_tensor_parallel(m, p.tp)
+    if p.vpp is not None:
+        if p.vpp < 1:
+            raise ConfigError("parallel.vpp", f"must be null or a positive integer, got {p.vpp!r}")
+        if p.pp < 2 and p.vpp > 1:
+            raise ConfigError("parallel.vpp", f"vpp={p.vpp} needs parallel.pp > 1 (interleaved pipeline)")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        what = f"pp={p.pp} x vpp={p.vpp}" if p.vpp else f"pp={p.pp}"
+        raise ConfigError("parallel.pp", f"{what} must divide model.num_layers={m.num_layers}")
+    if p.cp != 1:
+        raise ConfigError("parallel.cp", "context parallelism is not implemented yet (cp must be 1)")
+    if not moe:
+        if p.ep != 1:
+            raise ConfigError("parallel.ep", f"ep={p.ep} needs an MoE model (model.num_experts is null); ep must be 1")
+    else:
+        _check_moe(m, p.tp, p.ep)
+
+    layout = _layout(c, world_size)
+    _check_logging(c)
+    load = _check_checkpoint(c, world_size)
+    config = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, load=load))
+    return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed)
+
+
+def _positive(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(key, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_recompute(c: JobConfig) -> None:
+    recompute, moe = c.train.recompute, c.model.num_experts is not None
+    if isinstance(recompute, list):
+        unknown = [name for name in recompute if name not in RECOMPUTE_MODULES]
+        if not recompute or unknown:
+            raise ConfigError("train.recompute", f"a module list takes {', '.join(RECOMPUTE_MODULES)}; "
+                                                 f"got {recompute}")
+        if "mlp_act" in recompute and (moe or c.parallel.engine != "megatron"):
+            raise ConfigError("train.recompute", "mlp_act recomputes the dense MLP's activation (engine=megatron, "
+                                                 "dense models; MoE experts: moe_act)")
+    elif recompute not in (None, "selective", "full"):
+        raise ConfigError("train.recompute", f"must be null, selective, full or a list of modules "
+                                             f"({', '.join(RECOMPUTE_MODULES)}), got {recompute!r}")
+
+
+def _check_cuda_graph(c: JobConfig, device_type: str, world_size: int) -> bool:
+    """train.cuda_graph=true must be able to apply; returns whether this run captures its steps.
+    `device_type` auto (a submit host) rules nothing out; launcher.train passes the resolved one."""
+    setting = c.train.cuda_graph
+    if setting != "auto" and not isinstance(setting, bool):
+        raise ConfigError("train.cuda_graph", f"must be auto, true or false, got {setting!r}")
+    run = dict(device_type=device_type, world_size=world_size, engine=c.parallel.engine,
+               moe=c.model.num_experts is not None, packing=c.data.packing, pp=c.parallel.pp)
+    if setting is True:
+        why = cuda_graph.blockers(setting, **run)
+        if why:
+            raise ConfigError("train.cuda_graph", "; ".join(why) + " (set auto or false)")
+    return cuda_graph.resolve(setting, **run)
+
+
+def check_fp8_device(precision: str, device: Any) -> None:
+    """train.precision=fp8 on CUDA needs fp8 tensor cores (compute capability 8.9: Ada, Hopper and
+    later); on CPU torch's `_scaled_mm` runs it (slowly: for tests)."""
+    if precision == "fp8" and device.type == "cuda":
+        import torch
+
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ConfigError("train.precision", f"fp8 needs a GPU of compute capability 8.9 or later; "
+                                                 f"this one is {capability[0]}.{capability[1]}")
+
+
+def _check_precision_aware(o: OptimConfig, c: JobConfig, device_type: str) -> None:
+    """optim.precision_aware / moments_dtype / main_grads_dtype / master_weights (parallel/fused_adam.py);
+    precision auto is fp32 on CPU."""
+    if o.moments_dtype not in ("fp32", "bf16"):
+        raise ConfigError("optim.moments_dtype", f"must be fp32 or bf16, got {o.moments_dtype!r}")
+    if o.main_grads_dtype not in ("fp32", "bf16"):
+        raise ConfigError("optim.main_grads_dtype", f"must be fp32 or bf16, got {o.main_grads_dtype!r}")
+    if o.master_weights not in ("exact", "stochastic"):
+        raise ConfigError("optim.master_weights", f"must be exact or stochastic, got {o.master_weights!r}")
+    if not o.precision_aware:
+        if o.master_weights != "exact":
+            raise ConfigError("optim.master_weights", "stochastic rounding needs optim.precision_aware=true")
+        if o.moments_dtype != "fp32":
+            raise ConfigError("optim.moments_dtype", "bf16 moments need optim.precision_aware=true")
+        if o.main_grads_dtype != "fp32":
+            raise ConfigError("optim.main_grads_dtype", "bf16 main grads need optim.precision_aware=true")
+        return
+    if c.parallel.engine != "megatron":
+        raise ConfigError("optim.precision_aware", "is megatron-core's distributed optimizer: needs parallel.engine=megatron")
+    if not c.parallel.distributed_optimizer:
+        raise ConfigError("optim.precision_aware", "needs parallel.distributed_optimizer=true")
+    precision = c.train.precision
+    if precision == "fp32" or (precision == "auto" and device_type == "cpu"):  # (fp8: bf16 params)
+        raise ConfigError("optim.precision_aware", "keeps the master weights inside bf16 params: needs "
+                                                   "train.precision=bf16 (auto is fp32 on CPU)")
+
+
+def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
+    if m.num_attention_heads % tp:
+        raise ConfigError("parallel.tp", f"tp={tp} must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups % tp:
+        raise ConfigError("parallel.tp", f"tp={tp} must divide model.num_query_groups={m.num_query_groups}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError("model.num_query_groups",
+                          f"{m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.ffn_hidden_size % tp:
+        raise ConfigError("parallel.tp", f"tp={tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if padded_vocab_size(m.vocab_size) % tp:
+        raise ConfigError("parallel.tp", f"tp={tp} must divide the padded vocab {padded_vocab_size(m.vocab_size)}")
+
+
+def _layout(c: JobConfig, world_size: int) -> Layout:
+    """The ranks split into tp x pp x cp x dp (x ep for expert layers), and the batch over dp."""
+    p, t = c.parallel, c.train
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise WorldSizeError("parallel", world_size, "tp*pp*cp", model_parallel)
+    # Expert layers split the same ranks as tp(=expert tp) x ep x expert-dp per pipeline stage.
+    expert_parallel = p.tp * p.ep * p.pp
+    if world_size % expert_parallel:
+        raise WorldSizeError("parallel.ep", world_size, "tp*ep*pp", expert_parallel)
+    dp = world_size // model_parallel
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError("parallel.dp", f"dp={p.dp} but world size {world_size} = tp {p.tp} x pp {p.pp} x cp {p.cp} "
+                                         f"x dp {dp}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError("train.global_batch_size", f"{t.global_batch_size} must be divisible by "
+                                                     f"micro_batch_size {t.micro_batch_size} x dp {dp}")
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.vpp and p.vpp > 1 and microbatches % p.pp:
+        raise ConfigError("train.global_batch_size", f"interleaved pipeline needs the number of micro batches "
+                                                     f"({microbatches}) to be a multiple of pp={p.pp}")
+    if t.seq_length > c.model.max_position_embeddings:
+        raise ConfigError("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings="
+                                              f"{c.model.max_position_embeddings}")
+    return Layout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp and p.vpp > 1 else None,
+                  cp=p.cp, ep=p.ep, dp=dp)
+
+
+def _check_logging(c: JobConfig) -> None:
+    profile = c.logging.profile_steps
+    if profile is not None and (len(profile) != 2 or min(profile) < 1 or profile[0] > profile[1]):
+        raise ConfigError("logging.profile_steps", f"must be null or [start, end] with 1 <= start <= end, "
+                                                   f"got {profile}")
+    snap = c.logging.memory_snapshot
+    if snap is not None and snap < 1:
+        raise ConfigError("logging.memory_snapshot", f"must be null or a step number >= 1, got {snap!r}")
+
+
+def _check_checkpoint(c: JobConfig, world_size: int) -> str | None:
+    """checkpoint.* rules; returns checkpoint.load resolved (a directory or None)."""
+    ck = c.checkpoint
+    if ck.save_every < 0:
+        raise ConfigError("checkpoint.save_every", f"must be >= 0, got {ck.save_every}")
+    if ck.keep_last is not None and ck.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last", f"must be null or a positive integer, got {ck.keep_last!r}")
+    load = ck.load
+    if load == "auto":
+        # Megatron's --load = --save: this run's own newest checkpoint when there is one (a requeued
+        # or restarted job), else a fresh start.
+        load = ck.dir if os.path.isfile(os.path.join(ck.dir, "latest")) else None
+    if load is not None:
+        if not os.path.isdir(load):
+            raise ConfigError("checkpoint.load", f"no checkpoint directory at {load}")
+        from launcher import checkpoint
+
+        try:
+            checkpoint.check_compatible(load, dataclasses.asdict(c.model))
+            checkpoint.check_engine(load, c.parallel.engine, world_size, c.parallel.tp)
+        except (OSError, ValueError) as err:
+            raise ConfigError("checkpoint.load", str(err)) from err
+    return load
+
+
+def _check_deepspeed(c: JobConfig) -> None:
+    """engine=deepspeed: ZeRO-3 over data parallel (x megatron tensor parallel), on a dense model, with
+    DeepSpeed installed."""
+    p, z = c.parallel, c.parallel.zero
+    if p.pp != 1 or (p.vpp or 1) != 1:
+        raise ConfigError("parallel.pp", f"pp={p.pp} with parallel.engine=deepspeed: ZeRO-3 does not compose with "
+                                         "pipeline parallelism (use pp=1, or engine=megatron)")
+    if c.model.num_experts is not None:
+        raise ConfigError("parallel.engine", f"model={c.model.name} is a mixture of experts: "
+                                             "engine=deepspeed trains dense models (use engine=megatron)")
+    for key in ("offload_params", "offload_optimizer"):
+        value = getattr(z, key)
+        if value not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"parallel.zero.{key}", f"must be none, cpu or nvme, got {value!r}")
+        if value == "nvme" and not z.nvme_path:
+            raise ConfigError("parallel.zero.nvme_path", f"parallel.zero.{key}=nvme needs a directory here")
+    try:  # find_spec, not import: importing deepspeed takes seconds and probes the accelerator
+        found = importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError("parallel.engine", "deepspeed is not installed: pip install -e \".[deepspeed]\" "
+                                             "(needs ninja and a C++ compiler for its CPU Adam)")
+
+
+_MOE_CHOICES = {
+    "moe_router_score_function": ("softmax", "sigmoid"),
+    "moe_router_load_balancing_type": ("aux_loss", "seq_aux_loss", "none"),
+    "moe_token_dispatcher_type": ("alltoall", "allgather"),
+}
+
+
+def _check_moe(m: ModelConfig, tp: int, ep: int) -> None:
+    """Rules of an MoE model (model.num_experts set) and its expert-parallel layout."""
+    experts = _positive("model.num_experts", m.num_experts)
+    topk = _positive("model.moe_router_topk", m.moe_router_topk)
+    if topk > experts:
+        raise ConfigError("model.moe_router_topk", f"top-k {topk} exceeds model.num_experts={experts}")
+    if experts % ep:
+        raise ConfigError("parallel.ep", f"ep={ep} must divide model.num_experts={experts}")
+    for key, choices in _MOE_CHOICES.items():
+        if getattr(m, key) not in choices:
+            raise ConfigError(f"model.{key}", f"must be one of {', '.join(choices)}, got {getattr(m, key)!r}")
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
+        raise ConfigError("model.moe_router_enable_expert_bias",
+                          "aux-loss-free expert bias needs model.moe_router_score_function=sigmoid")
+    for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+        if getattr(m, key) is not None:
+            width = _positive(f"model.{key}", getattr(m, key))
+            if width % tp:  # experts are tensor-parallel over the same ranks (expert TP = TP)
+                raise ConfigError("parallel.tp", f"tp={tp} must divide model.{key}={width}")
+    factor = m.moe_expert_capacity_factor
+    if factor is not None and factor <= 0:
+        raise ConfigError("model.moe_expert_capacity_factor", f"must be null (dropless) or > 0, got {factor!r}")
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ConfigError("model.moe_router_num_groups",
+                          "group-limited routing needs both moe_router_num_groups and moe_router_group_topk")
+    if groups is not None:
+        groups, group_topk = _positive("model.moe_router_num_groups", groups), \
+            _positive("model.moe_router_group_topk", group_topk)
+        if experts % groups:
+            raise ConfigError("model.moe_router_num_groups", f"{groups} must divide model.num_experts={experts}")
+        if group_topk > groups:
+            raise ConfigError("model.moe_router_group_topk", f"{group_topk} exceeds moe_router_num_groups={groups}")
+        if topk % group_topk or topk // group_topk > experts // groups:
+            raise ConfigError("model.moe_router_group_topk",
+                              f"top-k {topk} must split evenly over {group_topk} groups of {experts // groups} experts")
+    freq = m.moe_layer_freq
+    if isinstance(freq, int):
+        if isinstance(freq, bool) or freq < 1:
+            raise ConfigError("model.moe_layer_freq", f"must be a positive integer or a 0/1 list, got {freq!r}")
+    elif not isinstance(freq, list) or len(freq) != m.num_layers or any(x not in (0, 1) for x in freq):
+        raise ConfigError("model.moe_layer_freq", f"a pattern needs one 0/1 entry per layer "
+                                                  f"({m.num_layers}), got {freq!r}")
