@@ -112,24 +112,6 @@ def test_zero_input_gives_zero_output():
                        torch.zeros(4, 32, dtype=torch.bfloat16))
 
 
-def test_fp8_spec_swaps_the_four_linears(monkeypatch):
-    import models.specs
-    from models.args import ModelArgs
-    from models.llama import transformer_config
-    from models.specs import dense_decoder_block_spec
-    from omegaconf import OmegaConf
-
-    from conftest import REPO
-
-    args = ModelArgs.from_config(OmegaConf.load(REPO / "conf/model/tiny.yaml"))
-    monkeypatch.setattr(models.specs, "get_num_layers_to_build", lambda config, vp_stage: 1)  # (no process groups)
-    config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=torch.bfloat16, on_cpu=True, recompute=None)
-    (layer, *_) = dense_decoder_block_spec("torch", config, None, False, fp8=True).layer_specs
-    attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
-    assert (attention.linear_qkv, mlp.linear_fc1) == (fp8_linear.Fp8ColumnParallelLinear,) * 2
-    assert (attention.linear_proj, mlp.linear_fc2) == (fp8_linear.Fp8RowParallelLinear,) * 2
-
-
 def test_fp8_run_tracks_the_bf16_run(tmp_path, cache_env):
     """The embedded default model, 20 steps: fp8 GEMMs against bf16 ones, from the same weights and
     data; and fp8 with the norm and SwiGLU outputs recomputed (which the fp8 linears then read in
