@@ -95,7 +95,7 @@ def _split_path(qkv: torch.Tensor, freqs: torch.Tensor, per_group: int):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(512, 2, 8, 2, 128), (77, 3, 2, 4, 64)], ids=["bench_heads", "odd"])
 def test_fused_qkv_rope_matches_split_path(dtype, tol, shape):
-    """fused_qkv_rope (megatron's fused_single_qkv_rope path) against the split path in fp32 on the
+    """fused_qkv_rope (one pass over the fused qkv projection) against the split path in fp32 on the
     same projection: rotated q, rotated k, v, and the projection's gradient."""
     s, b, groups, per_group, d = shape
     torch.manual_seed(2)
@@ -115,22 +115,37 @@ def test_fused_qkv_rope_matches_split_path(dtype, tol, shape):
     torch.testing.assert_close(g_out.float(), g_ref, rtol=tol, atol=tol)
 
 
-def test_attention_with_fused_qkv_rope_matches_split_path(build_engine):
-    """A megatron SelfAttention of the engine's model (GQA, fp32) with fused_single_qkv_rope on and
-    off: output and the gradients of its input and qkv weight agree within 1e-5."""
+def test_attention_with_fused_qkv_rope_matches_split_path(build_engine, monkeypatch):
+    """The engine's self-attention on GPU (RopeSelfAttention, GQA, fp32) with the fused qkv RoPE
+    path and with q and k rotated one by one: output and the gradients of its input and qkv weight
+    agree within 1e-5; and both agree with megatron's SelfAttention forward on the same module
+    (megatron's unfused RoPE)."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    from models import rope_attention
+    from models.rope_attention import RopeSelfAttention
+
     args, engine = build_engine("tiny", seed=3, seq_length=128, micro_batch_size=2, params_dtype=torch.float32)
     device = torch.device("cuda")
     gpt = engine.chunks[0].module
     attention = gpt.decoder.layers[1].self_attention
+    assert type(attention) is RopeSelfAttention
     freqs = gpt.rotary_pos_emb(128)
     hidden = torch.randn(128, 2, args.hidden_size, device=device, generator=torch.Generator("cuda").manual_seed(0))
+    qkv_calls = []
+    fused = rope_attention.fused_qkv_rope
+    monkeypatch.setattr(rope_attention, "fused_qkv_rope", lambda *a: qkv_calls.append(1) or fused(*a))
     results = []
-    for fused in (True, False):
-        engine.config.fused_single_qkv_rope = fused
+    for path in ("fused_qkv", "split", "megatron"):
+        if path == "split":
+            monkeypatch.setattr(RopeSelfAttention, "_fused_qkv_applies", lambda self: False)
+        forward = SelfAttention.forward if path == "megatron" else RopeSelfAttention.forward
         x = hidden.clone().requires_grad_()
-        out, _ = attention(x, attention_mask=None, rotary_pos_emb=freqs)
+        out, _ = forward(attention, x, attention_mask=None, rotary_pos_emb=freqs)
         grads = torch.autograd.grad(out, [x, attention.linear_qkv.weight], torch.ones_like(out))
         results.append((out, *grads))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(qkv_calls) == 1  # the fused path ran once, the split path never
+    for other in results[1:]:
+        for got, want in zip(results[0], other):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert results[0][0].abs().max() > 0

@@ -3,8 +3,8 @@
 forward and refills them before their consumers' backward. In fp32 the refill is the same
 kernels on the same inputs, so every step's loss and grad norm must match the run that keeps
 the outputs (1e-6), eager and under the CUDA graph, while its peak memory is lower. Under
-train.precision=fp8 the fp8 linears then read the refilled inputs (models/llama.py
-`keep_fp8_inputs_held_elsewhere`)."""
+train.precision=fp8 the fp8 linears then read the refilled inputs (their `keep_input`, set by
+models/kernel_provider.py)."""
 from __future__ import annotations
 
 import json
