@@ -2,8 +2,8 @@
 
 A compiled layer runs its norms, residual adds, RoPE, SwiGLU and linears as one graph (Inductor
 fuses the elementwise work; fewer kernels for the host to launch). megatron-core's layer breaks
-into several graphs without two fixes in parallel/compat (a per-call warning and an offloading
-context entered while offloading is off), which `init_distributed` has applied.
+into several graphs at a per-call warning unless parallel/compat's fix is on (`init_distributed`
+applies it).
 Compiled layers keep their parameters and state-dict keys (nn.Module.compile works in place).
 """
 from __future__ import annotations

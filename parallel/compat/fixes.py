@@ -29,7 +29,7 @@ def apply_fixes() -> None:
     patches = Patches()
     for fix in (fully_reshardable_load_skips_step, moe_aux_loss_scale_under_sequence_parallel,
                 router_gemm_without_te, foreach_grad_norm_and_scale, output_discarding_recompute_without_fp8,
-                tp_group_default_without_warning, offload_context_only_when_on):
+                tp_group_default_without_warning):
         fix(patches)
     _patches = patches
 
@@ -143,8 +143,9 @@ def output_discarding_recompute_without_fp8(patches: Patches) -> None:
 def tp_group_default_without_warning(patches: Patches) -> None:
     # RowParallelLinear passes tp_group=None to its linear function, where
     # get_tensor_model_parallel_group_if_none warns "Warning: tp_group is None, using default tp
-    # group. Passing tp_group will be mandatory soon" on every call: under train.compile the
-    # `warnings.warn` breaks the layer's graph. Resolve the default group first, then delegate.
+    # group. Passing tp_group will be mandatory soon" on every call: under train.compile dynamo
+    # cannot trace `warnings.warn` and breaks the layer's graph there (inside attention's offloading
+    # context, which breaks it again). Resolve the default group first, then delegate.
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import layers
 
@@ -157,30 +158,3 @@ def tp_group_default_without_warning(patches: Patches) -> None:
         return original(tp_group, is_expert, check_initialized)
 
     patches.set(layers, "get_tensor_model_parallel_group_if_none", get_tensor_model_parallel_group_if_none)
-
-
-def offload_context_only_when_on(patches: Patches) -> None:
-    # attention wraps linear_qkv / linear_proj in FineGrainedActivationOffloadingInterface even
-    # when offloading is off; under train.compile dynamo cannot step into that context manager and
-    # breaks the layer's graph there. Enter the upstream context only when offloading is on.
-    from megatron.core.transformer import attention
-
-    offload = attention.off_interface
-
-    class OffloadWhenOn:
-        """attention's `off_interface`: the offloading context only when offloading is on."""
-
-        def __init__(self, on: bool, tensor: torch.Tensor, name: str):
-            self.inner = offload(on, tensor, name) if on else None
-            self.tensor = tensor
-
-        def __enter__(self) -> torch.Tensor:
-            return self.inner.__enter__() if self.inner is not None else self.tensor
-
-        def __exit__(self, *exc) -> None:
-            if self.inner is not None:
-                self.inner.__exit__(*exc)
-
-        group_commit = staticmethod(offload.group_commit)
-
-    patches.set(attention, "off_interface", OffloadWhenOn)

@@ -34,10 +34,11 @@ def provide_fused_weight_gradient(accum_fp32: WgradGemm, accum_fp16: WgradGemm) 
 def te_fused_adam(adam: Callable[..., torch.optim.Optimizer]) -> Iterator[None]:
     """Inside this block megatron-core builds its Adam from `adam` as it would TE's FusedAdam.
 
-    Without TE, megatron.core.optimizer falls back to torch AdamW (USING_PYTORCH_OPTIMIZER) and
-    the precision-aware optimizer passes it TE's arguments: "TypeError: AdamW.__init__() got an
-    unexpected keyword argument 'exp_avg_dtype'". megatron picks the class and its arguments by
-    these module names; they are restored on exit."""
+    Without TE, megatron's precision-aware optimizer asks TE's version first: "TypeError: '>='
+    not supported between instances of 'NoneType' and 'Version'" (is_te_min_version), then hands
+    TE's arguments (exp_avg_dtype, master_weights, ...) to its fallback, torch AdamW
+    (USING_PYTORCH_OPTIMIZER). megatron picks the class and its arguments by these module names;
+    they are restored on exit."""
     import megatron.core.optimizer as mcore_optimizer
 
     check_megatron_version()

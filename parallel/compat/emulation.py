@@ -62,7 +62,7 @@ def _uninstall() -> None:
 
 def _rng_tracker_on_cpu_generator(patches: Patches) -> None:
     # tensor_parallel/random.py keeps per-TP-rank RNG states via torch.cuda.get_rng_state and
-    # CUDA generators: "RuntimeError: Torch not compiled with CUDA enabled". Keep them on the CPU
+    # CUDA generators: "AssertionError: Torch not compiled with CUDA enabled". Keep them on the CPU
     # generator: the two state helpers read and write it, and CudaRNGStatesTracker.add runs with
     # torch.cuda's get_rng_state / manual_seed meaning the CPU generator's for its duration.
     import megatron.core.tensor_parallel.random as mr
@@ -83,13 +83,14 @@ def _rng_tracker_on_cpu_generator(patches: Patches) -> None:
 
 
 def _current_device(patches: Patches) -> None:
-    # torch.cuda.current_device() is called in ~175 places (RoPE, buffers, schedules):
-    # "RuntimeError: Torch not compiled with CUDA enabled" on a CPU build. Answer with the CPU.
+    # torch.cuda.current_device() is called throughout (RoPE, buffers, schedules):
+    # "AssertionError: Torch not compiled with CUDA enabled" on a CPU build. Answer with the CPU.
     patches.set(torch.cuda, "current_device", lambda: torch.device("cpu"))
 
 
 def _synchronize(patches: Patches) -> None:
-    # p2p communication, timers and the optimizer call torch.cuda.synchronize(): raises on CPU.
+    # p2p communication, timers and the optimizer call torch.cuda.synchronize():
+    # "AssertionError: Torch not compiled with CUDA enabled" on a CPU build.
     patches.set(torch.cuda, "synchronize", lambda *a, **k: None)
 
 
@@ -112,9 +113,10 @@ class _FakeStream:
 
 
 def _streams_and_events(patches: Patches) -> None:
-    # The MoE alltoall dispatcher builds torch.cuda.Stream() in __init__ ("RuntimeError: Torch not
-    # compiled with CUDA enabled"); DDP/optimizer overlap code uses current_stream/Event. CPU work
-    # is synchronous: inert stand-ins.
+    # The MoE alltoall dispatcher builds torch.cuda.Stream() in __init__ ("RuntimeError:
+    # torch.cuda.Stream requires CUDA support"); DDP/optimizer overlap code uses current_stream and
+    # Event ("RuntimeError: Tried to instantiate dummy base class Event"). CPU work is synchronous:
+    # inert stand-ins.
     default = _FakeStream()
     patches.set(torch.cuda, "Stream", _FakeStream)
     patches.set(torch.cuda, "Event", _FakeEvent)
@@ -173,8 +175,8 @@ def _cpu(device: Any) -> Any:
 class _CudaToCpu(TorchFunctionMode):
     """Rewrites device="cuda" to cpu on every torch call; .cuda() / .to("cuda") become no-ops.
 
-    ~120 sites hard-code CUDA (schedules' token counters, optimizer found_inf, clip_grads,
-    dist_checkpointing exchange, grad buffers): "RuntimeError: Torch not compiled with CUDA
+    Many sites hard-code CUDA (schedules' token counters, optimizer found_inf, clip_grads,
+    dist_checkpointing exchange, grad buffers): "AssertionError: Torch not compiled with CUDA
     enabled". The optimizer and clip_grads also dispatch on `param.type() ==
     "torch.cuda.FloatTensor"` ("Wrapped parameters must be one of torch.cuda.FloatTensor ..."),
     so CPU tensors report their cuda type name.
