@@ -53,7 +53,7 @@ def resolve(path: str | os.PathLike) -> Path:
         return path / latest.read_text().strip()
     if (path / "metadata.json").is_file() or (path / ZERO_META).is_file():
         return path
-    raise FileNotFoundError(f"checkpoint.load: {path} holds neither a '{LATEST}' file nor a dist checkpoint")
+    raise FileNotFoundError(f"{path} holds neither a '{LATEST}' file nor a dist checkpoint")
 
 
 def check_compatible(path: str | os.PathLike, model: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """Hugging Face safetensors ⇄ ShardForge checkpoints (Llama 2/3, Mistral, Qwen2/2.5, Qwen3; MoE: Mixtral,
-Qwen2-MoE, Qwen3-MoE).
+Qwen2-MoE, Qwen3-MoE), and DeepSpeed ZeRO-3 -> ShardForge.
 
     python -m launcher.convert import_hf hf_dir=<HF model dir> out=<checkpoint dir>
                                [name=<model name>] [dtype=fp32|bf16] [model.<field>=<value> ...]
@@ -9,13 +9,19 @@ Qwen2-MoE, Qwen3-MoE).
                                              MixtralForCausalLM|Qwen2MoeForCausalLM|Qwen3MoeForCausalLM]
                                [dtype=fp32|bf16|fp16] [max_shard_size_mb=2000]
     python -m launcher.convert zero_to_megatron checkpoint=<ZeRO-3 checkpoint dir or iter_* dir> out=<dir>
+    python -m launcher.convert <command> --help      (the command's keys and their defaults)
+
+A Hydra app like launcher.train: the first argument picks the command (it is the `command`
+config group: `command=import_hf` works too), every other key is a field of that command's
+structured config below, and an unknown key is an error.
 
 zero_to_megatron turns a `parallel.engine=deepspeed` (ZeRO-3) checkpoint into a model-only ShardForge
 checkpoint (same layout as import_hf's), which trains with engine=megatron in any TP/PP layout;
 export_hf accepts a ZeRO-3 checkpoint directly (it converts through a temporary directory).
 
 import_hf reads config.json and the (sharded, indexed) safetensors one tensor at a time, fills a
-ShardForge model built in a world of one on CPU and writes a model-only dist checkpoint:
+ShardForge model built in a world of one on CPU and writes a model-only dist checkpoint through
+launcher/checkpoint.py (`latest` written last, atomically):
 
     <out>/iter_0000000/   dist_checkpointing (torch_dist); reshards on load, so it loads into any
                           TP/PP layout: `python -m launcher.train checkpoint.load=<out> model=<name>`
@@ -24,234 +30,59 @@ ShardForge model built in a world of one on CPU and writes a model-only dist che
     <out>/hf_config.json  the source config.json (export reuses its architecture and token ids)
     <out>/tokenizer/      the source's tokenizer files, if it had any (generate/export default to them)
 
-Memory (not yet one shard at a time): import reads HF tensors one at a time, but the model it
-fills is whole (fp32 by default), so peak ≈ model size. export reads one checkpoint key at a time
-(a key holds one weight kind of every layer, e.g. all fc1 matrices) and writes shards of
-`max_shard_size_mb`: peak ≈ the largest key + one output shard.
+Memory: import reads HF tensors one at a time, but the model it fills is whole (fp32 by default),
+so peak ≈ model size. export reads one checkpoint key at a time (a key holds one weight kind of
+every layer, e.g. all fc1 matrices) and writes shards of `max_shard_size_mb`: peak ≈ the largest
+key + one output shard.
 
 export_hf needs the model shape: `model=`, else the checkpoint's recorded `model_args` (imports and
-training checkpoints), else <root>/model.yaml, else the training run's <root>/../.hydra/config.yaml. It reads only model tensors (never the optimizer state) and
-writes safetensors shards + model.safetensors.index.json + config.json (+ tokenizer files) that
+training checkpoints), else <root>/model.yaml, else the training run's <root>/../.hydra/config.yaml.
+It reads only model tensors (never the optimizer state) and writes safetensors shards +
+model.safetensors.index.json + config.json (+ tokenizer files) that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Without `architecture=` it reuses the
-imported model's, else picks Qwen3 (qk-norm), Qwen2 (qkv bias) or Llama; for MoE models Qwen3-MoE (qk-norm),
-Qwen2-MoE (shared expert / qkv bias) or Mixtral. An MoE checkpoint of any expert-parallel layout exports the
-same: its expert tensors are stored whole (dist_checkpointing).
+imported model's, else picks Qwen3 (qk-norm), Qwen2 (qkv bias) or Llama; for MoE models Qwen3-MoE
+(qk-norm), Qwen2-MoE (shared expert / qkv bias) or Mixtral. An MoE checkpoint of any expert-parallel
+layout exports the same: its expert tensors are stored whole (dist_checkpointing).
 
 Bad input (unknown architecture, missing shard or tensor, checkpoint of another shape, ...) prints
-one line `convert: error: ...` and exits with status 2.
+one line `convert: error: <key>: ...` and exits with status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Mapping, Optional
 
+import hydra
 import torch
-import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-from models.args import ModelArgs
+from launcher.config.validate import ConfigError
+from launcher.model_io import (build_model, check_checkpoint_matches, check_new_root, init_world_of_one,
+                               layer_tensor_keys, model_args_for, resolve_any, resolve_checkpoint,
+                               writing_model_checkpoint)
 from models import hf_mapping as hfm
+from models.args import ModelArgs
 
 warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
 
-REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT_ITER = "iter_0000000"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
-class CliError(ValueError):
-    """Bad input; the message is the one line the user sees."""
-
-
-def parse_overrides(argv: list[str], allowed: Mapping[str, Any], prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`key=value` arguments -> dict over `allowed` (their defaults). Values stay strings (an empty
-    value means None); keys starting with one of `prefixes` (e.g. 'model.') pass through, parsed as
-    YAML scalars (numbers, true/false, null)."""
-    out = dict(allowed)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise CliError(f"expected key=value, got {arg!r}")
-        if key not in allowed and not key.startswith(prefixes):
-            raise CliError(f"unknown key {key!r} (known: {', '.join(allowed)}{''.join(' ' + p + '*' for p in prefixes)})")
-        out[key] = _scalar(value) if key.startswith(prefixes) and key not in allowed else (value or None)
-    return out
-
-
-def _scalar(value: str) -> Any:
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
-    return parsed if isinstance(parsed, (int, float, bool)) or parsed is None else value
-
-
-def _require(opts: Mapping[str, Any], *keys: str) -> None:
-    for key in keys:
-        if opts.get(key) in (None, ""):
-            raise CliError(f"missing required argument {key}=...")
-
-
-# ----------------------------------------------------------------------------------------------
-# world of one, model construction and model-only checkpoint loading (also used by generate)
-
-
-def init_world_of_one(seed: int = 0) -> None:
-    """gloo process group + megatron parallel state with a single rank, on CPU."""
-    from parallel.layout import Layout
-    from parallel.megatron_engine import init_distributed
-
-    init_distributed(Layout(world_size=1), torch.device("cpu"), seed)
-
-
-def build_model(args: ModelArgs, *, tp: int = 1, ep: int = 1, params_dtype: torch.dtype = torch.float32):
-    """One whole-model GPTModel chunk (pp=1) on CPU; parallel state must be initialized."""
-    from models.llama import build_llama, transformer_config
-
-    config = transformer_config(args, tp=tp, pp=1, vpp=None, params_dtype=params_dtype, on_cpu=True, recompute=None,
-                                ep=ep)
-    return build_llama(args, config, pre_process=True, post_process=True)  # (CPU, torch backend)
-
-
-def checkpoint_root(directory: Path) -> Path:
-    """The directory holding `latest` (the parent of an iter_* directory)."""
-    return directory.parent if directory.name.startswith("iter_") else directory
-
-
-def _resolve_any(path: str | os.PathLike) -> Path:
-    from launcher.checkpoint import resolve
-
-    try:
-        return resolve(path)
-    except FileNotFoundError as err:
-        raise CliError(str(err)) from err
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    from launcher.checkpoint import resolve
-
-    try:
-        directory = resolve(path)
-    except FileNotFoundError as err:
-        raise CliError(str(err)) from err
-    if not (directory / "metadata.json").is_file():
-        raise CliError(f"checkpoint {directory}: not a complete dist checkpoint (no metadata.json)")
-    return directory
-
-
-def model_args_for(directory: Path, model: str | None) -> ModelArgs:
-    """Model shape of a checkpoint: `model` (conf/model name or yaml path), else the `model_args` the
-    checkpoint records, else <root>/model.yaml, else the training run's Hydra config next to it."""
-    root = checkpoint_root(directory)
-    candidates: list[tuple[Path, str | None]] = []
-    if model:
-        path = Path(model) if model.endswith((".yaml", ".yml")) else REPO / "conf" / "model" / f"{model}.yaml"
-        if not path.is_file():
-            raise CliError(f"model={model}: no such model config ({path})")
-        candidates = [(path, None)]
-    else:
-        candidates = [(root / "model.yaml", None), (root.parent / ".hydra" / "config.yaml", "model")]
-        from megatron.core import dist_checkpointing
-
-        saved = dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
-        if saved is not None:  # training checkpoints (and imports) record their shape
-            return ModelArgs.from_config(saved)
-    for path, section in candidates:
-        if path.is_file():
-            cfg = yaml.safe_load(path.read_text())
-            cfg = cfg[section] if section else cfg
-            try:
-                return ModelArgs.from_config(cfg)
-            except TypeError as err:
-                raise CliError(f"{path}: not a model config ({err})") from err
-    raise CliError(f"checkpoint {directory}: cannot tell the model shape (no {root / 'model.yaml'} and no "
-                   f"training run config); pass model=<conf/model name or yaml path>")
-
-
-def expected_shapes(args: ModelArgs) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[tuple[int, ...], list[int]]]]:
-    """Global shapes of the model tensors in a ShardForge dist checkpoint of this shape: (whole-model
-    keys -> shape, per-layer key suffix -> (shape of one layer's tensor, the layers that hold it))."""
-    d = hfm.head_dim(args)
-    h = args.hidden_size
-    qkv_rows = (args.num_attention_heads + 2 * args.num_query_groups) * d
-    shapes = {"embedding.word_embeddings.weight": (args.padded_vocab_size, h), "decoder.final_layernorm.weight": (h,)}
-    if not args.tie_word_embeddings:
-        shapes["output_layer.weight"] = (args.padded_vocab_size, h)
-    pattern = args.moe_layer_pattern()
-    every, dense = list(range(args.num_layers)), [i for i, moe in enumerate(pattern) if not moe]
-    layer = {
-        "self_attention.linear_qkv.layer_norm_weight": ((h,), every),
-        "mlp.linear_fc1.layer_norm_weight": ((h,), every),
-        "self_attention.linear_qkv.weight": ((qkv_rows, h), every),
-        "self_attention.linear_proj.weight": ((h, args.num_attention_heads * d), every),
-    }
-    if dense:
-        layer["mlp.linear_fc1.weight"] = ((2 * args.ffn_hidden_size, h), dense)
-        layer["mlp.linear_fc2.weight"] = ((h, args.ffn_hidden_size), dense)
-    if args.is_moe:
-        from models.hf_moe_mapping import moe_checkpoint_shapes
-
-        moe = [i for i, on in enumerate(pattern) if on]
-        layer.update({suffix: (shape, moe) for suffix, shape in moe_checkpoint_shapes(args).items()})
-    if args.add_qkv_bias:
-        layer["self_attention.linear_qkv.bias"] = ((qkv_rows,), every)
-    if args.qk_layernorm:
-        layer["self_attention.q_layernorm.weight"] = ((d,), every)
-        layer["self_attention.k_layernorm.weight"] = ((d,), every)
-    return shapes, layer
-
-
-def layer_tensor_keys(meta: Mapping[str, Any], key: str, num_layers: int) -> list[tuple[int, str]]:
-    """(layer, checkpoint key) holding per-layer `key` (decoder.layers.<rest>): the key itself, stacked
-    over layers, when every layer has the same modules; else decoder.layers.{i}.<rest> per layer that
-    has it (megatron's non-homogeneous layout, e.g. an MoE model with dense layers)."""
-    if key in meta:
-        return [(i, key) for i in range(num_layers)]
-    rest = key[len(hfm.CKPT_LAYER):]
-    return [(i, k) for i in range(num_layers) if (k := f"{hfm.CKPT_LAYER}{i}.{rest}") in meta]
-
-
-def check_checkpoint_matches(directory: Path, args: ModelArgs) -> dict[str, Any]:
-    """Raise CliError unless the checkpoint holds exactly the model tensors of `args`; returns the
-    checkpoint's tensor metadata (key -> ShardedTensor without data)."""
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(directory))
-    whole, per_layer = expected_shapes(args)
-    expected = dict(whole)
-    for rest, (shape, layers) in per_layer.items():
-        stacked = hfm.CKPT_LAYER + rest
-        if stacked in meta:
-            expected[stacked] = (args.num_layers, *shape)
-        else:
-            expected.update({f"{hfm.CKPT_LAYER}{i}.{rest}": shape for i in layers})
-    for key, shape in expected.items():
-        if key not in meta:
-            raise CliError(f"checkpoint {directory} holds another model than model={args.name}: "
-                           f"it has no tensor {key}")
-        found = tuple(meta[key].global_shape)
-        if found != shape:
-            raise CliError(f"checkpoint {directory} holds another model than model={args.name}: {key} is "
-                           f"{list(found)} there, {list(shape)} for this shape (num_layers={args.num_layers} "
-                           f"hidden_size={args.hidden_size} heads={args.num_attention_heads}/"
-                           f"{args.num_query_groups} ffn={args.ffn_hidden_size} vocab={args.vocab_size})")
-    return meta
-
-
-def load_model_weights(model: torch.nn.Module, directory: Path, args: ModelArgs) -> None:
-    """Load a checkpoint's model tensors (resharded to this model's layout; optimizer state ignored)."""
-    from megatron.core import dist_checkpointing
-
-    check_checkpoint_matches(directory, args)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
-    model.load_state_dict(loaded["model"])
+def _check_choice(key: str, value: str | None, choices: Mapping[str, Any]) -> None:
+    if value is not None and value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,11 +102,11 @@ class SafetensorsReader:
             with safe_open(hf_dir / "model.safetensors", "pt") as f:
                 weight_map = {name: "model.safetensors" for name in f.keys()}
         else:
-            raise CliError(f"hf_dir={hf_dir}: no model.safetensors or model.safetensors.index.json "
-                           "(only safetensors checkpoints are supported)")
+            raise ConfigError("hf_dir", f"{hf_dir} has no model.safetensors or model.safetensors.index.json "
+                                        "(only safetensors checkpoints are supported)")
         for file in sorted(set(weight_map.values())):
             if not (hf_dir / file).is_file():
-                raise CliError(f"hf_dir={hf_dir}: shard {file} listed in {index.name} is missing")
+                raise ConfigError("hf_dir", f"shard {file} listed in {hf_dir / index.name} is missing")
         self.hf_dir, self.weight_map = hf_dir, weight_map
         self._open: dict[str, Any] = {}
         self._safe_open = safe_open
@@ -285,7 +116,7 @@ class SafetensorsReader:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
-            raise CliError(f"hf_dir={self.hf_dir}: tensor {name} is missing from the checkpoint")
+            raise ConfigError("hf_dir", f"tensor {name} is missing from {self.hf_dir}")
         file = self.weight_map[name]
         if file not in self._open:  # keep files open (memory-mapped), read tensors lazily
             self._open[file] = self._safe_open(self.hf_dir / file, "pt")
@@ -293,17 +124,14 @@ class SafetensorsReader:
 
 
 def prepare_import(hf_dir: Path, name: str | None, overrides: Mapping[str, Any]) -> tuple[ModelArgs, dict, SafetensorsReader]:
-    """Everything that can be wrong with the input, checked before megatron is imported."""
+    """Everything that can be wrong with the input, checked before megatron is imported.
+    `overrides`: ModelArgs fields to change in the shape read from config.json."""
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise CliError(f"hf_dir={hf_dir}: no config.json")
+        raise ConfigError("hf_dir", f"{hf_dir} has no config.json")
     hf_config = json.loads(config_path.read_text())
     args = hfm.args_from_hf_config(hf_config, name or hf_dir.name.lower().replace("-", "_").replace(".", "_"))
-    fields = {k[len("model."):]: v for k, v in overrides.items()}
-    unknown = set(fields) - set(ModelArgs.__dataclass_fields__)
-    if unknown:
-        raise CliError(f"unknown model field(s) {', '.join(sorted('model.' + f for f in unknown))}")
-    args = hfm.with_overrides(args, fields)
+    args = hfm.with_overrides(args, overrides)
     window = hf_config.get("sliding_window")
     if hfm.architecture_of(hf_config) in ("MistralForCausalLM", "MixtralForCausalLM") and window and window < args.max_position_embeddings:
         # Mistral-7B-v0.1 style: full attention equals it on sequences up to the window
@@ -313,39 +141,25 @@ def prepare_import(hf_dir: Path, name: str | None, overrides: Mapping[str, Any])
     needed = set(hfm.hf_tensor_names(args, hfm.architecture_of(hf_config)))
     missing = sorted(needed - reader.names())
     if missing:
-        raise CliError(f"hf_dir={hf_dir}: tensor {missing[0]} (and {len(missing) - 1} more) missing "
-                       f"for a {args.num_layers}-layer {hfm.architecture_of(hf_config)}")
+        raise ConfigError("hf_dir", f"tensor {missing[0]} (and {len(missing) - 1} more) missing in {hf_dir} "
+                                    f"for a {args.num_layers}-layer {hfm.architecture_of(hf_config)}")
     extra = sorted(n for n in reader.names() - needed
                    if not n.endswith(_IGNORED_HF_TENSORS) and not (n == "lm_head.weight" and args.tie_word_embeddings))
     if extra:
-        raise CliError(f"hf_dir={hf_dir}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain "
-                       f"{hfm.architecture_of(hf_config)} of this config")
+        raise ConfigError("hf_dir", f"unexpected tensor {extra[0]} ({len(extra)} in all) in {hf_dir}: not a plain "
+                                    f"{hfm.architecture_of(hf_config)} of this config")
     return args, hf_config, reader
-
-
-def write_model_checkpoint(model: torch.nn.Module, args: ModelArgs, out: Path) -> None:
-    """A model-only dist checkpoint <out>/iter_0000000 (+ <out>/model.yaml); the caller writes `latest`
-    once everything else it adds is complete."""
-    from megatron.core import dist_checkpointing
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (CHECKPOINT_ITER + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # model_args: the same common-state entry training checkpoints carry (shape checks read it)
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "model_args": hfm.args_to_yaml_dict(args)},
-                            str(tmp))
-    os.replace(tmp, out / CHECKPOINT_ITER)
-    (out / "model.yaml").write_text(yaml.safe_dump(hfm.args_to_yaml_dict(args), sort_keys=False))
 
 
 def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = "fp32",
               overrides: Mapping[str, Any] | None = None) -> Path:
-    if dtype not in DTYPES:
-        raise CliError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}")
-    if (out / "latest").exists():
-        raise CliError(f"out={out} already holds a checkpoint (remove it first)")
-    args, hf_config, reader = prepare_import(hf_dir, name, overrides or {})
+    """Convert; returns <out>/iter_0000000. Bad input raises ConfigError."""
+    _check_choice("dtype", dtype, {k: v for k, v in DTYPES.items() if k != "fp16"})
+    check_new_root(out)
+    try:
+        args, hf_config, reader = prepare_import(hf_dir, name, overrides or {})
+    except hfm.HFMappingError as err:
+        raise ConfigError("hf_dir", str(err)) from err
 
     from parallel.megatron_engine import shutdown
 
@@ -358,24 +172,25 @@ def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = 
             for key, tensor in hfm.hf_to_shardforge(reader.get, args, hfm.architecture_of(hf_config)):
                 param = params[key]
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise CliError(f"hf_dir={hf_dir}: {key} maps to shape {list(tensor.shape)}, model expects "
-                                   f"{list(param.shape)} (config.json and tensors disagree)")
+                    raise ConfigError("hf_dir", f"{key} maps to shape {list(tensor.shape)}, model expects "
+                                                f"{list(param.shape)} (config.json and tensors disagree)")
                 param.copy_(tensor)
                 filled.add(key)
         unfilled = sorted(set(params) - filled)
         if unfilled:  # a mapping bug, not bad input
             raise RuntimeError(f"import_hf left parameters unset: {unfilled}")
-        write_model_checkpoint(model, args, out)
+        with writing_model_checkpoint(model, args, out):
+            (out / "hf_config.json").write_text(json.dumps(hf_config, indent=2))
+            tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+            if {"tokenizer.json", "tokenizer.model"} & set(tokenizer_files):  # a config alone is no tokenizer
+                (out / "tokenizer").mkdir(exist_ok=True)
+                for f in tokenizer_files:
+                    shutil.copy2(hf_dir / f, out / "tokenizer" / f)
     finally:
         shutdown()
-    (out / "hf_config.json").write_text(json.dumps(hf_config, indent=2))
-    tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
-    if {"tokenizer.json", "tokenizer.model"} & set(tokenizer_files):  # a config alone is no tokenizer
-        (out / "tokenizer").mkdir(exist_ok=True)
-        for f in tokenizer_files:
-            shutil.copy2(hf_dir / f, out / "tokenizer" / f)
-    (out / "latest").write_text(CHECKPOINT_ITER + "\n")  # last: the checkpoint is complete
-    return out / CHECKPOINT_ITER
+    from launcher.checkpoint import resolve
+
+    return resolve(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,9 +252,11 @@ def _load_full(directory: Path, meta: Mapping[str, Any], key: str) -> torch.Tens
 
 def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model: str | None = None,
               architecture: str | None = None, dtype: str | None = None, max_shard_size_mb: float = 2000) -> None:
-    from launcher.checkpoint import zero_meta
+    """Write an HF model directory `out` from a ShardForge (or ZeRO-3) checkpoint. Bad input raises ConfigError."""
+    from launcher.checkpoint import root_of
+    from parallel.deepspeed_engine import zero_meta
 
-    if zero_meta(_resolve_any(checkpoint)) is not None:  # DeepSpeed ZeRO-3: through a megatron checkpoint
+    if zero_meta(resolve_any(checkpoint, "checkpoint")) is not None:  # ZeRO-3: through a megatron checkpoint
         import tempfile
 
         from launcher.zero_convert import zero_to_megatron
@@ -450,19 +267,21 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
                              architecture=architecture, dtype=dtype, max_shard_size_mb=max_shard_size_mb)
     directory = resolve_checkpoint(checkpoint)
     args = model_args_for(directory, model)
-    root = checkpoint_root(directory)
+    root = root_of(directory)
     base_config = json.loads((root / "hf_config.json").read_text()) if (root / "hf_config.json").is_file() else {}
     if architecture is None:
         archs = base_config.get("architectures") or []
         architecture = archs[0] if archs else hfm.default_architecture(args)
-    config = hfm.hf_config_from_args(args, architecture, base_config)  # validates architecture vs shape
-    if dtype is not None and dtype not in DTYPES:
-        raise CliError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}")
+    try:
+        config = hfm.hf_config_from_args(args, architecture, base_config)  # validates architecture vs shape
+    except hfm.HFMappingError as err:
+        raise ConfigError("architecture", str(err)) from err
+    _check_choice("dtype", dtype, DTYPES)
     tokenizer_dir = Path(tokenizer) if tokenizer else (root / "tokenizer" if (root / "tokenizer").is_dir() else None)
     if tokenizer_dir is not None and not tokenizer_dir.exists():
-        raise CliError(f"tokenizer={tokenizer}: no such file or directory")
+        raise ConfigError("tokenizer", f"no such file or directory: {tokenizer}")
     if out.exists() and any(out.iterdir()):
-        raise CliError(f"out={out} exists and is not empty")
+        raise ConfigError("out", f"{out} exists and is not empty")
     final, out = out, out.with_name(out.name + ".partial")  # renamed once complete
     shutil.rmtree(out, ignore_errors=True)
 
@@ -524,48 +343,102 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# the command line: one Hydra app, one structured config per command (the `command` group)
+
+# import_hf's model.<field>=<value>: every ModelArgs field, unset unless given
+ModelOverrides = dataclasses.make_dataclass(
+    "ModelOverrides", [(f.name, Optional[Any], None) for f in dataclasses.fields(ModelArgs)])
 
 
-def main(argv: list[str]) -> int:
-    commands = ("import_hf", "export_hf", "zero_to_megatron")
+@dataclass
+class ImportHFConfig:
+    hf_dir: Optional[str] = None  # HF model directory: config.json + safetensors (required)
+    out: Optional[str] = None  # the new checkpoint root (required; must not hold a checkpoint)
+    name: Optional[str] = None  # model name recorded in model.yaml (default: from hf_dir's name)
+    dtype: str = "fp32"  # fp32 | bf16: the checkpoint's parameter dtype
+    model: ModelOverrides = field(default_factory=ModelOverrides)  # model.<field>=<value>: change a shape field
+
+
+@dataclass
+class ExportHFConfig:
+    checkpoint: Optional[str] = None  # checkpoint root or iter_* directory; ZeRO-3 too (required)
+    out: Optional[str] = None  # the HF directory to write (required; absent or empty)
+    tokenizer: Optional[str] = None  # tokenizer dir or file (default: <checkpoint root>/tokenizer)
+    model: Optional[str] = None  # conf/model name or yaml path (default: what the checkpoint records)
+    architecture: Optional[str] = None  # HF architecture (default: the imported one, else from the shape)
+    dtype: Optional[str] = None  # fp32 | bf16 | fp16 (default: the checkpoint's)
+    max_shard_size_mb: float = 2000  # size of each safetensors shard
+
+
+@dataclass
+class ZeroToMegatronConfig:
+    checkpoint: Optional[str] = None  # ZeRO-3 checkpoint root or iter_* directory (required)
+    out: Optional[str] = None  # the new checkpoint root (required; must not hold a checkpoint)
+
+
+def _required(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        if cfg[key] in (None, ""):
+            raise ConfigError(key, "required")
+
+
+def _run_import_hf(cfg: DictConfig) -> None:
+    _required(cfg, "hf_dir", "out")
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if v is not None}
+    path = import_hf(Path(cfg.hf_dir), Path(cfg.out), name=cfg.name, dtype=cfg.dtype, overrides=overrides)
+    name = OmegaConf.load(path.parent / "model.yaml")["name"]
+    print(f"convert: wrote {path} (model shape in {path.parent / 'model.yaml'}; "
+          f"copy it to conf/model/{name}.yaml and train with model={name} checkpoint.load={path.parent})")
+
+
+def _run_export_hf(cfg: DictConfig) -> None:
+    _required(cfg, "checkpoint", "out")
+    export_hf(cfg.checkpoint, Path(cfg.out), tokenizer=cfg.tokenizer, model=cfg.model, architecture=cfg.architecture,
+              dtype=cfg.dtype, max_shard_size_mb=cfg.max_shard_size_mb)
+    print(f"convert: wrote {cfg.out}")
+
+
+def _run_zero_to_megatron(cfg: DictConfig) -> None:
+    from launcher.zero_convert import zero_to_megatron
+
+    _required(cfg, "checkpoint", "out")
+    path = zero_to_megatron(cfg.checkpoint, Path(cfg.out))
+    print(f"convert: wrote {path} (train it with checkpoint.load={path.parent}, or export_hf it)")
+
+
+COMMANDS: dict[str, tuple[type, Callable[[DictConfig], None]]] = {
+    "import_hf": (ImportHFConfig, _run_import_hf),
+    "export_hf": (ExportHFConfig, _run_export_hf),
+    "zero_to_megatron": (ZeroToMegatronConfig, _run_zero_to_megatron),
+}
+for _name, (_schema, _) in COMMANDS.items():
+    ConfigStore.instance().store(group="command", name=_name, node=_schema, package="_global_")
+
+
+@hydra.main(config_path="../conf/tools", config_name="convert", version_base=None)
+def main(cfg: DictConfig) -> None:
     try:
-        if not argv or argv[0] not in commands:
-            raise CliError(f"usage: python -m launcher.convert {{{' | '.join(commands)}}} key=value ... "
-                           f"(see the module docstring)")
-        if argv[0] == "import_hf":
-            opts = parse_overrides(argv[1:], {"hf_dir": None, "out": None, "name": None, "dtype": "fp32"},
-                                   prefixes=("model.",))
-            _require(opts, "hf_dir", "out")
-            overrides = {k: v for k, v in opts.items() if k.startswith("model.")}
-            path = import_hf(Path(opts["hf_dir"]), Path(opts["out"]), name=opts["name"], dtype=opts["dtype"],
-                             overrides=overrides)
-            name = yaml.safe_load((path.parent / "model.yaml").read_text())["name"]
-            print(f"convert: wrote {path} (model shape in {path.parent / 'model.yaml'}; "
-                  f"copy it to conf/model/{name}.yaml and train with model={name} checkpoint.load={path.parent})")
-        elif argv[0] == "zero_to_megatron":
-            from launcher.zero_convert import zero_to_megatron
+        COMMANDS[HydraConfig.get().runtime.choices["command"]][1](cfg)
+    except ConfigError as err:
+        print(f"convert: error: {err.key}: {err.reason}", file=sys.stderr)
+        sys.exit(2)
 
-            opts = parse_overrides(argv[1:], {"checkpoint": None, "out": None})
-            _require(opts, "checkpoint", "out")
-            path = zero_to_megatron(opts["checkpoint"], Path(opts["out"]))
-            print(f"convert: wrote {path} (train it with checkpoint.load={path.parent}, or export_hf it)")
-        else:
-            opts = parse_overrides(argv[1:], {"checkpoint": None, "out": None, "tokenizer": None, "model": None,
-                                              "architecture": None, "dtype": None, "max_shard_size_mb": 2000})
-            _require(opts, "checkpoint", "out")
-            export_hf(str(opts["checkpoint"]), Path(opts["out"]), tokenizer=opts["tokenizer"], model=opts["model"],
-                      architecture=opts["architecture"], dtype=opts["dtype"],
-                      max_shard_size_mb=float(opts["max_shard_size_mb"]))
-            print(f"convert: wrote {opts['out']}")
-    except (CliError, hfm.HFMappingError) as err:
-        print(f"convert: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+def command_argv(argv: list[str]) -> list[str]:
+    """`import_hf key=value ...` -> `command=import_hf key=value ...` (Hydra's form of the command).
+    No command: the usage (--help) or one error line."""
+    if argv and argv[0] in COMMANDS:
+        return [f"command={argv[0]}", *argv[1:]]
+    if argv and argv[0].startswith("command="):
+        return argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    print(f"convert: error: command: the first argument must be one of {', '.join(COMMANDS)}"
+          f"{f', got {argv[0]!r}' if argv else ''} (python -m launcher.convert --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer may spawn processes: keep this guard
-    # main of the importable module, not of __main__: launcher.zero_convert raises that module's
-    # CliError, which a __main__.CliError handler would not catch
-    from launcher import convert
-
-    sys.exit(convert.main(sys.argv[1:]))
+    sys.argv[1:] = command_argv(sys.argv[1:])
+    main()

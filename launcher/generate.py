@@ -1,9 +1,14 @@
 """`python -m launcher.generate` — greedy (default) or sampled text from a checkpoint, with a KV cache.
 
     python -m launcher.generate checkpoint.load=<checkpoint dir or iter_* dir> prompt="Once upon a time"
-        [max_new_tokens=32] [temperature=0] [top_k=] [top_p=] [seed=0]
+        [max_new_tokens=32] [temperature=0] [top_k=null] [top_p=null] [seed=0]
         [tokenizer=<tokenizer.json / dir / sentencepiece .model>] [model=<conf name or yaml>]
         [prompt_ids=1,2,3] [add_bos=true] [ignore_eos=false] [kv_cache=true] [output_json=<path>]
+    python -m launcher.generate --help      (every key and its default)
+
+A Hydra app like launcher.train (structured config `GenerateConfig` below; an unknown key is an
+error). `prompt` and `prompt_ids` are text as typed: commas, colons and quotes in them are not
+Hydra syntax.
 
 temperature=0 is greedy; otherwise logits/temperature, then top-k and/or top-p (nucleus)
 filtering, sampled with a generator seeded by `seed` (same seed, same text). Padded vocabulary
@@ -24,20 +29,25 @@ on a tensor-parallel model (the output layer gathers the vocab-parallel logits).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import hydra
 import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
-from launcher.convert import CliError, parse_overrides, resolve_checkpoint
+from launcher.config.validate import ConfigError
+from launcher.model_io import resolve_checkpoint
 from models.args import ModelArgs
 
 warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
-
-DEFAULTS = {"checkpoint.load": None, "prompt": None, "prompt_ids": None, "max_new_tokens": "32",
-            "temperature": "0", "top_k": None, "top_p": None, "seed": "0", "tokenizer": None, "model": None,
-            "add_bos": None, "ignore_eos": "false", "kv_cache": "true", "output_json": None}
+# Keys whose value is free text: passed to Hydra quoted, so that `,` `:` `[` and quotes stay text.
+TEXT_KEYS = ("prompt", "prompt_ids")
 
 
 @torch.no_grad()
@@ -73,7 +83,7 @@ def generate(model: torch.nn.Module, prompt: list[int], *, vocab_size: int, max_
     from megatron.core.inference.contexts import StaticInferenceContext
 
     if not prompt:
-        raise CliError("the prompt is empty (give prompt=... or prompt_ids=...)")
+        raise ConfigError("prompt", "the prompt is empty (give prompt=... or prompt_ids=...)")
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     tokens = list(prompt)
@@ -99,77 +109,78 @@ def generate(model: torch.nn.Module, prompt: list[int], *, vocab_size: int, max_
     return tokens[len(prompt):]
 
 
-def _bool(value: str | None, key: str) -> bool | None:
-    if value is None:
-        return None
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise CliError(f"{key}={value}: expected true or false")
+@dataclass
+class CheckpointRef:
+    load: Optional[str] = None  # checkpoint root or iter_* directory (required)
 
 
-def _number(value: str | None, key: str, kind: type) -> int | float | None:
-    if value is None or value.lower() in ("null", "none"):
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise CliError(f"{key}={value}: expected {'an integer' if kind is int else 'a number'}") from None
+@dataclass
+class GenerateConfig:
+    checkpoint: CheckpointRef = field(default_factory=CheckpointRef)
+    prompt: Optional[str] = None  # text, encoded with the tokenizer (or give prompt_ids)
+    prompt_ids: Optional[str] = None  # comma-separated token ids instead of a prompt (no tokenizer needed)
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: Optional[int] = None  # keep the k most likely tokens (sampling)
+    top_p: Optional[float] = None  # keep the smallest set of tokens holding this probability (sampling)
+    seed: int = 0  # the sampling generator's seed
+    tokenizer: Optional[str] = None  # tokenizer.json / dir / sentencepiece .model (default: <root>/tokenizer)
+    model: Optional[str] = None  # conf/model name or yaml path (default: what the checkpoint records)
+    add_bos: Optional[bool] = None  # prepend the tokenizer's BOS to a text prompt (default: when it has one)
+    ignore_eos: bool = False  # generate max_new_tokens even past EOS
+    kv_cache: bool = True  # false: recompute the whole sequence every step (the cache's reference)
+    output_json: Optional[str] = None  # also write {prompt_ids, generated_ids, text} here
 
 
-def run(argv: list[str]) -> dict:
-    opts = parse_overrides(argv, DEFAULTS)
-    if not opts["checkpoint.load"]:
-        raise CliError("missing required argument checkpoint.load=<checkpoint dir>")
-    if (opts["prompt"] is None) == (opts["prompt_ids"] is None):
-        raise CliError("give exactly one of prompt=... and prompt_ids=...")
-    max_new = _number(opts["max_new_tokens"], "max_new_tokens", int)
-    temperature = _number(opts["temperature"], "temperature", float) or 0.0
-    top_k = _number(opts["top_k"], "top_k", int)
-    top_p = _number(opts["top_p"], "top_p", float)
-    seed = _number(opts["seed"], "seed", int) or 0
-    kv_cache, ignore_eos = _bool(opts["kv_cache"], "kv_cache"), _bool(opts["ignore_eos"], "ignore_eos")
+ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
-    from launcher.convert import checkpoint_root, model_args_for
 
-    directory = resolve_checkpoint(opts["checkpoint.load"])
-    args: ModelArgs = model_args_for(directory, opts["model"])
+def run(cfg: DictConfig) -> dict:
+    if not cfg.checkpoint.load:
+        raise ConfigError("checkpoint.load", "required (a checkpoint root or iter_* directory)")
+    if (cfg.prompt is None) == (cfg.prompt_ids is None):
+        raise ConfigError("prompt", "give exactly one of prompt=... and prompt_ids=...")
+
+    from launcher.checkpoint import root_of
+    from launcher.model_io import model_args_for
+
+    directory = resolve_checkpoint(cfg.checkpoint.load, "checkpoint.load")
+    args: ModelArgs = model_args_for(directory, cfg.model)
     tokenizer = None
-    tok_path = opts["tokenizer"] or (checkpoint_root(directory) / "tokenizer")
-    if opts["tokenizer"] or (opts["prompt"] is not None and Path(tok_path).exists()):
+    tok_path = cfg.tokenizer or (root_of(directory) / "tokenizer")
+    if cfg.tokenizer or (cfg.prompt is not None and Path(tok_path).exists()):
         from launcher.data.tokenizer import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(tok_path)
         except (OSError, ValueError) as err:
-            raise CliError(f"tokenizer={tok_path}: {err}") from err
-    if opts["prompt_ids"] is not None:
+            raise ConfigError("tokenizer", f"{tok_path}: {err}") from err
+    if cfg.prompt_ids is not None:
         try:
-            prompt = [int(t) for t in opts["prompt_ids"].split(",") if t.strip()]
+            prompt = [int(t) for t in cfg.prompt_ids.split(",") if t.strip()]
         except ValueError:
-            raise CliError(f"prompt_ids={opts['prompt_ids']}: expected comma-separated token ids") from None
+            raise ConfigError("prompt_ids", f"{cfg.prompt_ids!r}: expected comma-separated token ids") from None
     else:
         if tokenizer is None:
-            raise CliError(f"prompt= needs a tokenizer: pass tokenizer=<path> (none at {tok_path})")
-        prompt = tokenizer.encode(opts["prompt"])
-        add_bos = _bool(opts["add_bos"], "add_bos")
-        if tokenizer.bos_id is not None and add_bos is not False:
+            raise ConfigError("tokenizer", f"prompt= needs a tokenizer: pass tokenizer=<path> (none at {tok_path})")
+        prompt = tokenizer.encode(cfg.prompt)
+        if tokenizer.bos_id is not None and cfg.add_bos is not False:
             prompt = [tokenizer.bos_id] + prompt
     bad = [t for t in prompt if not 0 <= t < args.vocab_size]
     if bad:
-        raise CliError(f"prompt token {bad[0]} is outside the model's vocabulary (vocab_size={args.vocab_size})")
-    eos_id = None if ignore_eos or tokenizer is None else tokenizer.eos_id
+        raise ConfigError("prompt", f"token {bad[0]} is outside the model's vocabulary (vocab_size={args.vocab_size})")
+    eos_id = None if cfg.ignore_eos or tokenizer is None else tokenizer.eos_id
 
-    from launcher.convert import build_model, init_world_of_one, load_model_weights
+    from launcher.model_io import build_model, init_world_of_one, load_model_weights
     from parallel.megatron_engine import shutdown
 
-    init_world_of_one(seed)
+    init_world_of_one(cfg.seed)
     try:
         model = build_model(args)
-        load_model_weights(model, directory, args)
-        new = generate(model, prompt, vocab_size=args.vocab_size, max_new_tokens=max_new, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, kv_cache=kv_cache)
+        load_model_weights(model, directory, args, key="checkpoint.load")
+        new = generate(model, prompt, vocab_size=args.vocab_size, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eos_id=eos_id,
+                       kv_cache=cfg.kv_cache)
     finally:
         shutdown()
     result = {"prompt_ids": prompt, "generated_ids": new}
@@ -178,27 +189,45 @@ def run(argv: list[str]) -> dict:
         # piece is decoded on its own
         head, full = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
         result["text"] = full[len(head):] if full.startswith(head) else tokenizer.decode(new)
-        print(f"{opts['prompt'] if opts['prompt'] is not None else head}{result['text']}")
+        print(f"{cfg.prompt if cfg.prompt is not None else head}{result['text']}")
     else:
         print(f"generated ids: {new}")
-    if opts["output_json"]:
-        Path(opts["output_json"]).write_text(json.dumps(result))
+    if cfg.output_json:
+        Path(cfg.output_json).write_text(json.dumps(result))
     return result
 
 
-def main(argv: list[str]) -> int:
+@hydra.main(config_path="../conf/tools", config_name="generate", version_base=None)
+def main(cfg: DictConfig) -> None:
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     try:
-        run(argv)
-    except CliError as err:
-        print(f"generate: error: {err}", file=sys.stderr)
-        return 2
+        run(cfg)
+    except ConfigError as err:
+        print(f"generate: error: {err.key}: {err.reason}", file=sys.stderr)
+        sys.exit(2)
     except CheckpointingException as err:
-        print(f"generate: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
+        print(f"generate: error: checkpoint.load: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def hydra_quoted(text: str) -> str:
+    """`text` as a Hydra single-quoted string that parses back to `text`: a quote is escaped, and so
+    are the backslashes before a quote or at the end (Hydra keeps other backslashes as they are);
+    `${` is escaped so that no interpolation is resolved."""
+    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return "'" + text.replace("${", "\\${") + "'"
+
+
+def quote_text(argv: list[str]) -> list[str]:
+    """TEXT_KEYS' values as Hydra quoted strings (the rest of the command line is Hydra's)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        out.append(f"{key}={hydra_quoted(value)}" if sep and key in TEXT_KEYS else arg)
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.argv[1:] = quote_text(sys.argv[1:])
+    main()

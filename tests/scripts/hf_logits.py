@@ -17,7 +17,7 @@ import sys
 import torch
 from megatron.core import parallel_state as ps
 
-from launcher.convert import build_model, load_model_weights, model_args_for, resolve_checkpoint
+from launcher.model_io import build_model, load_model_weights, model_args_for, resolve_checkpoint
 from launcher.generate import forward_logits, generate
 from parallel.layout import Layout
 from parallel.megatron_engine import init_distributed, shutdown

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from launcher.checkpoint import resolve
-from launcher.convert import build_model, load_model_weights, model_args_for, resolve_checkpoint
+from launcher.model_io import build_model, load_model_weights, model_args_for, resolve_checkpoint
 from models.args import ModelArgs
 from parallel.deepspeed_engine import DeepSpeedEngine, zero_meta
 from parallel.engine_config import OptimConfig, ZeroConfig
