@@ -156,22 +156,6 @@ def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_en
     _close(_losses(out), reference[3:], rtol=1e-2)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["optim.precision_aware=true"], "optim.precision_aware"),  # fp32 on CPU (precision auto)
-    (["optim.precision_aware=true", "train.precision=bf16", "parallel.distributed_optimizer=false"],
-     "optim.precision_aware"),
-    (["optim.moments_dtype=bf16", "train.precision=bf16"], "optim.moments_dtype"),
-    (["optim.precision_aware=true", "train.precision=bf16", "optim.moments_dtype=fp8"], "optim.moments_dtype"),
-    (["optim.main_grads_dtype=bf16", "train.precision=bf16"], "optim.main_grads_dtype"),
-    (["optim.master_weights=stochastic", "train.precision=bf16"], "optim.master_weights"),
-    (["optim.precision_aware=true", "train.precision=bf16", "optim.master_weights=none"], "optim.master_weights"),
-], ids=["fp32-params", "no-distributed-optimizer", "bf16-moments-alone", "unknown-dtype", "bf16-grads-alone",
-        "stochastic-alone", "unknown-master-weights"])
-def test_bad_precision_aware_settings_are_one_line_errors(overrides, key, tmp_path):
-    proc = run_cli("launcher.train", [*FAST, *overrides, f"run.dir={tmp_path}"], check=False)
-    config_error_line(proc, key)
-
-
 PARALLEL = [
     ("dp2_bf16_grads_stochastic", ["optim.main_grads_dtype=bf16", "optim.master_weights=stochastic"], 2),
     ("tp2_bf16_moments", ["parallel.tp=2", "optim.moments_dtype=bf16"], 2),

@@ -213,43 +213,6 @@ def test_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["model=llama3_8b", "cluster.nodes=3", "cluster.gpus_per_node=8", "parallel.tp=8", "parallel.pp=2"],
-     "cluster.nodes"),
-    (["cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.tp=2", "train.global_batch_size=6",
-      "train.micro_batch_size=2"], "train.global_batch_size"),
-    (["cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.procs_per_node=2"], "cluster.procs_per_node"),
-    (["cluster.launcher=mpirun"], "cluster.launcher"),
-], ids=["world-vs-layout", "batch-vs-dp", "procs-vs-gpus", "launcher"])
-def test_bad_cluster_config_is_one_line(overrides, key, tmp_path):
-    proc = run_cli("launcher.submit", ["cluster=slurm", *overrides, f"run.dir={tmp_path}", "submit.dry_run=true"],
-                   check=False)
-    line = config_error_line(proc, key)
-    if key != "cluster.launcher":
-        assert "world size" in line or "ranks" in line or "GPU" in line
-
-
-@pytest.mark.parametrize("module,overrides,key", [
-    ("launcher.submit", ["cluster=slurm", "cluster.node=2", "submit.dry_run=true"], "node"),  # typo of nodes
-    ("launcher.train", ["cluster.nodes=2"], "nodes"),                                         # cluster=local
-])
-def test_unknown_cluster_keys_are_errors(module, overrides, key, tmp_path):
-    proc = run_cli(module, [*overrides, f"run.dir={tmp_path}"], check=False)
-    assert proc.returncode != 0 and f"Key '{key}' is not in struct" in proc.stderr, proc.stderr
-
-
-def test_local_cluster_is_refused(tmp_path):
-    proc = run_cli("launcher.submit", [f"run.dir={tmp_path}"], check=False)
-    assert "cluster=slurm" in config_error_line(proc, "cluster")
-
-
-def test_missing_sbatch_is_one_line(tmp_path):
-    proc = run_cli("launcher.submit", [*CPU_JOB, "cluster.sbatch=/nonexistent/bin/sbatch", f"run.dir={tmp_path}"],
-                   check=False)
-    assert "not found" in config_error_line(proc, "cluster.sbatch")
-    assert not (tmp_path / "submit.sbatch").exists()
-
-
 def test_unreachable_controller_is_one_line(slurm_cluster, tmp_path):
     dead = tmp_path / "slurm.conf"  # the test cluster's config with a controller port nobody listens on
     dead.write_text(re.sub(r"(?m)^SlurmctldPort=.*", "SlurmctldPort=1", (slurm_cluster / "slurm.conf").read_text()))

@@ -1,13 +1,38 @@
-"""Bad configs fail from the command line with one line naming the key, before any process
-group starts (so no 'shardforge:' start-up line and no torch.distributed output)."""
+"""Bad configs: the config composed by Hydra (conf/, the overrides) fails validation with the key
+that is wrong and the reason, in-process. The CLI's one stderr line and exit code:
+tests/e2e/test_config_errors_cli.py."""
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import importlib.util
 
-from conftest import config_error_line, run_cli
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from conftest import REPO
+from launcher.config.schema import JobConfig, ModelConfig, ParallelConfig, SlurmCluster, TrainConfig
+from launcher.config.validate import ConfigError, typed, validate
+from models.args import ModelArgs
+from parallel.engine_config import OptimConfig
+
+FAST = ["train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=2"]
+DS = ["parallel.engine=deepspeed"]
+
+
+def compose_config(*overrides: str, name: str = "config"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def error_of(overrides: list[str], *, world_size: int = 1, device_type: str = "cpu") -> ConfigError:
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(*overrides), world_size, device_type)
+    return err.value
+
 
 CASES = [
-    # overrides, key named in the message, words of the message
+    # overrides, key named in the error, words of its reason
     (["parallel.tp=3"], "parallel.tp", "must divide model.num_attention_heads=8"),
     (["model.num_query_groups=2", "parallel.tp=4"], "parallel.tp", "must divide model.num_query_groups=2"),
     (["parallel.pp=3"], "parallel.pp", "must divide model.num_layers=4"),
@@ -17,13 +42,15 @@ CASES = [
     (["train.global_batch_size=6", "train.micro_batch_size=4"], "train.global_batch_size",
      "6 must be divisible by micro_batch_size 4 x dp 1"),
     (["train.seq_length=4096"], "train.seq_length", "exceeds model.max_position_embeddings=2048"),
+    (["train.steps=0"], "train.steps", "must be a positive integer, got 0"),
     (["parallel.engine=fsdp"], "parallel.engine", "unknown engine"),
+    (["device=tpu"], "device", "must be auto, cpu or cuda"),
     (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load", "no checkpoint directory"),
-    (["model.vocab_size=1000"], "model.vocab_size", "has 4096 tokens but model.vocab_size is 1000"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last", "must be null or a positive integer"),
+    (["checkpoint.save_every=-1"], "checkpoint.save_every", "must be >= 0"),
     (["train.recompute=[mlp,attention]"], "train.recompute", "got ['mlp', 'attention']"),
+    (["train.recompute=some"], "train.recompute", "must be null, selective, full or a list"),
     (["model=qwen_moe_tiny", "train.recompute=[mlp_act]"], "train.recompute", "MoE experts: moe_act"),
-    (["train.compile=yes"], "train.compile", "must be true or false"),
     (["train.compile=true", "train.recompute=[mlp]"], "train.compile", "does not trace under torch.compile"),
     (["train.compile=true", "model=mixtral_tiny"], "train.compile", "compiled layers are dense only"),
     (["train.precision=fp16"], "train.precision", "must be auto, bf16, fp32 or fp8"),
@@ -31,24 +58,177 @@ CASES = [
     (["train.precision=fp8", "train.compile=true"], "train.precision", "set train.compile=false"),
     (["train.cuda_graph=maybe"], "train.cuda_graph", "must be auto, true or false"),
     (["train.cuda_graph=true", "device=cpu"], "train.cuda_graph", "needs device=cuda"),
+    (["logging.wandb.mode=cloud"], "logging.wandb.mode", "must be offline, online or disabled"),
+    (["logging.profile_steps=[5,2]"], "logging.profile_steps", "1 <= start <= end"),
+    (["logging.memory_snapshot=0"], "logging.memory_snapshot", "a step number >= 1"),
+    (["data=indexed"], "data.prefixes", "must be set"),
+    # MoE models and expert parallel
+    (["model=mixtral_tiny", "parallel.ep=3"], "parallel.ep", "ep=3 must divide model.num_experts=8"),
+    (["model=mixtral_tiny", "model.moe_router_topk=9"], "model.moe_router_topk", "top-k 9 exceeds model.num_experts=8"),
+    (["parallel.ep=2"], "parallel.ep", "needs an MoE model"),
+    (["model=mixtral_tiny", "parallel.ep=2"], "parallel.ep", "world size 1 is not divisible by tp*ep*pp = 2"),
+    (["model=mixtral_tiny", "model.moe_router_enable_expert_bias=true"], "model.moe_router_enable_expert_bias",
+     "needs model.moe_router_score_function=sigmoid"),
+    (["model=mixtral_tiny", "model.moe_layer_freq=[1,0]"], "model.moe_layer_freq", "one 0/1 entry per layer (4)"),
+    (["model=mixtral_tiny", "model.moe_router_num_groups=3", "model.moe_router_group_topk=1"],
+     "model.moe_router_num_groups", "3 must divide model.num_experts=8"),
+    (["model=mixtral_tiny", "model.moe_expert_capacity_factor=0"], "model.moe_expert_capacity_factor", "> 0"),
+    # optim.precision_aware and its dtypes (fp32 on CPU: precision auto)
+    ([*FAST, "optim.precision_aware=true"], "optim.precision_aware", "needs train.precision=bf16"),
+    ([*FAST, "optim.precision_aware=true", "train.precision=bf16", "parallel.distributed_optimizer=false"],
+     "optim.precision_aware", "needs parallel.distributed_optimizer=true"),
+    ([*FAST, "optim.moments_dtype=bf16", "train.precision=bf16"], "optim.moments_dtype", "need optim.precision_aware"),
+    ([*FAST, "optim.precision_aware=true", "train.precision=bf16", "optim.moments_dtype=fp8"], "optim.moments_dtype",
+     "must be fp32 or bf16"),
+    ([*FAST, "optim.main_grads_dtype=bf16", "train.precision=bf16"], "optim.main_grads_dtype",
+     "need optim.precision_aware"),
+    ([*FAST, "optim.master_weights=stochastic", "train.precision=bf16"], "optim.master_weights",
+     "needs optim.precision_aware"),
+    ([*FAST, "optim.precision_aware=true", "train.precision=bf16", "optim.master_weights=none"],
+     "optim.master_weights", "must be exact or stochastic"),
+    # engine=deepspeed
+    ([*FAST, *DS, "parallel.pp=2"], "parallel.pp", "ZeRO-3 does not compose with pipeline parallelism"),
+    ([*FAST, *DS, "parallel.tp=3"], "parallel.tp", "must divide model.num_attention_heads=8"),
+    ([*FAST, *DS, "parallel.zero.offload_optimizer=disk"], "parallel.zero.offload_optimizer",
+     "must be none, cpu or nvme"),
+    ([*FAST, *DS, "parallel.zero.offload_params=nvme"], "parallel.zero.nvme_path", "needs a directory here"),
+    ([*FAST, *DS, "model=mixtral_tiny"], "parallel.engine", "engine=deepspeed trains dense models"),
 ]
 
 
 @pytest.mark.parametrize("overrides,key,words", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_validation_error_is_one_line(overrides, key, words, tmp_path):
-    proc = run_cli("launcher.train", [*overrides, f"run.dir={tmp_path}"], check=False, timeout=120)
-    assert words in config_error_line(proc, key)
-    assert "shardforge:" not in proc.stdout  # never reached model/process-group construction
-    assert not (tmp_path / "metrics.jsonl").exists()
+def test_validation_error_names_key_and_reason(overrides, key, words):
+    err = error_of(overrides)
+    assert err.key == key and words in err.reason, err
+    assert str(err) == f"config error: {key}: {err.reason}"
 
 
-def test_error_under_torchrun_names_key_on_every_rank(tmp_path):
-    proc = run_cli("launcher.train", ["parallel.tp=4", f"run.dir={tmp_path}"], nproc=2, check=False, timeout=180)
-    assert proc.returncode != 0
-    assert proc.stderr.count("config error: parallel: world size 2 is not divisible by tp*pp*cp = 4") == 2
+def test_engine_deepspeed_without_deepspeed_installed(monkeypatch):
+    find_spec = importlib.util.find_spec
+
+    def without_deepspeed(name, *args, **kwargs):
+        if name == "deepspeed" or name.startswith("deepspeed."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_deepspeed)
+    err = error_of([*FAST, *DS])
+    assert err.key == "parallel.engine" and "deepspeed is not installed" in err.reason and ".[deepspeed]" in err.reason
 
 
-def test_unknown_key_is_an_error(tmp_path):
-    proc = run_cli("launcher.train", ["train.stepz=5", f"run.dir={tmp_path}"], check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "train.stepz" in proc.stderr and "not in struct" in proc.stderr
+def test_tokenizer_and_model_vocab_must_match(cache_env):
+    from launcher.train import build_data
+
+    with pytest.raises(ConfigError) as err:
+        build_data(typed(compose_config("model.vocab_size=1000")))
+    assert err.value.key == "model.vocab_size" and "has 4096 tokens but model.vocab_size is 1000" in err.value.reason
+
+
+@pytest.mark.parametrize("name,overrides,key", [
+    ("config", ["train.stepz=5"], "train.stepz"),
+    ("config", ["cluster.nodes=2"], "cluster.nodes"),                                  # cluster=local has no nodes
+    ("submit", ["cluster=slurm", "cluster.node=2"], "cluster.node"),                  # a typo of nodes
+    ("config", ["submit.dry_run=true"], "submit.dry_run"),                            # launcher.submit's own key
+])
+def test_unknown_key_is_an_error(name, overrides, key):
+    with pytest.raises(ConfigCompositionException, match=f"Could not override '{key}'"):
+        compose_config(*overrides, name=name)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.compile=maybe", "train.compile"),
+    ("train.steps=many", "train.steps"),
+    ("optim.precision_aware=sometimes", "optim.precision_aware"),
+    ("logging.profile_steps=5", "logging.profile_steps"),
+])
+def test_value_of_the_wrong_type_is_an_error(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(override)
+    assert f"full_key: {key}" in str(err.value.__cause__), err.value.__cause__
+
+
+def test_validation_returns_a_frozen_resolved_config_and_leaves_its_input_alone(tmp_path):
+    cfg = compose_config("checkpoint.load=auto", f"checkpoint.dir={tmp_path}", "parallel.tp=2",
+                         "train.micro_batch_size=2")
+    resolved = validate(cfg, 4, "cpu")
+    assert cfg.checkpoint.load == "auto"                    # the composed config is not written to
+    assert resolved.config.checkpoint.load is None          # no `latest` in checkpoint.dir: a fresh start
+    assert (resolved.layout.tp, resolved.layout.dp, resolved.layout.world_size) == (2, 2, 4)
+    assert isinstance(resolved.config, JobConfig) and not resolved.cuda_graph
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.config.train.steps = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.layout.dp = 1
+
+
+def test_default_groups_are_the_schema_defaults():
+    """conf/ sets nothing for the default groups but the schema's defaults; a model YAML sets its shape."""
+    cfg = typed(compose_config())
+    assert (cfg.optim, cfg.parallel, cfg.train) == (OptimConfig(), ParallelConfig(), TrainConfig())
+    assert (cfg.model.name, cfg.model.num_layers, cfg.data.name, cfg.cluster.name) == ("tiny", 4, "stdlib_docs", "local")
+
+
+def test_model_schema_mirrors_model_args():
+    """ModelConfig (the YAML schema) and models.args.ModelArgs (what the model is built from) name the
+    same fields with the same defaults, so a model YAML that leaves a field out means one thing."""
+    schema = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    args = {f.name: f.default for f in dataclasses.fields(ModelArgs)}
+    assert schema.keys() == args.keys()
+    defaulted = [k for k, v in args.items() if v is not dataclasses.MISSING]
+    assert {k: schema[k] for k in defaulted} == {k: args[k] for k in defaulted}
+
+
+@pytest.mark.parametrize("model", ["mixtral_tiny", "qwen_moe_tiny", "mixtral_8x7b", "qwen3_30b_a3b",
+                                   "deepseek_v2_lite_like"])
+def test_moe_model_yaml_holds_only_what_differs_from_the_defaults(model):
+    import yaml
+
+    written = yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    assert not [k for k, v in written.items() if k != "name" and v == defaults[k]]
+    args = ModelArgs.from_config(dataclasses.asdict(typed(compose_config(f"model={model}")).model))
+    assert args.is_moe and args == ModelArgs.from_config(written)
+
+
+# launcher.submit: the cluster's world size against the layout, and the cluster's own keys
+SUBMIT = [
+    (["model=llama3_8b", "cluster.nodes=3", "cluster.gpus_per_node=8", "parallel.tp=8", "parallel.pp=2"],
+     "cluster.nodes", "3 nodes x 8 processes per node = 24 ranks: not divisible by tp*pp*cp = 16"),
+    (["cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.tp=2", "train.global_batch_size=6",
+      "train.micro_batch_size=2"], "train.global_batch_size",
+     "6 must be divisible by micro_batch_size 2 x dp 2 (world size 4 = cluster.nodes 2 x 2 per node)"),
+    (["cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.dp=3"], "parallel.dp",
+     "(world size 4 = cluster.nodes 2 x 2 per node)"),
+    (["cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.procs_per_node=2"], "cluster.procs_per_node",
+     "one process per GPU"),
+    (["cluster.launcher=mpirun"], "cluster.launcher", "must be torchrun or srun"),
+    (["cluster.nodes=0"], "cluster.nodes", "must be an integer >= 1"),
+    (["parallel.tp=3"], "parallel.tp", "must divide model.num_attention_heads=8"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,words", SUBMIT, ids=[" ".join(c[0]) for c in SUBMIT])
+def test_bad_cluster_config(overrides, key, words, tmp_path):
+    from launcher.submit import build_job
+
+    with pytest.raises(ConfigError) as err:
+        build_job(typed(compose_config("cluster=slurm", *overrides, name="submit")), tmp_path, [])
+    assert err.value.key == key and words in err.value.reason, err.value
+
+
+def test_submit_refuses_the_local_cluster(tmp_path):
+    from launcher.submit import build_job
+
+    with pytest.raises(ConfigError) as err:
+        build_job(typed(compose_config(name="submit")), tmp_path, [])
+    assert err.value.key == "cluster" and "cluster=slurm" in err.value.reason
+
+
+def test_missing_sbatch(tmp_path):
+    from launcher.submit import _check_slurm
+
+    cluster = typed(compose_config("cluster=slurm", "cluster.sbatch=/nonexistent/bin/sbatch", name="submit")).cluster
+    assert isinstance(cluster, SlurmCluster)
+    with pytest.raises(ConfigError) as err:
+        _check_slurm(cluster)
+    assert err.value.key == "cluster.sbatch" and "not found" in err.value.reason

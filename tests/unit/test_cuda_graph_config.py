@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO
-from parallel.cuda_graph import blockers, resolve
+from launcher.config.validate import typed, validate
+from parallel.cuda_graph import blockers
 
 
 def _cfg(*overrides: str):
@@ -21,13 +22,27 @@ def _cfg(*overrides: str):
     (["train.cuda_graph=false"], "cuda", 1, False),
     ([], "cuda", 2, False),                                  # auto: one process only
     (["train.cuda_graph=true"], "cuda", 2, True),            # true: tp/dp allowed
-    (["train.cuda_graph=true"], "auto", 8, True),            # a submit host: device not known yet
+    (["train.cuda_graph=true", "train.micro_batch_size=1"], "auto", 8, True),  # a submit host: device unknown
     (["model=mixtral_tiny"], "cuda", 1, False),
     (["parallel.engine=deepspeed"], "cuda", 1, False),
-    (["data=indexed", "data.packing=true"], "cuda", 1, False),
-    (["parallel.pp=2", "train.cuda_graph=true"], "cuda", 2, False),
+    (["data=indexed", "data.prefixes=[x]", "data.tokenizer=t", "data.packing=true"], "cuda", 1, False),
+    (["parallel.pp=2"], "cuda", 2, False),
 ])
 def test_resolve(overrides, device, world, expected):
     cfg = _cfg(*overrides)
-    assert resolve(cfg, device, world) is expected
-    assert (not blockers(cfg, device, world)) == (expected or cfg.train.cuda_graph is False)
+    assert validate(cfg, world, device).cuda_graph is expected
+    c = typed(cfg)
+    why = blockers(c.train.cuda_graph, device_type=device, world_size=world, engine=c.parallel.engine,
+                   moe=c.model.num_experts is not None, packing=c.data.packing, pp=c.parallel.pp)
+    assert (not why) == (expected or c.train.cuda_graph is False)
+
+
+def test_true_where_it_cannot_apply_names_every_reason():
+    from launcher.config.validate import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg("train.cuda_graph=true", "parallel.pp=2", "model=mixtral_tiny", "train.global_batch_size=16"),
+                 2, "cpu")
+    assert err.value.key == "train.cuda_graph"
+    for words in ("needs device=cuda", "mixture of experts", "pipeline parallel"):
+        assert words in err.value.reason
