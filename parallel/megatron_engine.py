@@ -41,8 +41,10 @@ from parallel.lr_schedule import lr_scheduler
 from parallel import megatron_state
 from parallel import compat
 
-# CPU emulation of CUDA APIs, from init_distributed(device=cpu) to shutdown().
-_cpu_scope = contextlib.ExitStack()
+# What init_distributed started (CPU emulation of CUDA APIs, the process group), undone by
+# shutdown(). A process group that already existed (a test session running several trainings
+# under one torchrun) belongs to its creator and stays up.
+_started = contextlib.ExitStack()
 
 
 def init_distributed(layout: Layout, device: torch.device, seed: int, cuda_graph: bool = False) -> None:
@@ -50,7 +52,7 @@ def init_distributed(layout: Layout, device: torch.device, seed: int, cuda_graph
     `cuda_graph`: RNG streams as torch.Generators, which a CUDA graph can register and advance."""
     compat.apply_fixes()
     if device.type == "cpu":  # left by shutdown()
-        _cpu_scope.enter_context(compat.cpu_emulation())
+        _started.enter_context(compat.cpu_emulation())
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if cuda_graph:
@@ -64,6 +66,7 @@ def init_distributed(layout: Layout, device: torch.device, seed: int, cuda_graph
             dist.init_process_group(backend, timeout=timedelta(minutes=10))
         else:  # plain `python -m launcher.train`: a world of one, no port to collide on
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        _started.callback(dist.destroy_process_group)
     ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
                                  virtual_pipeline_model_parallel_size=layout.vpp,
                                  context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep)
@@ -75,9 +78,7 @@ def init_distributed(layout: Layout, device: torch.device, seed: int, cuda_graph
 def shutdown() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _cpu_scope.close()
+    _started.close()
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):

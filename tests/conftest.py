@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_MARK = "\ntrain_many: next run\n"  # tests/scripts/train_many.py prints it before each run
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "dist", "e2e")
 
@@ -44,6 +45,20 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def train_runs(base: Path, runs: list[tuple[str, list[str], int]], *, timeout: int = 900) -> dict[str, list[dict]]:
+    """Train each (name, overrides, nproc) into base/name and return every run's metrics by name;
+    its stdout is base/name/stdout.txt. The runs of one world size share one launch
+    (tests/scripts/train_many.py), in the given order, the launches in the order their world size
+    first appears: on CPU a tiny run costs mostly its launch (interpreter, imports, process group)."""
+    for nproc in dict.fromkeys(n for *_, n in runs):
+        names = [name for name, _, n in runs if n == nproc]
+        batch = [[*overrides, f"run.dir={base / name}"] for name, overrides, n in runs if n == nproc]
+        out = run_cli("tests.scripts.train_many", [json.dumps(batch)], nproc=nproc, timeout=timeout).stdout
+        for name, text in zip(names, out.split(RUN_MARK)[1:], strict=True):
+            (base / name / "stdout.txt").write_text(text)
+    return {name: read_metrics(base / name) for name, *_ in runs}
 
 
 def config_error_line(proc: subprocess.CompletedProcess, key: str) -> str:

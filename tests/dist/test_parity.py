@@ -1,10 +1,11 @@
 """Every parallel layout trains the same model: per-step loss (and grad norm) equal to the
-single-process run, each layout a real torchrun with gloo on CPU, fp32."""
+single-process run, each layout a real torchrun with gloo on CPU, fp32 (the layouts of one world
+size share one torchrun)."""
 from __future__ import annotations
 
 import pytest
 
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, train_runs
 
 STEPS = 10
 LAYOUTS = [
@@ -23,20 +24,17 @@ LAYOUTS = [
 ]
 
 
-def _train(run_dir, extra, nproc):
-    run_cli("launcher.train", [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false",
-                               f"run.dir={run_dir}", *extra], nproc=nproc)
-    return read_metrics(run_dir)
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_env):
-    return _train(tmp_path_factory.mktemp("single"), [], 1)
+def trained(tmp_path_factory, cache_env) -> dict[str, list[dict]]:
+    """The single-process reference and every layout."""
+    common = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false"]
+    runs = [("single", [], 1), *LAYOUTS]
+    return train_runs(tmp_path_factory.mktemp("parity"), [(name, [*common, *extra], n) for name, extra, n in runs])
 
 
-@pytest.mark.parametrize("name,extra,nproc", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_layout_matches_single_process(name, extra, nproc, reference, tmp_path):
-    got = _train(tmp_path / name, extra, nproc)
+@pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
+def test_layout_matches_single_process(name, trained):
+    reference, got = trained["single"], trained[name]
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert reference[-1]["loss"] < reference[0]["loss"]  # it trains at all
     for ref, m in zip(reference, got):
