@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-RDZV_PORT_BASE = 29500  # as in conf/cluster/slurm.yaml: base + job id % 20000 (stable across requeues)
+RDZV_PORT_BASE = 29500  # as cluster.rdzv_port_base's default: base + job id % 20000 (stable across requeues)
 
 
 def map_srun_env(env: dict[str, str] | None = None) -> bool:

@@ -1,10 +1,14 @@
 """The train config's schema: one frozen dataclass per section, registered in Hydra's ConfigStore.
 
-Hydra stays the front end: conf/config.yaml's defaults list starts from `job_schema`, so every
-key has a type and a default here, the YAML groups (conf/<group>/<option>.yaml) hold only what
-an option sets, and an override of a key that is not here is an error. OmegaConf makes a node
-of a frozen dataclass read-only; the nodes stored here are writable, so Hydra can merge the YAML
-and the overrides into them, and `OmegaConf.to_object` still builds the frozen dataclasses.
+Hydra stays the front end: conf/config.yaml's defaults list starts from `schema: job` (and
+conf/submit.yaml's from `schema: submit`), so every key has a type and a default here, the YAML
+groups (conf/<group>/<option>.yaml) hold only what an option sets, and an override of a key that
+is not here is an error. An option of a group whose options differ in their keys (data, cluster)
+names its schema (`schema/data/*`, `schema/cluster/*`) in its own defaults list.
+
+OmegaConf makes the node of a frozen dataclass read-only; the nodes stored here are writable, so
+Hydra can merge the YAML and the overrides into them, and `OmegaConf.to_object` still builds the
+frozen dataclasses.
 """
 from __future__ import annotations
 
@@ -232,13 +236,13 @@ def _writable(schema: type) -> DictConfig:
 
 
 def register() -> None:
-    """Store the schemas under the names the YAML defaults lists use (idempotent)."""
+    """Store the schemas under the names the YAML defaults lists use (storing again replaces)."""
     cs = ConfigStore.instance()
     cs.store(group="schema", name="job", node=_writable(JobConfig), package="_global_")
     cs.store(group="schema", name="submit", node=_writable(SubmitJobConfig), package="_global_")
-    cs.store(group="data", name="stdlib_docs_schema", node=_writable(StdlibDocsData))
-    cs.store(group="data", name="indexed_schema", node=_writable(IndexedData))
-    cs.store(group="cluster", name="slurm_schema", node=_writable(SlurmCluster))
+    cs.store(group="schema/data", name="stdlib_docs", node=_writable(StdlibDocsData))
+    cs.store(group="schema/data", name="indexed", node=_writable(IndexedData))
+    cs.store(group="schema/cluster", name="slurm", node=_writable(SlurmCluster))
 
 
 register()

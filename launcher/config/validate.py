@@ -20,7 +20,6 @@ from omegaconf.errors import MissingMandatoryValue
 from launcher.config.schema import JobConfig, ModelConfig
 from models.args import padded_vocab_size
 from parallel import cuda_graph
-from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 
 # megatron-core's selective recompute submodules (TransformerConfig.recompute_modules), and
@@ -103,7 +102,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> 
         raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
                                            "(MoE routing sends a data-dependent number of tokens to each expert)")
     graphed = _check_cuda_graph(c, device_type, world_size)
-    _check_precision_aware(c.optim, c, device_type)
+    _check_precision_aware(c, device_type)
     if c.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {c.logging.wandb.mode!r}")
 
@@ -180,9 +179,10 @@ def check_fp8_device(precision: str, device: Any) -> None:
                                                  f"this one is {capability[0]}.{capability[1]}")
 
 
-def _check_precision_aware(o: OptimConfig, c: JobConfig, device_type: str) -> None:
+def _check_precision_aware(c: JobConfig, device_type: str) -> None:
     """optim.precision_aware / moments_dtype / main_grads_dtype / master_weights (parallel/fused_adam.py);
     precision auto is fp32 on CPU."""
+    o = c.optim
     if o.moments_dtype not in ("fp32", "bf16"):
         raise ConfigError("optim.moments_dtype", f"must be fp32 or bf16, got {o.moments_dtype!r}")
     if o.main_grads_dtype not in ("fp32", "bf16"):
