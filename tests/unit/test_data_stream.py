@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
-from omegaconf import OmegaConf
-
+from launcher.config.validate import typed
 from launcher.data import pretrain
 from launcher.data.corpus import build_stdlib_corpus, read_documents
 from launcher.data.gpt_dataset import IndexedWindows, microbatches
@@ -105,11 +105,11 @@ def test_default_data_reads_the_corpus_in_its_seeded_window_order(built):
     from launcher.train import build_data
 
     seq, seed = 64, 1234
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/data/stdlib_docs.yaml")
-    cfg.merge_with({"cache_dir": str(built[0].parent.parent), "tokenizer_vocab_size": VOCAB,
-                    "max_corpus_bytes": CORPUS_BYTES})
-    cfg = OmegaConf.create({"data": cfg, "train": {"seq_length": seq, "seed": seed}, "model": {"vocab_size": VOCAB}})
-    batches = build_data(cfg).batches(step=1, dp_rank=0, dp_size=1, micro_batch_size=2, global_batch_size=4)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"data.cache_dir={built[0].parent.parent}", f"model.vocab_size={VOCAB}",
+                                           f"data.tokenizer_vocab_size={VOCAB}", f"data.max_corpus_bytes={CORPUS_BYTES}",
+                                           f"train.seq_length={seq}", f"train.seed={seed}"])
+    batches = build_data(typed(cfg)).batches(step=1, dp_rank=0, dp_size=1, micro_batch_size=2, global_batch_size=4)
     flat = tokens(built[1]).astype(np.int64)
     perm = np.random.default_rng([seed, 0]).permutation((len(flat) - 1) // seq)
     windows = np.stack([flat[c * seq:c * seq + seq + 1] for c in perm[4:8]])
