@@ -11,12 +11,12 @@ class OptimConfig:
     """AdamW with megatron-core's lr schedule: linear warmup, then decay to min_lr over the run."""
     lr: float = 3.0e-4                # peak learning rate, reached after warmup_steps
     min_lr: float = 3.0e-5            # learning rate at the last step
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1         # decoupled (AdamW); not on biases and norms
     beta1: float = 0.9
     beta2: float = 0.95
-    eps: float = 1.0e-8
+    eps: float = 1.0e-8               # Adam's epsilon
     clip_grad: float = 1.0            # global gradient-norm clip
-    warmup_steps: int = 10
+    warmup_steps: int = 10            # linear warmup from 0 to lr
     decay_style: str = "cosine"       # cosine | linear | constant
     # engine=megatron, bf16: fp32 master weights kept as bf16 params + 16-bit remainders, one fused
     # AdamW pass (parallel/fused_adam.py)

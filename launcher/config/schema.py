@@ -24,41 +24,41 @@ from parallel.engine_config import OptimConfig, ZeroConfig
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Llama-family model (conf/model/*.yaml); the fields of models.args.ModelArgs."""
-    name: str = MISSING
-    num_layers: int = MISSING
+    name: str = MISSING                       # the default run dir is runs/<name>
+    num_layers: int = MISSING                 # transformer layers
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING            # dense MLP width
-    num_attention_heads: int = MISSING
+    num_attention_heads: int = MISSING        # query heads
     num_query_groups: int = MISSING           # GQA: key/value heads
     vocab_size: int = MISSING                 # the tokenizer's size (padded to a multiple of 128 inside)
-    max_position_embeddings: int = MISSING
+    max_position_embeddings: int = MISSING    # the longest train.seq_length it takes
     kv_channels: int | None = None            # head dim; null = hidden_size / num_attention_heads
-    rotary_base: float = 10000
+    rotary_base: float = 10000                # RoPE theta
     rope_scaling: bool = False                # Llama-3.1 style long-context RoPE scaling
-    rope_scaling_factor: float = 8.0
-    norm_epsilon: float = 1e-5
-    tie_word_embeddings: bool = False
+    rope_scaling_factor: float = 8.0          # with rope_scaling: the long-context factor
+    norm_epsilon: float = 1e-5                # RMSNorm epsilon
+    tie_word_embeddings: bool = False         # the output layer shares the embedding's weight
     add_qkv_bias: bool = False                # Qwen2 sets this
     qk_layernorm: bool = False                # Qwen3 sets this
-    init_method_std: float = 0.02
+    init_method_std: float = 0.02             # std of the normal weight init (models/init.py)
     # Mixture of experts (megatron-core MoELayer); num_experts null is a dense model and every
     # field below is then ignored.
-    num_experts: int | None = None
-    moe_router_topk: int = 2
+    num_experts: int | None = None            # routed experts per MoE layer; null = a dense model
+    moe_router_topk: int = 2                  # experts per token
     moe_ffn_hidden_size: int | None = None    # per-expert FFN width; null = ffn_hidden_size
     moe_shared_expert_intermediate_size: int | None = None  # total width of the shared expert(s)
     moe_shared_expert_gate: bool = False      # Qwen2-MoE's sigmoid gate on the shared expert
     moe_layer_freq: Any = 1                   # every N-th layer is MoE, or a 0/1 list with one entry per layer
     moe_router_score_function: str = "softmax"  # softmax | sigmoid
     moe_router_pre_softmax: bool = False      # softmax over all experts before top-k (no renormalisation)
-    moe_router_topk_scaling_factor: float | None = None
+    moe_router_topk_scaling_factor: float | None = None  # scales the top-k routing weights
     moe_router_enable_expert_bias: bool = False  # DeepSeek-V3 aux-loss-free balancing (sigmoid only)
-    moe_router_bias_update_rate: float = 1e-3
+    moe_router_bias_update_rate: float = 1e-3  # step of the expert bias per optimizer step
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
-    moe_aux_loss_coeff: float = 0.0
-    moe_z_loss_coeff: float | None = None
+    moe_aux_loss_coeff: float = 0.0           # weight of the load-balancing loss
+    moe_z_loss_coeff: float | None = None     # weight of the router z-loss; null = none
     moe_router_num_groups: int | None = None  # group-limited routing (DeepSeek device/node limit)
-    moe_router_group_topk: int | None = None
+    moe_router_group_topk: int | None = None  # groups each token may route to
     moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
     moe_expert_capacity_factor: float | None = None  # null = dropless
 
@@ -73,14 +73,14 @@ class ParallelConfig:
     ep: int = 1                       # expert parallel (MoE models)
     dp: int | None = None             # data parallel; null = world_size / (tp * pp * cp)
     distributed_optimizer: bool = True  # ZeRO-1 style optimizer-state sharding over DP
-    overlap_grad_reduce: bool = False
+    overlap_grad_reduce: bool = False  # DP gradient all-reduce overlapped with the backward
     zero: ZeroConfig = field(default_factory=ZeroConfig)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """What every data source (conf/data/*.yaml) takes; each option adds its own keys."""
-    name: str = MISSING
+    name: str = MISSING               # the option: stdlib_docs | indexed
     weights: list[float] | None = None  # blend weights, one per prefix; null = equal
     format: str = "pretrain"          # pretrain | sft (assistant-only loss; needs <prefix>.mask.bin)
     packing: bool = False             # pack whole samples into seq_length rows (cu_seqlens, padding-free attention)
@@ -94,9 +94,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class StdlibDocsData(DataConfig):
     """data=stdlib_docs: the embedded corpus, built at first use and cached as an indexed dataset."""
-    cache_dir: str = MISSING
-    tokenizer_vocab_size: int = MISSING
-    max_corpus_bytes: int = MISSING
+    cache_dir: str = MISSING          # where the corpus, its tokens and the tokenizer are kept
+    tokenizer_vocab_size: int = MISSING  # the sentencepiece model trained on the corpus
+    max_corpus_bytes: int = MISSING   # docstring text taken from the standard library
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,11 @@ class IndexedData(DataConfig):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    seq_length: int = 256
-    seed: int = 1234
+    steps: int = 200                  # optimizer steps of the whole run
+    micro_batch_size: int = 4         # rows per forward/backward on one DP rank
+    global_batch_size: int = 8        # rows per optimizer step over all DP ranks (the rest is gradient accumulation)
+    seq_length: int = 256             # tokens per row
+    seed: int = 1234                  # weights, data order and dropout
     precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp8 (bf16 with fp8 GEMMs)
     # null | selective (core attention) | full | a module list, e.g. [mlp,layernorm] or [mlp_act,layernorm]
     recompute: Any = None
@@ -120,12 +120,12 @@ class TrainConfig:
     # unpacked, pp=1; auto: one process)
     cuda_graph: Any = "auto"
     compile: bool = False             # torch.compile each transformer layer (engine=megatron, dense models)
-    log_every: int = 1
+    log_every: int = 1                # metrics.jsonl gets every N-th step (and the last)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str = "${run.dir}/checkpoints"
+    dir: str = "${run.dir}/checkpoints"  # where this run saves (iter_*/ and `latest`)
     save_every: int = 0               # 0 = only at the end of training
     # a checkpoint dir (its `latest`) or one iter_* dir to resume from; auto = checkpoint.dir's
     # latest if there is one, else start fresh
@@ -138,14 +138,14 @@ class CheckpointConfig:
 class WandbConfig:
     mode: str = "offline"             # offline | online | disabled
     project: str = "shardforge"
-    name: str | None = None
+    name: str | None = None           # the wandb run name; null = wandb picks one
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     progress: bool = True             # live progress line on rank 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    tensorboard: bool = False
+    tensorboard: bool = False         # also write TensorBoard events into <run.dir>
     profile_steps: list[int] | None = None  # [start, end]: torch.profiler over those steps -> <run.dir>/profile/
     # N (CUDA): allocator history from start-up to step N -> <run.dir>/memory/
     memory_snapshot: int | None = None
@@ -160,18 +160,18 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class SlurmCluster(ClusterConfig):
     """A Slurm cluster for `python -m launcher.submit` (conf/cluster/slurm.yaml and copies of it)."""
-    nodes: int = 1
+    nodes: int = 1                    # nodes of the job (world size = nodes x processes per node)
     gpus_per_node: int = 8            # GPUs (and so processes) per node; 0 = a CPU-only job
     procs_per_node: int | None = None  # training processes per node; null = gpus_per_node, or 1 when it is 0
     cpus_per_task: int | None = None  # --cpus-per-task (torchrun launcher: one task per node; srun: one per GPU)
     partition: str | None = None      # --partition; required when the cluster has no default partition
     partition_required: Any = "auto"  # auto (ask sinfo for a default partition) | true | false
-    account: str | None = None
-    qos: str | None = None
+    account: str | None = None        # --account
+    qos: str | None = None            # --qos
     time: str | None = "04:00:00"     # --time; the requeue signal arrives signal_grace_s before it ends
     mem: str | None = None            # --mem, e.g. 0 (all of the node) or 500G
-    constraint: str | None = None
-    exclusive: bool = True
+    constraint: str | None = None     # --constraint (node features)
+    exclusive: bool = True            # --exclusive: whole nodes
     job_name: str | None = None       # null = the run dir's name
     launcher: str = "torchrun"        # torchrun (one per node, c10d rendezvous) | srun (one task per process)
     rdzv_port_base: int = 29500       # rendezvous/master port = base + job id % 20000 (same for a requeued job)

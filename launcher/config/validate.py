@@ -198,7 +198,8 @@ def _check_precision_aware(c: JobConfig, device_type: str) -> None:
             raise ConfigError("optim.main_grads_dtype", "bf16 main grads need optim.precision_aware=true")
         return
     if c.parallel.engine != "megatron":
-        raise ConfigError("optim.precision_aware", "is megatron-core's distributed optimizer: needs parallel.engine=megatron")
+        raise ConfigError("optim.precision_aware",
+                          "is megatron-core's distributed optimizer: needs parallel.engine=megatron")
     if not c.parallel.distributed_optimizer:
         raise ConfigError("optim.precision_aware", "needs parallel.distributed_optimizer=true")
     precision = c.train.precision
