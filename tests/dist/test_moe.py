@@ -1,6 +1,6 @@
 """Mixture of experts: expert parallelism trains the same model as one process (dropless,
-per-step loss through the CLI), bad MoE configs fail in one line, a rank that receives no
-tokens neither crashes nor hangs, and aux-loss-free expert bias moves load toward balance."""
+per-step loss through the CLI), a rank that receives no tokens neither crashes nor hangs, and
+aux-loss-free expert bias moves load toward balance (bad MoE configs: tests/unit/test_config_errors.py)."""
 from __future__ import annotations
 
 import json

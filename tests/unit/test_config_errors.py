@@ -124,6 +124,16 @@ def test_tokenizer_and_model_vocab_must_match(cache_env):
     assert err.value.key == "model.vocab_size" and "has 4096 tokens but model.vocab_size is 1000" in err.value.reason
 
 
+def test_missing_dataset(tmp_path):
+    from launcher.train import build_data
+
+    cfg = compose_config("data=indexed", f"data.prefixes=[{tmp_path / 'nope'}]", f"data.tokenizer={tmp_path / 'tok'}")
+    with pytest.raises(ConfigError) as err:
+        build_data(typed(cfg))
+    assert err.value.key == "data.prefixes"
+    assert err.value.reason == f"missing {tmp_path / 'nope'}.bin (run python -m launcher.preprocess)"
+
+
 @pytest.mark.parametrize("name,overrides,key", [
     ("config", ["train.stepz=5"], "train.stepz"),
     ("config", ["cluster.nodes=2"], "cluster.nodes"),                                  # cluster=local has no nodes
