@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_MARK = "\ntrain_many: next run\n"  # tests/scripts/train_many.py prints it before each run
+RUN_MANY_MARK = "run_many: next command"  # tests/scripts/run_many.py prints it before each command
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "dist", "e2e")
 
@@ -47,16 +47,25 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
     return proc
 
 
+def run_many(commands: list[list[str]], *, nproc: int = 1, timeout: int = 900) -> list[str]:
+    """Several `python -m` command lines ([module, *args]) in one launch of `nproc` ranks, in order
+    (tests/scripts/run_many.py); each one's stdout. On CPU a tiny run costs mostly its launch:
+    interpreter, imports, process group."""
+    out = run_cli("tests.scripts.run_many", [json.dumps(commands)], nproc=nproc, timeout=timeout).stdout
+    outputs = out.split(f"\n{RUN_MANY_MARK}\n")[1:]
+    assert len(outputs) == len(commands), out[-4000:]
+    return outputs
+
+
 def train_runs(base: Path, runs: list[tuple[str, list[str], int]], *, timeout: int = 900) -> dict[str, list[dict]]:
-    """Train each (name, overrides, nproc) into base/name and return every run's metrics by name;
-    its stdout is base/name/stdout.txt. The runs of one world size share one launch
-    (tests/scripts/train_many.py), in the given order, the launches in the order their world size
-    first appears: on CPU a tiny run costs mostly its launch (interpreter, imports, process group)."""
+    """Train each (name, overrides, nproc) into base/name; every run's metrics by name, its stdout in
+    base/name/stdout.txt. The runs of one world size share one launch (run_many), in the given
+    order; the launches go in the order their world size first appears."""
     for nproc in dict.fromkeys(n for *_, n in runs):
         names = [name for name, _, n in runs if n == nproc]
-        batch = [[*overrides, f"run.dir={base / name}"] for name, overrides, n in runs if n == nproc]
-        out = run_cli("tests.scripts.train_many", [json.dumps(batch)], nproc=nproc, timeout=timeout).stdout
-        for name, text in zip(names, out.split(RUN_MARK)[1:], strict=True):
+        outputs = run_many([["launcher.train", *overrides, f"run.dir={base / name}"]
+                            for name, overrides, n in runs if n == nproc], nproc=nproc, timeout=timeout)
+        for name, text in zip(names, outputs):
             (base / name / "stdout.txt").write_text(text)
     return {name: read_metrics(base / name) for name, *_ in runs}
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from tiny_tokenizers import SENTENCES, train_sp
 
-from conftest import read_metrics, run_cli
+from conftest import run_cli, train_runs
 
 
 @pytest.fixture(scope="module")
@@ -23,29 +23,33 @@ def sft_data(tmp_path_factory):
     return [f"data.prefixes=[{d / 'chat'}]", f"data.tokenizer={tokenizer}"]
 
 
-def _train(run_dir, data, extra, nproc, packing=True):
-    run_cli("launcher.train", ["data=indexed", *data, "data.format=sft", f"data.packing={str(packing).lower()}",
-                               "train.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=2",
-                               "train.steps=4", "optim.warmup_steps=1", "logging.wandb.mode=disabled",
-                               "logging.progress=false", "checkpoint.final_save=false", f"run.dir={run_dir}",
-                               *extra], nproc=nproc)
-    return read_metrics(run_dir)
+LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", [])]
 
 
-def test_packed_sft_parity_across_layouts(sft_data, tmp_path):
-    ref = _train(tmp_path / "single", sft_data, [], 1)
+@pytest.fixture(scope="module")
+def trained(sft_data, tmp_path_factory) -> dict[str, list[dict]]:
+    """Packed SFT in one process and in each 2-rank layout, and unpacked ("padded") in one process."""
+    common = ["data=indexed", *sft_data, "data.format=sft", "train.seq_length=256", "train.global_batch_size=4",
+              "train.micro_batch_size=2", "train.steps=4", "optim.warmup_steps=1", "logging.wandb.mode=disabled",
+              "logging.progress=false", "checkpoint.final_save=false"]
+    packed = [*common, "data.packing=true"]
+    return train_runs(tmp_path_factory.mktemp("sft_runs"), [
+        ("single", packed, 1), ("padded", [*common, "data.packing=false"], 1),
+        *[(name, [*packed, *extra], 2) for name, extra in LAYOUTS]])
+
+
+def test_packed_sft_parity_across_layouts(trained):
+    ref = trained["single"]
     assert 0 < ref[0]["padding_fraction"] < 0.5
     assert ref[0]["samples_per_row"] > 1.5  # several conversations share a row
     assert all(m["loss_tokens"] < 4 * 256 for m in ref)  # only assistant tokens carry loss
-    for name, extra in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", [])):
-        got = _train(tmp_path / name, sft_data, extra, 2)
+    for name, _ in LAYOUTS:
+        got = trained[name]
         for a, b in zip(ref, got):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (name, a["step"])
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
             assert b["loss_tokens"] == a["loss_tokens"]
 
 
-def test_unpacked_sft_pads_more(sft_data, tmp_path):
-    padded = _train(tmp_path / "padded", sft_data, [], 1, packing=False)
-    packed = _train(tmp_path / "packed", sft_data, [], 1)
-    assert padded[0]["padding_fraction"] > packed[0]["padding_fraction"]
+def test_unpacked_sft_pads_more(trained):
+    assert trained["padded"][0]["padding_fraction"] > trained["single"][0]["padding_fraction"]
