@@ -2,7 +2,8 @@
 engine (parameters partitioned over the ranks, gathered layer by layer in the forward) and (b) its
 `launcher.convert zero_to_megatron` output loaded into the megatron GPTModel through
 dist_checkpointing, the path the megatron engine loads checkpoints by, and (c) that converted
-checkpoint loaded back into a fresh DeepSpeed engine (megatron -> ZeRO-3).
+checkpoint loaded back into a fresh DeepSpeed engine (megatron -> ZeRO-3). Also checks that the ZeRO-3
+engine's export_weights equals the converted checkpoint's tensors.
 
     zero3_logits ZERO_CHECKPOINT MEGATRON_CHECKPOINT OUT.pt OFFLOAD(cpu|none)
 OUT.pt (rank 0): {"tokens", "deepspeed", "megatron", "megatron_to_deepspeed"}: [b, s, vocab] logits
@@ -26,6 +27,19 @@ from parallel.megatron_engine import init_distributed, shutdown
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _model_tensors_on_disk(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a model-only dist checkpoint, whole."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    request = {key: ShardedTensor.from_rank_offsets(key, torch.empty(tuple(m.global_shape), dtype=m.dtype),
+                                                    replica_id=torch.distributed.get_rank())
+               for key, m in meta.items()}
+    loaded = dist_checkpointing.load(request, str(directory))
+    return {key: loaded[key] for key in request}
+
+
 def main() -> None:
     zero_ckpt, megatron_ckpt, out, offload = sys.argv[1:5]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -47,6 +61,11 @@ def main() -> None:
         ds_logits = engine.logits(tokens)
 
         converted = resolve_checkpoint(megatron_ckpt)
+        # export_weights gathers the partitions whole: what zero_to_fp32 reassembled from the files
+        exported, on_disk = engine.export_weights(), _model_tensors_on_disk(converted)
+        assert sorted(exported) == sorted(on_disk), sorted(set(exported) ^ set(on_disk))
+        for key, tensor in on_disk.items():
+            assert torch.equal(exported[key], tensor), f"exported {key} differs from the conversion's"
         margs = model_args_for(converted, None)
         model = build_model(margs)
         load_model_weights(model, converted, margs)
