@@ -18,49 +18,15 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from models.args import ModelArgs
 from parallel.engine_config import OptimConfig, ZeroConfig
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The shape of a Llama-family model (conf/model/*.yaml); the fields of models.args.ModelArgs."""
-    name: str = MISSING                       # the default run dir is runs/<name>
-    num_layers: int = MISSING                 # transformer layers
-    hidden_size: int = MISSING
-    ffn_hidden_size: int = MISSING            # dense MLP width
-    num_attention_heads: int = MISSING        # query heads
-    num_query_groups: int = MISSING           # GQA: key/value heads
-    vocab_size: int = MISSING                 # the tokenizer's size (padded to a multiple of 128 inside)
-    max_position_embeddings: int = MISSING    # the longest train.seq_length it takes
-    kv_channels: int | None = None            # head dim; null = hidden_size / num_attention_heads
-    rotary_base: float = 10000                # RoPE theta
-    rope_scaling: bool = False                # Llama-3.1 style long-context RoPE scaling
-    rope_scaling_factor: float = 8.0          # with rope_scaling: the long-context factor
-    norm_epsilon: float = 1e-5                # RMSNorm epsilon
-    tie_word_embeddings: bool = False         # the output layer shares the embedding's weight
-    add_qkv_bias: bool = False                # Qwen2 sets this
-    qk_layernorm: bool = False                # Qwen3 sets this
-    init_method_std: float = 0.02             # std of the normal weight init (models/init.py)
-    # Mixture of experts (megatron-core MoELayer); num_experts null is a dense model and every
-    # field below is then ignored.
-    num_experts: int | None = None            # routed experts per MoE layer; null = a dense model
-    moe_router_topk: int = 2                  # experts per token
-    moe_ffn_hidden_size: int | None = None    # per-expert FFN width; null = ffn_hidden_size
-    moe_shared_expert_intermediate_size: int | None = None  # total width of the shared expert(s)
-    moe_shared_expert_gate: bool = False      # Qwen2-MoE's sigmoid gate on the shared expert
-    moe_layer_freq: Any = 1                   # every N-th layer is MoE, or a 0/1 list with one entry per layer
-    moe_router_score_function: str = "softmax"  # softmax | sigmoid
-    moe_router_pre_softmax: bool = False      # softmax over all experts before top-k (no renormalisation)
-    moe_router_topk_scaling_factor: float | None = None  # scales the top-k routing weights
-    moe_router_enable_expert_bias: bool = False  # DeepSeek-V3 aux-loss-free balancing (sigmoid only)
-    moe_router_bias_update_rate: float = 1e-3  # step of the expert bias per optimizer step
-    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
-    moe_aux_loss_coeff: float = 0.0           # weight of the load-balancing loss
-    moe_z_loss_coeff: float | None = None     # weight of the router z-loss; null = none
-    moe_router_num_groups: int | None = None  # group-limited routing (DeepSeek device/node limit)
-    moe_router_group_topk: int | None = None  # groups each token may route to
-    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
-    moe_expert_capacity_factor: float | None = None  # null = dropless
+class ModelConfig(ModelArgs):
+    """The shape of a Llama-family model (conf/model/*.yaml): the fields of models.args.ModelArgs,
+    with their defaults and comments there; a model YAML holds only what differs from them."""
+    moe_layer_freq: Any = 1           # every N-th layer is MoE, or a 0/1 list with one entry per layer
 
 
 @dataclass(frozen=True)
