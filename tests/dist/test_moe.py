@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import FAST, config_error_line, read_metrics, run_cli
+from conftest import FAST, read_metrics, run_cli
 
 STEPS = 10
 MOE = ["model=mixtral_tiny"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAST, config_error_line, read_metrics, run_cli
+from conftest import FAST, read_metrics, run_cli
 from parallel.fused_adam import FusedAdam, join_master, split_master, stochastic_round
 
 
