@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, train_runs
 from parallel.fused_adam import FusedAdam, join_master, split_master, stochastic_round
 
 
@@ -111,8 +111,8 @@ def test_stochastic_rounding_tracks_updates_below_a_bf16_ulp():
 BF16 = [*FAST, "train.precision=bf16", "train.steps=6", "checkpoint.final_save=false"]
 
 
-def _losses(run_dir):
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(run_dir)]
+def _losses(metrics):
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
 
 
 def _close(a, b, rtol):
@@ -120,40 +120,6 @@ def _close(a, b, rtol):
     for (step, loss, norm), (_, ref_loss, ref_norm) in zip(a, b):
         assert abs(loss - ref_loss) <= rtol * abs(ref_loss), (step, loss, ref_loss)
         assert abs(norm - ref_norm) <= 10 * rtol * ref_norm, (step, norm, ref_norm)
-
-
-def test_runs_and_checkpoints_match_the_fp32_master_optimizer(tmp_path, cache_env):
-    """bf16 on CPU, 6 steps: precision_aware (fp32 moments) trains the same curve as megatron's
-    fp32-master optimizer; a checkpoint of either resumes in the other on that curve."""
-    plain, aware = [], ["optim.precision_aware=true"]
-    for name, extra in (("plain", plain), ("aware", aware)):
-        run_cli("launcher.train", [*BF16, *extra, "checkpoint.save_every=3", f"checkpoint.dir={tmp_path / name / 'ckpt'}",
-                                   f"run.dir={tmp_path / name}"])
-    reference = _losses(tmp_path / "plain")
-    _close(_losses(tmp_path / "aware"), reference, rtol=1e-3)
-    for saved, resumed in (("plain", aware), ("aware", plain)):
-        out = tmp_path / f"from_{saved}"
-        run_cli("launcher.train", [*BF16, *resumed, f"run.dir={out}", f"checkpoint.dir={out / 'ckpt'}",
-                                   f"checkpoint.load={tmp_path / saved / 'ckpt' / 'iter_0000003'}"])
-        _close(_losses(out), reference[3:], rtol=1e-3)
-    # bf16 moments: the same curve within bf16 tolerance.
-    run_cli("launcher.train", [*BF16, *aware, "optim.moments_dtype=bf16", f"run.dir={tmp_path / 'bf16_moments'}",
-                               f"checkpoint.dir={tmp_path / 'bf16_moments' / 'ckpt'}"])
-    _close(_losses(tmp_path / "bf16_moments"), reference, rtol=1e-2)
-    # bf16 main grads (the buffer DDP accumulates in): the same curve within bf16 tolerance.
-    run_cli("launcher.train", [*BF16, *aware, "optim.main_grads_dtype=bf16", f"run.dir={tmp_path / 'bf16_grads'}",
-                               f"checkpoint.dir={tmp_path / 'bf16_grads' / 'ckpt'}"])
-    _close(_losses(tmp_path / "bf16_grads"), reference, rtol=1e-2)
-    # No master weights, stochastic rounding: the same curve within bf16 tolerance; its checkpoint
-    # (the bf16 params as fp32 masters) resumes with exact masters on that curve.
-    stochastic = tmp_path / "stochastic"
-    run_cli("launcher.train", [*BF16, *aware, "optim.master_weights=stochastic", "checkpoint.save_every=3",
-                               f"run.dir={stochastic}", f"checkpoint.dir={stochastic / 'ckpt'}"])
-    _close(_losses(stochastic), reference, rtol=1e-2)
-    out = tmp_path / "from_stochastic"
-    run_cli("launcher.train", [*BF16, *aware, f"run.dir={out}", f"checkpoint.dir={out / 'ckpt'}",
-                               f"checkpoint.load={stochastic / 'ckpt' / 'iter_0000003'}"])
-    _close(_losses(out), reference[3:], rtol=1e-2)
 
 
 PARALLEL = [
@@ -165,16 +131,47 @@ PARALLEL = [
 
 
 @pytest.fixture(scope="module")
-def fp32_master_reference(tmp_path_factory, cache_env):
-    """megatron-core's own fp32-master distributed optimizer, one process, bf16."""
-    run_dir = tmp_path_factory.mktemp("fp32_master")
-    run_cli("launcher.train", [*BF16, f"run.dir={run_dir}"])
-    return _losses(run_dir)
+def trained(tmp_path_factory, cache_env) -> dict[str, list[tuple]]:
+    """Losses and grad norms by run: megatron-core's own fp32-master distributed optimizer ("plain",
+    one process, bf16), the precision-aware variants, the parallel layouts, and the resumes from
+    step 3 of a checkpoint saved by another optimizer setting."""
+    base = tmp_path_factory.mktemp("precision_aware")
+    aware, save = ["optim.precision_aware=true"], ["checkpoint.save_every=3"]
+
+    def run(name: str, overrides: list[str], nproc: int = 1, load: str | None = None):
+        resume = [f"checkpoint.load={base / load / 'ckpt' / 'iter_0000003'}"] if load else []
+        return name, [*BF16, *overrides, f"checkpoint.dir={base / name / 'ckpt'}", *resume], nproc
+
+    first = train_runs(base, [
+        run("plain", save), run("aware", [*aware, *save]),
+        run("bf16_moments", [*aware, "optim.moments_dtype=bf16"]),  # the buffer DDP accumulates in
+        run("bf16_grads", [*aware, "optim.main_grads_dtype=bf16"]),
+        run("stochastic", [*aware, "optim.master_weights=stochastic", *save]),
+        *[run(name, [*aware, *extra], n) for name, extra, n in PARALLEL]])
+    resumed = train_runs(base, [run("from_plain", aware, load="plain"), run("from_aware", [], load="aware"),
+                                run("from_stochastic", aware, load="stochastic")])
+    return {name: _losses(metrics) for name, metrics in {**first, **resumed}.items()}
 
 
-@pytest.mark.parametrize("name,extra,nproc", PARALLEL, ids=[x[0] for x in PARALLEL])
-def test_parallel_layouts_train_the_fp32_master_curve(name, extra, nproc, fp32_master_reference, tmp_path):
+def test_runs_and_checkpoints_match_the_fp32_master_optimizer(trained):
+    """bf16 on CPU, 6 steps: precision_aware (fp32 moments) trains the same curve as megatron's
+    fp32-master optimizer; a checkpoint of either resumes in the other on that curve."""
+    reference = trained["plain"]
+    _close(trained["aware"], reference, rtol=1e-3)
+    _close(trained["from_plain"], reference[3:], rtol=1e-3)
+    _close(trained["from_aware"], reference[3:], rtol=1e-3)
+    # bf16 moments: the same curve within bf16 tolerance.
+    _close(trained["bf16_moments"], reference, rtol=1e-2)
+    # bf16 main grads (the buffer DDP accumulates in): the same curve within bf16 tolerance.
+    _close(trained["bf16_grads"], reference, rtol=1e-2)
+    # No master weights, stochastic rounding: the same curve within bf16 tolerance; its checkpoint
+    # (the bf16 params as fp32 masters) resumes with exact masters on that curve.
+    _close(trained["stochastic"], reference, rtol=1e-2)
+    _close(trained["from_stochastic"], reference[3:], rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", [x[0] for x in PARALLEL])
+def test_parallel_layouts_train_the_fp32_master_curve(name, trained):
     """The precision-aware optimizer's params and states are DP shards of flattened buffers (and TP/PP
     slices): under torchrun with gloo each layout follows the single-process fp32-master curve."""
-    run_cli("launcher.train", [*BF16, "optim.precision_aware=true", *extra, f"run.dir={tmp_path}"], nproc=nproc)
-    _close(_losses(tmp_path), fp32_master_reference, rtol=5e-3)
+    _close(trained[name], trained["plain"], rtol=5e-3)
