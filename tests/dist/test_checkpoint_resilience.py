@@ -7,46 +7,51 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from conftest import FAST, REPO, read_metrics, run_cli, train_runs
 
 COMMON = [*FAST, "train.steps=5"]
 
 
+RESUMES = [("single", [], 1), ("dp2", [], 2), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"], 4)]
+
+
 @pytest.fixture(scope="module")
-def tp2pp2_run(tmp_path_factory, cache_env):
-    """5 steps under tp=2 pp=2 (4 ranks), checkpoint at step 3."""
-    d = tmp_path_factory.mktemp("tp2pp2")
-    run_cli("launcher.train", [*COMMON, "parallel.tp=2", "parallel.pp=2", "checkpoint.save_every=3",
-                               f"checkpoint.dir={d / 'ckpt'}", f"run.dir={d / 'run'}"], nproc=4)
-    return d
+def trained(tmp_path_factory, cache_env) -> Path:
+    """5 steps under tp=2 pp=2 (4 ranks) with a checkpoint at step 3, its resume in each layout;
+    5 steps saving every step with keep_last=2; one step of the default model."""
+    base = tmp_path_factory.mktemp("resilience")
+    resume = ["checkpoint.final_save=false", f"checkpoint.load={base / 'tp2pp2_saved' / 'ckpt' / 'iter_0000003'}"]
+    train_runs(base, [
+        ("tp2pp2_saved", [*COMMON, "parallel.tp=2", "parallel.pp=2", "checkpoint.save_every=3",
+                          f"checkpoint.dir={base / 'tp2pp2_saved' / 'ckpt'}"], 4),
+        *[(f"resume_{name}", [*COMMON, *extra, *resume], n) for name, extra, n in RESUMES],
+        ("keep_last", [*COMMON, "checkpoint.save_every=1", "checkpoint.keep_last=2"], 1),
+        ("one_step", [*FAST, "train.steps=1"], 1)])
+    return base
 
 
-@pytest.mark.parametrize("name,extra,nproc", [("single", [], 1), ("dp2", [], 2), ("tp2pp2", ["parallel.tp=2",
-                                                                                              "parallel.pp=2"], 4)])
-def test_resume_in_another_layout_continues_the_curve(tp2pp2_run, tmp_path, name, extra, nproc):
-    proc = run_cli("launcher.train", [*COMMON, *extra, "checkpoint.final_save=false", f"run.dir={tmp_path}",
-                                      f"checkpoint.load={tp2pp2_run / 'ckpt' / 'iter_0000003'}"], nproc=nproc)
-    original, resumed = read_metrics(tp2pp2_run / "run")[3:], read_metrics(tmp_path)
+@pytest.mark.parametrize("name", [x[0] for x in RESUMES])
+def test_resume_in_another_layout_continues_the_curve(trained, name):
+    original, resumed = read_metrics(trained / "tp2pp2_saved")[3:], read_metrics(trained / f"resume_{name}")
     assert [m["step"] for m in resumed] == [4, 5]
     if name == "tp2pp2":  # same layout: bit for bit, RNG streams included
         assert [(m["loss"], m["grad_norm"], m["lr"]) for m in resumed] == \
                [(m["loss"], m["grad_norm"], m["lr"]) for m in original]
     else:  # weights and Adam moments resharded: same numbers up to reduction order
-        assert "layout changed" in proc.stdout
+        assert "layout changed" in (trained / f"resume_{name}" / "stdout.txt").read_text()
         for a, b in zip(original, resumed):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # as in test_parity
             assert b["lr"] == a["lr"]
 
 
-def test_keep_last_prunes_after_each_complete_save(tmp_path, cache_env):
-    run_cli("launcher.train", [*COMMON, "checkpoint.save_every=1", "checkpoint.keep_last=2",
-                               f"run.dir={tmp_path}"])
-    ckpt = tmp_path / "checkpoints"
+def test_keep_last_prunes_after_each_complete_save(trained):
+    ckpt = trained / "keep_last" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000004", "iter_0000005", "latest"]
 
 
@@ -113,9 +118,9 @@ def test_signal_saves_and_exits_cleanly(tmp_path, cache_env, sig, nproc):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{last:07d}"
 
 
-def test_checkpoint_of_another_model_shape_is_one_clear_error(tmp_path, cache_env):
-    run_cli("launcher.train", [*FAST, "train.steps=1", f"run.dir={tmp_path}"])
-    proc = run_cli("launcher.train", [*FAST, "model.num_layers=2", f"checkpoint.load={tmp_path / 'checkpoints'}",
+def test_checkpoint_of_another_model_shape_is_one_clear_error(trained, tmp_path):
+    saved = trained / "one_step" / "checkpoints"
+    proc = run_cli("launcher.train", [*FAST, "model.num_layers=2", f"checkpoint.load={saved}",
                                       f"run.dir={tmp_path / 'other'}"], check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: checkpoint.load: ")
