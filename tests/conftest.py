@@ -1,4 +1,9 @@
-"""Shared helpers: run the real CLI (plain python or torchrun with gloo) and read its metrics."""
+"""Shared helpers: run the real CLI (plain python or torchrun with gloo) and read its metrics.
+
+Tests live in tiers, each a folder and a marker (`pytest -m unit`): unit/ runs in this process,
+dist/ trains or builds models in single- and multi-rank launches (the runs of one world size
+batched into one launch by run_many), e2e/ drives the CLIs as a user does (exit codes, signals,
+Slurm, DeepSpeed, conversions, the default run)."""
 from __future__ import annotations
 
 import json
