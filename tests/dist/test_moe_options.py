@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, run_cli, train_runs
 
 STEPS = 4
 COMMON = [*FAST, "train.seq_length=64", f"train.steps={STEPS}", "checkpoint.final_save=false"]
@@ -29,21 +29,18 @@ CASES = {
 }
 
 
-def _train(run_dir, overrides, nproc=1):
-    run_cli("launcher.train", [*COMMON, *overrides, f"run.dir={run_dir}"], nproc=nproc)
-    return read_metrics(run_dir)
+VPP_EP = [*MIXTRAL, "model.moe_expert_capacity_factor=100", "parallel.ep=2", "parallel.pp=2", "parallel.vpp=2"]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, cache_env):
-    """Single-process runs, by the options they were run with (each at most once)."""
-    cache: dict[tuple[str, ...], list[dict]] = {}
-
-    def get(options: list[str]) -> list[dict]:
-        if tuple(options) not in cache:
-            cache[tuple(options)] = _train(tmp_path_factory.mktemp("single"), options)
-        return cache[tuple(options)]
-    return get
+def trained(tmp_path_factory, cache_env) -> dict[str, list[dict]]:
+    """Each case's single-process reference ("<case>_single", and plain Mixtral's) and its
+    expert-parallel run, and the interleaved-pipeline run on 4 ranks."""
+    references = {"mixtral": MIXTRAL, **{name: shared for name, (shared, _, _) in CASES.items()}}
+    runs = [(f"{name}_single", [*COMMON, *options], 1) for name, options in references.items()]
+    runs += [(name, [*COMMON, *shared, *parallel], n) for name, (shared, parallel, n) in CASES.items()]
+    runs.append(("vpp_ep", [*COMMON, *VPP_EP], 4))
+    return train_runs(tmp_path_factory.mktemp("moe_options"), runs)
 
 
 def _assert_same_training(got: list[dict], ref: list[dict], dropless_ref: bool = False) -> None:
@@ -63,13 +60,12 @@ def _assert_same_training(got: list[dict], ref: list[dict], dropless_ref: bool =
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_option_under_expert_parallel_matches_single_process(name, single, tmp_path):
-    shared, parallel, nproc = CASES[name]
-    ref = single(shared)
-    _assert_same_training(_train(tmp_path, [*shared, *parallel], nproc), ref)
+def test_option_under_expert_parallel_matches_single_process(name, trained):
+    ref = trained[f"{name}_single"]
+    _assert_same_training(trained[name], ref)
     if name == "allgather_zloss":
         assert all(0 < m["moe_z_loss"] < 100 for m in ref)  # mean logsumexp(router logits)^2
-        plain = single(MIXTRAL)
+        plain = trained["mixtral_single"]
         assert "moe_z_loss" not in plain[0]
         # The z-loss reaches the model only through gradients (the reported loss is the LM loss).
         assert ref[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)
@@ -86,13 +82,12 @@ def test_option_under_expert_parallel_matches_single_process(name, single, tmp_p
             assert m["moe_load_max"] <= capacity * micro_batches
 
 
-def test_vpp_with_expert_parallel_and_large_capacity_matches_dropless_single_process(single, tmp_path):
+def test_vpp_with_expert_parallel_and_large_capacity_matches_dropless_single_process(trained):
     # Interleaved 1F1B (pp=2 x vpp=2, one layer per chunk) with ep=2 on 4 ranks; a capacity factor
     # so large that nothing is dropped trains exactly the dropless model.
-    got = _train(tmp_path, [*MIXTRAL, "model.moe_expert_capacity_factor=100", "parallel.ep=2", "parallel.pp=2",
-                            "parallel.vpp=2"], nproc=4)
+    got = trained["vpp_ep"]
     assert [m["moe_dropped_fraction"] for m in got] == [0.0] * STEPS
-    _assert_same_training(got, single(MIXTRAL), dropless_ref=True)
+    _assert_same_training(got, trained["mixtral_single"], dropless_ref=True)
 
 
 def test_dropped_fraction_equals_an_independent_count():
