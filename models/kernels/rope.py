@@ -13,10 +13,12 @@ megatron's function compiled by torch.compile.
 Packed rows (THD) without context parallelism take the same kernel over all documents at once,
 from a per-token table built once per forward (`fused_rope_thd`).
 
-Dense (unpacked) self-attention takes megatron's `fused_single_qkv_rope` path instead
-(`fused_qkv_rope`): one kernel reads the fused qkv projection once and writes rotated q, rotated k
-and a contiguous v; its backward writes the qkv gradient in place of the split's cat, the two
-RoPE backwards and the copies that reshaped the query gradient.
+Dense (unpacked) self-attention takes `fused_qkv_rope` instead (in the place of megatron's
+`fused_single_qkv_rope` path): one kernel reads the fused qkv projection once and writes rotated
+q, rotated k and a contiguous v; its backward writes the qkv gradient in place of the split's cat,
+the two RoPE backwards and the copies that reshaped the query gradient.
+
+models/rope_attention.py calls these functions (with megatron's arguments) from its attention.
 """
 from __future__ import annotations
 

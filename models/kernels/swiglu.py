@@ -5,7 +5,9 @@ megatron-core's fused SwiGLU (bias_activation_fusion) runs a torch.compile'd `sw
 gradient needs. Here each is one kernel that reads a row's gate and up once (both at the HBM
 rate, as fast as the compiled forward); the backward writes both halves of dy in place. `swiglu_into` writes the
 forward into an existing tensor: the recompute of `train.recompute=[mlp_act]` refills the
-storage fc2 saved instead of computing a new tensor and copying it over. Launch sizes (BLOCK,
+storage fc2 saved instead of computing a new tensor and copying it over. `swiglu` is megatron's
+bias-free fused SwiGLU on these kernels (the MLPs of models/swiglu_mlp.py and
+models/mlp_act_recompute.py call it). Launch sizes (BLOCK,
 WARPS) chosen with `python -m bench.bench_swiglu` (results: bench/results/).
 """
 from __future__ import annotations
