@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, run_many, train_runs
 
 STEPS = 10
 MOE = ["model=mixtral_tiny"]
@@ -19,20 +19,18 @@ LAYOUTS = [
 ]
 
 
-def _train(run_dir, extra, nproc):
-    run_cli("launcher.train", [*FAST, *MOE, f"train.steps={STEPS}", "checkpoint.final_save=false",
-                               f"run.dir={run_dir}", *extra], nproc=nproc)
-    return read_metrics(run_dir)
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_env):
-    return _train(tmp_path_factory.mktemp("moe_single"), [], 1)
+def trained(tmp_path_factory, cache_env) -> dict[str, list[dict]]:
+    """The single-process MoE reference, every expert-parallel layout and one dense step."""
+    common = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false"]
+    runs = [("single", [*common, *MOE], 1), ("dense", [*FAST, "train.steps=1", "checkpoint.final_save=false"], 1),
+            *[(name, [*common, *MOE, *extra], n) for name, extra, n in LAYOUTS]]
+    return train_runs(tmp_path_factory.mktemp("moe"), runs)
 
 
-@pytest.mark.parametrize("name,extra,nproc", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_expert_parallel_matches_single_process(name, extra, nproc, reference, tmp_path):
-    got = _train(tmp_path / name, extra, nproc)
+@pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
+def test_expert_parallel_matches_single_process(name, trained):
+    reference, got = trained["single"], trained[name]
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert reference[-1]["loss"] < reference[0]["loss"]
     for ref, m in zip(reference, got):
@@ -44,7 +42,8 @@ def test_expert_parallel_matches_single_process(name, extra, nproc, reference, t
             assert m[key] == pytest.approx(ref[key], abs=0.5), f"step {m['step']} {key}"
 
 
-def test_moe_metrics_in_metrics_jsonl(reference):
+def test_moe_metrics_in_metrics_jsonl(trained):
+    reference = trained["single"]
     tokens_per_step = reference[0]["tokens"]
     for m in reference:
         assert m["moe_load_mean"] == pytest.approx(tokens_per_step * 2 / 8)  # top-2 of 8 experts
@@ -55,23 +54,35 @@ def test_moe_metrics_in_metrics_jsonl(reference):
         assert "moe_dropped_fraction" not in m  # dropless
 
 
-def test_dense_model_has_no_moe_metrics(tmp_path, cache_env):
-    run_cli("launcher.train", [*FAST, "train.steps=1", "checkpoint.final_save=false", f"run.dir={tmp_path}"])
-    assert not [k for k in read_metrics(tmp_path)[0] if k.startswith("moe_")]
+def test_dense_model_has_no_moe_metrics(trained):
+    assert not [k for k in trained["dense"][0] if k.startswith("moe_")]
 
 
-def _save_init(path, tp, pp, ep, nproc, model="qwen_moe_tiny"):
-    run_cli("tests.scripts.save_init", [str(path), str(tp), str(pp), "0", "7", model, str(ep)], nproc=nproc)
-    return path
+EXPERT_LAYOUTS = [("ep2", 1, 1, 2, 2), ("ep2_tp2", 2, 1, 2, 4), ("ep2_pp2", 1, 2, 2, 4)]  # name, tp, pp, ep, ranks
 
 
-@pytest.mark.parametrize("tp,pp,ep,nproc", [(1, 1, 2, 2), (2, 1, 2, 4), (1, 2, 2, 4)],
-                         ids=["ep2", "ep2_tp2", "ep2_pp2"])
-def test_expert_weights_identical_in_every_layout(tmp_path, tp, pp, ep, nproc):
+def _save_init(path, tp, pp, ep) -> list[str]:
     # qwen_moe_tiny: routed experts, router, gated shared expert, qkv bias.
-    single = _save_init(tmp_path / "single", 1, 1, 1, 1)
-    out = run_cli("tests.scripts.save_init", ["--compare", str(single),
-                                              str(_save_init(tmp_path / "layout", tp, pp, ep, nproc))]).stdout
+    return ["tests.scripts.save_init", str(path), str(tp), str(pp), "0", "7", "qwen_moe_tiny", str(ep)]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> dict[str, str]:
+    """save_init's comparison of each expert layout's initial weights with the single process's."""
+    base = tmp_path_factory.mktemp("moe_init")
+    for nproc in (2, 4):
+        run_many([_save_init(base / name, tp, pp, ep) for name, tp, pp, ep, n in EXPERT_LAYOUTS if n == nproc],
+                 nproc=nproc)
+    names = [x[0] for x in EXPERT_LAYOUTS]
+    outputs = run_many([_save_init(base / "single", 1, 1, 1),
+                        *[["tests.scripts.save_init", "--compare", str(base / "single"), str(base / name)]
+                          for name in names]])
+    return dict(zip(names, outputs[1:]))
+
+
+@pytest.mark.parametrize("name", [x[0] for x in EXPERT_LAYOUTS])
+def test_expert_weights_identical_in_every_layout(compared, name):
+    out = compared[name]
     keys = next(line for line in out.splitlines() if line.startswith("keys: ")).split()
     for key in ("mlp.experts.experts.linear_fc1.weight", "mlp.experts.experts.linear_fc2.weight", "mlp.router.weight",
                 "mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.gate_weight"):
@@ -79,15 +90,17 @@ def test_expert_weights_identical_in_every_layout(tmp_path, tp, pp, ep, nproc):
     assert out.strip().endswith("differ: []"), out
 
 
-def _probe(steps: int, rate: float, bias: list[float], nproc: int = 2) -> list[dict]:
-    proc = run_cli("tests.scripts.moe_router_probe", [str(nproc), str(steps), str(rate), *map(str, bias)],
-                   nproc=nproc, timeout=600)
-    return [json.loads(line[len("METRICS "):]) for line in proc.stdout.splitlines() if line.startswith("METRICS ")]
+def _probe(steps: int, rate: float, bias: list[float], nproc: int = 2) -> list[str]:
+    return ["tests.scripts.moe_router_probe", str(nproc), str(steps), str(rate), *map(str, bias)]
+
+
+def _metrics(out: str) -> list[dict]:
+    return [json.loads(line[len("METRICS "):]) for line in out.splitlines() if line.startswith("METRICS ")]
 
 
 def test_rank_receiving_zero_tokens_trains(tmp_path):
     # Experts 0 and 1 (EP rank 0) get every token's top-2; EP rank 1's four experts get none.
-    steps = _probe(3, 0.0, [100, 100, 0, 0, 0, 0, 0, 0])
+    steps = _metrics(run_many([_probe(3, 0.0, [100, 100, 0, 0, 0, 0, 0, 0])], nproc=2, timeout=600)[0])
     assert [s["step"] for s in steps] == [1, 2, 3]
     tokens = 8 * 64
     for s in steps:
@@ -98,8 +111,8 @@ def test_rank_receiving_zero_tokens_trains(tmp_path):
 
 def test_expert_bias_moves_load_toward_balance():
     skew = [0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0]
-    fixed = _probe(12, 0.0, skew, nproc=1)
-    updated = _probe(12, 0.05, skew, nproc=1)
+    fixed, updated = map(_metrics, run_many([_probe(12, 0.0, skew, nproc=1), _probe(12, 0.05, skew, nproc=1)],
+                                            timeout=600))
     assert fixed[0]["moe_imbalance"] == pytest.approx(updated[0]["moe_imbalance"])  # same start
     assert updated[0]["moe_imbalance"] > 2  # the preset bias does skew the load
     # The sign update (rate 0.05 per step) overshoots and oscillates: judge the last few steps.

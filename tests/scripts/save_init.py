@@ -22,8 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def compare(ref: str, other: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
-    a, b = dist_checkpointing.load_plain_tensors(ref), dist_checkpointing.load_plain_tensors(other)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        a, b = dist_checkpointing.load_plain_tensors(ref), dist_checkpointing.load_plain_tensors(other)
+    finally:  # tests/scripts/run_many.py may run another command in this process
+        torch.distributed.destroy_process_group()
     weights = sorted(k for k in a if not k.endswith("_extra_state"))
     assert weights and weights == sorted(k for k in b if not k.endswith("_extra_state")), (sorted(a), sorted(b))
     differ = [k for k in weights if not torch.equal(a[k], b[k])]
