@@ -22,7 +22,7 @@ from models.args import ModelArgs
 
 @runtime_checkable
 class Engine(Protocol):
-    """A training engine. Every method is collective: every rank calls it."""
+    """A training engine. Every method but num_parameters is collective: every rank calls it."""
 
     args: ModelArgs
     device: torch.device
