@@ -5,33 +5,49 @@ gloo ranks, fp32 on CPU. (The first offloaded run JIT-builds DeepSpeed's CPU Ada
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, config_error_line, read_metrics, run_cli
+from conftest import FAST, config_error_line, read_metrics, run_cli, train_runs
 
 STEPS = 10
 DS = ["parallel.engine=deepspeed"]
 OFFLOAD = [*DS, "parallel.zero.offload_params=cpu", "parallel.zero.offload_optimizer=cpu"]
 
 
-def _train(run_dir, extra, nproc):
-    proc = run_cli("launcher.train", [*FAST, f"train.steps={STEPS}", f"run.dir={run_dir}", *extra], nproc=nproc)
-    return proc, read_metrics(run_dir)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_env) -> Path:
+    """Every training run the checks read, STEPS steps each, in two launches (ZeRO-3 on 2 ranks,
+    then 1 process): ZeRO-3 with parameter and optimizer offload checkpointing at steps 5 and 10
+    ("offload_cpu"), without offload, under tp=2, the offloaded run resumed from step 5; the
+    single-process megatron reference and ZeRO-3 in a plain one-process run. Metrics and stdout.txt
+    under base/<name>."""
+    base = tmp_path_factory.mktemp("deepspeed")
+    common, once = [*FAST, f"train.steps={STEPS}"], ["checkpoint.final_save=false"]
+    train_runs(base, [
+        ("offload_cpu", [*common, *OFFLOAD, "checkpoint.save_every=5"], 2),
+        ("no_offload", [*common, *DS, *once], 2),
+        ("tp2_offload_cpu", [*common, *OFFLOAD, "parallel.tp=2"], 2),
+        ("resumed", [*common, *OFFLOAD, *once,
+                     f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / 'iter_0000005'}"], 2),
+        ("reference", [*common, *once], 1),
+        ("one_process", [*common, *DS, *once], 1)])  # plain `python -m launcher.train`, no torchrun
+    return base
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_env):
-    return _train(tmp_path_factory.mktemp("megatron"), ["checkpoint.final_save=false"], 1)[1]
+def reference(trained) -> list[dict]:
+    """The single-process megatron run."""
+    return read_metrics(trained / "reference")
 
 
 @pytest.fixture(scope="module")
-def offloaded(tmp_path_factory, cache_env):
-    """ZeRO-3 + parameter and optimizer offload, checkpoints at steps 5 and 10."""
-    run_dir = tmp_path_factory.mktemp("zero3_offload")
-    proc, metrics = _train(run_dir, [*OFFLOAD, "checkpoint.save_every=5"], 2)
-    return run_dir, proc, metrics
+def offloaded(trained) -> tuple[Path, str, list[dict]]:
+    """ZeRO-3 + parameter and optimizer offload, checkpoints at steps 5 and 10: run dir, stdout, metrics."""
+    run_dir = trained / "offload_cpu"
+    return run_dir, (run_dir / "stdout.txt").read_text(), read_metrics(run_dir)
 
 
 def _assert_same_curve(ref, got, steps, *, loss_rel, grad_rel):
@@ -49,36 +65,28 @@ def _assert_same_curve(ref, got, steps, *, loss_rel, grad_rel):
 
 
 @pytest.mark.parametrize("layout", ["offload_cpu", "no_offload", "tp2_offload_cpu", "one_process"])
-def test_zero3_matches_megatron_single_process(layout, reference, offloaded, tmp_path):
-    ranks = 2
-    if layout == "offload_cpu":
-        _, proc, got = offloaded
-    elif layout == "no_offload":
-        proc, got = _train(tmp_path / "zero3", [*DS, "checkpoint.final_save=false"], 2)
-    elif layout == "one_process":  # plain `python -m launcher.train`, no torchrun environment
-        proc, got = _train(tmp_path / "zero3_one", [*DS, "checkpoint.final_save=false"], 1)
-        ranks = 1
-    else:  # megatron-core TP layers, ZeRO-3 over each TP rank's DP group (here dp=1)
-        proc, got = _train(tmp_path / "zero3_tp2", [*OFFLOAD, "parallel.tp=2"], 2)
+def test_zero3_matches_megatron_single_process(layout, trained, reference, tmp_path):
+    # tp2_offload_cpu: megatron-core TP layers, ZeRO-3 over each TP rank's DP group (here dp=1)
+    ranks = 1 if layout == "one_process" else 2
+    stdout, got = (trained / layout / "stdout.txt").read_text(), read_metrics(trained / layout)
     assert reference[-1]["loss"] < reference[0]["loss"]  # it trains at all
     _assert_same_curve(reference, got, list(range(1, STEPS + 1)), loss_rel=1e-4, grad_rel=1e-4)
     # zero.Init partitioned the model as it was built: rank 0 holds half of it (the tiny model: 5.05M),
     # over DP or (tp2) as its TP slices
-    held = float(re.search(r"params/rank\(0\)=([\d.]+)M", proc.stdout).group(1))
+    held = float(re.search(r"params/rank\(0\)=([\d.]+)M", stdout).group(1))
     assert held == pytest.approx(5.05 / ranks, abs=0.1)
     if layout == "tp2_offload_cpu":  # zero_to_fp32 merges ZeRO partitions, not TP slices: a clear refusal
-        conv = run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={tmp_path / 'zero3_tp2' / 'checkpoints'}",
+        conv = run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={trained / layout / 'checkpoints'}",
                                             f"out={tmp_path / 'converted'}"], check=False)
         assert conv.returncode == 2 and "tp=2 ZeRO-3 checkpoint" in conv.stderr, conv.stderr[-2000:]
 
 
-def test_zero3_resume_continues_the_curve(offloaded, tmp_path):
+def test_zero3_resume_continues_the_curve(trained, offloaded):
     run_dir, _, full = offloaded
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "iter_0000010"
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000005", "iter_0000010"]  # no .tmp left
-    _, resumed = _train(tmp_path / "resumed", [*OFFLOAD, f"checkpoint.load={ckpt / 'iter_0000005'}",
-                                               "checkpoint.final_save=false"], 2)
+    resumed = read_metrics(trained / "resumed")
     # Same ranks, same optimizer state and schedule: the same numbers, not just close ones.
     _assert_same_curve(full, resumed, list(range(6, STEPS + 1)), loss_rel=1e-6, grad_rel=1e-6)
 
