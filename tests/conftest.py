@@ -55,8 +55,9 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
 def run_many(commands: list[list[str]], *, nproc: int = 1, timeout: int = 900) -> list[str]:
     """Several `python -m` command lines ([module, *args]) in one launch of `nproc` ranks, in order
     (tests/scripts/run_many.py); each one's stdout. On CPU a tiny run costs mostly its launch:
-    interpreter, imports, process group."""
-    out = run_cli("tests.scripts.run_many", [json.dumps(commands)], nproc=nproc, timeout=timeout).stdout
+    interpreter, imports, process group. `timeout`: seconds per command."""
+    out = run_cli("tests.scripts.run_many", [json.dumps(commands)], nproc=nproc,
+                  timeout=timeout * len(commands)).stdout
     outputs = out.split(f"\n{RUN_MANY_MARK}\n")[1:]
     assert len(outputs) == len(commands), out[-4000:]
     return outputs
@@ -65,7 +66,7 @@ def run_many(commands: list[list[str]], *, nproc: int = 1, timeout: int = 900) -
 def train_runs(base: Path, runs: list[tuple[str, list[str], int]], *, timeout: int = 900) -> dict[str, list[dict]]:
     """Train each (name, overrides, nproc) into base/name; every run's metrics by name, its stdout in
     base/name/stdout.txt. The runs of one world size share one launch (run_many), in the given
-    order; the launches go in the order their world size first appears."""
+    order; the launches go in the order their world size first appears. `timeout`: seconds per run."""
     for nproc in dict.fromkeys(n for *_, n in runs):
         names = [name for name, _, n in runs if n == nproc]
         outputs = run_many([["launcher.train", *overrides, f"run.dir={base / name}"]
