@@ -8,7 +8,7 @@ import torch
 import transformers
 from hydra import compose, initialize_config_dir
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from conftest import FAST, REPO, read_metrics, run_many
 
 SHAPE = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
          "num_query_groups": 2, "vocab_size": 4096}
@@ -16,7 +16,9 @@ OVERRIDES = [f"model.{k}={v}" for k, v in SHAPE.items()] + [*FAST, "train.steps=
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory, cache_env):
+def trained(tmp_path_factory, cache_env):
+    """A random transformers Llama, its import_hf checkpoint, and one step from that checkpoint
+    under tp=1 and tp=2 (run dirs tp1, tp2; their outputs)."""
     d = tmp_path_factory.mktemp("hf")
     config = transformers.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -24,8 +26,14 @@ def imported(tmp_path_factory, cache_env):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(d / "hf")
-    run_cli("launcher.convert", ["import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"])
-    return model, d / "ckpt"
+
+    def train(tp: int) -> list[str]:
+        return ["launcher.train", *OVERRIDES, f"parallel.tp={tp}", f"checkpoint.load={d / 'ckpt'}",
+                f"run.dir={d / f'tp{tp}'}"]
+
+    _, tp1 = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"], train(1)])
+    [tp2] = run_many([train(2)], nproc=2)
+    return model, d, {"tp1": tp1, "tp2": tp2}
 
 
 def _reference_loss(model) -> float:
@@ -45,10 +53,8 @@ def _reference_loss(model) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("tp,nproc", [(1, 1), (2, 2)], ids=["tp1", "tp2"])
-def test_first_step_loss_equals_transformers(imported, tmp_path, tp, nproc):
-    model, ckpt = imported
-    out = run_cli("launcher.train", [*OVERRIDES, f"parallel.tp={tp}", f"checkpoint.load={ckpt}",
-                                     f"run.dir={tmp_path}"], nproc=nproc).stdout
-    assert "steps=0->1" in out  # a model-only checkpoint starts training at step 0
-    assert read_metrics(tmp_path)[0]["loss"] == pytest.approx(_reference_loss(model), rel=1e-5)
+@pytest.mark.parametrize("name", ["tp1", "tp2"])
+def test_first_step_loss_equals_transformers(trained, name):
+    model, d, outputs = trained
+    assert "steps=0->1" in outputs[name]  # a model-only checkpoint starts training at step 0
+    assert read_metrics(d / name)[0]["loss"] == pytest.approx(_reference_loss(model), rel=1e-5)
