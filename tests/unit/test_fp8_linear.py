@@ -1,14 +1,13 @@
 """train.precision=fp8 (models/kernels/fp8_linear.py) on CPU, where torch's `_scaled_mm` runs the
 fp8 GEMMs: each GEMM against an fp32 matmul of independently quantized-and-dequantized operands
-(one scale per tensor from its amax), and a whole fp8 run against the bf16 run. The Triton cast
-kernel is checked by tests/scripts/triton_kernels_interpreted.py and on the GPU by
-gpu_tests/test_fp8_linear.py."""
+(one scale per tensor from its amax). A whole fp8 run against the bf16 run is in
+tests/dist/test_fp8_training.py; the Triton cast kernel is checked by
+tests/scripts/triton_kernels_interpreted.py and on the GPU by gpu_tests/test_fp8_linear.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_cli
 from models.kernels import fp8_linear
 
 
@@ -110,20 +109,3 @@ def test_zero_input_gives_zero_output():
     w = torch.randn(32, 16).bfloat16()
     assert torch.equal(fp8_linear.fp8_linear(torch.zeros(4, 16, dtype=torch.bfloat16), w),
                        torch.zeros(4, 32, dtype=torch.bfloat16))
-
-
-def test_fp8_run_tracks_the_bf16_run(tmp_path, cache_env):
-    """The embedded default model, 20 steps: fp8 GEMMs against bf16 ones, from the same weights and
-    data; and fp8 with the norm and SwiGLU outputs recomputed (which the fp8 linears then read in
-    backward instead of fp8 copies) exactly as fp8 without."""
-    losses = {}
-    for name, extra in (("bf16", ["train.precision=bf16"]), ("fp8", ["train.precision=fp8"]),
-                        ("fp8_rc", ["train.precision=fp8", "train.recompute=[mlp_act,layernorm]"])):
-        run_dir = tmp_path / name
-        run_cli("launcher.train", [*FAST, "train.steps=20", *extra, f"run.dir={run_dir}",
-                                   "checkpoint.save_every=0", "checkpoint.final_save=false"])
-        losses[name] = [m["loss"] for m in read_metrics(run_dir)]
-    assert losses["fp8"] != losses["bf16"]  # the fp8 GEMMs did run
-    assert losses["fp8"] == pytest.approx(losses["bf16"], rel=5e-3)
-    assert losses["fp8"][-1] < losses["fp8"][0] - 0.5
-    assert losses["fp8_rc"] == losses["fp8"]
