@@ -7,8 +7,8 @@ backward it recomputes the norm under autograd into a new tensor, copies that in
 storage and backpropagates through the recomputed graph. For `models.kernels.norm.RMSNorm` on
 CUDA this checkpoint keeps the forward's own graph (the Triton backward needs x and 1/rms, not
 the output) and refills the freed storage with one forward kernel: no copy, no second graph.
-With models/mlp_act_recompute.py, `[mlp_act,layernorm]` costs 1.9 ms a step at the 1.14B bench
-shape on an H200 where megatron's path cost 3.8 ms (bench/RESULTS.md, 2026-12-03). Other
+With models/mlp_act_recompute.py, `[mlp_act,layernorm]` thus costs one forward kernel per refill
+where megatron's path adds a second graph and a copy (timings: bench/results/). Other
 functions (MoE's `moe_act`, norms on CPU) take megatron's path. models/transformer_layer.py
 wraps the layer's checkpoints in NormOutputCheckpoint.
 """
