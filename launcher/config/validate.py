@@ -169,7 +169,7 @@ def _check_cuda_graph(c: JobConfig, device_type: str, world_size: int) -> bool:
 
 def check_fp8_device(precision: str, device: Any) -> None:
     """train.precision=fp8 on CUDA needs fp8 tensor cores (compute capability 8.9: Ada, Hopper and
-    later); on CPU torch's `_scaled_mm` runs it (slowly: for tests)."""
+    later); on CPU the fp8 GEMMs run as fp32 matmuls of the fp8 operands (for tests)."""
     if precision == "fp8" and device.type == "cuda":
         import torch
 

@@ -1,6 +1,6 @@
 """fp8 GEMMs for the transformer layers' linears (`train.precision=fp8`), without TransformerEngine.
 
-Each linear's three GEMMs (output, input grad, weight grad) run through `torch._scaled_mm` with
+Each linear's three GEMMs (output, input grad, weight grad) run through `torch._scaled_mm` (on CUDA) with
 one scale per tensor, taken from the tensor's own amax at every call: dynamic tensorwise
 scaling, torchao's `tensorwise` float8 recipe. Inputs and weights are cast to e4m3, output
 gradients to e5m2 (range over precision, as in TE's `hybrid` format); the forward GEMM uses
@@ -84,6 +84,19 @@ def scaled_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     return (t.float() * scale).clamp(-_MAX[dtype], _MAX[dtype]).to(dtype)
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+              out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
+    """(a @ b) * scale_a * scale_b of fp8 operands, accumulated in fp32, as `out_dtype`.
+
+    CUDA: `torch._scaled_mm` (fp8 tensor cores). CPU: the same product of the operands widened
+    to fp32 (every fp8 value is exact in fp32), since torch's CPU `_scaled_mm` is a scalar
+    fallback hundreds of times slower than an fp32 matmul; tests/unit/test_fp8_linear.py checks
+    the two agree."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+
+
 class _Fp8Linear(torch.autograd.Function):
     """y = x @ w.T with fp8 GEMMs. With `main_grad` (megatron's gradient_accumulation_fusion) the
     weight gradient is added into it and autograd gets megatron's placeholder instead.
@@ -101,7 +114,7 @@ class _Fp8Linear(torch.autograd.Function):
         wgrad = weight.requires_grad
         x8, x8_t, x_inv = cast_to_fp8(x2, E4M3, x_amax, colwise=wgrad and not keep_input)
         w8, _, w_inv = cast_to_fp8(weight, E4M3, w_amax)
-        out = torch._scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype=x.dtype, use_fast_accum=True)
+        out = scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype=x.dtype, use_fast_accum=True)
         saved_x = (x if keep_input else x8_t) if wgrad else None
         ctx.save_for_backward(saved_x, x_amax, x_inv, weight if x.requires_grad else None, w_amax)
         ctx.x_shape, ctx.x_dtype, ctx.main_grad, ctx.keep_input = x.shape, x.dtype, main_grad, keep_input
@@ -117,7 +130,7 @@ class _Fp8Linear(torch.autograd.Function):
         grad_x = grad_w = None
         if weight is not None:
             _, w8_t, w_inv = cast_to_fp8(weight, E4M3, w_amax, rowwise=False, colwise=True)
-            grad_x = torch._scaled_mm(dy8, w8_t.t(), dy_inv, w_inv, out_dtype=ctx.x_dtype).view(ctx.x_shape)
+            grad_x = scaled_mm(dy8, w8_t.t(), dy_inv, w_inv, out_dtype=ctx.x_dtype).view(ctx.x_shape)
             del dy8, w8_t  # freed before the weight-gradient GEMM allocates its output
         if saved_x is not None:
             x8_t = saved_x
@@ -125,8 +138,8 @@ class _Fp8Linear(torch.autograd.Function):
                 x2 = saved_x.reshape(-1, saved_x.shape[-1]).contiguous()
                 x8_t = cast_to_fp8(x2, E4M3, x_amax, rowwise=False, colwise=True)[1]
             main_grad = ctx.main_grad
-            grad_w = torch._scaled_mm(dy8_t, x8_t.t(), dy_inv, x_inv,
-                                      out_dtype=ctx.x_dtype if main_grad is None else main_grad.dtype)
+            grad_w = scaled_mm(dy8_t, x8_t.t(), dy_inv, x_inv,
+                               out_dtype=ctx.x_dtype if main_grad is None else main_grad.dtype)
             if main_grad is not None:
                 main_grad.add_(grad_w)
                 grad_w = _main_grad_placeholder(ctx.weight, ctx.x_dtype)

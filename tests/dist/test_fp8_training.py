@@ -1,4 +1,4 @@
-"""train.precision=fp8 end to end on CPU (torch's `_scaled_mm` runs the fp8 GEMMs): a whole fp8
+"""train.precision=fp8 end to end on CPU (the fp8 GEMMs as fp32 matmuls of fp8 operands): a whole fp8
 run against the bf16 run; the GEMMs themselves are checked in tests/unit/test_fp8_linear.py."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""train.precision=fp8 (models/kernels/fp8_linear.py) on CPU, where torch's `_scaled_mm` runs the
-fp8 GEMMs: each GEMM against an fp32 matmul of independently quantized-and-dequantized operands
+"""train.precision=fp8 (models/kernels/fp8_linear.py) on CPU, where the fp8 GEMMs run as fp32
+matmuls of the fp8 operands (checked against torch's own `_scaled_mm`): each GEMM against an fp32 matmul of independently quantized-and-dequantized operands
 (one scale per tensor from its amax). A whole fp8 run against the bf16 run is in
 tests/dist/test_fp8_training.py; the Triton cast kernel is checked by
 tests/scripts/triton_kernels_interpreted.py and on the GPU by gpu_tests/test_fp8_linear.py."""
@@ -109,3 +109,19 @@ def test_zero_input_gives_zero_output():
     w = torch.randn(32, 16).bfloat16()
     assert torch.equal(fp8_linear.fp8_linear(torch.zeros(4, 16, dtype=torch.bfloat16), w),
                        torch.zeros(4, 32, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_gemm_equals_torch_scaled_mm(out_dtype):
+    """The CPU fp8 GEMM (fp32 matmul of the widened operands) is torch's `_scaled_mm`, on shapes
+    small enough for torch's slow CPU kernel: row-major a, column-major b, per-tensor scales."""
+    g = torch.Generator().manual_seed(1)
+    a = (torch.randn(32, 64, generator=g) * 40).to(torch.float8_e4m3fn)
+    b = (torch.randn(48, 64, generator=g) * 40).to(torch.float8_e5m2).t()
+    scale_a, scale_b = torch.tensor(0.37), torch.tensor(1.9)
+    want = torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)
+    got = fp8_linear.scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # (fp32 accumulation in another order; bf16 outputs then round to the same value or a neighbour)
+    tol = 1e-5 if out_dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
