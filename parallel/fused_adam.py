@@ -229,7 +229,7 @@ class FusedAdam(torch.optim.AdamW):
                 if not state:
                     self.initialize_state(p)
                 # A new host tensor: a loaded checkpoint may share one step tensor among params or put it
-                # on the device (launcher.checkpoint, for fused optimizers); the host keeps the count.
+                # on the device (MegatronEngine.load, for fused optimizers); the host keeps the count.
                 t = float(state["step"]) + 1
                 state["step"] = torch.tensor(t)
                 args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"],

@@ -46,7 +46,7 @@ def fully_reshardable_load_skips_step(patches: Patches) -> None:
     # 'step' entry. Loading a 'fully_reshardable' checkpoint (the format that reshards across
     # TP/PP/DP) copies every state key from the loaded tensors, which lack 'step':
     # "KeyError: 'step'" in _set_main_param_and_optimizer_states. Keys the checkpoint lacks keep
-    # their value; the step counter is restored by launcher.checkpoint from the saved iteration.
+    # their value; the step counter is restored by MegatronEngine.load from the saved iteration.
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
