@@ -35,8 +35,8 @@ FAST = ["train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_
 
 
 def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int = 900,
-            check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m <module>` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m <module>`."""
+            check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m <module>` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m <module>`, in `cwd`."""
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *overrides]
     else:
@@ -45,7 +45,7 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
     # One BLAS thread per rank on the 2-core CI machine: oversubscription makes gloo runs crawl.
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import statistics
 
-from conftest import REPO, read_metrics, run_cli
+from conftest import read_metrics, run_cli
 
 
-def test_default_job_trains_and_checkpoints(cache_env):
-    run_dir = REPO / "runs" / "tiny"  # the default run.dir: this is the command as a user types it
-    proc = run_cli("launcher.train", [], timeout=900)
+def test_default_job_trains_and_checkpoints(cache_env, tmp_path):
+    # The command as a user types it, from a scratch directory: run.dir's default is relative, and
+    # a user's own runs/tiny in the checkout is never touched.
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = run_cli("launcher.train", [], timeout=900, cwd=tmp_path)
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 201))
     for key in ("loss", "grad_norm", "lr", "tokens", "tokens_per_s"):

@@ -61,7 +61,7 @@ def world_of_one():
 # version gate
 
 
-def test_unverified_megatron_version_is_one_line(monkeypatch, upstream):
+def test_unverified_megatron_version_is_one_line(upstream, monkeypatch):  # monkeypatch undone first
     monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
     for entry in (compat.check_megatron_version, compat.apply_fixes, lambda: cpu_emulation().__enter__(),
                   lambda: standins.te_fused_adam(torch.optim.AdamW).__enter__()):
