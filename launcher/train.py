@@ -132,7 +132,9 @@ def run(composed: DictConfig) -> None:
             engine = MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,
                                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
                                     params_dtype=params_dtype, recompute=cfg.train.recompute,
-                                    backend="torch" if fp8 else default_backend(),  # fp8 is the torch backend's
+                                    # fp8 and the cp_mode attentions are the torch backend's
+                                    backend="torch" if fp8 or layout.cp > 1 else default_backend(),
+                                    cp_mode=cfg.parallel.cp_mode,
                                     distributed_optimizer=cfg.parallel.distributed_optimizer,
                                     overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                                     compile=cfg.train.compile,

@@ -9,7 +9,8 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
 - residual adds: ResidualAddNorm, the add fused into the norm reading its sum on CUDA tensors
   (models/residual_norm.py); megatron's bias-dropout-add under full-layer recompute, which
   re-runs one layer alone;
-- attention core: SDPA (models/kernels/attention.py); RoPE: on GPU RopeSelfAttention
+- attention core: SDPA (models/kernels/attention.py); under context parallelism (cp > 1) the
+  ring or all-gather CP attention (`cp_mode`, models/kernels/context_parallel_attention.py); RoPE: on GPU RopeSelfAttention
   (models/rope_attention.py), elsewhere megatron's SelfAttention;
 - linears: megatron's, or with `fp8` the fp8 ones (models/kernels/fp8_linear.py; dense models),
   told where their input is held anyway (`keep_input`);
@@ -41,6 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.fused_loss import LinearCrossEntropyGPTModel
 from models.kernels.attention import SDPAttention
+from models.kernels.context_parallel_attention import MODES as CP_MODES, ContextParallelAttention
 from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.kernels.grouped_experts import GroupedGemmExperts
 from models.kernels.norm import RMSNorm
@@ -64,6 +66,7 @@ class KernelOptions:
     backend: str = "torch"  # torch | te
     fp8: bool = False  # fp8 GEMMs in the dense layers' linears (torch backend)
     engine: str = "megatron"  # megatron | deepspeed
+    cp_mode: str = "ring"  # context-parallel attention (cp > 1): ring | allgather
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -72,6 +75,8 @@ class KernelOptions:
             raise ValueError(f"unknown kernel backend {self.backend!r} (torch | te)")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r} (megatron | deepspeed)")
+        if self.cp_mode not in CP_MODES:
+            raise ValueError(f"unknown context-parallel attention mode {self.cp_mode!r} (ring | allgather)")
 
     @property
     def gpu_kernels(self) -> bool:
@@ -132,7 +137,8 @@ def _fill_layer(spec: ModuleSpec, config: TransformerConfig, options: KernelOpti
     if config.qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
     layer.self_attention.module = RopeSelfAttention if gpu else SelfAttention
-    attention.core_attention = SDPAttention
+    attention.core_attention = (ModuleSpec(module=ContextParallelAttention, params={"mode": options.cp_mode})
+                                if config.context_parallel_size > 1 else SDPAttention)
     spec.module = LlamaTransformerLayer
     spec.params = dict(spec.params)
     if chain is not None:
@@ -212,5 +218,7 @@ def _name(spec) -> str:
     name = getattr(module, "__name__", type(module).__name__)
     if name == get_bias_dropout_add.__name__:
         return "get_bias_dropout_add"
-    keep = (getattr(spec, "params", None) or {}).get("keep_input")
-    return f"{name}(keep_input)" if keep else name
+    params = getattr(spec, "params", None) or {}
+    if params.get("keep_input"):
+        return f"{name}(keep_input)"
+    return f"{name}({params['mode']})" if "mode" in params else name

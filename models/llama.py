@@ -50,7 +50,7 @@ def moe_config_kwargs(args: ModelArgs, *, tp: int, ep: int) -> dict[str, Any]:
 
 
 def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, params_dtype: torch.dtype,
-                       on_cpu: bool, recompute: str | list[str] | None, ep: int = 1) -> TransformerConfig:
+                       on_cpu: bool, recompute: str | list[str] | None, ep: int = 1, cp: int = 1) -> TransformerConfig:
     bf16 = params_dtype == torch.bfloat16
     recompute_kw: dict[str, Any] = {}
     ours: list[str] = []  # mlp_act (models/mlp_act_recompute.py): added after megatron validated its own names
@@ -74,7 +74,7 @@ def transformer_config(args: ModelArgs, *, tp: int, pp: int, vpp: int | None, pa
         init_method=_skip_init, output_layer_init_method=_skip_init, embedding_init_method=_skip_init,
         use_cpu_initialization=on_cpu,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=bf16,
         # SwiGLU without bias: megatron's jit-fused swiglu pays on GPU; plain path on CPU.
         bias_activation_fusion=not on_cpu,

@@ -7,7 +7,8 @@ export. Directories themselves (iter_* naming, `latest`, atomic rename, pruning)
 launcher/checkpoint.py, which hands the engine a directory it created.
 
 Beside it: the step's result (`StepResult`, read from the device lazily through `HostCopy`)
-and the preparation of a micro batch (device copy, packed-sequence parameters).
+and the preparation of a micro batch (device copy, packed-sequence parameters, the split over
+context-parallel ranks).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from models.args import ModelArgs
 
@@ -123,3 +126,19 @@ def packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
     max_len = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
                            max_seqlen_kv=max_len)
+
+
+# The per-token tensors of a micro batch, [rows, seq_length] each.
+TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def context_parallel_split(batch: dict[str, Any]) -> dict[str, Any]:
+    """This context-parallel rank's share of an unpacked micro batch: the rows cut into 2·cp chunks,
+    CP rank r keeping chunks r and 2·cp−1−r (megatron's load-balanced split, which its RoPE
+    slices the same way). The whole batch when cp is 1."""
+    if ps.get_context_parallel_world_size() == 1:
+        return batch
+    if "cu_seqlens" in batch:
+        raise NotImplementedError("context parallelism over packed (THD) micro batches")
+    split = get_batch_on_this_cp_rank({k: batch[k] for k in TOKEN_KEYS if k in batch})
+    return {**batch, **split}

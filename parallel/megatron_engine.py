@@ -34,7 +34,7 @@ from parallel.layout import Layout
 from parallel import grad_accum_fusion
 from parallel.compile_layers import compile_layers
 from parallel.cuda_graph import wrap as cuda_graph_wrap
-from parallel.engine import StepResult, prepare_batch
+from parallel.engine import StepResult, context_parallel_split, prepare_batch
 from parallel.fused_adam import as_megatron_adam, precision_aware
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import lr_scheduler
@@ -90,6 +90,7 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _forward_step(device: torch.device, data_iterator, model):
     batch, packed = prepare_batch(next(data_iterator), device)
+    batch = context_parallel_split(batch)  # this CP rank's two chunks of each row (all of it at cp=1)
     # Last stage returns per-token losses; earlier stages their hidden states.
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
                    packed_seq_params=packed)
@@ -113,13 +114,14 @@ class MegatronEngine:
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
-                 fp8: bool = False):
+                 fp8: bool = False, cp_mode: str = "ring"):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         # models/kernel_provider.py picks every module class of the model from these
-        kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8)
+        kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8, cp_mode=cp_mode)
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
-                                         on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep)
+                                         on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep,
+                                         cp=layout.cp)
         # Weight gradients accumulate into the fp32 main grads inside their GEMM (set before the
         # model is built: megatron's linears read it at construction). Not under compiled layers:
         # that in-place update of main_grad in the backward is not traced.
@@ -194,12 +196,14 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
         data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
-        # Pipeline stages exchange [seq, batch, hidden]; a packed micro batch is one THD stream.
+        # Pipeline stages exchange [seq, batch, hidden] (this CP rank's share of the sequence); a
+        # packed micro batch is one THD stream.
         packed = "cu_seqlens" in microbatches[0]
+        seq_length = self.seq_length // self.layout.cp
         reports = self._forward_backward(
             forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
             num_microbatches=len(microbatches),
-            seq_length=self.seq_length * self.micro_batch_size if packed else self.seq_length,
+            seq_length=seq_length * self.micro_batch_size if packed else seq_length,
             micro_batch_size=1 if packed else self.micro_batch_size, forward_only=False)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)

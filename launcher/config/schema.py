@@ -35,7 +35,10 @@ class ParallelConfig:
     tp: int = 1                       # tensor parallel
     pp: int = 1                       # pipeline parallel
     vpp: int | None = None            # virtual stages per pipeline rank (interleaved 1F1B); null = off
-    cp: int = 1                       # context parallel
+    cp: int = 1                       # context parallel: each row's sequence split over cp ranks (megatron engine)
+    # cp > 1: how attention reaches the other ranks' keys: ring (K/V blocks passed around the CP
+    # group, memory ∝ sequence / cp) | allgather (the whole K/V gathered, memory ∝ sequence)
+    cp_mode: str = "ring"
     ep: int = 1                       # expert parallel (MoE models)
     dp: int | None = None             # data parallel; null = world_size / (tp * pp * cp)
     distributed_optimizer: bool = True  # ZeRO-1 style optimizer-state sharding over DP

@@ -116,8 +116,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> 
     if m.num_layers % stages:
         what = f"pp={p.pp} x vpp={p.vpp}" if p.vpp else f"pp={p.pp}"
         raise ConfigError("parallel.pp", f"{what} must divide model.num_layers={m.num_layers}")
-    if p.cp != 1:
-        raise ConfigError("parallel.cp", "context parallelism is not implemented yet (cp must be 1)")
+    _check_context_parallel(c)
     if not moe:
         if p.ep != 1:
             raise ConfigError("parallel.ep", f"ep={p.ep} needs an MoE model (model.num_experts is null); ep must be 1")
@@ -135,6 +134,28 @@ def _positive(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(key, f"must be a positive integer, got {value!r}")
     return value
+
+
+def _check_context_parallel(c: JobConfig) -> None:
+    """parallel.cp > 1: the megatron engine, unpacked rows whose length splits into 2·cp chunks."""
+    p, t = c.parallel, c.train
+    if p.cp_mode not in ("ring", "allgather"):
+        raise ConfigError("parallel.cp_mode", f"must be ring or allgather, got {p.cp_mode!r}")
+    if p.cp == 1:
+        return
+    if p.engine != "megatron":
+        raise ConfigError("parallel.cp", f"cp={p.cp} needs parallel.engine=megatron")
+    if t.seq_length % (2 * p.cp):
+        raise ConfigError("train.seq_length", f"{t.seq_length} must be a multiple of 2 x parallel.cp = {2 * p.cp} "
+                                              "(each context-parallel rank holds two equal chunks)")
+    if c.data.packing or c.data.reset_attention_mask:
+        key = "data.packing" if c.data.packing else "data.reset_attention_mask"
+        raise ConfigError(key, f"packed rows (document boundaries) do not run under parallel.cp={p.cp} yet")
+    if c.model.num_experts is not None:
+        raise ConfigError("parallel.cp", f"cp={p.cp} with a mixture-of-experts model (model={c.model.name}) "
+                                         "is not supported yet")
+    if t.compile:
+        raise ConfigError("train.compile", f"compiled layers do not run under parallel.cp={p.cp} yet")
 
 
 def _check_recompute(c: JobConfig) -> None:

@@ -18,6 +18,8 @@ their LSE; a block's backward is the kernel's own backward given the merged outp
 which is the exact gradient of that block's share. Grouped-query K/V are never expanded: the
 kernels take fewer key/value heads than query heads.
 
+`ContextParallelAttention` serves megatron's core-attention slot with it (models/kernel_provider.py).
+
 Tensors here are [batch, heads, sequence, head_dim]; a rank's sequence is its two chunks, in
 the order (chunk r, chunk 2·cp−1−r).
 """
@@ -27,6 +29,10 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 MODES = ("ring", "allgather")
 
@@ -264,3 +270,32 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scale = q.size(-1) ** -0.5 if scale is None else scale
     function = RingAttention if mode == "ring" else AllGatherAttention
     return function.apply(q, k, v, group, scale)
+
+
+class ContextParallelAttention(MegatronModule):
+    """`core_attention` for megatron-core's SelfAttention under context parallelism (causal
+    self-attention, unpacked rows): this rank's [s/cp, b, heads, d] q/k/v -> [s/cp, b, heads * d]."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None, pg_collection=None,
+                 mode: str = "ring"):
+        super().__init__(config=config)
+        if mode not in MODES:
+            raise ValueError(f"unknown context-parallel attention mode {mode!r} (ring | allgather)")
+        self.mode, self.attn_mask_type = mode, attn_mask_type
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.softmax_scale
+        self.group = pg_collection.cp if pg_collection is not None else ps.get_context_parallel_group()
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
+                attention_bias: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("context-parallel attention of packed (THD) rows")
+        if (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal or attention_bias is not None:
+            raise NotImplementedError("context-parallel attention is causal self-attention only")
+        # [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = context_parallel_attention(q, k, v, self.group, self.mode, self.softmax_scale)
+        # [b, heads, s, d] -> [s, b, heads * d]
+        return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)

@@ -173,7 +173,9 @@ def _cpu(device: Any) -> Any:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites device="cuda" to cpu on every torch call; .cuda() / .to("cuda") become no-ops.
+    """Rewrites device="cuda" to cpu on every torch call; .cuda() / .to("cuda") become no-ops;
+    pin_memory=True is dropped (the slice of RoPE frequencies per context-parallel rank builds its
+    index pinned: "RuntimeError: pin_memory=True requires a CUDA or other accelerator backend").
 
     Many sites hard-code CUDA (schedules' token counters, optimizer found_inf, clip_grads,
     dist_checkpointing exchange, grad buffers): "AssertionError: Torch not compiled with CUDA
@@ -186,6 +188,8 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _cpu(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to:

@@ -293,6 +293,26 @@ def test_cuda_apis_answered_on_cpu(call, error, words):
             torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
 
 
+def test_rope_slice_per_context_parallel_rank():
+    """megatron's RoPE slice for a CP rank builds its chunk index pinned; under emulation the slice
+    is rank r's chunks r and 2cp-1-r."""
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    class Group:  # what the function asks of a process group: cp=2, rank 1
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 1
+
+    emb = torch.arange(8.0).view(8, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="pin_memory"):
+        get_pos_emb_on_this_cp_rank(emb, 0, Group())
+    with cpu_emulation():
+        got = get_pos_emb_on_this_cp_rank(emb, 0, Group())
+    assert got.flatten().tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
 def test_moe_split_sizes_as_numpy():
     import megatron.core.transformer.moe.token_dispatcher as td
 

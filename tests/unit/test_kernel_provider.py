@@ -107,6 +107,18 @@ def test_qk_layernorm_dense(world):
     assert table["q_norm"] == "RMSNorm" and table["attention"] == "RopeSelfAttention"
 
 
+@pytest.mark.parametrize("mode", ["ring", "allgather"])
+def test_context_parallel_core_attention(world, mode):
+    """cp > 1: the core-attention slot is the CP attention in the run's mode; nothing else changes."""
+    args = _args("tiny")
+    config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=torch.float32, on_cpu=True, recompute=None,
+                                cp=2)
+    for options, differ in ((kp.KernelOptions(cp_mode=mode), {}), (kp.KernelOptions(device="cuda", cp_mode=mode), GPU)):
+        table = kp.slots(kp.decoder_block_spec(config, options, None), kp.model_class(config, options))
+        assert table == {**TORCH_CPU, **differ, "q_norm": "IdentityOp",
+                         "core_attention": f"ContextParallelAttention({mode})"}
+
+
 def test_backend_without_transformer_engine(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine", None)  # import raises ImportError
     assert not kp.transformer_engine_available()
@@ -114,7 +126,8 @@ def test_backend_without_transformer_engine(monkeypatch):
 
 
 def test_bad_options_name_the_option():
-    for kw, word in ((dict(device="tpu"), "device"), (dict(backend="jax"), "backend"), (dict(engine="x"), "engine")):
+    for kw, word in ((dict(device="tpu"), "device"), (dict(backend="jax"), "backend"), (dict(engine="x"), "engine"),
+                     (dict(cp_mode="ulysses"), "context-parallel")):
         with pytest.raises(ValueError, match=word):
             kp.KernelOptions(**kw)
 
