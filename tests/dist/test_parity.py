@@ -1,4 +1,4 @@
-"""Every parallel layout trains the same model: per-step loss (and grad norm) equal to the
+"""Every parallel layout (context parallelism included) trains the same model: per-step loss (and grad norm) equal to the
 single-process run, each layout a real torchrun with gloo on CPU, fp32 (the layouts of one world
 size share one torchrun)."""
 from __future__ import annotations
@@ -19,6 +19,13 @@ LAYOUTS = [
     ("recompute_selective_tp2", ["train.recompute=selective", "parallel.tp=2"], 2),
     ("recompute_mlp_layernorm", ["train.recompute=[mlp,layernorm]"], 1),
     ("recompute_mlp_act_tp2", ["train.recompute=[mlp_act,layernorm]", "parallel.tp=2"], 2),
+    # Context parallelism: each row split over the CP ranks, attention by passing K/V blocks around
+    # the ring or by gathering them.
+    ("cp2_ring", ["parallel.cp=2", "parallel.cp_mode=ring"], 2),
+    ("cp2_allgather", ["parallel.cp=2", "parallel.cp_mode=allgather"], 2),
+    ("cp4_ring", ["parallel.cp=4", "parallel.cp_mode=ring"], 4),
+    ("cp4_allgather", ["parallel.cp=4", "parallel.cp_mode=allgather"], 4),
+    ("cp2_tp2", ["parallel.cp=2", "parallel.tp=2"], 4),
     # torch.compile'd layers, under TP and PP as well.
     ("compile_tp2_pp2", ["train.compile=true", "parallel.tp=2", "parallel.pp=2"], 4),
 ]
