@@ -1,12 +1,15 @@
 """The training loop: batches in, optimizer steps out, metrics and checkpoints on the way.
 
-SIGTERM / SIGUSR1 (preemption, Slurm's `--signal`) finish the current step (on GPU also the
-next: the flag is read a step late), save a checkpoint and end the run with exit code 0, so a
-requeued job resumes from `latest`.
+SIGTERM / SIGUSR1 (preemption, Slurm's `--signal`) and SIGINT (Ctrl-C) finish the current step
+(on GPU also the next: the flag is read a step late), save a checkpoint and end the run with exit
+code 0, so a requeued job resumes from `latest`. A second Ctrl-C aborts at once (exit 130).
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -35,6 +38,7 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
     t = cfg.train
     device = engine.device
     rank0 = dist.get_rank() == 0
+    stop = _StopOnSignal(device, announce=rank0)  # from here on a signal saves what was trained
     tokens_per_step = t.global_batch_size * t.seq_length
     flops_per_token = train_flops_per_token(seq_length=t.seq_length, **args.flops_shape())
     peak = peak_flops(device)
@@ -49,7 +53,6 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(device)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    stop = _StopOnSignal(device)
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.run.dir, device, enabled=rank0)
     memory = MemorySnapshot(cfg.logging.memory_snapshot, cfg.run.dir, device, enabled=rank0)
 
@@ -105,24 +108,49 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
             print(f"saved checkpoint {path}{why}", flush=True)
     if logger is not None:
         logger.close()
+    stop.restore()
 
 
 class _StopOnSignal:
-    """Records SIGTERM/SIGUSR1; every rank learns of a signal any rank got, at the same step.
+    """Records SIGTERM/SIGUSR1/SIGINT; every rank learns of a signal any rank got, at the same step.
 
     `poll` after each step reduces the flag over all ranks; on GPU its result is read at the
-    next poll (a pinned copy and an event), so every rank stops one step after the signal."""
+    next poll (a pinned copy and an event), so every rank stops one step after the signal.
 
-    def __init__(self, device: torch.device):
+    A second SIGINT ends the process at once with exit code 130, unless it comes within
+    `INTERRUPT_ECHO_S` of the first: torchrun passes the terminal's Ctrl-C on to its workers, so
+    each worker of a torchrun job gets one keypress twice."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    INTERRUPT_ECHO_S = 1.0
+
+    def __init__(self, device: torch.device, announce: bool = True):
         self.signal: str | None = None
         self._got = 0
+        self._interrupted_at: float | None = None
+        self._announce = announce
         self._device = device
         self._queued: HostCopy | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self._got = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None:
+                if now - self._interrupted_at > self.INTERRUPT_ECHO_S:
+                    print("shardforge: interrupted again: aborting without saving", file=sys.stderr, flush=True)
+                    os._exit(130)
+                return
+            self._interrupted_at = now
+            if self._announce:
+                print("shardforge: interrupted: finishing this step and saving a checkpoint "
+                      "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        self._got = self._got or signum
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers they had before training."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def poll(self) -> None:
         # torch.full, not torch.tensor: a host-to-device copy would wait for the queued step.

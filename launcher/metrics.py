@@ -1,6 +1,7 @@
 """Per-step metrics: `<run.dir>/metrics.jsonl`, a live progress line, and wandb/TensorBoard.
 
-Only global rank 0 writes. Each line of metrics.jsonl is one optimizer step:
+Only global rank 0 writes; a resumed run appends to the same metrics.jsonl and wandb run
+(launcher/run_dir.py). Each line of metrics.jsonl is one optimizer step:
     step, loss, grad_norm, lr, tokens (cumulative), tokens_per_s, step_time_s
     and on GPU also mfu and peak_mem_gb; MoE models add moe_load_min/max/mean, moe_imbalance
     (max/mean expert load), moe_imbalance_worst_layer, moe_aux_loss (or moe_seq_aux_loss),
@@ -17,6 +18,8 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from launcher import run_dir as run_dir_files
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, start_step: int, progress: bool,
@@ -24,13 +27,12 @@ class MetricsLogger:
                  config: dict[str, Any]):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # A fresh run starts a fresh file; a resumed run appends after the steps it keeps.
-        path = self.run_dir / "metrics.jsonl"
-        kept = []
-        if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(path, "a", buffering=1)
+        # A resumed run appends after the steps its checkpoint holds: the steps it trains again are
+        # dropped, not duplicated. (A fresh start never finds a previous run's file here: validation
+        # refuses one, and run.overwrite moves it aside first.)
+        if start_step > 0:
+            run_dir_files.trim_metrics(self.run_dir, start_step)
+        self._file = open(self.run_dir / run_dir_files.METRICS, "a", buffering=1)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                          dynamic_ncols=True, disable=not progress)
         self._wandb = None
@@ -39,7 +41,7 @@ class MetricsLogger:
 
             self._wandb = wandb.init(project=wandb_project, name=wandb_name, mode=wandb_mode,
                                      dir=str(self.run_dir), config=config, resume="allow",
-                                     id=_stable_run_id(self.run_dir))
+                                     id=run_dir_files.wandb_run_id(self.run_dir, resuming=start_step > 0))
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -67,13 +69,6 @@ class MetricsLogger:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
-
-
-def _stable_run_id(run_dir: Path) -> str:
-    # The same run dir resumes the same wandb run (requeued Slurm jobs, checkpoint.load).
-    import hashlib
-
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
 class StepTimer:

@@ -27,7 +27,7 @@ from launcher.config.validate import ConfigError, WorldSizeError, typed, validat
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
 # Overrides the job gets from the rendered script itself (or that only the submitter reads).
-_NOT_FORWARDED = ("submit", "cluster", "hydra", "run.dir", "checkpoint.load")
+_NOT_FORWARDED = ("submit", "cluster", "hydra", "run.dir", "checkpoint.load", "run.overwrite")
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _launch(cfg: SubmitJobConfig, run_dir: Path, per_node: int, overrides: list[
     c = cfg.cluster
     python = shlex.quote(c.python or sys.executable)
     train_args = [*map(_sh, overrides), _sh(f"run.dir={hydra_quote(str(run_dir))}"),
-                  'checkpoint.load="$LOAD"']
+                  'checkpoint.load="$LOAD"', 'run.overwrite="$OVERWRITE"']
     # USR1 is ignored from the start (the default action would kill a process): torchrun never handles it,
     # the ranks handle it once training runs (launcher/loop.py installs the handler).
     ignore_usr1 = "bash -c 'trap \"\" USR1; exec \"$@\"' _"
@@ -210,6 +210,23 @@ def _render(template: str, values: dict[str, str]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", sub, template)
 
 
+def _resume(first_load: str | None, overwrite: bool) -> str:
+    """The script lines that pick checkpoint.load and run.overwrite for this start of the job: the
+    user's for the first start; a requeued job resumes its own newest checkpoint, or, requeued
+    before its first save, starts again with the partial run moved aside."""
+    if first_load == "auto":
+        lines = ["LOAD=auto"]
+    else:
+        value = "null" if first_load is None else hydra_quote(str(first_load))
+        lines = [f"LOAD={_sh(value)}   # checkpoint.load, for the first start",
+                 '[ -f "$CKPT_DIR/latest" ] && LOAD=auto']
+    lines += [f"OVERWRITE={str(overwrite).lower()}   # run.overwrite, for the first start",
+              'if [ "$RESTARTS" -gt 0 ]; then',
+              '  if [ -f "$CKPT_DIR/latest" ]; then OVERWRITE=false; else OVERWRITE=true; fi',
+              "fi"]
+    return "\n".join(lines)
+
+
 def build_job(cfg: SubmitJobConfig, run_dir: Path, overrides: list[str]) -> Job:
     """Validate `cfg` for its cluster and render the batch script (no Slurm needed)."""
     if not isinstance(cfg.cluster, SlurmCluster):
@@ -221,11 +238,7 @@ def build_job(cfg: SubmitJobConfig, run_dir: Path, overrides: list[str]) -> Job:
     per_node = procs_per_node(cfg.cluster)
     c, p = cfg.cluster, cfg.parallel
     ckpt_dir = Path(cfg.checkpoint.dir).absolute()
-    if first_load in (None, "auto"):
-        resume = "LOAD=auto"
-    else:  # the user's checkpoint.load starts the run; a requeued job continues from its own checkpoints
-        resume = f'LOAD={_sh(hydra_quote(str(first_load)))}   # checkpoint.load, for the first start\n' \
-                 f'[ -f "$CKPT_DIR/latest" ] && LOAD=auto'
+    resume = _resume(first_load, cfg.run.overwrite)
     layout = f"{c.nodes} nodes x {per_node} processes = {world} (tp={p.tp} pp={p.pp} cp={p.cp} ep={p.ep} " \
              f"dp={world // (p.tp * p.pp * p.cp)}), launcher={c.launcher}"
     script = _render(TEMPLATE.read_text(), {

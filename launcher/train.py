@@ -97,6 +97,20 @@ def _check_vocab(tokenizer, model_vocab_size: int) -> None:
         raise ConfigError("model.vocab_size", str(err)) from err
 
 
+def prepare_run_dir(cfg: JobConfig, params_dtype: torch.dtype) -> None:
+    """Rank 0, before any process group: the start-up checks (launcher/preflight.py), then, for
+    run.overwrite=true, the previous run in run.dir moved aside."""
+    from launcher import preflight, run_dir
+    from models.args import ModelArgs
+
+    preflight.check(cfg, ModelArgs.from_config(asdict(cfg.model)), params_dtype.itemsize)
+    steps = run_dir.previous_run(cfg.run.dir, cfg.checkpoint.dir) if cfg.run.overwrite else None
+    if steps is not None:
+        aside = run_dir.move_aside(cfg.run.dir, cfg.checkpoint.dir)
+        print(f"shardforge: run.overwrite: the previous run in {cfg.run.dir} ({steps} steps) moved to {aside}",
+              flush=True)
+
+
 def run(composed: DictConfig) -> None:
     map_srun_env()  # an srun task (cluster.launcher=srun): RANK/WORLD_SIZE/... from SLURM_PROCID/...
     # Everything that can be wrong with the input is checked before a process group starts.
@@ -106,6 +120,14 @@ def run(composed: DictConfig) -> None:
     check_fp8_device(cfg.train.precision, device)
     params_dtype = resolve_dtype(cfg.train.precision, device)
     fp8 = cfg.train.precision == "fp8"
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if resolved.start_step >= cfg.train.steps:
+        if rank0:
+            print(f"shardforge: nothing to train: {cfg.checkpoint.load} is at step {resolved.start_step} and "
+                  f"train.steps={cfg.train.steps} (raise train.steps to train on)", flush=True)
+        return
+    if rank0:
+        prepare_run_dir(cfg, params_dtype)
 
     data = build_data(cfg)
 
@@ -127,7 +149,8 @@ def run(composed: DictConfig) -> None:
                                      seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                                      global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
                                      device=device, params_dtype=params_dtype, recompute=cfg.train.recompute,
-                                     backend=default_backend())
+                                     backend=default_backend(),
+                                     keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
         else:
             engine = MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,
                                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
@@ -138,7 +161,8 @@ def run(composed: DictConfig) -> None:
                                     distributed_optimizer=cfg.parallel.distributed_optimizer,
                                     overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                                     compile=cfg.train.compile,
-                                    cuda_graph=graphed, fp8=fp8)
+                                    cuda_graph=graphed, fp8=fp8,
+                                    keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())
@@ -162,6 +186,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, UnverifiedMegatronVersion) as err:
         print(err, file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves on it): nothing to save
+        print("shardforge: interrupted before training started or after it ended: nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer spawns processes: keep this guard

@@ -34,7 +34,7 @@ from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
 from parallel.engine_config import OptimConfig, ZeroConfig
 from parallel.layout import Layout
-from parallel.lr_schedule import lr_scheduler
+from parallel.lr_schedule import load_schedule, lr_scheduler
 from parallel import megatron_state
 from parallel.engine import StepResult, prepare_batch
 
@@ -149,7 +149,8 @@ class DeepSpeedEngine:
     def __init__(self, args: ModelArgs, layout: Layout, optim: OptimConfig, zero: ZeroConfig, *, steps: int,
                  seq_length: int,
                  micro_batch_size: int, global_batch_size: int, seed: int, device: torch.device,
-                 params_dtype: torch.dtype, recompute: str | list[str] | None, backend: str):
+                 params_dtype: torch.dtype, recompute: str | list[str] | None, backend: str,
+                 keep_saved_schedule: bool = False):
         deepspeed = import_deepspeed(device)
         self.args, self.device, self.dp = args, device, layout.dp
         self.grad_accum = global_batch_size // (micro_batch_size * self.dp)
@@ -200,7 +201,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                   config=self.ds_config, mpu=_MegatronMPU)
         # megatron's own scheduler on DeepSpeed's param groups: the same lr/wd per step as the megatron engine.
-        self.scheduler = lr_scheduler(self.optimizer, optim, steps)
+        self.scheduler = lr_scheduler(self.optimizer, optim, steps, keep_saved_schedule)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -277,7 +278,9 @@ class DeepSpeedEngine:
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
         if client is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
-        self.scheduler.load_state_dict(client["scheduler"])
+        change = load_schedule(self.scheduler, client["scheduler"])
+        if change and dist.get_rank() == 0:
+            print(change, flush=True)
         return int(client["step"])
 
     def _load_model_weights(self, directory: Path) -> None:

@@ -37,7 +37,7 @@ from parallel.cuda_graph import wrap as cuda_graph_wrap
 from parallel.engine import StepResult, context_parallel_split, prepare_batch
 from parallel.fused_adam import as_megatron_adam, precision_aware
 from parallel.grad_scaling import FoldedGradScaling
-from parallel.lr_schedule import lr_scheduler
+from parallel.lr_schedule import load_schedule, lr_scheduler
 from parallel import megatron_state
 from parallel import compat
 
@@ -114,7 +114,7 @@ class MegatronEngine:
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
-                 fp8: bool = False, cp_mode: str = "ring"):
+                 fp8: bool = False, cp_mode: str = "ring", keep_saved_schedule: bool = False):
         self.args, self.layout, self.device = args, layout, device
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         # models/kernel_provider.py picks every module class of the model from these
@@ -170,7 +170,7 @@ class MegatronEngine:
             if FoldedGradScaling.applies(self.optimizer) else None
         self.config.finalize_model_grads_func = (self.grad_scaling.finalize_model_grads if self.grad_scaling
                                                  else finalize_model_grads)
-        self.scheduler = lr_scheduler(self.optimizer, optim, steps)
+        self.scheduler = lr_scheduler(self.optimizer, optim, steps, keep_saved_schedule)
         self._forward_backward = get_forward_backward_func()
         if cuda_graph:  # parallel/cuda_graph.py: steps from the second on replay one graph
             self._forward_backward = cuda_graph_wrap(self._forward_backward)
@@ -286,7 +286,9 @@ class MegatronEngine:
             fused = chained.optimizer.defaults.get("fused")  # the fused kernel keeps `step` on the device
             for param, param_state in chained.optimizer.state.items():
                 param_state["step"] = torch.tensor(float(step), device=param.device if fused else "cpu")
-        self.scheduler.load_state_dict(loaded["scheduler"])
+        change = load_schedule(self.scheduler, loaded["scheduler"])
+        if change and dist.get_rank() == 0:
+            print(change, flush=True)
         if same_layout:
             megatron_state.set_rng_state(loaded["rng_state"])
         elif dist.get_rank() == 0:

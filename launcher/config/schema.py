@@ -96,9 +96,12 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str = "${run.dir}/checkpoints"  # where this run saves (iter_*/ and `latest`)
     save_every: int = 0               # 0 = only at the end of training
-    # a checkpoint dir (its `latest`) or one iter_* dir to resume from; auto = checkpoint.dir's
-    # latest if there is one, else start fresh
-    load: str | None = None
+    # auto: resume from checkpoint.dir's `latest` when there is one, else start fresh; or a
+    # checkpoint dir (its `latest`) or one iter_* dir to start from; null: start fresh
+    load: str | None = "auto"
+    # false: a resumed run follows this config's lr schedule (train.steps, optim.lr, min_lr,
+    # warmup_steps, decay_style) from the resumed step; true: the checkpoint's saved schedule
+    keep_saved_schedule: bool = False
     final_save: bool = True           # save once more when training ends
     keep_last: int | None = None      # keep only the newest N checkpoints (pruned after a new one is complete)
 
@@ -159,6 +162,9 @@ class SlurmCluster(ClusterConfig):
 @dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/${model.name}"   # metrics.jsonl, checkpoints and the resolved config live here
+    # true: a fresh start into a run.dir that holds a run moves that run's results (and checkpoint.dir)
+    # aside to <run.dir>.<timestamp> instead of refusing; nothing is deleted
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)

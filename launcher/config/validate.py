@@ -12,11 +12,13 @@ import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from launcher import run_dir
 from launcher.config.schema import JobConfig, ModelConfig
 from models.args import padded_vocab_size
 from parallel import cuda_graph
@@ -49,6 +51,8 @@ class ResolvedConfig:
     config: JobConfig       # typed and frozen; checkpoint.load is a directory or None (auto resolved)
     layout: Layout
     cuda_graph: bool        # train.cuda_graph resolved for this device and world size
+    resuming: bool = False  # continues run.dir's own run from its checkpoint.dir
+    start_step: int = 0     # the step of the checkpoint checkpoint.load names (0: a fresh start)
 
 
 def world_size_from_env() -> int:
@@ -125,9 +129,10 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> 
 
     layout = _layout(c, world_size)
     _check_logging(c)
-    load = _check_checkpoint(c, world_size)
+    load, resuming = _check_checkpoint(c, world_size)
     config = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, load=load))
-    return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed)
+    return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed, resuming=resuming,
+                          start_step=_saved_step(load) if load else 0)
 
 
 def _positive(key: str, value: Any) -> int:
@@ -281,29 +286,62 @@ def _check_logging(c: JobConfig) -> None:
         raise ConfigError("logging.memory_snapshot", f"must be null or a step number >= 1, got {snap!r}")
 
 
-def _check_checkpoint(c: JobConfig, world_size: int) -> str | None:
-    """checkpoint.* rules; returns checkpoint.load resolved (a directory or None)."""
+def _check_checkpoint(c: JobConfig, world_size: int) -> tuple[str | None, bool]:
+    """checkpoint.* and run.* rules; returns checkpoint.load resolved (a directory or None) and
+    whether it resumes run.dir's own run (a checkpoint in checkpoint.dir)."""
     ck = c.checkpoint
     if ck.save_every < 0:
         raise ConfigError("checkpoint.save_every", f"must be >= 0, got {ck.save_every}")
     if ck.keep_last is not None and ck.keep_last < 1:
         raise ConfigError("checkpoint.keep_last", f"must be null or a positive integer, got {ck.keep_last!r}")
-    load = ck.load
-    if load == "auto":
+    load, auto = ck.load, ck.load == "auto"
+    own = run_dir.checkpoint_step(ck.dir) is not None  # this run's checkpoint.dir has a `latest`
+    if auto:
         # Megatron's --load = --save: this run's own newest checkpoint when there is one (a requeued
-        # or restarted job), else a fresh start.
-        load = ck.dir if os.path.isfile(os.path.join(ck.dir, "latest")) else None
-    if load is not None:
-        if not os.path.isdir(load):
-            raise ConfigError("checkpoint.load", f"no checkpoint directory at {load}")
-        from launcher import checkpoint
+        # or restarted job), else a fresh start; run.overwrite=true starts fresh whatever is there.
+        load = ck.dir if own and not c.run.overwrite else None
+    resuming = load is not None and _same_dir(_checkpoint_root(load), ck.dir)
+    if c.run.overwrite and resuming:
+        raise ConfigError("run.overwrite", f"checkpoint.load={load} is this run's own checkpoint.dir, which "
+                                           "run.overwrite=true moves aside; resume without run.overwrite")
+    if not resuming and not c.run.overwrite:
+        steps = run_dir.previous_run(c.run.dir, ck.dir)
+        if steps is not None:
+            how = ("resume with checkpoint.load=auto, or pass run.overwrite=true to move it aside" if own else
+                   "it has no checkpoint to resume from: pass run.overwrite=true to move it aside and start again")
+            raise ConfigError("run.dir", f"{c.run.dir} holds a run ({steps} steps); {how}")
+    if load is None:
+        return None, False
+    if not os.path.isdir(load):
+        raise ConfigError("checkpoint.load", f"no checkpoint directory at {load}")
+    from launcher import checkpoint
 
-        try:
-            checkpoint.check_compatible(load, dataclasses.asdict(c.model))
-            checkpoint.check_engine(load, c.parallel.engine, world_size, c.parallel.tp)
-        except (OSError, ValueError) as err:
-            raise ConfigError("checkpoint.load", str(err)) from err
-    return load
+    try:
+        checkpoint.check_compatible(load, dataclasses.asdict(c.model))
+        checkpoint.check_engine(load, c.parallel.engine, world_size, c.parallel.tp)
+    except (OSError, ValueError) as err:
+        hint = (f" (resuming {ck.dir}; pass run.overwrite=true to move that run aside and start a new one)"
+                if auto else "")
+        raise ConfigError("checkpoint.load", f"{err}{hint}") from err
+    return load, resuming
+
+
+def _saved_step(load: str) -> int:
+    """The step of a checkpoint root's `latest` or of one iter_* directory, from its name."""
+    name = Path(load).name
+    if name.startswith("iter_") and name[5:].isdigit():
+        return int(name[5:])
+    return run_dir.checkpoint_step(load) or 0
+
+
+def _checkpoint_root(path: str) -> str:
+    """The directory holding `latest` for a checkpoint root or one of its iter_* directories."""
+    p = Path(path)
+    return str(p.parent if p.name.startswith("iter_") else p)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _check_deepspeed(c: JobConfig) -> None:
