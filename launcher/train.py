@@ -187,7 +187,7 @@ def main(cfg: DictConfig) -> None:
         print(err, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves on it): nothing to save
-        print("shardforge: interrupted before training started or after it ended: nothing saved", file=sys.stderr)
+        print("shardforge: interrupted outside the training steps: no checkpoint saved for it", file=sys.stderr)
         sys.exit(130)
 
 
