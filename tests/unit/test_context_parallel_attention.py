@@ -32,11 +32,11 @@ def _emulate(mode: str, q, k, v, dout, cp: int, scale: float):
         else:
             full_k, full_v = (cpa.to_sequence_order(torch.stack(x)) for x in (ks, vs))
             cpa.forward_blocks(qs[r], full_k, full_v, cpa.allgather_blocks(r, cp, chunk), out, lse, scale)
-        outs.append(out)
+        outs.append(out.to(q.dtype))  # (as the autograd Functions keep it for backward)
         lses.append(lse)
-    dqs = [torch.zeros_like(x) for x in qs]
+    dqs = [torch.zeros_like(x, dtype=torch.float32) for x in qs]  # gradients add up in fp32, as there
     if mode == "ring":  # K/V gradients summed at their owner, as the ring brings them home
-        dks, dvs = [torch.zeros_like(x) for x in ks], [torch.zeros_like(x) for x in vs]
+        dks, dvs = ([torch.zeros_like(x, dtype=torch.float32) for x in xs] for xs in (ks, vs))
         for r in range(cp):
             for step in range(cp):
                 src = (r - step) % cp
@@ -44,7 +44,7 @@ def _emulate(mode: str, q, k, v, dout, cp: int, scale: float):
                                     cpa.ring_blocks(r, src, cp, chunk), dqs[r], dks[src], dvs[src], scale)
     else:  # gradients over the gathered K/V, summed over ranks (the reduce-scatter)
         full_k, full_v = (cpa.to_sequence_order(torch.stack(x)) for x in (ks, vs))
-        dk_full, dv_full = torch.zeros_like(full_k), torch.zeros_like(full_v)
+        dk_full, dv_full = (torch.zeros_like(x, dtype=torch.float32) for x in (full_k, full_v))
         for r in range(cp):
             cpa.backward_blocks(douts[r], qs[r], outs[r], lses[r], full_k, full_v, cpa.allgather_blocks(r, cp, chunk),
                                 dqs[r], dk_full, dv_full, scale)
