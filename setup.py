@@ -8,7 +8,12 @@ setup(
     version="0.1.0",
     description="Megatron-style distributed training (TP/PP/DP on megatron-core) with a Hydra launcher",
     python_requires=">=3.10",
-    packages=find_packages(include=["launcher", "launcher.*", "parallel", "parallel.*", "models", "models.*"]),
+    packages=[*find_packages(include=["launcher", "launcher.*", "parallel", "parallel.*", "models", "models.*"]),
+              "launcher.conf", "launcher.slurm"],
+    # The Hydra config tree and the Slurm template ship inside the package (launcher/package_data.py
+    # finds them there in an installed wheel, and at the top of a source checkout).
+    package_dir={"launcher.conf": "conf", "launcher.slurm": "slurm"},
+    package_data={"launcher.conf": ["*.yaml", "**/*.yaml"], "launcher.slurm": ["*.sbatch"]},
     # Tested ranges. torch 2.13.0 is the CPU wheel of the dev machines; the GPU machines run 2.11.
     install_requires=[
         "torch>=2.6,<2.14",
@@ -22,6 +27,7 @@ setup(
         "safetensors>=0.4",  # launcher.convert reads and writes Hugging Face weights
         "tqdm>=4.66",
         "wandb>=0.18,<0.32",
+        "tensorboard>=2.16",  # logging.tensorboard=true (torch.utils.tensorboard)
     ],
     extras_require={
         # CI runs the DeepSpeed engine's tests too, so dev pulls it in.
@@ -30,7 +36,6 @@ setup(
         # parallel.engine=deepspeed (ZeRO-3 + offload). An sdist: its build needs no torch (ops
         # are JIT-built with ninja + a C++ compiler on first use, see README).
         "deepspeed": [DEEPSPEED],
-        "tensorboard": ["tensorboard>=2.16"],
         "hf": ["transformers>=4.45,<6"],  # tokenizers' own chat templates (data.chat_template=tokenizer)
     },
     entry_points={
@@ -38,6 +43,8 @@ setup(
             "shardforge-train=launcher.train:main",
             "shardforge-preprocess=launcher.preprocess:main",
             "shardforge-submit=launcher.submit:main",
+            "shardforge-convert=launcher.convert:main",
+            "shardforge-generate=launcher.generate:main",
         ],
     },
 )

@@ -59,12 +59,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.cli import hydra_command
 from launcher.config.validate import ConfigError
 from launcher.model_io import (build_model, check_checkpoint_matches, check_new_root, init_world_of_one,
                                layer_tensor_keys, model_args_for, resolve_any, resolve_checkpoint,
@@ -415,7 +415,7 @@ for _name, (_schema, _) in COMMANDS.items():
     ConfigStore.instance().store(group="command", name=_name, node=_schema, package="_global_")
 
 
-@hydra.main(config_path="../conf/tools", config_name="convert", version_base=None)
+@hydra_command("convert", config_dir="tools", argv=lambda args: command_argv(args))
 def main(cfg: DictConfig) -> None:
     try:
         COMMANDS[HydraConfig.get().runtime.choices["command"]][1](cfg)
@@ -440,5 +440,4 @@ def command_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer may spawn processes: keep this guard
-    sys.argv[1:] = command_argv(sys.argv[1:])
     main()

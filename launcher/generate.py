@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from launcher.cli import hydra_command
 from launcher.config.validate import ConfigError
 from launcher.model_io import resolve_checkpoint
 from models.args import ModelArgs
@@ -197,7 +197,7 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(config_path="../conf/tools", config_name="generate", version_base=None)
+@hydra_command("generate", config_dir="tools", argv=lambda args: quote_text(args))
 def main(cfg: DictConfig) -> None:
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -229,5 +229,4 @@ def quote_text(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = quote_text(sys.argv[1:])
     main()

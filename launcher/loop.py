@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -26,12 +26,17 @@ from models.args import ModelArgs
 from parallel.engine import Engine, HostCopy, StepResult
 
 
+def _no_stats(**_: int) -> dict[str, float]:
+    return {}
+
+
 @dataclass
 class TrainData:
     """`batches(step=, dp_rank=, dp_size=, micro_batch_size=, global_batch_size=)` -> this rank's
-    micro batches of that step; `stats` are constant per-run data metrics (padding fraction ...)."""
+    micro batches of that step; `step_stats(step=, global_batch_size=)` -> that step's data metrics
+    over its whole global batch (padding fraction ...), {} where there are none."""
     batches: Callable[..., list[dict[str, Any]]]
-    stats: dict[str, float] = field(default_factory=dict)
+    step_stats: Callable[..., dict[str, float]] = _no_stats
 
 
 def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, start_step: int) -> None:
@@ -66,7 +71,7 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
             "step_time_s": elapsed,
             # tokens that carry a loss (excludes padding, document ends, SFT prompts)
             "loss_tokens": result.num_tokens, "loss_tokens_per_s": result.num_tokens / elapsed,
-            **data.stats,
+            **data.step_stats(step=done - 1, global_batch_size=t.global_batch_size),
             **result.moe,
         }
         if peak is not None:

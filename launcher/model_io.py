@@ -16,10 +16,9 @@ import torch
 import yaml
 
 from launcher.config.validate import ConfigError
+from launcher.package_data import model_yaml
 from models import hf_mapping as hfm
 from models.args import ModelArgs
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def init_world_of_one(seed: int = 0) -> None:
@@ -65,7 +64,7 @@ def model_args_for(directory: Path, model: str | None) -> ModelArgs:
     root = root_of(directory)
     candidates: list[tuple[Path, str | None]] = []
     if model:
-        path = Path(model) if model.endswith((".yaml", ".yml")) else REPO / "conf" / "model" / f"{model}.yaml"
+        path = Path(model) if model.endswith((".yaml", ".yml")) else model_yaml(model)
         if not path.is_file():
             raise ConfigError("model", f"no such model config: {path}")
         candidates = [(path, None)]

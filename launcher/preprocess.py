@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
+from launcher.cli import hydra_command
 from launcher.data.indexed import IndexedDatasetWriter, token_dtype
 from launcher.data.sft import SampleError, check_messages, encode_conversation
 from launcher.data.tokenizer import Tokenizer, load_tokenizer
@@ -210,7 +210,7 @@ def preprocess(inputs: list[str | Path], output_prefix: str | Path, options: Opt
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="preprocess", version_base=None)
+@hydra_command("preprocess")
 def main(cfg: DictConfig) -> None:
     inputs = list(cfg.input) if isinstance(cfg.input, ListConfig) else [cfg.input]
     options = Options(tokenizer=str(cfg.tokenizer), format=cfg.format, text_key=cfg.text_key,

@@ -17,15 +17,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from launcher.cli import hydra_command
 from launcher.config.schema import SlurmCluster, SubmitJobConfig
 from launcher.config.validate import ConfigError, WorldSizeError, typed, validate
+from launcher.package_data import SLURM_DIR
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+TEMPLATE = SLURM_DIR / "job.sbatch"
 # Overrides the job gets from the rendered script itself (or that only the submitter reads).
 _NOT_FORWARDED = ("submit", "cluster", "hydra", "run.dir", "checkpoint.load", "run.overwrite")
 
@@ -308,13 +309,9 @@ def submit(composed: DictConfig) -> None:
           flush=True)
 
 
-@hydra.main(config_path="../conf", config_name="submit", version_base=None)
+@hydra_command("submit")
 def main(cfg: DictConfig) -> None:
-    try:
-        submit(cfg)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        sys.exit(2)
+    submit(cfg)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from launcher import console
+from launcher.cli import hydra_command
 from launcher.config.schema import JobConfig
-from launcher.config.validate import ConfigError, check_fp8_device, validate, world_size_from_env
+from launcher.config.validate import (ConfigError, check_fp8_device, check_writable_dir, validate,
+                                      world_size_from_env)
 from launcher.slurm_env import map_srun_env, restart_count
 from parallel.compat import UnverifiedMegatronVersion
 
@@ -79,13 +81,7 @@ def build_data(cfg: JobConfig) -> TrainData:
             source_seeds=source_seeds)
     except ValueError as err:
         raise ConfigError("data", str(err)) from err
-    stats = {}
-    if stream.stats:  # whole-sample rows: how much of each row is padding, over every source
-        real = sum(s.real_tokens for s in stream.stats)
-        slots = sum(s.rows for s in stream.stats) * t.seq_length
-        samples = sum(s.samples for s in stream.stats)
-        stats = {"padding_fraction": 1 - real / slots, "samples_per_row": samples * t.seq_length / slots}
-    return TrainData(stream.microbatches, stats)
+    return TrainData(stream.microbatches, stream.step_stats)
 
 
 def _check_vocab(tokenizer, model_vocab_size: int) -> None:
@@ -111,11 +107,19 @@ def prepare_run_dir(cfg: JobConfig, params_dtype: torch.dtype) -> None:
               flush=True)
 
 
-def run(composed: DictConfig) -> None:
+def check_before_hydra(composed: DictConfig) -> None:
+    """Before Hydra creates run.dir: the whole config, and a run.dir this process can write."""
     map_srun_env()  # an srun task (cluster.launcher=srun): RANK/WORLD_SIZE/... from SLURM_PROCID/...
+    validate(composed, world_size_from_env(), resolve_device(composed.device).type)
+    check_writable_dir("run.dir", composed.run.dir)
+
+
+def run(composed: DictConfig) -> None:
+    map_srun_env()
     # Everything that can be wrong with the input is checked before a process group starts.
     device = resolve_device(composed.device)
     resolved = validate(composed, world_size_from_env(), device.type)
+    console.configure(resolved.config.logging.verbose)
     cfg, layout, graphed = resolved.config, resolved.layout, resolved.cuda_graph
     check_fp8_device(cfg.train.precision, device)
     params_dtype = resolve_dtype(cfg.train.precision, device)
@@ -179,11 +183,11 @@ def _restart_note() -> str:
     return "" if n is None else f" slurm_job={os.environ['SLURM_JOB_ID']} slurm_restart_count={n}"
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra_command("config", preflight=check_before_hydra)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ConfigError, UnverifiedMegatronVersion) as err:
+    except UnverifiedMegatronVersion as err:
         print(err, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves on it): nothing to save

@@ -44,7 +44,9 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
                "-m", module, *overrides]
     # One BLAS thread per rank on the 2-core CI machine: oversubscription makes gloo runs crawl.
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    # This checkout's packages first, also from another cwd (an editable install may point elsewhere).
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"

@@ -116,6 +116,9 @@ class WandbConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     progress: bool = True             # live progress line on rank 0
+    # also the libraries' console chatter: megatron-core's config dumps and parameter lists,
+    # deprecation warnings (launcher/console.py)
+    verbose: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False         # also write TensorBoard events into <run.dir>
     profile_steps: list[int] | None = None  # [start, end]: torch.profiler over those steps -> <run.dir>/profile/

@@ -9,8 +9,10 @@ a second rather than after NCCL start-up.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +62,66 @@ def world_size_from_env() -> int:
 
 
 def typed(cfg: DictConfig | JobConfig) -> JobConfig:
-    """The composed config as its frozen dataclasses; a key left at `???` is a ConfigError."""
+    """The composed config as its frozen dataclasses; a key left at `???` or one the schema does
+    not have is a ConfigError."""
     if not isinstance(cfg, DictConfig):
         return cfg
+    check_known_keys(cfg)
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as err:
         raise ConfigError(err.full_key, "must be set (it has no default)") from None
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key of a typed node is a field of its schema. Hydra refuses `train.stepz=5` but, as its
+    own error message suggests, takes `+train.stepz=5` into a typed node without a word; the run
+    would then train with the key ignored. Free-form mappings (e.g. cluster.env) take any key."""
+    _check_node(cfg, "")
+
+
+def _check_node(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        fields = {f.name for f in dataclasses.fields(schema)}
+        for key in node.keys():
+            if key not in fields and not (not prefix and key == "hydra"):
+                name = node._get_node("name") if "name" in fields else None
+                option = name._value() if name is not None and isinstance(name._value(), str) else None
+                raise ConfigError(f"{prefix}{key}", unknown_key_reason(prefix, str(key), schema, option))
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none() \
+                and not child._is_interpolation():
+            _check_node(child, f"{prefix}{key}.")
+
+
+def unknown_key_reason(prefix: str, key: str, schema: Any, option: str | None = None) -> str:
+    """Why `<prefix><key>` is refused: the schema (a dataclass) has no such field; the nearest names."""
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    reason = "unknown key" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+    if option is not None:  # a group option: its own keys differ from the other options'
+        reason += f"; {prefix.rstrip('.')}={option} has no such key"
+    elif not close and dataclasses.is_dataclass(schema):
+        reason += f"; {schema.__name__} has no such key"
+    return reason
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """`path` is a directory this process can create (if need be) and write into. Nothing is created:
+    the nearest existing ancestor must be a directory that takes a file (a probe, removed at once)."""
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(key, f"{path} is not writable ({existing} is not a directory)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(key, f"{path} is not writable ({existing}: {err.strerror or err})") from None
 
 
 def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> ResolvedConfig:
@@ -284,6 +339,15 @@ def _check_logging(c: JobConfig) -> None:
     snap = c.logging.memory_snapshot
     if snap is not None and snap < 1:
         raise ConfigError("logging.memory_snapshot", f"must be null or a step number >= 1, got {snap!r}")
+    if c.logging.tensorboard and not _importable("tensorboard"):  # torch.utils.tensorboard needs it
+        raise ConfigError("logging.tensorboard", 'needs the tensorboard package: pip install "tensorboard>=2.16"')
+
+
+def _importable(module: str) -> bool:
+    try:  # find_spec, not import: only whether it is installed
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_checkpoint(c: JobConfig, world_size: int) -> tuple[str | None, bool]:
@@ -360,11 +424,7 @@ def _check_deepspeed(c: JobConfig) -> None:
             raise ConfigError(f"parallel.zero.{key}", f"must be none, cpu or nvme, got {value!r}")
         if value == "nvme" and not z.nvme_path:
             raise ConfigError("parallel.zero.nvme_path", f"parallel.zero.{key}=nvme needs a directory here")
-    try:  # find_spec, not import: importing deepspeed takes seconds and probes the accelerator
-        found = importlib.util.find_spec("deepspeed") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    if not _importable("deepspeed"):  # not imported here: that takes seconds and probes the accelerator
         raise ConfigError("parallel.engine", "deepspeed is not installed: pip install -e \".[deepspeed]\" "
                                              "(needs ninja and a C++ compiler for its CPU Adam)")
 

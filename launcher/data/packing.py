@@ -167,15 +167,23 @@ class PackedRows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def _row(self, i: int) -> list[int]:
+        """The samples of row i."""
         if i < 0:
             raise IndexError(f"row index must be >= 0, got {i}")
         epoch, position = divmod(int(i), len(self.rows))
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
             self._perm_epoch = epoch
-        row = self.rows[int(self._perm[position])]
-        return build_row([self.samples.sample(k) for k in row], self.seq_length, self.pad_id)
+        return self.rows[int(self._perm[position])]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return build_row([self.samples.sample(k) for k in self._row(i)], self.seq_length, self.pad_id)
+
+    def contents(self, i: int) -> tuple[int, int]:
+        """(samples, real tokens) of row i, without building it."""
+        row = self._row(i)
+        return len(row), int(self.samples.lengths[row].sum())
 
 
 def check_batch_shapes(dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int) -> None:

@@ -34,6 +34,10 @@ class _RowBlend:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return self._blend[i]  # type: ignore[return-value]
 
+    def contents(self, i: int) -> tuple[int, int]:
+        source, row = self._blend.source(i)
+        return self._blend.datasets[source].contents(row)  # type: ignore[union-attr]
+
 
 @dataclass
 class TrainingData:
@@ -55,6 +59,20 @@ class TrainingData:
                                          eod_mask_loss=self.eod_mask_loss)
         return packed_microbatches(self.dataset, step=step, dp_rank=dp_rank, dp_size=dp_size,  # type: ignore
                                    micro_batch_size=micro_batch_size, global_batch_size=global_batch_size)
+
+    def step_stats(self, *, step: int, global_batch_size: int) -> dict[str, float]:
+        """Padding of step `step`'s global batch (every DP rank's rows, read from the row index
+        without building the rows): `padding_fraction` (share of its row tokens that are padding)
+        and `samples_per_row`. Empty for pretraining windows, which have no padding."""
+        if self.windows:
+            return {}
+        first = step * global_batch_size
+        samples = real = 0
+        for i in range(first, first + global_batch_size):
+            n, tokens = self.dataset.contents(i)  # type: ignore[union-attr]
+            samples, real = samples + n, real + tokens
+        return {"padding_fraction": 1 - real / (global_batch_size * self.dataset.seq_length),  # type: ignore
+                "samples_per_row": samples / global_batch_size}
 
 
 def build_training_data(prefixes: Sequence[str], tokenizer: Tokenizer, *, seq_length: int, seed: int,

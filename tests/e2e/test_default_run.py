@@ -22,5 +22,11 @@ def test_default_job_trains_and_checkpoints(cache_env, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000200"
     assert (run_dir / "checkpoints" / "iter_0000200" / "metadata.json").is_file()
     assert "saved checkpoint" in proc.stdout
+    # A quiet console (logging.verbose=false): the start-up line, no library chatter before it.
+    before_step_1 = proc.stdout.split("shardforge: model=tiny")[0]
+    for chatter in ("DistributedDataParallelConfig(", "OptimizerConfig(", "Params for bucket",
+                    "decoder.layers.0", "learning rate decay style", "Megatron-FSDP"):
+        assert chatter not in proc.stdout, chatter
+    assert not before_step_1.strip(), before_step_1
     # wandb defaults to offline mode: a local run directory, nothing sent anywhere.
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -124,6 +124,40 @@ def test_engine_deepspeed_without_deepspeed_installed(monkeypatch):
     assert err.key == "parallel.engine" and "deepspeed is not installed" in err.reason and ".[deepspeed]" in err.reason
 
 
+def test_tensorboard_without_tensorboard_installed_fails_at_start_up(monkeypatch):
+    find_spec = importlib.util.find_spec
+
+    def without_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            return None
+        return find_spec(name, *args, **kwargs)
+
+    assert validate(compose_config("logging.tensorboard=true"), 1, "cpu").config.logging.tensorboard
+    monkeypatch.setattr(importlib.util, "find_spec", without_tensorboard)
+    err = error_of(["logging.tensorboard=true"])
+    assert err.key == "logging.tensorboard" and 'pip install "tensorboard>=2.16"' in err.reason
+    validate(compose_config(), 1, "cpu")  # off by default: nothing to import
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    ("+train.stepz=5", "train.stepz", "did you mean train.steps?"),
+    ("+optim.warmup=5", "optim.warmup", "did you mean optim.warmup_steps?"),
+    ("+model.num_layer=2", "model.num_layer", "did you mean model.num_layers?"),
+    ("+data.prefixes=[a]", "data.prefixes", "stdlib_docs"),  # a key of another data option
+    ("+parallel.zero.offload=cpu", "parallel.zero.offload", "did you mean parallel.zero.offload_params?"),
+    ("+loging.verbose=true", "loging", "did you mean logging?"),
+])
+def test_a_key_added_with_plus_must_be_in_the_schema(override, key, hint):
+    """Hydra's `+key=value` adds keys to a typed config; a misspelled one must not train ignored."""
+    err = error_of([override])
+    assert err.key == key and err.reason.startswith("unknown key") and hint in err.reason, err
+
+
+def test_a_free_form_mapping_takes_new_keys():
+    cfg = compose_config("cluster=slurm", "+cluster.env.NCCL_IB_HCA=mlx5", name="submit")
+    assert typed(cfg).cluster.env["NCCL_IB_HCA"] == "mlx5"
+
+
 def test_tokenizer_and_model_vocab_must_match(cache_env):
     from launcher.train import build_data
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from tiny_tokenizers import SENTENCES, train_sp
@@ -77,3 +78,67 @@ def test_configuration_errors(data, tmp_path):
 
     with pytest.raises(ValueError, match=r"outside tokenizer small.model's vocabulary of 100"):
         build_training_data([text], Smaller(), seq_length=32, seed=0)
+
+
+class _PadZero:
+    """A stand-in tokenizer: rows are padded with id 0, which no crafted document uses."""
+    path, vocab_size, eos_id, pad_id = "pad_zero.model", 100, 99, 0
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Documents of very different lengths (short ones pack many to a row, long ones fill a row alone),
+    token ids 1..98, with SFT masks; and a second dataset of mid-length documents to blend in."""
+    from launcher.data.indexed import IndexedDatasetWriter
+
+    d = tmp_path_factory.mktemp("uneven")
+    rng = np.random.default_rng(7)
+    for name, lengths in (("mixed", [3, 4, 5, 60, 62, 64, 6, 30, 2, 63] * 4), ("mid", [20, 25, 33, 41] * 5)):
+        with IndexedDatasetWriter(d / name, np.uint16, with_mask=True) as writer:
+            for n in lengths:
+                writer.add(rng.integers(1, 99, n), np.ones(n, dtype=np.uint8))
+            writer.finalize()
+    return str(d / "mixed"), str(d / "mid")
+
+
+def _batch_padding(batches, seq: int) -> tuple[float, float]:
+    """(padding fraction, samples per row) of a step's micro batches, read off the rows themselves:
+    real tokens are the non-zero ones; a packed row's documents are its cu_seqlens segments that hold
+    a real token (the padding is its own segment); an unpacked row holds one document."""
+    rows = real = samples = 0
+    for b in batches:
+        tokens = b["tokens"]
+        rows += tokens.shape[0]
+        real += int((tokens != 0).sum())
+        if "cu_seqlens" in b:
+            flat, cu = tokens.flatten(), b["cu_seqlens"].tolist()
+            samples += sum(1 for a, z in zip(cu, cu[1:]) if (flat[a:z] != 0).any())
+        else:
+            samples += tokens.shape[0]
+    return 1 - real / (rows * seq), samples / rows
+
+
+@pytest.mark.parametrize("packing,blend", [(True, False), (False, False), (True, True)])
+def test_step_stats_are_the_step_s_own_rows(uneven, packing, blend):
+    """padding_fraction / samples_per_row in metrics.jsonl are those of each step's global batch
+    (all DP ranks' rows), not one whole-dataset number repeated on every line."""
+    mixed, mid = uneven
+    seq, gbs, mbs, dp = 64, 4, 1, 2
+    stream = build_training_data([mixed, mid] if blend else [mixed], _PadZero(), seq_length=seq, seed=3,
+                                 format="sft", packing=packing, weights=[1, 1] if blend else None, blend_block=3)
+    seen = []
+    for step in range(8):
+        batches = [b for rank in range(dp) for b in stream.microbatches(
+            step=step, dp_rank=rank, dp_size=dp, micro_batch_size=mbs, global_batch_size=gbs)]
+        padding, per_row = _batch_padding(batches, seq)
+        stats = stream.step_stats(step=step, global_batch_size=gbs)
+        assert stats["padding_fraction"] == pytest.approx(padding, abs=1e-12), step
+        assert stats["samples_per_row"] == pytest.approx(per_row, abs=1e-12), step
+        seen.append(stats["padding_fraction"])
+    assert len(set(seen)) > 2, seen  # the steps differ: a whole-dataset value would not
+
+
+def test_pretrain_windows_have_no_step_stats(data):
+    tok, _, text = data
+    windows = build_training_data([text], tok, seq_length=32, seed=0)
+    assert windows.step_stats(step=0, global_batch_size=4) == {}
