@@ -18,8 +18,7 @@ from omegaconf import DictConfig
 from launcher import console
 from launcher.cli import hydra_command
 from launcher.config.schema import JobConfig
-from launcher.config.validate import (ConfigError, check_fp8_device, check_writable_dir, validate,
-                                      world_size_from_env)
+from launcher.config.validate import ConfigError, check_fp8_device, validate, world_size_from_env
 from launcher.slurm_env import map_srun_env, restart_count
 from parallel.compat import UnverifiedMegatronVersion
 
@@ -111,7 +110,9 @@ def check_before_hydra(composed: DictConfig) -> None:
     """Before Hydra creates run.dir: the whole config, and a run.dir this process can write."""
     map_srun_env()  # an srun task (cluster.launcher=srun): RANK/WORLD_SIZE/... from SLURM_PROCID/...
     validate(composed, world_size_from_env(), resolve_device(composed.device).type)
-    check_writable_dir("run.dir", composed.run.dir)
+    from launcher.preflight import writable
+
+    writable("run.dir", composed.run.dir)
 
 
 def run(composed: DictConfig) -> None:

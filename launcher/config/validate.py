@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,22 +105,6 @@ def unknown_key_reason(prefix: str, key: str, schema: Any, option: str | None = 
     elif not close and dataclasses.is_dataclass(schema):
         reason += f"; {schema.__name__} has no such key"
     return reason
-
-
-def check_writable_dir(key: str, path: str) -> None:
-    """`path` is a directory this process can create (if need be) and write into. Nothing is created:
-    the nearest existing ancestor must be a directory that takes a file (a probe, removed at once)."""
-    target = os.path.abspath(path)
-    existing = target
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(key, f"{path} is not writable ({existing} is not a directory)")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise ConfigError(key, f"{path} is not writable ({existing}: {err.strerror or err})") from None
 
 
 def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> ResolvedConfig:
