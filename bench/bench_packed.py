@@ -54,6 +54,11 @@ def write_chat_jsonl(path: Path, samples: int, seed: int, max_words: int) -> Non
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timed = [r for r in records if r["step"] > warmup]
@@ -62,8 +67,9 @@ def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
             "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / total_time,
             "mfu": sum(r["mfu"] * r["step_time_s"] for r in timed) / total_time if all("mfu" in r for r in timed)
             else None,
-            "padding_fraction": records[-1].get("padding_fraction"),
-            "samples_per_row": records[-1].get("samples_per_row"),
+            # per-step values (each step's global batch): their mean over the timed steps
+            "padding_fraction": _mean(r.get("padding_fraction") for r in timed),
+            "samples_per_row": _mean(r.get("samples_per_row") for r in timed),
             "peak_mem_gb": max((r.get("peak_mem_gb") or 0) for r in records) or None,
             "step_time_s": total_time / len(timed), "timed_steps": len(timed),
             "losses": [r["loss"] for r in records]}

@@ -49,6 +49,8 @@ def test_packed_sft_parity_across_layouts(trained):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (name, a["step"])
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
             assert b["loss_tokens"] == a["loss_tokens"]
+            # the step's whole global batch, whatever the layout (not rank 0's share of it)
+            assert (b["padding_fraction"], b["samples_per_row"]) == (a["padding_fraction"], a["samples_per_row"])
 
 
 def test_unpacked_sft_pads_more(trained):
