@@ -29,12 +29,13 @@ from models.init import local_tensors
 def layout() -> dict[str, int]:
     """This process's megatron-core layout, as checkpoints record it."""
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size()}
+            "dp": ps.get_data_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size()}
 
 
 def saved_layout(common: dict[str, Any]) -> dict[str, int] | None:
     saved = common.get("layout")
-    return None if saved is None else {"ep": 1, **saved}  # checkpoints from before `ep` was recorded
+    return None if saved is None else {"ep": 1, "cp": 1, **saved}  # checkpoints from before `ep`/`cp` were recorded
 
 
 def own_structure(request: Any, loaded: Any) -> Any:
@@ -53,7 +54,7 @@ def own_structure(request: Any, loaded: Any) -> Any:
 
 
 def rng_state(is_loading: bool) -> ShardedObject:
-    # One RNG state per rank (dropout streams differ per TP rank): sharded over (pp, tp, dp).
+    # One RNG state per rank (dropout streams differ per TP rank): sharded over (pp, tp, dp x cp).
     # Graph-safe trackers (train.cuda_graph) hold torch.Generators: saved as state tensors, so a
     # checkpoint is the same whether or not the run used a CUDA graph.
     tracker = {k: v.get_state() if isinstance(v, torch.Generator) else v
@@ -63,9 +64,9 @@ def rng_state(is_loading: bool) -> ShardedObject:
         state["cuda"] = torch.cuda.get_rng_state()
     current = layout()
     rank = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-            ps.get_data_parallel_rank())
-    return ShardedObject("rng_state", None if is_loading else state, (current["pp"], current["tp"], current["dp"]),
-                         rank, replica_id=0)
+            ps.get_data_parallel_rank(with_context_parallel=True))
+    return ShardedObject("rng_state", None if is_loading else state,
+                         (current["pp"], current["tp"], current["dp"] * current["cp"]), rank, replica_id=0)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

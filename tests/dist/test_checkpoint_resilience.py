@@ -11,7 +11,9 @@ from conftest import FAST, read_metrics, run_cli, train_runs
 COMMON = [*FAST, "train.steps=5"]
 
 
-RESUMES = [("single", [], 1), ("dp2", [], 2), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"], 4)]
+# cp2 also saves at step 4: a checkpoint written under context parallelism (RNG streams per dp x cp rank).
+RESUMES = [("single", [], 1), ("dp2", [], 2), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"], 4),
+           ("cp2", ["parallel.cp=2", "checkpoint.save_every=1"], 2), ("cp2_tp2", ["parallel.cp=2", "parallel.tp=2"], 4)]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,8 @@ def trained(tmp_path_factory, cache_env) -> Path:
 def test_resume_in_another_layout_continues_the_curve(trained, name):
     original, resumed = read_metrics(trained / "tp2pp2_saved")[3:], read_metrics(trained / f"resume_{name}")
     assert [m["step"] for m in resumed] == [4, 5]
+    if name == "cp2":
+        assert (trained / "resume_cp2" / "checkpoints" / "iter_0000004" / "metadata.json").is_file()
     if name == "tp2pp2":  # same layout: bit for bit, RNG streams included
         assert [(m["loss"], m["grad_norm"], m["lr"]) for m in resumed] == \
                [(m["loss"], m["grad_norm"], m["lr"]) for m in original]
