@@ -10,9 +10,11 @@ renamed only once every rank finished writing, and `latest` is replaced atomical
 a writer killed midway leaves the previous checkpoint and `latest` intact. Old checkpoints are
 pruned (`keep_last`) only after the new one is complete.
 
-What is inside a directory is the engine's business (parallel.engine.Engine.save / load): this
-module names, creates, publishes, finds and prunes directories, and checks before any process
-group starts that a checkpoint fits the run.
+What is inside a directory is the engine's business (parallel.engine.Engine.save / load), plus the
+files a writer hands over (`files=`: e.g. the model shape and the tokenizer, launcher.checkpoint_files),
+written into the same temporary directory and published with it: this module names, creates,
+publishes, finds and prunes directories, and checks before any process group starts that a
+checkpoint fits the run.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Union
 
 import torch.distributed as dist
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 
 LATEST = "latest"
 _ITER = "iter_"
+# A file to place in a checkpoint directory: its content, or a file to copy.
+FileSource = Union[bytes, str, os.PathLike]
 
 
 def iter_dir_name(step: int) -> str:
@@ -124,6 +128,16 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
+def _write_files(directory: Path, files: Mapping[str, FileSource]) -> None:
+    for name, source in files.items():
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+        else:
+            shutil.copyfile(source, target)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -135,11 +149,13 @@ def _is_writer() -> bool:
 
 
 @contextmanager
-def writing(root: str | os.PathLike, step: int, keep_last: int | None = None) -> Iterator[Path]:
+def writing(root: str | os.PathLike, step: int, keep_last: int | None = None,
+            files: Mapping[str, FileSource] | None = None) -> Iterator[Path]:
     """Write the checkpoint of `step` under `root`: yields an empty directory to fill (every rank,
-    when a process group exists); once the block ends without an error, publishes it as
-    <root>/iter_<step> and `latest`, then prunes to `keep_last`. Files a writer adds to `root`
-    itself inside the block are in place before `latest` names the new checkpoint."""
+    when a process group exists); once the block ends without an error, adds `files` (relative
+    name -> content or a file to copy) and publishes it as <root>/iter_<step> and `latest`, then
+    prunes to `keep_last`. Files a writer adds to `root` itself inside the block are in place
+    before `latest` names the new checkpoint."""
     root = Path(root)
     final = root / iter_dir_name(step)
     tmp = root / (iter_dir_name(step) + ".tmp")
@@ -151,6 +167,7 @@ def writing(root: str | os.PathLike, step: int, keep_last: int | None = None) ->
     yield tmp
     _barrier()
     if _is_writer():
+        _write_files(tmp, files or {})
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. after resume): replace only once the new one is whole
             shutil.rmtree(final)
@@ -162,9 +179,11 @@ def writing(root: str | os.PathLike, step: int, keep_last: int | None = None) ->
     _barrier()
 
 
-def save(engine: Engine, root: str | os.PathLike, step: int, keep_last: int | None = None) -> Path:
-    """The engine's full state after `step` optimizer steps, as <root>/iter_<step>; returns it."""
-    with writing(root, step, keep_last) as directory:
+def save(engine: Engine, root: str | os.PathLike, step: int, keep_last: int | None = None,
+         files: Mapping[str, FileSource] | None = None) -> Path:
+    """The engine's full state after `step` optimizer steps, and `files` (see `writing`), as
+    <root>/iter_<step>; returns it."""
+    with writing(root, step, keep_last, files) as directory:
         engine.save(directory, step)
     return Path(root) / iter_dir_name(step)
 

@@ -15,7 +15,9 @@ scripts call) runs the command under Hydra as `hydra.main` would, and adds:
   list), a key the schema does not have (`train.stepz=5`, also as Hydra's `+train.stepz=5`), a
   mandatory key left unset, a group option that does not exist (`model=nope`), and whatever the
   command's `preflight` rejects (launcher.train validates the whole config there);
-- a ConfigError the command raises later prints the same one line and exits 2.
+- a ConfigError the command raises later prints the same one line and exits 2;
+- where `model=` picks a conf/model option (train, submit, ...), a model yaml or a checkpoint
+  anywhere works too (launcher/model_path.py).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config.validate import ConfigError, check_known_keys, unknown_key_reason
+from launcher.model_path import resolve_model_argv
 from launcher.package_data import CONF_DIR
 
 Task = Callable[[DictConfig], Any]
@@ -47,6 +50,7 @@ def hydra_command(config_name: str, *, config_dir: str = "", argv: Callable[[lis
     argv: rewrites the command line first (a command's own syntax, e.g. `convert import_hf ...`).
     preflight: checks the composed config before Hydra starts (raise ConfigError)."""
     directory = str(CONF_DIR / config_dir)
+    model_group = (CONF_DIR / config_dir / "model").is_dir()  # commands whose `model=` picks conf/model/*
 
     def decorate(task: Task) -> Callable[..., None]:
         @functools.wraps(task)
@@ -62,6 +66,11 @@ def hydra_command(config_name: str, *, config_dir: str = "", argv: Callable[[lis
             args = list(sys.argv[1:] if args is None else args)
             if argv is not None:
                 args = argv(args)
+            if model_group:  # `model=<yaml or checkpoint>`: an option of the group, on a search path
+                try:
+                    args = resolve_model_argv(args)
+                except ConfigError as err:
+                    _fail(err)
             parsed = get_args_parser().parse_args(args)
             name = parsed.config_name or config_name
             if parsed.help:

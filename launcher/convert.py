@@ -4,7 +4,7 @@ Qwen2-MoE, Qwen3-MoE), and DeepSpeed ZeRO-3 -> ShardForge.
     python -m launcher.convert import_hf hf_dir=<HF model dir> out=<checkpoint dir>
                                [name=<model name>] [dtype=fp32|bf16] [model.<field>=<value> ...]
     python -m launcher.convert export_hf checkpoint=<checkpoint dir or iter_* dir> out=<HF dir>
-                               [tokenizer=<dir or file>] [model=<conf name or yaml>]
+                               [tokenizer=<dir or file>] [model=<conf name, yaml or checkpoint>]
                                [architecture=LlamaForCausalLM|MistralForCausalLM|Qwen2ForCausalLM|Qwen3ForCausalLM|
                                              MixtralForCausalLM|Qwen2MoeForCausalLM|Qwen3MoeForCausalLM]
                                [dtype=fp32|bf16|fp16] [max_shard_size_mb=2000]
@@ -24,22 +24,26 @@ ShardForge model built in a world of one on CPU and writes a model-only dist che
 launcher/checkpoint.py (`latest` written last, atomically):
 
     <out>/iter_0000000/   dist_checkpointing (torch_dist); reshards on load, so it loads into any
-                          TP/PP layout: `python -m launcher.train checkpoint.load=<out> model=<name>`
+                          TP/PP layout: `python -m launcher.train model=<out> checkpoint.load=<out>`
+      model.yaml          the model shape (`model=<out>` trains it, launcher/model_path.py)
+      hf_config.json      the source config.json (export reuses its architecture and token ids)
+      hf_generation_config.json  the source's generation_config.json, if it had one
+      tokenizer/          the source's tokenizer files, if it had any (generate/export default to them)
     <out>/latest          "iter_0000000"
-    <out>/model.yaml      the model shape; copy it to conf/model/<name>.yaml to train with model=<name>
-    <out>/hf_config.json  the source config.json (export reuses its architecture and token ids)
-    <out>/tokenizer/      the source's tokenizer files, if it had any (generate/export default to them)
 
 Memory: import reads HF tensors one at a time, but the model it fills is whole (fp32 by default),
 so peak ≈ model size. export reads one checkpoint key at a time (a key holds one weight kind of
 every layer, e.g. all fc1 matrices) and writes shards of `max_shard_size_mb`: peak ≈ the largest
 key + one output shard.
 
-export_hf needs the model shape: `model=`, else the checkpoint's recorded `model_args` (imports and
-training checkpoints), else <root>/model.yaml, else the training run's <root>/../.hydra/config.yaml.
-It reads only model tensors (never the optimizer state) and writes safetensors shards +
-model.safetensors.index.json + config.json (+ tokenizer files) that
-`transformers.AutoModelForCausalLM.from_pretrained` loads. Without `architecture=` it reuses the
+export_hf needs the model shape: `model=`, else the checkpoint's model.yaml (imports and training
+checkpoints carry one, launcher/checkpoint_files.py), else its recorded `model_args`, else the
+training run's <root>/../.hydra/config.yaml. It reads only model tensors (never the optimizer state)
+and writes safetensors shards + model.safetensors.index.json + config.json + generation_config.json,
+and the tokenizer (`tokenizer=`, else the checkpoint's own): tokenizer.json or tokenizer.model, and a
+tokenizer_config.json naming bos/eos/pad (and the chat template); their ids go into config.json and
+generation_config.json. `transformers.AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load
+the directory as it is. Without `architecture=` it reuses the
 imported model's, else picks Qwen3 (qk-norm), Qwen2 (qkv bias) or Llama; for MoE models Qwen3-MoE
 (qk-norm), Qwen2-MoE (shared expert / qkv bias) or Mixtral. An MoE checkpoint of any expert-parallel
 layout exports the same: its expert tensors are stored whole (dist_checkpointing).
@@ -64,11 +68,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.checkpoint_files import HF_CONFIG, HF_GENERATION_CONFIG, TOKENIZER_DIR, find
 from launcher.cli import hydra_command
 from launcher.config.validate import ConfigError
 from launcher.model_io import (build_model, check_checkpoint_matches, check_new_root, init_world_of_one,
                                layer_tensor_keys, model_args_for, resolve_any, resolve_checkpoint,
-                               writing_model_checkpoint)
+                               write_model_checkpoint)
 from models import hf_mapping as hfm
 from models.args import ModelArgs
 
@@ -179,18 +184,15 @@ def import_hf(hf_dir: Path, out: Path, *, name: str | None = None, dtype: str = 
         unfilled = sorted(set(params) - filled)
         if unfilled:  # a mapping bug, not bad input
             raise RuntimeError(f"import_hf left parameters unset: {unfilled}")
-        with writing_model_checkpoint(model, args, out):
-            (out / "hf_config.json").write_text(json.dumps(hf_config, indent=2))
-            tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
-            if {"tokenizer.json", "tokenizer.model"} & set(tokenizer_files):  # a config alone is no tokenizer
-                (out / "tokenizer").mkdir(exist_ok=True)
-                for f in tokenizer_files:
-                    shutil.copy2(hf_dir / f, out / "tokenizer" / f)
+        files: dict[str, Any] = {HF_CONFIG: json.dumps(hf_config, indent=2).encode()}
+        if (hf_dir / "generation_config.json").is_file():
+            files[HF_GENERATION_CONFIG] = hf_dir / "generation_config.json"
+        found = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+        if {"tokenizer.json", "tokenizer.model"} & set(found):  # a config alone is no tokenizer
+            files.update({f"{TOKENIZER_DIR}/{f}": hf_dir / f for f in found})
+        return write_model_checkpoint(model, args, out, files=files)
     finally:
         shutdown()
-    from launcher.checkpoint import resolve
-
-    return resolve(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +255,6 @@ def _load_full(directory: Path, meta: Mapping[str, Any], key: str) -> torch.Tens
 def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model: str | None = None,
               architecture: str | None = None, dtype: str | None = None, max_shard_size_mb: float = 2000) -> None:
     """Write an HF model directory `out` from a ShardForge (or ZeRO-3) checkpoint. Bad input raises ConfigError."""
-    from launcher.checkpoint import root_of
     from parallel.deepspeed_engine import zero_meta
 
     if zero_meta(resolve_any(checkpoint, "checkpoint")) is not None:  # ZeRO-3: through a megatron checkpoint
@@ -267,8 +268,8 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
                              architecture=architecture, dtype=dtype, max_shard_size_mb=max_shard_size_mb)
     directory = resolve_checkpoint(checkpoint)
     args = model_args_for(directory, model)
-    root = root_of(directory)
-    base_config = json.loads((root / "hf_config.json").read_text()) if (root / "hf_config.json").is_file() else {}
+    base_file, generation_file = find(directory, HF_CONFIG), find(directory, HF_GENERATION_CONFIG)
+    base_config = json.loads(base_file.read_text()) if base_file is not None else {}
     if architecture is None:
         archs = base_config.get("architectures") or []
         architecture = archs[0] if archs else hfm.default_architecture(args)
@@ -277,9 +278,8 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
     except hfm.HFMappingError as err:
         raise ConfigError("architecture", str(err)) from err
     _check_choice("dtype", dtype, DTYPES)
-    tokenizer_dir = Path(tokenizer) if tokenizer else (root / "tokenizer" if (root / "tokenizer").is_dir() else None)
-    if tokenizer_dir is not None and not tokenizer_dir.exists():
-        raise ConfigError("tokenizer", f"no such file or directory: {tokenizer}")
+    tokenizer_source = Path(tokenizer) if tokenizer else find(directory, TOKENIZER_DIR)
+    tok = _load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
     if out.exists() and any(out.iterdir()):
         raise ConfigError("out", f"{out} exists and is not empty")
     final, out = out, out.with_name(out.name + ".partial")  # renamed once complete
@@ -309,37 +309,68 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
         dist.destroy_process_group()
     torch_dtype = str(DTYPES[dtype] if dtype else ckpt_dtype).removeprefix("torch.")
     config.update(dtype=torch_dtype, torch_dtype=torch_dtype)
+    if tok is not None:
+        _write_tokenizer(tokenizer_source, tok, out)
+        for role, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+            if config.get(f"{role}_token_id") is None:  # an imported config's own ids stay
+                config[f"{role}_token_id"] = i
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, out)
+    _write_generation_config(out, config, generation_file)
     if final.exists():
         final.rmdir()  # empty (checked above)
     os.replace(out, final)
 
 
-def _copy_tokenizer(source: Path, out: Path) -> None:
-    """Tokenizer files into an HF dir: a directory's known files, a tokenizer.json, or a bare
-    sentencepiece model (ShardForge's default tokenizer), which gets the tokenizer_config.json
-    transformers needs to load it as a LlamaTokenizer."""
+def _load_tokenizer(source: Path):
+    from launcher.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError("tokenizer", f"{source}: {err}") from err
+
+
+def _write_tokenizer(source: Path, tok, out: Path) -> None:
+    """Tokenizer files into an HF dir, with a tokenizer_config.json that names the special tokens
+    (and keeps the chat template), so that transformers.AutoTokenizer loads the tokenizer ShardForge
+    trained with. A directory's known files are copied; a bare sentencepiece model (ShardForge's
+    default tokenizer) becomes tokenizer.model + a LlamaTokenizer config."""
+    from launcher.data.tokenizer import SentencePieceTokenizer
+
     if source.is_dir():
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, out / name)
-        return
-    if source.suffix != ".model":
-        shutil.copy2(source, out / source.name)
-        return
-    import sentencepiece as spm
+    else:
+        for name, path in tok.include_in_checkpoints().items():
+            shutil.copy2(path, out / name)
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if isinstance(tok, SentencePieceTokenizer):
+        # ShardForge's data pipeline adds no BOS/EOS when encoding (launcher.data.tokenizer); legacy=True
+        # keeps sentencepiece's own handling of the leading space.
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+                  "legacy": True, **config}
+        if tok.unk_id is not None:
+            config.setdefault("unk_token", tok.id_to_token(tok.unk_id))
+    else:
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for role, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+        if i is not None:
+            config.setdefault(f"{role}_token", tok.id_to_token(i))
+    if tok.chat_template is not None and not (out / "chat_template.jinja").is_file():
+        config.setdefault("chat_template", tok.chat_template)
+    config_file.write_text(json.dumps(config, indent=2))
 
-    shutil.copy2(source, out / "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=str(source))
-    specials = {f"{role}_token": sp.id_to_piece(i) for role, i in
-                (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())) if i >= 0}
-    # ShardForge's data pipeline adds no BOS/EOS when encoding (launcher.data.tokenizer); legacy=True
-    # keeps sentencepiece's own handling of the leading space.
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": True,
-              **specials}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+def _write_generation_config(out: Path, config: Mapping[str, Any], imported: Path | None) -> None:
+    """generation_config.json: the imported model's own, else the token ids of config.json (what
+    transformers' GenerationConfig.from_model_config takes; greedy, no length limit of ours)."""
+    generation = json.loads(imported.read_text()) if imported is not None else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if generation.get(key) is None and config.get(key) is not None:
+            generation[key] = config[key]
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,8 +394,8 @@ class ImportHFConfig:
 class ExportHFConfig:
     checkpoint: Optional[str] = None  # checkpoint root or iter_* directory; ZeRO-3 too (required)
     out: Optional[str] = None  # the HF directory to write (required; absent or empty)
-    tokenizer: Optional[str] = None  # tokenizer dir or file (default: <checkpoint root>/tokenizer)
-    model: Optional[str] = None  # conf/model name or yaml path (default: what the checkpoint records)
+    tokenizer: Optional[str] = None  # tokenizer dir or file (default: the checkpoint's own)
+    model: Optional[str] = None  # conf/model name, yaml path or checkpoint (default: the checkpoint's shape)
     architecture: Optional[str] = None  # HF architecture (default: the imported one, else from the shape)
     dtype: Optional[str] = None  # fp32 | bf16 | fp16 (default: the checkpoint's)
     max_shard_size_mb: float = 2000  # size of each safetensors shard
@@ -386,9 +417,7 @@ def _run_import_hf(cfg: DictConfig) -> None:
     _required(cfg, "hf_dir", "out")
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if v is not None}
     path = import_hf(Path(cfg.hf_dir), Path(cfg.out), name=cfg.name, dtype=cfg.dtype, overrides=overrides)
-    name = OmegaConf.load(path.parent / "model.yaml")["name"]
-    print(f"convert: wrote {path} (model shape in {path.parent / 'model.yaml'}; "
-          f"copy it to conf/model/{name}.yaml and train with model={name} checkpoint.load={path.parent})")
+    print(f"convert: wrote {path} (train it with model={path.parent} checkpoint.load={path.parent})")
 
 
 def _run_export_hf(cfg: DictConfig) -> None:

@@ -13,8 +13,9 @@ Hydra syntax.
 temperature=0 is greedy; otherwise logits/temperature, then top-k and/or top-p (nucleus)
 filtering, sampled with a generator seeded by `seed` (same seed, same text). Padded vocabulary
 ids (models.args.padded_vocab_size) are never produced. Generation stops at the tokenizer's EOS
-unless ignore_eos=true. The tokenizer defaults to <checkpoint root>/tokenizer (what import_hf
-copies); the model shape is found as in launcher.convert (model=, model.yaml, the run's config).
+unless ignore_eos=true. The tokenizer and the model shape default to the checkpoint's own (its
+tokenizer/ and model.yaml: launcher/checkpoint_files.py, written by training and by import_hf);
+model= takes a conf/model name, a yaml path or another checkpoint.
 `prompt_ids=` feeds token ids directly (no tokenizer needed). kv_cache=false recomputes the
 whole sequence at every step (the reference the cache is tested against).
 
@@ -124,8 +125,8 @@ class GenerateConfig:
     top_k: Optional[int] = None  # keep the k most likely tokens (sampling)
     top_p: Optional[float] = None  # keep the smallest set of tokens holding this probability (sampling)
     seed: int = 0  # the sampling generator's seed
-    tokenizer: Optional[str] = None  # tokenizer.json / dir / sentencepiece .model (default: <root>/tokenizer)
-    model: Optional[str] = None  # conf/model name or yaml path (default: what the checkpoint records)
+    tokenizer: Optional[str] = None  # tokenizer.json / dir / sentencepiece .model (default: the checkpoint's)
+    model: Optional[str] = None  # conf/model name, yaml path or checkpoint (default: the checkpoint's shape)
     add_bos: Optional[bool] = None  # prepend the tokenizer's BOS to a text prompt (default: when it has one)
     ignore_eos: bool = False  # generate max_new_tokens even past EOS
     kv_cache: bool = True  # false: recompute the whole sequence every step (the cache's reference)
@@ -141,13 +142,13 @@ def run(cfg: DictConfig) -> dict:
     if (cfg.prompt is None) == (cfg.prompt_ids is None):
         raise ConfigError("prompt", "give exactly one of prompt=... and prompt_ids=...")
 
-    from launcher.checkpoint import root_of
+    from launcher.checkpoint_files import TOKENIZER_DIR, find
     from launcher.model_io import model_args_for
 
     directory = resolve_checkpoint(cfg.checkpoint.load, "checkpoint.load")
     args: ModelArgs = model_args_for(directory, cfg.model)
     tokenizer = None
-    tok_path = cfg.tokenizer or (root_of(directory) / "tokenizer")
+    tok_path = cfg.tokenizer or find(directory, TOKENIZER_DIR) or directory / TOKENIZER_DIR
     if cfg.tokenizer or (cfg.prompt is not None and Path(tok_path).exists()):
         from launcher.data.tokenizer import load_tokenizer
 

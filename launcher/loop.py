@@ -18,7 +18,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from launcher import checkpoint
+from launcher.checkpoint_files import checkpoint_files
 from launcher.config.schema import JobConfig
+from launcher.data.tokenizer import Tokenizer
 from launcher.flops import peak_flops, train_flops_per_token
 from launcher.metrics import MetricsLogger, StepTimer
 from launcher.profiling import MemorySnapshot, StepProfiler
@@ -34,9 +36,11 @@ def _no_stats(**_: int) -> dict[str, float]:
 class TrainData:
     """`batches(step=, dp_rank=, dp_size=, micro_batch_size=, global_batch_size=)` -> this rank's
     micro batches of that step; `step_stats(step=, global_batch_size=)` -> that step's data metrics
-    over its whole global batch (padding fraction ...), {} where there are none."""
+    over its whole global batch (padding fraction ...), {} where there are none; `tokenizer` the data's tokenizer,
+    saved with every checkpoint."""
     batches: Callable[..., list[dict[str, Any]]]
     step_stats: Callable[..., dict[str, float]] = _no_stats
+    tokenizer: Tokenizer | None = None
 
 
 def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, start_step: int) -> None:
@@ -60,6 +64,7 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.run.dir, device, enabled=rank0)
     memory = MemorySnapshot(cfg.logging.memory_snapshot, cfg.run.dir, device, enabled=rank0)
+    files = checkpoint_files(asdict(cfg.model), data.tokenizer)  # every checkpoint is usable on its own
 
     def report(done: int, result: StepResult, seconds: Callable[[], float]) -> None:
         if not rank0 or (done % t.log_every and done != t.steps):
@@ -102,12 +107,12 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done != t.steps:
             report(*pending)
             pending = None
-            checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
+            checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last, files=files)
             timer.restart()  # keep save time out of the next step's throughput
     if pending is not None:
         report(*pending)
     if (cfg.checkpoint.final_save or stop.signal) and done > start_step:
-        path = checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last)
+        path = checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last, files=files)
         if rank0:
             why = f" after {stop.signal}" if stop.signal else ""
             print(f"saved checkpoint {path}{why}", flush=True)

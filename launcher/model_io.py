@@ -8,9 +8,8 @@ one line.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import yaml
@@ -19,6 +18,9 @@ from launcher.config.validate import ConfigError
 from launcher.package_data import model_yaml
 from models import hf_mapping as hfm
 from models.args import ModelArgs
+
+if TYPE_CHECKING:
+    from launcher.checkpoint import FileSource
 
 
 def init_world_of_one(seed: int = 0) -> None:
@@ -56,35 +58,54 @@ def resolve_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> Path
     return directory
 
 
+def model_yaml_path(model: str, key: str = "model") -> Path:
+    """`model=` as a file: a conf/model name, a yaml path, or a checkpoint (root or iter_* directory,
+    whose model.yaml is used)."""
+    from launcher.checkpoint_files import MODEL_YAML, find, iter_directory
+
+    path = Path(model)
+    if path.is_dir():
+        found = find(iter_directory(path), MODEL_YAML)
+        if found is None:
+            raise ConfigError(key, f"{path} is a directory without a checkpoint's {MODEL_YAML}")
+        return found
+    if not model.endswith((".yaml", ".yml")) and os.sep not in model:
+        path = model_yaml(model)
+    if not path.is_file():
+        raise ConfigError(key, f"no such model config: {path}")
+    return path
+
+
+def _read_model_yaml(path: Path, section: str | None = None) -> ModelArgs:
+    cfg = yaml.safe_load(path.read_text())
+    cfg = cfg[section] if section else cfg
+    try:
+        return ModelArgs.from_config(cfg)
+    except TypeError as err:
+        raise ConfigError("model", f"{path} is not a model config ({err})") from err
+
+
 def model_args_for(directory: Path, model: str | None) -> ModelArgs:
-    """Model shape of a checkpoint: `model` (conf/model name or yaml path), else the `model_args` the
-    checkpoint records, else <root>/model.yaml, else the training run's Hydra config next to it."""
+    """Model shape of a checkpoint: `model` (conf/model name, yaml path or checkpoint), else the
+    checkpoint's model.yaml, else the `model_args` it records, else the training run's Hydra config
+    next to it."""
     from launcher.checkpoint import root_of
+    from launcher.checkpoint_files import MODEL_YAML, find
 
-    root = root_of(directory)
-    candidates: list[tuple[Path, str | None]] = []
     if model:
-        path = Path(model) if model.endswith((".yaml", ".yml")) else model_yaml(model)
-        if not path.is_file():
-            raise ConfigError("model", f"no such model config: {path}")
-        candidates = [(path, None)]
-    else:
-        candidates = [(root / "model.yaml", None), (root.parent / ".hydra" / "config.yaml", "model")]
-        from megatron.core import dist_checkpointing
+        return _read_model_yaml(model_yaml_path(model))
+    if (path := find(directory, MODEL_YAML)) is not None:
+        return _read_model_yaml(path)
+    from megatron.core import dist_checkpointing
 
-        saved = dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
-        if saved is not None:  # training checkpoints (and imports) record their shape
-            return ModelArgs.from_config(saved)
-    for path, section in candidates:
-        if path.is_file():
-            cfg = yaml.safe_load(path.read_text())
-            cfg = cfg[section] if section else cfg
-            try:
-                return ModelArgs.from_config(cfg)
-            except TypeError as err:
-                raise ConfigError("model", f"{path} is not a model config ({err})") from err
-    raise ConfigError("model", f"cannot tell the shape of checkpoint {directory} (no {root / 'model.yaml'} and no "
-                               f"training run config); pass model=<conf/model name or yaml path>")
+    saved = dist_checkpointing.load_common_state_dict(str(directory)).get("model_args")
+    if saved is not None:  # training checkpoints (and imports) record their shape
+        return ModelArgs.from_config(saved)
+    run_config = root_of(directory).parent / ".hydra" / "config.yaml"
+    if run_config.is_file():
+        return _read_model_yaml(run_config, "model")
+    raise ConfigError("model", f"cannot tell the shape of checkpoint {directory} (no {MODEL_YAML} and no "
+                               f"training run config); pass model=<conf/model name, yaml path or checkpoint>")
 
 
 def expected_shapes(args: ModelArgs) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[tuple[int, ...], list[int]]]]:
@@ -164,19 +185,19 @@ def load_model_weights(model: torch.nn.Module, directory: Path, args: ModelArgs,
     load_model(model, directory)
 
 
-@contextmanager
-def writing_model_checkpoint(model: torch.nn.Module, args: ModelArgs, out: Path) -> Iterator[Path]:
-    """A model-only checkpoint <out>/iter_0000000, published through launcher.checkpoint; yields
-    <out>, so that the caller adds its own files there before `latest` names the checkpoint.
-    <out>/model.yaml holds the shape (copy it to conf/model/<name>.yaml to train with model=<name>)."""
+def write_model_checkpoint(model: torch.nn.Module, args: ModelArgs, out: Path,
+                           files: Mapping[str, FileSource] | None = None) -> Path:
+    """A model-only checkpoint <out>/iter_0000000 with `files` and the shape (model.yaml: train it
+    with `model=<out>`), published through launcher.checkpoint; returns the iter_* directory."""
     from launcher import checkpoint
+    from launcher.checkpoint_files import MODEL_YAML
+    from launcher.checkpoint_files import model_yaml as shape_yaml
     from parallel.megatron_state import save_model
 
     shape = hfm.args_to_yaml_dict(args)
-    with checkpoint.writing(out, step=0) as directory:
+    with checkpoint.writing(out, step=0, files={MODEL_YAML: shape_yaml(shape), **(files or {})}) as directory:
         save_model(model, shape, directory)
-        (out / "model.yaml").write_text(yaml.safe_dump(shape, sort_keys=False))
-        yield out
+    return out / checkpoint.iter_dir_name(0)
 
 
 def check_new_root(out: Path, key: str = "out") -> None:

@@ -119,12 +119,15 @@ def _check_slurm(c: SlurmCluster) -> None:
 
 
 def _forwarded_overrides(task_overrides: list[str]) -> list[str]:
-    """The command line's training overrides, minus what the rendered script sets itself."""
+    """The command line's training overrides, minus what the rendered script sets itself; a
+    `model=<path>` as the user wrote it (the job resolves it again, launcher.model_path)."""
+    from launcher.model_path import ORIGINAL
+
     keep = []
     for item in task_overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if not any(key == k or key.startswith((k + ".", k + "/")) for k in _NOT_FORWARDED):
-            keep.append(item)
+            keep.append(ORIGINAL.get(item, item))
     return keep
 
 

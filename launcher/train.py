@@ -80,7 +80,7 @@ def build_data(cfg: JobConfig) -> TrainData:
             source_seeds=source_seeds)
     except ValueError as err:
         raise ConfigError("data", str(err)) from err
-    return TrainData(stream.microbatches, stream.step_stats)
+    return TrainData(stream.microbatches, stream.step_stats, tokenizer)
 
 
 def _check_vocab(tokenizer, model_vocab_size: int) -> None:

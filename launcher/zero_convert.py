@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from launcher.checkpoint import iter_dir_name
+from launcher.checkpoint_files import tokenizer_files
 from launcher.config.validate import ConfigError
-from launcher.model_io import build_model, check_new_root, init_world_of_one, resolve_any, writing_model_checkpoint
+from launcher.model_io import build_model, check_new_root, init_world_of_one, resolve_any, write_model_checkpoint
 from models.args import ModelArgs
 
 
@@ -52,8 +53,8 @@ def zero_to_megatron(checkpoint: str | os.PathLike, out: Path) -> Path:
                     raise ConfigError("checkpoint", f"{name} is {list(state[name].shape)}, "
                                                     f"model={args.name} has {list(param.shape)}")
                 param.copy_(state[name])
-        with writing_model_checkpoint(model, args, out):
-            pass  # weights and model.yaml are all it holds
+        # the weights, their shape and the training run's tokenizer
+        write_model_checkpoint(model, args, out, files=tokenizer_files(directory))
     finally:
         shutdown()
     return out / iter_dir_name(0)

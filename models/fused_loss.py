@@ -1,13 +1,14 @@
 """The loss slot on GPU: megatron-core's GPTModel whose training loss goes through the fused output
-layer + cross entropy (models/kernels/linear_cross_entropy.py) and never builds the logits."""
+layer + cross entropy (models/kernels/linear_cross_entropy.py) and never builds the logits. Only the
+real vocabulary's output rows take part (models/padded_vocab.py): the padded rows' logits never
+exist, and their gradient is zero."""
 from __future__ import annotations
 
-from megatron.core.models.gpt.gpt_model import GPTModel
-
 from models.kernels.linear_cross_entropy import linear_cross_entropy
+from models.padded_vocab import PaddedVocabGPTModel
 
 
-class LinearCrossEntropyGPTModel(GPTModel):
+class LinearCrossEntropyGPTModel(PaddedVocabGPTModel):
     """With labels and loss_mask while training: per-token losses [b, s] as megatron returns them,
     through linear_cross_entropy. Otherwise (logits, evaluation, multi-token prediction) megatron's."""
 
@@ -18,5 +19,5 @@ class LinearCrossEntropyGPTModel(GPTModel):
                                         **kwargs)
         weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
                   else self.output_layer.weight)
-        # hidden [s, b, h]; labels and loss_mask [b, s]
-        return linear_cross_entropy(hidden_states.transpose(0, 1), weight, labels, loss_mask)
+        # hidden [s, b, h]; labels and loss_mask [b, s]; tp=1, so the weight holds every vocabulary row
+        return linear_cross_entropy(hidden_states.transpose(0, 1), weight[:self.unpadded_vocab_size], labels, loss_mask)

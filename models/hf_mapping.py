@@ -11,9 +11,9 @@ Layouts (ShardForge = megatron-core GPTModel at tp=1/pp=1):
   Megatron's TP split of linear_qkv then gives every rank whole groups.
 - `linear_fc1` = cat([gate_proj, up_proj], dim 0) (megatron's SwiGLU takes chunk(2) of the output).
 - The vocabulary is padded to a multiple of 128 (models.args.padded_vocab_size) so every TP size
-  builds the same model. Import pads embedding/output rows with zeros; export cuts them off. A
-  zero output row gives the padded ids a logit of exactly 0: generation masks them
-  (launcher.generate), training never sees them as labels.
+  builds the same model. Import pads embedding/output rows with zeros; export cuts them off. The
+  padded ids are no tokens: the loss leaves their logits out of the softmax (models/padded_vocab.py),
+  generation never samples them (launcher.generate), training never sees them as labels.
 
 Two name spaces on our side: module state_dict names (decoder.layers.3.pre_mlp_layernorm.weight,
 used by import, which fills a built model) and dist-checkpoint keys (stacked over layers, with the

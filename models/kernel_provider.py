@@ -18,8 +18,9 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
   recompute (dense models) models/mlp_act_recompute.py; MoE experts: GroupedGemmExperts
   (models/kernels/grouped_experts.py); shared experts like the MLP;
 - norm recompute (`layernorm`): on GPU refilled in place (models/norm_recompute.py);
-- loss: on GPU without tensor parallelism, the output layer fused with cross entropy
-  (models/fused_loss.py); elsewhere megatron's.
+- loss: over the real vocabulary only, the padded rows masked out (models/padded_vocab.py); on GPU
+  without tensor parallelism, the output layer fused with cross entropy (models/fused_loss.py);
+  elsewhere megatron's cross entropy.
 "GPU" kernels are the megatron engine's on CUDA: the DeepSpeed engine keeps megatron's own RoPE,
 SwiGLU, norm recompute and loss (ZeRO-3 gathers a weight only for its module's forward; the fused
 loss reads the output weight outside it).
@@ -48,6 +49,7 @@ from models.kernels.grouped_experts import GroupedGemmExperts
 from models.kernels.norm import RMSNorm
 from models.mlp_act_recompute import ActivationRecomputeMLP, TritonActivationRecomputeMLP
 from models.norm_recompute import NormOutputCheckpoint
+from models.padded_vocab import PaddedVocabGPTModel
 from models.residual_norm import ChainedRMSNorm, NormChain, ResidualAddNorm
 from models.rope_attention import RopeSelfAttention
 from models.swiglu_mlp import TritonSwiGLUMLP, TritonSwiGLUSharedExpertMLP
@@ -97,10 +99,11 @@ def default_backend() -> str:
 
 
 def model_class(config: TransformerConfig, options: KernelOptions) -> type[GPTModel]:
-    """The loss slot: the fused output layer + cross entropy has no vocab-parallel reduction (TP 1 only)."""
+    """The loss slot (built with `unpadded_vocab_size=`): the fused output layer + cross entropy has no
+    vocab-parallel reduction (TP 1 only)."""
     if options.device == "cuda" and options.engine == "megatron" and config.tensor_model_parallel_size == 1:
         return LinearCrossEntropyGPTModel
-    return GPTModel
+    return PaddedVocabGPTModel
 
 
 def decoder_block_spec(config: TransformerConfig, options: KernelOptions,

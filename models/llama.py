@@ -102,6 +102,7 @@ def build_llama(args: ModelArgs, config: TransformerConfig, options: KernelOptio
         config=config,
         transformer_layer_spec=decoder_block_spec(config, options, vp_stage),
         vocab_size=args.padded_vocab_size,
+        unpadded_vocab_size=args.vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

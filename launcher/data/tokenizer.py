@@ -15,6 +15,10 @@ from typing import Protocol, runtime_checkable
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SENTENCEPIECE_FILE = "tokenizer.model"  # a sentencepiece model's name inside a directory (HF's name for it)
+# What an HF tokenizer directory holds besides tokenizer.json that changes how it is used: the
+# special tokens and the chat template.
+HF_TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 # Enough lines to learn a few thousand merges; the bound keeps training well under a minute
 # on 2 cores whatever the corpus size.
 _MAX_TRAINING_SENTENCES = 200_000
@@ -38,6 +42,11 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
+    def id_to_token(self, i: int) -> str: ...
+    def include_in_checkpoints(self) -> dict[str, Path]:
+        """The files that rebuild this tokenizer (name in a directory -> where it is now):
+        `load_tokenizer(<that directory>)` gives the same tokenizer back."""
+        ...
 
 
 class SentencePieceTokenizer:
@@ -66,6 +75,13 @@ class SentencePieceTokenizer:
     def pad_id(self) -> int | None:
         return _none_if_negative(self._sp.pad_id())
 
+    @property
+    def unk_id(self) -> int | None:
+        return _none_if_negative(self._sp.unk_id())
+
+    def id_to_token(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
@@ -89,6 +105,9 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def include_in_checkpoints(self) -> dict[str, Path]:
+        return {SENTENCEPIECE_FILE: self.path}
 
 
 def _none_if_negative(i: int) -> int | None:
@@ -164,6 +183,15 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def id_to_token(self, i: int) -> str:
+        return self._tok.id_to_token(i)
+
+    def include_in_checkpoints(self) -> dict[str, Path]:
+        files = {"tokenizer.json": self.path}
+        files.update({name: self.path.parent / name for name in HF_TOKENIZER_EXTRAS
+                      if (self.path.parent / name).is_file()})
+        return files
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """The conversation rendered by the tokenizer's own template (no generation prompt)."""
         if self.chat_template is None:
@@ -175,8 +203,11 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A `.model` file → sentencepiece; `tokenizer.json` or a directory holding one → Hugging Face."""
+    """A `.model` file → sentencepiece; `tokenizer.json` or a directory holding one → Hugging Face;
+    a directory holding only a tokenizer.model (a checkpoint's tokenizer/) → sentencepiece."""
     path = Path(path)
+    if path.is_dir() and not (path / "tokenizer.json").is_file() and (path / SENTENCEPIECE_FILE).is_file():
+        return SentencePieceTokenizer(path / SENTENCEPIECE_FILE)
     if path.is_dir() or path.suffix == ".json":
         return HFTokenizer(path)
     if path.suffix == ".model" or path.is_file():

@@ -1,6 +1,6 @@
 """Fine-tuning starts from an imported Hugging Face model: `checkpoint.load=<import_hf output>`
 loads the weights only (step 0) and the first step's loss equals transformers' loss on the
-same batch; under tp=2 as well."""
+same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`model=<its dir>`)."""
 from __future__ import annotations
 
 import pytest
@@ -28,8 +28,10 @@ def trained(tmp_path_factory, cache_env):
     model.save_pretrained(d / "hf")
 
     def train(tp: int) -> list[str]:
-        return ["launcher.train", *OVERRIDES, f"parallel.tp={tp}", f"checkpoint.load={d / 'ckpt'}",
-                f"run.dir={d / f'tp{tp}'}"]
+        # tp=1 takes the shape from the checkpoint itself (model=<checkpoint dir>), tp=2 from overrides
+        shape = [f"model={d / 'ckpt'}"] if tp == 1 else [o for o in OVERRIDES if o.startswith("model.")]
+        return ["launcher.train", *shape, *[o for o in OVERRIDES if not o.startswith("model.")], f"parallel.tp={tp}",
+                f"checkpoint.load={d / 'ckpt'}", f"run.dir={d / f'tp{tp}'}"]
 
     _, tp1 = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"], train(1)])
     [tp2] = run_many([train(2)], nproc=2)
@@ -57,4 +59,5 @@ def _reference_loss(model) -> float:
 def test_first_step_loss_equals_transformers(trained, name):
     model, d, outputs = trained
     assert "steps=0->1" in outputs[name]  # a model-only checkpoint starts training at step 0
+    assert ("shardforge: model=hf " in outputs[name]) == (name == "tp1")  # the import's own shape and name
     assert read_metrics(d / name)[0]["loss"] == pytest.approx(_reference_loss(model), rel=1e-5)

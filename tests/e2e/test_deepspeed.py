@@ -116,6 +116,9 @@ def test_zero3_megatron_hf_conversions_give_identical_logits(offloaded, converte
     run_cli("launcher.convert", ["export_hf", f"checkpoint={ckpt}", f"out={hf_dir}"])
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     vocab = model.config.vocab_size
+    # the run's tokenizer travels through the ZeRO-3 checkpoint and the conversion
+    assert (converted / "iter_0000000" / "tokenizer" / "tokenizer.model").is_file()
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir).eos_token_id == model.config.eos_token_id == 3
     with torch.no_grad():
         hf_logits = model(result["tokens"]).logits
     diff = (hf_logits - result["megatron"][..., :vocab]).abs().max().item()

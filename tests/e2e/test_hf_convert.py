@@ -3,11 +3,15 @@
 Small random models of each supported family are built from configs here and saved as sharded
 safetensors; `launcher.convert import_hf` turns them into ShardForge checkpoints, which are loaded
 under tp=1 and tp=2 (torchrun, gloo) and must reproduce transformers' logits and greedy tokens;
-`export_hf` must give back a directory transformers loads to the same logits.
+`export_hf` must give back a directory transformers loads to the same logits. The llama family's
+vocabulary is padded (777 -> 896 rows): its training loss must be transformers' (the padded rows out
+of the softmax) and the padded rows must get no gradient, through both loss paths and a TP-split
+vocabulary.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import torch
 
 from models import hf_mapping as hfm
 from models.args import ModelArgs
-from conftest import run_cli, tiny_hf_model
+from conftest import run_cli, run_many, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,8 +31,9 @@ SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
 FAMILIES: dict[str, tuple[str, dict]] = {
-    # Llama-3.1 style: llama3 RoPE scaling, untied output layer; gets a tokenizer for the text CLI test
-    "llama": ("LlamaConfig", dict(vocab_size=512, max_position_embeddings=16384, rope_parameters=LLAMA3_ROPE,
+    # Llama-3.1 style: llama3 RoPE scaling, untied output layer, a vocab padded to 896 (the training
+    # loss test); gets a tokenizer for the text CLI test
+    "llama": ("LlamaConfig", dict(vocab_size=777, max_position_embeddings=16384, rope_parameters=LLAMA3_ROPE,
                                   tie_word_embeddings=False, rms_norm_eps=1e-5)),
     # Qwen2.5 style: q/k/v bias, tied embeddings, vocab not a multiple of 128 (padded)
     "qwen2": ("Qwen2Config", dict(vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=True,
@@ -94,10 +99,11 @@ def converted(tmp_path_factory, trained):
             run_cli("launcher.convert", ["import_hf", f"hf_dir={hf_dir}", f"out={ckpt}", f"name=test_{family}"])
         else:
             batch_imports.append(f"{hf_dir}={ckpt}")
+        labels = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
         data[family] = dict(model=model, hf_dir=hf_dir, ckpt=ckpt, tokens=tokens, logits=logits, prompt=prompt,
-                            greedy=_hf_greedy(model, prompt))
+                            greedy=_hf_greedy(model, prompt), labels=labels)
         cases.append(dict(name=family, checkpoint=str(ckpt), tokens=tokens.tolist(), prompt=prompt,
-                          max_new_tokens=MAX_NEW))
+                          max_new_tokens=MAX_NEW, **({"labels": labels.tolist()} if family == "llama" else {})))
     run_cli("tests.scripts.import_many", batch_imports)
     (root / "cases.json").write_text(json.dumps(cases))
     run_cli("tests.scripts.hf_logits", [str(root / "out.pt"), str(root / "cases.json"), "1,2"], nproc=2)
@@ -115,6 +121,23 @@ def test_imported_logits_match_transformers(converted, family, tp):
     assert ref.std() > 0.1  # the comparison is not between near-constant logits
 
 
+@pytest.mark.parametrize("path", ["unfused tp=1", "fused tp=1", "unfused tp=2"])
+def test_training_loss_with_padded_vocab_equals_transformers(converted, path):
+    """Step-1 loss of an imported model whose vocabulary is padded equals transformers' loss; the
+    padded output rows get exactly zero gradient."""
+    data, results, _ = converted
+    entry = data["llama"]
+    assert ModelArgs(name="x", num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1,
+                     num_query_groups=1, vocab_size=entry["model"].config.vocab_size,
+                     max_position_embeddings=8).padded_vocab_size > entry["model"].config.vocab_size
+    loss_path, tp = path.split(" tp=")
+    result = results[(int(tp), "llama")]
+    key = "fused_loss" if loss_path == "fused" else "loss"
+    reference = torch.nn.functional.cross_entropy(entry["logits"].flatten(0, 1), entry["labels"].flatten()).item()
+    assert result[key] == pytest.approx(reference, rel=1e-5)
+    assert result[key.replace("loss", "padded_grad")] == 0.0
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_generation_matches_transformers(converted, family, tp):
@@ -125,37 +148,46 @@ def test_greedy_generation_matches_transformers(converted, family, tp):
 
 
 def test_generate_cli_greedy_sampled_and_text(converted, tmp_path):
+    """Token ids in and out, seeded sampling, and text through the tokenizer the checkpoint carries
+    (an import's, and a training run's: the README's command), in one launch."""
     data, _, _ = converted
-    qwen = data["qwen2"]
-    out = tmp_path / "greedy.json"
-    run_cli("launcher.generate", [f"checkpoint.load={qwen['ckpt']}", f"prompt_ids={','.join(map(str, qwen['prompt']))}",
-                                  f"max_new_tokens={MAX_NEW}", f"output_json={out}"])
-    assert json.loads(out.read_text())["generated_ids"] == qwen["greedy"]
+    qwen, llama = data["qwen2"], data["llama"]
+    paths = {name: tmp_path / f"{name}.json" for name in ("greedy", "sampled0", "sampled1", "text", "trained")}
+    sampled = ["prompt_ids=5,6,7", "max_new_tokens=16", "temperature=1.5", "top_k=50", "top_p=0.95", "seed=3"]
+    prompt = "The quick brown fox"
+    outputs = run_many([
+        ["launcher.generate", f"checkpoint.load={qwen['ckpt']}", f"prompt_ids={','.join(map(str, qwen['prompt']))}",
+         f"max_new_tokens={MAX_NEW}", f"output_json={paths['greedy']}"],
+        *[["launcher.generate", f"checkpoint.load={qwen['ckpt']}/iter_0000000", *sampled, f"output_json={paths[name]}"]
+          for name in ("sampled0", "sampled1")],
+        ["launcher.generate", f"checkpoint.load={llama['ckpt']}", f"prompt={prompt}", f"max_new_tokens={MAX_NEW}",
+         "ignore_eos=true", f"output_json={paths['text']}"],
+        ["launcher.generate", f"checkpoint.load={data['trained']['ckpt']}", "prompt=Return the", "max_new_tokens=4",
+         f"output_json={paths['trained']}"],
+    ])
+    results = {name: json.loads(path.read_text()) for name, path in paths.items()}
+    assert results["greedy"]["generated_ids"] == qwen["greedy"]
 
-    sampled = []
-    for i in range(2):
-        path = tmp_path / f"sampled{i}.json"
-        run_cli("launcher.generate", [f"checkpoint.load={qwen['ckpt']}/iter_0000000", "prompt_ids=5,6,7",
-                                      "max_new_tokens=16", "temperature=1.5", "top_k=50", "top_p=0.95",
-                                      "seed=3", f"output_json={path}"])
-        sampled.append(json.loads(path.read_text())["generated_ids"])
-    assert sampled[0] == sampled[1]  # seeded sampling is reproducible
-    assert len(sampled[0]) == 16 and sampled[0][:MAX_NEW] != _hf_greedy(qwen["model"], [5, 6, 7])  # not greedy
-    assert all(0 <= t < 1000 for t in sampled[0])  # never a padded-vocab id
+    assert results["sampled0"]["generated_ids"] == results["sampled1"]["generated_ids"]  # seeded: reproducible
+    ids = results["sampled0"]["generated_ids"]
+    assert len(ids) == 16 and ids[:MAX_NEW] != _hf_greedy(qwen["model"], [5, 6, 7])  # not greedy
+    assert all(0 <= t < 1000 for t in ids)  # never a padded-vocab id
 
-    # text in, text out, with the tokenizer import_hf copied next to the checkpoint
-    llama = data["llama"]
-    from launcher.data.tokenizer import load_tokenizer
+    # text in, text out, with the tokenizer import_hf put into the checkpoint
+    from launcher.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(llama["hf_dir"])
-    prompt = "The quick brown fox"
-    out = tmp_path / "text.json"
-    proc = run_cli("launcher.generate", [f"checkpoint.load={llama['ckpt']}", f"prompt={prompt}",
-                                         f"max_new_tokens={MAX_NEW}", "ignore_eos=true", f"output_json={out}"])
-    result = json.loads(out.read_text())
+    result = results["text"]
     assert result["prompt_ids"] == tokenizer.encode(prompt)
     assert result["generated_ids"] == _hf_greedy(llama["model"], result["prompt_ids"])
-    assert proc.stdout.strip().endswith(tokenizer.decode(result["generated_ids"]).strip())
+    assert outputs[3].strip().endswith(tokenizer.decode(result["generated_ids"]).strip())
+
+    # a training checkpoint: its own tokenizer (the run's sentencepiece model, BOS first) and shape
+    sp = SentencePieceTokenizer(next(Path(os.environ["SHARDFORGE_CACHE"]).glob("stdlib_docs-*/tokenizer.model")))
+    result = results["trained"]
+    assert result["prompt_ids"] == [sp.bos_id, *sp.encode("Return the")] and len(result["generated_ids"]) > 0
+    assert outputs[4].strip().startswith("Return the") and result["text"] == \
+        sp.decode(result["prompt_ids"] + result["generated_ids"])[len(sp.decode(result["prompt_ids"])):]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -173,20 +205,24 @@ def test_export_reloads_in_transformers(converted, family, tmp_path):
     with torch.no_grad():
         diff = (reloaded(entry["tokens"]).logits - entry["logits"]).abs().max().item()
     assert diff < 1e-5, f"{family}: exported model's logits differ by {diff:.2e}"
-    if family == "llama":  # tokenizer files travel with the model
+    if family == "llama":  # tokenizer files travel with the model, its special ids into the configs
         assert (out / "tokenizer.json").is_file()
         fast = transformers.AutoTokenizer.from_pretrained(out)
         assert fast("The quick brown fox")["input_ids"][-4:] == \
             transformers.AutoTokenizer.from_pretrained(entry["hf_dir"])("The quick brown fox")["input_ids"][-4:]
+        eos = fast.convert_tokens_to_ids("<|endoftext|>")
+        assert reloaded.config.eos_token_id == fast.eos_token_id == eos
+        assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == eos
 
 
 def test_export_of_a_training_checkpoint(converted, tmp_path, cache_env):
-    """A pp=2 training checkpoint (optimizer state included) exports from its run config; transformers
-    computes what ShardForge computes from that checkpoint under tp=1 and tp=2."""
+    """A pp=2 training checkpoint (optimizer state included) exports with the shape and tokenizer it
+    carries; transformers computes what ShardForge computes from that checkpoint under tp=1 and tp=2,
+    and knows the tokenizer's special ids without hand edits."""
     data, results, _ = converted
     entry, out = data["trained"], tmp_path / "export"
     sp_model = next(Path(cache_env).glob("stdlib_docs-*/tokenizer.model"))  # the run's own tokenizer
-    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}", f"tokenizer={sp_model}"])
+    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}"])
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
@@ -200,6 +236,11 @@ def test_export_of_a_training_checkpoint(converted, tmp_path, cache_env):
     text = "Return the number of items in a sequence, or raise ValueError."
     assert theirs(text)["input_ids"] == ours.encode(text)
     assert theirs.decode(ours.encode(text)) == text
+    ids = (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == ids
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == ids
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == ids
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -238,8 +279,9 @@ def test_missing_shard_is_one_clear_error(converted, tmp_path):
 
 def test_checkpoint_of_another_shape_is_one_clear_error(converted, tmp_path):
     data, _, _ = converted
-    other_shape = data["llama"]["ckpt"] / "model.yaml"
-    proc = run_cli("launcher.generate", [f"checkpoint.load={data['qwen3']['ckpt']}", f"model={other_shape}",
+    other_shape = data["llama"]["ckpt"] / "iter_0000000" / "model.yaml"
+    # model= a checkpoint (its shape) here, a yaml path below
+    proc = run_cli("launcher.generate", [f"checkpoint.load={data['qwen3']['ckpt']}", f"model={data['llama']['ckpt']}",
                                          "prompt_ids=1,2,3", "max_new_tokens=2"], check=False)
     line = _one_error_line(proc, "generate: error:")
     assert "another model" in line and "model=test_llama" in line

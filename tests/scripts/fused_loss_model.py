@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 
 import torch
-from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from omegaconf import OmegaConf
 
 from models.args import ModelArgs
 from models.fused_loss import LinearCrossEntropyGPTModel
+from models.padded_vocab import PaddedVocabGPTModel
 from parallel.engine_config import OptimConfig
 from parallel.layout import Layout
 from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def losses_and_grads(model, fused: bool, batch: dict, packed):
     # the same modules as the loss slot's two classes (models/kernel_provider.py model_class)
-    model.__class__ = LinearCrossEntropyGPTModel if fused else GPTModel
+    model.__class__ = LinearCrossEntropyGPTModel if fused else PaddedVocabGPTModel
     model.zero_grad(set_to_none=True)
     calls = []  # the fused path must not run the output layer (no logits)
     hook = model.output_layer.register_forward_hook(lambda *_: calls.append(1))

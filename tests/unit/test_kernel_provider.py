@@ -51,7 +51,7 @@ TORCH_CPU = {"layer": "LlamaTransformerLayer", "norm": "RMSNorm", "pre_mlp_norm"
              "residual_add": "ResidualAddNorm", "attention": "SelfAttention", "core_attention": "SDPAttention",
              "linear_qkv": "ColumnParallelLinear", "linear_proj": "RowParallelLinear", "mlp": "MLP",
              "linear_fc1": "ColumnParallelLinear", "linear_fc2": "RowParallelLinear",
-             "norm_recompute": "CheckpointWithoutOutput", "loss": "GPTModel", "final_norm": "ChainedRMSNorm"}
+             "norm_recompute": "CheckpointWithoutOutput", "loss": "PaddedVocabGPTModel", "final_norm": "ChainedRMSNorm"}
 GPU = {"attention": "RopeSelfAttention", "mlp": "TritonSwiGLUMLP", "loss": "LinearCrossEntropyGPTModel"}
 FP8 = {"linear_qkv": "Fp8ColumnParallelLinear", "linear_proj": "Fp8RowParallelLinear(keep_input)",
        "linear_fc1": "Fp8ColumnParallelLinear", "linear_fc2": "Fp8RowParallelLinear"}
@@ -76,7 +76,7 @@ CASES = {
                                         {"mlp": "ActivationRecomputeMLP"}),
     "cuda_recompute_full": ("tiny", kp.KernelOptions(device="cuda"), "full", 1,
                             {**GPU, "residual_add": "get_bias_dropout_add", "final_norm": "RMSNorm"}),
-    "cuda_tp2": ("tiny", kp.KernelOptions(device="cuda"), None, 2, {**GPU, "loss": "GPTModel"}),
+    "cuda_tp2": ("tiny", kp.KernelOptions(device="cuda"), None, 2, {**GPU, "loss": "PaddedVocabGPTModel"}),
     "cuda_deepspeed": ("tiny", kp.KernelOptions(device="cuda", engine="deepspeed"), None, 1, {}),
     "cpu_qk_layernorm": ("qwen3_30b_a3b", kp.KernelOptions(), None, 1,
                          {**MOE_CPU, "moe q_norm": "RMSNorm"}),
@@ -97,7 +97,7 @@ def test_slot_table(world, case):
     for slot, name in table.items():
         print(f"  {slot:24} {name}")
     dense = not model.startswith(("qwen3_30b", "qwen_moe"))
-    want = {**(TORCH_CPU if dense else {"loss": "GPTModel", "final_norm": "ChainedRMSNorm"}), **expected}
+    want = {**(TORCH_CPU if dense else {"loss": "PaddedVocabGPTModel", "final_norm": "ChainedRMSNorm"}), **expected}
     assert {slot: table.get(slot) for slot in want} == want
 
 
