@@ -54,6 +54,6 @@ def resolve_model_argv(argv: list[str]) -> list[str]:
         shutil.copyfile(source, search_dir / "model" / f"{name}.yaml")
         out[i] = f"model={name}"
         ORIGINAL[out[i]] = f"model={Path(value).absolute()}"
-        out.append(f"hydra.searchpath=[file://{search_dir}]")
+        out.insert(i + 1, f"hydra.searchpath=[file://{search_dir}]")  # beside it: before any --flag
         break
     return out

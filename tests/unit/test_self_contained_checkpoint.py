@@ -128,3 +128,14 @@ def test_exported_tokenizer_loads_in_transformers(tmp_path, tokenizers, kind):
                              None)
     generation = transformers.GenerationConfig.from_pretrained(out)
     assert (generation.eos_token_id, generation.pad_token_id) == (tok.eos_id, tok.pad_id)
+
+
+def test_train_command_line_takes_a_model_path(tmp_path, capsys):
+    """The train entry point itself (launcher.cli.hydra_command) resolves `model=<yaml>`."""
+    from launcher.train import main
+
+    yaml_path = tmp_path / "shape.yaml"
+    yaml_path.write_text(yaml.safe_dump(SHAPE))
+    main([f"model={yaml_path}", "--cfg", "job"])
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert ModelArgs.from_config(shown["model"]) == ModelArgs.from_config(SHAPE)
