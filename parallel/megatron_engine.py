@@ -196,14 +196,13 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
         data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
-        # Pipeline stages exchange [seq, batch, hidden] (this CP rank's share of the sequence); a
-        # packed micro batch is one THD stream.
+        # Pipeline stages exchange [seq, batch, hidden] (megatron divides seq by cp itself); a packed
+        # micro batch is one THD stream.
         packed = "cu_seqlens" in microbatches[0]
-        seq_length = self.seq_length // self.layout.cp
         reports = self._forward_backward(
             forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
             num_microbatches=len(microbatches),
-            seq_length=seq_length * self.micro_batch_size if packed else seq_length,
+            seq_length=self.seq_length * self.micro_batch_size if packed else self.seq_length,
             micro_batch_size=1 if packed else self.micro_batch_size, forward_only=False)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)
