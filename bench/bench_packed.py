@@ -61,6 +61,7 @@ def _mean(values) -> float | None:
 
 def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("type", "train") == "train"]  # not eval records
     timed = [r for r in records if r["step"] > warmup]
     total_time = sum(r["step_time_s"] for r in timed)
     return {"loss_tokens_per_s": sum(r["loss_tokens"] for r in timed) / total_time,

@@ -70,6 +70,7 @@ def hf_command(a: argparse.Namespace, out: str, variant: str) -> list[str]:
 def summarize_metrics(path: Path, warmup: int) -> dict[str, Any]:
     """ShardForge's metrics.jsonl → the bench's numbers (steps after `warmup`)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("type", "train") == "train"]  # not eval records
     if not records:
         raise RuntimeError(f"{path} holds no steps")
     timed = [r for r in records if r["step"] > warmup]

@@ -22,7 +22,8 @@ from launcher.checkpoint_files import checkpoint_files
 from launcher.config.schema import JobConfig
 from launcher.data.tokenizer import Tokenizer
 from launcher.flops import peak_flops, train_flops_per_token
-from launcher.metrics import MetricsLogger, StepTimer
+from launcher.metrics import MetricsLogger, StepTimer, eval_record
+from launcher.plot import FILENAME, plot_run
 from launcher.profiling import MemorySnapshot, StepProfiler
 from models.args import ModelArgs
 from parallel.engine import Engine, HostCopy, StepResult
@@ -37,10 +38,26 @@ class TrainData:
     """`batches(step=, dp_rank=, dp_size=, micro_batch_size=, global_batch_size=)` -> this rank's
     micro batches of that step; `step_stats(step=, global_batch_size=)` -> that step's data metrics
     over its whole global batch (padding fraction ...), {} where there are none; `tokenizer` the data's tokenizer,
-    saved with every checkpoint."""
+    saved with every checkpoint; `valid`, when the run evaluates, the validation batches in the same
+    form (step = eval batch)."""
     batches: Callable[..., list[dict[str, Any]]]
     step_stats: Callable[..., dict[str, float]] = _no_stats
     tokenizer: Tokenizer | None = None
+    valid: Callable[..., list[dict[str, Any]]] | None = None
+
+
+def evaluate(engine: Engine, valid: Callable[..., list[dict[str, Any]]], *, iters: int, micro_batch_size: int,
+             global_batch_size: int) -> tuple[float, int]:
+    """(loss sum, loss tokens) over the first `iters` validation batches (collective): the
+    token-weighted loss is their ratio, as training's loss is over a global batch."""
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    loss_sum, num_tokens = 0.0, 0
+    for k in range(iters):
+        batches = valid(step=k, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size,
+                        global_batch_size=global_batch_size)
+        s, n = engine.eval_step(batches)
+        loss_sum, num_tokens = loss_sum + s, num_tokens + n
+    return loss_sum, num_tokens
 
 
 def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, start_step: int) -> None:
@@ -85,6 +102,13 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         logger.log(record)
 
+    def run_eval(done: int) -> None:
+        loss_sum, num_tokens = evaluate(engine, data.valid, iters=cfg.eval.iters, micro_batch_size=t.micro_batch_size,
+                                        global_batch_size=t.global_batch_size)
+        if logger is not None:
+            logger.log_eval(eval_record(done, loss_sum=loss_sum, num_tokens=num_tokens))
+        timer.restart()  # keep evaluation time out of the next step's throughput
+
     # A step is reported once the next one is queued: the GPU never waits for the host to read
     # numbers (loss, grad norm, the stop flag) that would make it drain its queue.
     pending: tuple | None = None
@@ -104,8 +128,14 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
         memory.after_step(done)
         if stop.signal:
             break
+        if data.valid is not None and ((cfg.eval.every and done % cfg.eval.every == 0)
+                                       or (cfg.eval.at_end and done == t.steps)):
+            report(*pending)  # the step's record precedes its evaluation's
+            pending = None
+            run_eval(done)
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done != t.steps:
-            report(*pending)
+            if pending is not None:
+                report(*pending)
             pending = None
             checkpoint.save(engine, cfg.checkpoint.dir, done, keep_last=cfg.checkpoint.keep_last, files=files)
             timer.restart()  # keep save time out of the next step's throughput
@@ -118,6 +148,10 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
             print(f"saved checkpoint {path}{why}", flush=True)
     if logger is not None:
         logger.close()
+        try:  # the run's work is saved by now: a picture that cannot be drawn costs one line
+            print(f"plot: {plot_run(cfg.run.dir)}", flush=True)
+        except (OSError, ValueError) as err:
+            print(f"plot: {FILENAME} not written: {err}", file=sys.stderr, flush=True)
     stop.restore()
 
 

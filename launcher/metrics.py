@@ -1,15 +1,20 @@
 """Per-step metrics: `<run.dir>/metrics.jsonl`, a live progress line, and wandb/TensorBoard.
 
 Only global rank 0 writes; a resumed run appends to the same metrics.jsonl and wandb run
-(launcher/run_dir.py). Each line of metrics.jsonl is one optimizer step:
+(launcher/run_dir.py). Each line of metrics.jsonl is one record. A train record (no `type` key)
+is one optimizer step:
     step, loss, grad_norm, lr, tokens (cumulative), tokens_per_s, step_time_s
     and on GPU also mfu and peak_mem_gb; MoE models add moe_load_min/max/mean, moe_imbalance
     (max/mean expert load), moe_imbalance_worst_layer, moe_aux_loss (or moe_seq_aux_loss),
     moe_z_loss when enabled and moe_dropped_fraction with a capacity factor.
+An eval record is one evaluation on the validation data after `step` optimizer steps:
+    type: "eval", step, eval_loss (token-weighted, as the train loss), eval_tokens, eval_ppl
+`read_metrics` reads either kind.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -33,6 +38,8 @@ class MetricsLogger:
         if start_step > 0:
             run_dir_files.trim_metrics(self.run_dir, start_step)
         self._file = open(self.run_dir / run_dir_files.METRICS, "a", buffering=1)
+        self._postfix: dict[str, str] = {}
+        self._eval_postfix: dict[str, str] = {}
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                          dynamic_ncols=True, disable=not progress)
         self._wandb = None
@@ -50,10 +57,11 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
-        self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                              **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
-                              **({"aux": f"{record['moe_aux_loss']:.3f}"} if "moe_aux_loss" in record else {}),
-                              **({"imb": f"{record['moe_imbalance']:.2f}"} if "moe_imbalance" in record else {}))
+        self._postfix = dict(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                             **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
+                             **({"aux": f"{record['moe_aux_loss']:.3f}"} if "moe_aux_loss" in record else {}),
+                             **({"imb": f"{record['moe_imbalance']:.2f}"} if "moe_imbalance" in record else {}))
+        self._bar.set_postfix(**self._postfix, **self._eval_postfix)  # the latest eval loss stays on the line
         self._bar.update(1)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
@@ -62,6 +70,18 @@ class MetricsLogger:
                 if k != "step":
                     self._tb.add_scalar(k, v, record["step"])
 
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """An eval record (`eval_record`): into metrics.jsonl, the progress line, wandb and TensorBoard."""
+        self._file.write(json.dumps(record) + "\n")
+        self._eval_postfix = {"eval_loss": f"{record['eval_loss']:.4f}"}
+        self._bar.set_postfix(**self._postfix, **self._eval_postfix)
+        scalars = {k: v for k, v in record.items() if k not in ("type", "step")}
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, record["step"])
+
     def close(self) -> None:
         self._bar.close()
         self._file.close()
@@ -69,6 +89,21 @@ class MetricsLogger:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def eval_record(step: int, *, loss_sum: float, num_tokens: int) -> dict[str, Any]:
+    """The metrics.jsonl record of one evaluation after `step` optimizer steps."""
+    loss = loss_sum / max(num_tokens, 1)
+    return {"type": "eval", "step": step, "eval_loss": loss, "eval_tokens": int(num_tokens),
+            "eval_ppl": math.exp(min(loss, 700.0))}  # (exp overflows a float past ~709)
+
+
+def read_metrics(run_dir: str | os.PathLike, type: str = "train") -> list[dict[str, Any]]:
+    """metrics.jsonl's records of one type: `train` (one per step; what readers of the per-step
+    metrics expect), `eval`, or `all` in file order."""
+    path = Path(run_dir) / run_dir_files.METRICS
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records if type == "all" else [r for r in records if r.get("type", "train") == type]
 
 
 class StepTimer:

@@ -18,11 +18,18 @@ from omegaconf import DictConfig
 from launcher import console
 from launcher.cli import hydra_command
 from launcher.config.schema import JobConfig
-from launcher.config.validate import ConfigError, check_fp8_device, validate, world_size_from_env
+from launcher.config.validate import (ConfigError, check_fp8_device, validate, validation_bookends,
+                                      world_size_from_env)
 from launcher.slurm_env import map_srun_env, restart_count
 from parallel.compat import UnverifiedMegatronVersion
 
 if TYPE_CHECKING:
+    from launcher.data.split import Bookends
+    from models.args import ModelArgs
+    from parallel.engine import Engine
+    from parallel.layout import Layout
+    from launcher.data.tokenizer import Tokenizer
+    from launcher.data.training_data import TrainingData
     from launcher.loop import TrainData
 
 # megatron-core warns at import that TransformerEngine/apex are absent; the torch backend is the
@@ -47,11 +54,41 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def build_data(cfg: JobConfig) -> TrainData:
-    """The micro-batch stream `data.*` asks for; bad data paths or a tokenizer/model vocab mismatch
-    raise ConfigError here, before any process group exists."""
-    from launcher.data.tokenizer import load_tokenizer
-    from launcher.data.training_data import build_training_data
+    """The micro-batch streams `data.*` asks for: training, and validation when there is validation
+    data and an evaluation to read it (eval.every / eval.at_end). Bad data paths, a tokenizer/model
+    vocab mismatch or a validation stream too short for eval.iters raise ConfigError here, before
+    any process group exists."""
     from launcher.loop import TrainData
+
+    d = cfg.data
+    prefixes, tokenizer, source_seeds = _sources(cfg)
+    train_part, valid_part = validation_bookends(cfg)
+    stream = _stream(cfg, prefixes, tokenizer, source_seeds, train_part, "data")
+    valid = None
+    if (cfg.eval.every or cfg.eval.at_end) and (d.valid_prefixes or valid_part is not None):
+        valid = build_eval_data(cfg, (prefixes, tokenizer, source_seeds))
+    return TrainData(stream.microbatches, stream.step_stats, tokenizer,
+                     valid.microbatches if valid is not None else None)
+
+
+def build_eval_data(cfg: JobConfig, sources: tuple[list[str], Tokenizer, list[int] | None] | None = None
+                    ) -> TrainingData:
+    """The evaluation stream: data.valid_prefixes, else data.split's held-out documents, else (for
+    launcher.evaluate) every document of the data. ConfigError when it cannot fill eval.iters."""
+    prefixes, tokenizer, source_seeds = sources or _sources(cfg)
+    _, valid_part = validation_bookends(cfg)
+    if cfg.data.valid_prefixes:
+        _check_files(list(cfg.data.valid_prefixes), "data.valid_prefixes")
+        return validation_stream(cfg, list(cfg.data.valid_prefixes), tokenizer, None, None, "data.valid_prefixes")
+    if valid_part is not None:
+        return validation_stream(cfg, prefixes, tokenizer, source_seeds, valid_part, "data.split")
+    return validation_stream(cfg, prefixes, tokenizer, source_seeds, None, "data.prefixes")
+
+
+def _sources(cfg: JobConfig) -> tuple[list[str], Tokenizer, list[int] | None]:
+    """The training datasets' prefixes (the default corpus built on first use), their tokenizer
+    (checked against the model's vocabulary) and the per-source seeds."""
+    from launcher.data.tokenizer import load_tokenizer
 
     d, t = cfg.data, cfg.train
     if d.name == "stdlib_docs":  # the built-in corpus, built (once) as an indexed dataset
@@ -62,25 +99,48 @@ def build_data(cfg: JobConfig) -> TrainData:
         prefixes, source_seeds = [str(prefix)], [t.seed]
     else:
         prefixes, tokenizer_path, source_seeds = list(d.prefixes), d.tokenizer, None
-    for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not Path(f"{prefix}{suffix}").is_file():
-                raise ConfigError("data.prefixes", f"missing {prefix}{suffix} (run python -m launcher.preprocess)")
+    _check_files(prefixes, "data.prefixes")
     try:
         tokenizer = load_tokenizer(tokenizer_path)
     except (OSError, ValueError) as err:
         raise ConfigError("data.tokenizer", str(err)) from err
     _check_vocab(tokenizer, cfg.model.vocab_size)
+    return prefixes, tokenizer, source_seeds
+
+
+def _check_files(prefixes: list[str], key: str) -> None:
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(f"{prefix}{suffix}").is_file():
+                raise ConfigError(key, f"missing {prefix}{suffix} (run python -m launcher.preprocess)")
+
+
+def _stream(cfg: JobConfig, prefixes: list[str], tokenizer: Tokenizer, source_seeds: list[int] | None,
+            documents: Bookends | None, key: str) -> TrainingData:
+    from launcher.data.training_data import build_training_data
+
+    d, t = cfg.data, cfg.train
     try:
-        stream = build_training_data(
+        return build_training_data(
             prefixes, tokenizer, seq_length=t.seq_length, seed=t.seed, format=d.format,
             weights=list(d.weights) if d.weights is not None else None, packing=d.packing,
             packing_algorithm=d.packing_algorithm, reset_position_ids=d.reset_position_ids,
             reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss, blend_block=d.blend_block,
-            source_seeds=source_seeds)
+            source_seeds=source_seeds, documents=documents)
     except ValueError as err:
-        raise ConfigError("data", str(err)) from err
-    return TrainData(stream.microbatches, stream.step_stats, tokenizer)
+        raise ConfigError(key, str(err)) from err
+
+
+def validation_stream(cfg: JobConfig, prefixes: list[str], tokenizer: Tokenizer, source_seeds: list[int] | None,
+                      documents: Bookends | None, key: str) -> TrainingData:
+    """The evaluation stream: its first eval.iters global batches, the same at every evaluation.
+    A stream that would have to repeat samples to fill them is a config error."""
+    stream = _stream(cfg, prefixes, tokenizer, source_seeds, documents, key)
+    need, have = cfg.eval.iters * cfg.train.global_batch_size, stream.distinct_samples()
+    if need > have:
+        raise ConfigError("eval.iters", f"{cfg.eval.iters} batches of {cfg.train.global_batch_size} rows need {need} "
+                                        f"held-out samples; the validation data ({key}) holds {have}")
+    return stream
 
 
 def _check_vocab(tokenizer, model_vocab_size: int) -> None:
@@ -106,6 +166,38 @@ def prepare_run_dir(cfg: JobConfig, params_dtype: torch.dtype) -> None:
               flush=True)
 
 
+def build_engine(cfg: JobConfig, args: ModelArgs, layout: Layout, device: torch.device, *,
+                 graphed: bool = False) -> Engine:
+    """The engine `parallel.engine` names, built for this rank (process groups must be up)."""
+    from models.kernel_provider import default_backend
+
+    params_dtype = resolve_dtype(cfg.train.precision, device)
+    fp8 = cfg.train.precision == "fp8"
+    if cfg.parallel.engine == "deepspeed":  # the one place that picks the engine
+        from parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(args, layout, cfg.optim, cfg.parallel.zero, steps=cfg.train.steps,
+                               seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                               global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
+                               device=device, params_dtype=params_dtype, recompute=cfg.train.recompute,
+                               backend=default_backend(),
+                               keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
+    from parallel.megatron_engine import MegatronEngine
+
+    return MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,
+                          micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
+                          params_dtype=params_dtype, recompute=cfg.train.recompute,
+                          # fp8 and the cp_mode attentions are the torch backend's
+                          backend="torch" if fp8 or layout.cp > 1 else default_backend(),
+                          cp_mode=cfg.parallel.cp_mode,
+                          distributed_optimizer=cfg.parallel.distributed_optimizer,
+                          overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+                          compile=cfg.train.compile,
+                          cuda_graph=graphed, fp8=fp8,
+                          keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
+
+
+
 def check_before_hydra(composed: DictConfig) -> None:
     """Before Hydra creates run.dir: the whole config, and a run.dir this process can write."""
     map_srun_env()  # an srun task (cluster.launcher=srun): RANK/WORLD_SIZE/... from SLURM_PROCID/...
@@ -124,7 +216,6 @@ def run(composed: DictConfig) -> None:
     cfg, layout, graphed = resolved.config, resolved.layout, resolved.cuda_graph
     check_fp8_device(cfg.train.precision, device)
     params_dtype = resolve_dtype(cfg.train.precision, device)
-    fp8 = cfg.train.precision == "fp8"
     rank0 = os.environ.get("RANK", "0") == "0"
     if resolved.start_step >= cfg.train.steps:
         if rank0:
@@ -140,34 +231,13 @@ def run(composed: DictConfig) -> None:
     from launcher.loop import train
     from launcher.profiling import record_memory_history
     from models.args import ModelArgs
-    from models.kernel_provider import default_backend
-    from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
+    from parallel.megatron_engine import init_distributed, shutdown
 
     args = ModelArgs.from_config(asdict(cfg.model))
     init_distributed(layout, device, cfg.train.seed, cuda_graph=graphed)
     record_memory_history(cfg.logging.memory_snapshot, device, enabled=dist.get_rank() == 0)
     try:
-        if cfg.parallel.engine == "deepspeed":  # the one place that picks the engine
-            from parallel.deepspeed_engine import DeepSpeedEngine
-
-            engine = DeepSpeedEngine(args, layout, cfg.optim, cfg.parallel.zero, steps=cfg.train.steps,
-                                     seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                                     global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
-                                     device=device, params_dtype=params_dtype, recompute=cfg.train.recompute,
-                                     backend=default_backend(),
-                                     keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
-        else:
-            engine = MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,
-                                    micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
-                                    params_dtype=params_dtype, recompute=cfg.train.recompute,
-                                    # fp8 and the cp_mode attentions are the torch backend's
-                                    backend="torch" if fp8 or layout.cp > 1 else default_backend(),
-                                    cp_mode=cfg.parallel.cp_mode,
-                                    distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                    overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-                                    compile=cfg.train.compile,
-                                    cuda_graph=graphed, fp8=fp8,
-                                    keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
+        engine = build_engine(cfg, args, layout, device, graphed=graphed)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())

@@ -243,6 +243,22 @@ class DeepSpeedEngine:
         return StepResult(values, lr=self.optimizer.param_groups[0]["lr"])
 
     @torch.no_grad()
+    def eval_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """The training forward's token losses without backward or step, in eval mode, summed over
+        the DP group (TP ranks hold the same sums)."""
+        self.engine.eval()
+        try:
+            totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for batch in microbatches:
+                totals[0] += self._forward(batch).sum().to(totals)
+                totals[1] += float(batch["loss_mask"].sum())
+        finally:
+            self.engine.train()
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        loss_sum, num_tokens = totals.tolist()
+        return loss_sum, int(num_tokens)
+
+    @torch.no_grad()
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Full-vocabulary logits [batch, seq, vocab] (parameters gathered layer by layer); every
         rank must call it (ZeRO-3 gathers are collective)."""

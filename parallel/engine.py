@@ -1,8 +1,8 @@
 """The engine contract: what the launcher asks of a training engine, and what engines share.
 
 `Engine` is the written protocol both engines implement (parallel/megatron_engine.py and
-parallel/deepspeed_engine.py): one optimizer step over a rank's micro batches, its parameter
-count, its full state written into / read from a directory, and its model weights whole for
+parallel/deepspeed_engine.py): one optimizer step over a rank's micro batches, the loss of a
+batch without a step (evaluation), its parameter count, its full state written into / read from a directory, and its model weights whole for
 export. Directories themselves (iter_* naming, `latest`, atomic rename, pruning) belong to
 launcher/checkpoint.py, which hands the engine a directory it created.
 
@@ -32,6 +32,13 @@ class Engine(Protocol):
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over this rank's micro batches of the global batch."""
+        ...
+
+    def eval_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """Forward only, no gradients, weights untouched: (sum of token losses, loss tokens) over the
+        global batch whose micro batches these are, on every rank. The loss is training's (the same
+        token weighting), so sum / tokens is comparable across layouts, and the same weights and
+        batches give the same numbers, bit for bit, every time."""
         ...
 
     def num_parameters(self) -> int:

@@ -172,6 +172,7 @@ class MegatronEngine:
                                                  else finalize_model_grads)
         self.scheduler = lr_scheduler(self.optimizer, optim, steps, keep_saved_schedule)
         self._forward_backward = get_forward_backward_func()
+        self._forward_only = self._forward_backward  # evaluation: never the captured training graph
         if cuda_graph:  # parallel/cuda_graph.py: steps from the second on replay one graph
             self._forward_backward = cuda_graph_wrap(self._forward_backward)
         self.moe_stats = None
@@ -216,6 +217,27 @@ class MegatronEngine:
                 else torch.full((), grad_norm or 0.0, dtype=torch.float64, device=loss_sum.device))
         values = torch.stack([loss_sum, num_tokens, norm])
         return StepResult(values, lr=self.optimizer.param_groups[0]["lr"], moe=moe)
+
+    @torch.no_grad()
+    def eval_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """The training forward (same schedule, loss and reduction) without backward or step, in
+        eval mode: no dropout, and MoE routers neither add aux losses nor count tokens for the
+        expert bias or the step's MoE metrics (both only with gradients enabled)."""
+        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
+        packed = "cu_seqlens" in microbatches[0]
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            reports = self._forward_only(
+                forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
+                num_microbatches=len(microbatches),
+                seq_length=self.seq_length * self.micro_batch_size if packed else self.seq_length,
+                micro_batch_size=1 if packed else self.micro_batch_size, forward_only=True)
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        loss_sum, num_tokens = self._global_loss(reports)
+        return loss_sum.item(), int(num_tokens.item())
 
     def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Loss lives on the last pipeline stage; count it once per DP replica (TP rank 0) and

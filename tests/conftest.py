@@ -86,8 +86,11 @@ def config_error_line(proc: subprocess.CompletedProcess, key: str) -> str:
     return lines[0]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+def read_metrics(run_dir: Path, type: str = "train") -> list[dict]:
+    """metrics.jsonl's train records (one per step), or `type=eval` / `all` (launcher.metrics.read_metrics)."""
+    from launcher.metrics import read_metrics as read
+
+    return read(run_dir, type=type)
 
 
 @pytest.fixture(scope="session")

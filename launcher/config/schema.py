@@ -58,6 +58,11 @@ class DataConfig:
     reset_attention_mask: bool = False  # pretrain windows: no attention across EOD
     eod_mask_loss: bool = False       # pretrain windows: no loss on EOD tokens
     blend_block: int = 1000           # samples per block of the blend's interleaving
+    # held-out documents, Megatron-style: train,valid[,test] weights ("98/2", or "98,2" quoted), each
+    # dataset's documents cut into contiguous ranges in that proportion (launcher/data/split.py);
+    # null = train on every document
+    split: str | None = None
+    valid_prefixes: list[str] | None = None  # separate validation datasets (same tokenizer); instead of split
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,14 @@ class TrainConfig:
     cuda_graph: Any = "auto"
     compile: bool = False             # torch.compile each transformer layer (engine=megatron, dense models)
     log_every: int = 1                # metrics.jsonl gets every N-th step (and the last)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation loss on the held-out data (data.split or data.valid_prefixes)."""
+    every: int = 0                    # evaluate every N optimizer steps; 0 = only at the end (eval.at_end)
+    iters: int = 10                   # batches of train.global_batch_size rows per evaluation (the same ones each time)
+    at_end: bool = True               # evaluate after the last step when validation data is given
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,7 @@ class JobConfig:
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = MISSING
@@ -194,6 +208,17 @@ class SubmitOptions:
 class SubmitJobConfig(JobConfig):
     """`python -m launcher.submit`: the training config plus what only the submitter reads (conf/submit.yaml)."""
     submit: SubmitOptions = field(default_factory=SubmitOptions)
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    output: str | None = None         # also write the eval record (JSON) to this file
+
+
+@dataclass(frozen=True)
+class EvaluateJobConfig(JobConfig):
+    """`python -m launcher.evaluate`: the training config plus what only the evaluator reads (conf/evaluate.yaml)."""
+    evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
 
 
 def _writable(schema: type) -> DictConfig:
@@ -218,6 +243,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="schema", name="job", node=_writable(JobConfig), package="_global_")
     cs.store(group="schema", name="submit", node=_writable(SubmitJobConfig), package="_global_")
+    cs.store(group="schema", name="evaluate", node=_writable(EvaluateJobConfig), package="_global_")
     cs.store(group="schema/data", name="stdlib_docs", node=_writable(StdlibDocsData))
     cs.store(group="schema/data", name="indexed", node=_writable(IndexedData))
     cs.store(group="schema/cluster", name="slurm", node=_writable(SlurmCluster))

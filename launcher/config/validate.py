@@ -107,9 +107,11 @@ def unknown_key_reason(prefix: str, key: str, schema: Any, option: str | None = 
     return reason
 
 
-def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> ResolvedConfig:
+def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
+             writes_run_dir: bool = True) -> ResolvedConfig:
     """Validate `cfg` for `world_size` ranks on `device_type` (cpu, cuda, or auto: a submit host
-    that does not know the nodes' device yet)."""
+    that does not know the nodes' device yet). `writes_run_dir=False` (launcher.evaluate: reads a
+    checkpoint, writes no run) skips the rules that keep a run from overwriting another."""
     c = typed(cfg)
     p, m, t = c.parallel, c.model, c.train
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp), ("parallel.ep", p.ep),
@@ -166,8 +168,9 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str) -> 
         _check_moe(m, p.tp, p.ep)
 
     layout = _layout(c, world_size)
+    _check_eval(c)
     _check_logging(c)
-    load, resuming = _check_checkpoint(c, world_size)
+    load, resuming = _check_checkpoint(c, world_size, writes_run_dir)
     config = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, load=load))
     return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed, resuming=resuming,
                           start_step=_saved_step(load) if load else 0)
@@ -314,6 +317,35 @@ def _layout(c: JobConfig, world_size: int) -> Layout:
                   cp=p.cp, ep=p.ep, dp=dp)
 
 
+def validation_bookends(c: JobConfig) -> tuple[Any, Any]:
+    """(train, valid) document book-ends of data.split; (None, None) without a split."""
+    if c.data.split is None:
+        return None, None
+    from launcher.data.split import split_bookends
+
+    try:
+        return split_bookends(c.data.split)
+    except ValueError as err:
+        raise ConfigError("data.split", str(err).removeprefix("data.split: ")) from None
+
+
+def has_validation_data(c: JobConfig) -> bool:
+    return bool(c.data.valid_prefixes) or validation_bookends(c)[1] is not None
+
+
+def _check_eval(c: JobConfig) -> None:
+    """eval.* and the validation data they read (data.split / data.valid_prefixes)."""
+    e, d = c.eval, c.data
+    if e.every < 0:
+        raise ConfigError("eval.every", f"must be >= 0, got {e.every}")
+    _positive("eval.iters", e.iters)
+    validation_bookends(c)  # a malformed data.split fails here, eval or not
+    if d.split is not None and d.valid_prefixes:
+        raise ConfigError("data.valid_prefixes", "give either data.split or data.valid_prefixes, not both")
+    if e.every and not has_validation_data(c):
+        raise ConfigError("eval.every", "needs validation data: data.split=98/2 or data.valid_prefixes=[...]")
+
+
 def _check_logging(c: JobConfig) -> None:
     profile = c.logging.profile_steps
     if profile is not None and (len(profile) != 2 or min(profile) < 1 or profile[0] > profile[1]):
@@ -333,7 +365,7 @@ def _importable(module: str) -> bool:
         return False
 
 
-def _check_checkpoint(c: JobConfig, world_size: int) -> tuple[str | None, bool]:
+def _check_checkpoint(c: JobConfig, world_size: int, writes_run_dir: bool = True) -> tuple[str | None, bool]:
     """checkpoint.* and run.* rules; returns checkpoint.load resolved (a directory or None) and
     whether it resumes run.dir's own run (a checkpoint in checkpoint.dir)."""
     ck = c.checkpoint
@@ -351,7 +383,7 @@ def _check_checkpoint(c: JobConfig, world_size: int) -> tuple[str | None, bool]:
     if c.run.overwrite and resuming:
         raise ConfigError("run.overwrite", f"checkpoint.load={load} is this run's own checkpoint.dir, which "
                                            "run.overwrite=true moves aside; resume without run.overwrite")
-    if not resuming and not c.run.overwrite:
+    if writes_run_dir and not resuming and not c.run.overwrite:
         steps = run_dir.previous_run(c.run.dir, ck.dir)
         if steps is not None:
             how = ("resume with checkpoint.load=auto, or pass run.overwrite=true to move it aside" if own else

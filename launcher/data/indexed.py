@@ -11,6 +11,7 @@ half a dataset, and the bytes depend only on the documents (no timestamps, no pa
 """
 from __future__ import annotations
 
+import copy
 import os
 import struct
 from pathlib import Path
@@ -133,6 +134,21 @@ class IndexedDataset:
                 np.zeros(0, dtype=np.uint8)
             if len(self.masks) != len(self.tokens):
                 raise ValueError(f"{mask_path} has {len(self.masks)} entries for {len(self.tokens)} tokens")
+
+    def documents(self, first: int, stop: int) -> IndexedDataset:
+        """Documents [first, stop) as a dataset of their own (views of the same memory maps): a
+        part of a split (launcher/data/split.py) reads like any dataset."""
+        if not 0 <= first <= stop <= len(self):
+            raise IndexError(f"documents [{first}, {stop}) of {self.prefix}, which has {len(self)}")
+        part = copy.copy(self)
+        begin = int(self.starts[first]) if first < len(self) else len(self.tokens)
+        end = int(self.starts[stop - 1]) + int(self.lengths[stop - 1]) if stop > first else begin
+        part.lengths, part.pointers = self.lengths[first:stop], self.pointers[first:stop] - begin * self.dtype.itemsize
+        part.starts = self.starts[first:stop] - begin
+        part.tokens = self.tokens[begin:end]
+        if self.masks is not None:
+            part.masks = self.masks[begin:end]
+        return part
 
     @property
     def has_mask(self) -> bool:

@@ -20,6 +20,7 @@ from launcher.data.gpt_dataset import BlendedDataset, IndexedWindows, pretrain_m
 from launcher.data.indexed import IndexedDataset
 from launcher.data.packing import PackedRows, PackingStats, packed_microbatches
 from launcher.data.sft import SFTSamples
+from launcher.data.split import Bookends, document_range
 from launcher.data.tokenizer import Tokenizer, fill_id
 
 
@@ -74,15 +75,31 @@ class TrainingData:
         return {"padding_fraction": 1 - real / (global_batch_size * self.dataset.seq_length),  # type: ignore
                 "samples_per_row": samples / global_batch_size}
 
+    def distinct_samples(self) -> int:
+        """How many samples (windows or rows) the stream yields before its first repeat: past it a
+        source starts its next epoch."""
+        blend = self.dataset._blend if isinstance(self.dataset, _RowBlend) else self.dataset
+        if not isinstance(blend, BlendedDataset):
+            return len(self.dataset)  # type: ignore[arg-type]
+        first_repeat = []
+        for d, source in enumerate(blend.datasets):
+            per_block = int(blend._counts[d])
+            block, local = divmod(len(source), per_block)  # type: ignore[arg-type]
+            slot = int(np.flatnonzero((blend._source == d) & (blend._local == local))[0])
+            first_repeat.append(block * blend.block + slot)
+        return min(first_repeat)
+
 
 def build_training_data(prefixes: Sequence[str], tokenizer: Tokenizer, *, seq_length: int, seed: int,
                         format: str = "pretrain", weights: Sequence[float] | None = None, packing: bool = False,
                         packing_algorithm: str = "bfd", reset_position_ids: bool = False,
                         reset_attention_mask: bool = False, eod_mask_loss: bool = False,
-                        blend_block: int = 1000, source_seeds: Sequence[int] | None = None) -> TrainingData:
+                        blend_block: int = 1000, source_seeds: Sequence[int] | None = None,
+                        documents: Bookends | None = None) -> TrainingData:
     """Open the indexed datasets `prefixes` (blended by `weights`, default equal) as a micro-batch stream.
 
-    Source k's order is seeded by `source_seeds[k]`, by default `hash_seed(seed, k)`.
+    Source k's order is seeded by `source_seeds[k]`, by default `hash_seed(seed, k)`. `documents`:
+    book-ends of a split part (launcher.data.split): each source keeps only those documents.
     """
     if not prefixes:
         raise ValueError("data.prefixes: no dataset given")
@@ -95,6 +112,9 @@ def build_training_data(prefixes: Sequence[str], tokenizer: Tokenizer, *, seq_le
     if format not in ("pretrain", "sft"):
         raise ValueError(f"data.format: '{format}' is not one of pretrain, sft")
     sources = [IndexedDataset(p) for p in prefixes]
+    if documents is not None:
+        sources = [s.documents(part.start, part.stop) for s in sources
+                   for part in [document_range(documents, len(s))]]
     for src in sources:
         # One sequential pass over each token file: a dataset made with another tokenizer fails here, not mid-run.
         if format == "sft" and not src.has_mask:

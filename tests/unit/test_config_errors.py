@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from conftest import REPO
-from launcher.config.schema import JobConfig, ModelConfig, ParallelConfig, SlurmCluster, TrainConfig
+from launcher.config.schema import EvalConfig, JobConfig, ModelConfig, ParallelConfig, SlurmCluster, TrainConfig
 from launcher.config.validate import ConfigError, typed, validate
 from models.args import ModelArgs
 from parallel.engine_config import OptimConfig
@@ -101,6 +101,14 @@ CASES = [
      "must be none, cpu or nvme"),
     ([*FAST, *DS, "parallel.zero.offload_params=nvme"], "parallel.zero.nvme_path", "needs a directory here"),
     ([*FAST, *DS, "model=mixtral_tiny"], "parallel.engine", "engine=deepspeed trains dense models"),
+    # validation
+    (["eval.every=-1"], "eval.every", "must be >= 0"),
+    (["eval.iters=0"], "eval.iters", "must be a positive integer"),
+    (["eval.every=5"], "eval.every", "needs validation data: data.split=98/2 or data.valid_prefixes=[...]"),
+    (["eval.every=5", "data.split=100/0"], "eval.every", "needs validation data"),
+    (["data.split=abc"], "data.split", "train,valid[,test] weights"),
+    (["data.split=0/2"], "data.split", "no training documents"),
+    (["data.split=98/2", "data.valid_prefixes=[x]"], "data.valid_prefixes", "either data.split or"),
 ]
 
 
@@ -176,6 +184,21 @@ def test_missing_dataset(tmp_path):
     assert err.value.reason == f"missing {tmp_path / 'nope'}.bin (run python -m launcher.preprocess)"
 
 
+def test_validation_stream_that_would_repeat_is_an_error(cache_env, tmp_path):
+    from launcher.train import build_data
+
+    with pytest.raises(ConfigError) as err:
+        build_data(typed(compose_config("data.split=98/2", "eval.iters=100000")))
+    assert err.value.key == "eval.iters" and "100000 batches of 8 rows need 800000 held-out samples" in err.value.reason
+    data = build_data(typed(compose_config("data.split=98/2", "eval.iters=2")))
+    assert data.valid is not None and len(data.valid(step=1, dp_rank=0, dp_size=1, micro_batch_size=4,
+                                                     global_batch_size=8)) == 2
+    assert build_data(typed(compose_config("data.split=98/2", "eval.at_end=false"))).valid is None
+    with pytest.raises(ConfigError) as err:
+        build_data(typed(compose_config(f"data.valid_prefixes=[{tmp_path / 'nope'}]")))
+    assert err.value.key == "data.valid_prefixes" and "missing" in err.value.reason
+
+
 @pytest.mark.parametrize("name,overrides,key", [
     ("config", ["train.stepz=5"], "train.stepz"),
     ("config", ["cluster.nodes=2"], "cluster.nodes"),                                  # cluster=local has no nodes
@@ -216,7 +239,8 @@ def test_validation_returns_a_frozen_resolved_config_and_leaves_its_input_alone(
 def test_default_groups_are_the_schema_defaults():
     """conf/ sets nothing for the default groups but the schema's defaults; a model YAML sets its shape."""
     cfg = typed(compose_config())
-    assert (cfg.optim, cfg.parallel, cfg.train) == (OptimConfig(), ParallelConfig(), TrainConfig())
+    assert (cfg.optim, cfg.parallel, cfg.train, cfg.eval) == (OptimConfig(), ParallelConfig(), TrainConfig(),
+                                                              EvalConfig())
     assert (cfg.model.name, cfg.model.num_layers, cfg.data.name, cfg.cluster.name) == ("tiny", 4, "stdlib_docs", "local")
 
 

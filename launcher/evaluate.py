@@ -1,0 +1,74 @@
+"""`python -m launcher.evaluate checkpoint.load=<dir> [data keys] [eval.iters=N]` — a checkpoint's validation loss.
+
+Takes the training config (conf/evaluate.yaml: config.yaml plus `evaluate.output`), so it runs
+as one process or under torchrun in any layout and engine, and reads the data the training keys
+describe: the validation data (data.valid_prefixes, or the documents data.split holds out) when
+there is some, else every document of data.prefixes. The loss is the training loop's evaluation
+(launcher.loop.evaluate: the first eval.iters batches of train.global_batch_size rows), so with
+the run's own data keys it reproduces the run's eval record at the checkpoint's step. Prints the
+eval record as one JSON line; `evaluate.output=<path>` also writes it there.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from launcher.config.validate import ConfigError, check_fp8_device, validate, world_size_from_env
+from launcher.slurm_env import map_srun_env
+from launcher.train import build_engine, build_eval_data, resolve_device
+from parallel.compat import UnverifiedMegatronVersion
+
+
+def run(composed: DictConfig) -> dict:
+    map_srun_env()
+    device = resolve_device(composed.device)
+    resolved = validate(composed, world_size_from_env(), device.type, writes_run_dir=False)
+    cfg, layout = resolved.config, resolved.layout
+    if not cfg.checkpoint.load:
+        raise ConfigError("checkpoint.load", "required: the checkpoint to evaluate (a checkpoint dir or an iter_* "
+                                             "dir; auto: run.dir's own newest)")
+    check_fp8_device(cfg.train.precision, device)
+    valid = build_eval_data(cfg)
+
+    from launcher import checkpoint
+    from launcher.loop import evaluate
+    from launcher.metrics import eval_record
+    from models.args import ModelArgs
+    from parallel.megatron_engine import init_distributed, shutdown
+
+    args = ModelArgs.from_config(asdict(cfg.model))
+    init_distributed(layout, device, cfg.train.seed)
+    rank0 = dist.get_rank() == 0
+    try:
+        engine = build_engine(cfg, args, layout, device)
+        step = checkpoint.load(engine, cfg.checkpoint.load)
+        loss_sum, num_tokens = evaluate(engine, valid.microbatches, iters=cfg.eval.iters,
+                                        micro_batch_size=cfg.train.micro_batch_size,
+                                        global_batch_size=cfg.train.global_batch_size)
+    finally:
+        shutdown()
+    record = eval_record(step, loss_sum=loss_sum, num_tokens=num_tokens)
+    if rank0:
+        print(json.dumps(record), flush=True)
+        if cfg.evaluate.output:
+            Path(cfg.evaluate.output).write_text(json.dumps(record) + "\n")
+    return record
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ConfigError, UnverifiedMegatronVersion) as err:
+        print(err, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # dist_checkpointing's reader may spawn processes: keep this guard
+    main()
