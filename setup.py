@@ -26,6 +26,7 @@ setup(
         "psutil>=5.9",  # megatron dist_checkpointing writer workers need it (hang without it)
         "safetensors>=0.4",  # launcher.convert reads and writes Hugging Face weights
         "tqdm>=4.66",
+        "matplotlib>=3.7",  # loss.png (launcher.plot)
         "wandb>=0.18,<0.32",
         "tensorboard>=2.16",  # logging.tensorboard=true (torch.utils.tensorboard)
     ],
@@ -45,6 +46,8 @@ setup(
             "shardforge-submit=launcher.submit:main",
             "shardforge-convert=launcher.convert:main",
             "shardforge-generate=launcher.generate:main",
+            "shardforge-evaluate=launcher.evaluate:main",
+            "shardforge-plot=launcher.plot:main",
         ],
     },
 )

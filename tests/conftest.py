@@ -65,16 +65,23 @@ def run_many(commands: list[list[str]], *, nproc: int = 1, timeout: int = 900) -
     return outputs
 
 
-def train_runs(base: Path, runs: list[tuple[str, list[str], int]], *, timeout: int = 900) -> dict[str, list[dict]]:
+def train_runs(base: Path, runs: list[tuple[str, list[str], int]], *, timeout: int = 900,
+               then: list[tuple[str, list[str], int]] = ()) -> dict[str, list[dict]]:
     """Train each (name, overrides, nproc) into base/name; every run's metrics by name, its stdout in
     base/name/stdout.txt. The runs of one world size share one launch (run_many), in the given
-    order; the launches go in the order their world size first appears. `timeout`: seconds per run."""
-    for nproc in dict.fromkeys(n for *_, n in runs):
+    order; the launches go in the order their world size first appears. `then`: more commands
+    (name, [module, *args], nproc) at the end of their world size's launch (after its runs), each
+    one's stdout in base/<name>.txt. `timeout`: seconds per run."""
+    for nproc in dict.fromkeys(n for *_, n in [*runs, *then]):
         names = [name for name, _, n in runs if n == nproc]
-        outputs = run_many([["launcher.train", *overrides, f"run.dir={base / name}"]
-                            for name, overrides, n in runs if n == nproc], nproc=nproc, timeout=timeout)
+        extra = [(name, command) for name, command, n in then if n == nproc]
+        outputs = run_many([*(["launcher.train", *overrides, f"run.dir={base / name}"]
+                              for name, overrides, n in runs if n == nproc), *(command for _, command in extra)],
+                           nproc=nproc, timeout=timeout)
         for name, text in zip(names, outputs):
             (base / name / "stdout.txt").write_text(text)
+        for (name, _), text in zip(extra, outputs[len(names):]):
+            (base / f"{name}.txt").write_text(text)
     return {name: read_metrics(base / name) for name, *_ in runs}
 
 

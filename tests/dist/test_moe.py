@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import FAST, run_many, train_runs
+from conftest import FAST, read_metrics, run_many, train_runs
 
 STEPS = 10
 MOE = ["model=mixtral_tiny"]
@@ -19,13 +19,19 @@ LAYOUTS = [
 ]
 
 
+EVAL = ["data.split=98/2", "eval.every=5", "eval.iters=2"]  # held-out documents, evaluated at steps 5 and 10
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_env) -> dict[str, list[dict]]:
-    """The single-process MoE reference, every expert-parallel layout and one dense step."""
-    common = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false"]
+    """The single-process MoE reference, every expert-parallel layout and one dense step; the MoE
+    runs also evaluate on held-out documents (their eval records under the key "<name>/eval")."""
+    common = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
     runs = [("single", [*common, *MOE], 1), ("dense", [*FAST, "train.steps=1", "checkpoint.final_save=false"], 1),
             *[(name, [*common, *MOE, *extra], n) for name, extra, n in LAYOUTS]]
-    return train_runs(tmp_path_factory.mktemp("moe"), runs)
+    base = tmp_path_factory.mktemp("moe")
+    metrics = train_runs(base, runs)
+    return {**metrics, **{f"{name}/eval": read_metrics(base / name, type="eval") for name, *_ in runs}}
 
 
 @pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
@@ -42,7 +48,17 @@ def test_expert_parallel_matches_single_process(name, trained):
             assert m[key] == pytest.approx(ref[key], abs=0.5), f"step {m['step']} {key}"
 
 
+@pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
+def test_expert_parallel_eval_loss_matches_single_process(name, trained):
+    reference, got = trained["single/eval"], trained[f"{name}/eval"]
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [5, 10]
+    for ref, e in zip(reference, got):
+        assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), e["step"]
+        assert e["eval_tokens"] == ref["eval_tokens"]
+
+
 def test_moe_metrics_in_metrics_jsonl(trained):
+    # (steps 6 and 10 follow an evaluation: its routing adds nothing to the step's load or losses)
     reference = trained["single"]
     tokens_per_step = reference[0]["tokens"]
     for m in reference:

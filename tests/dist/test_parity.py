@@ -1,11 +1,15 @@
 """Every parallel layout (context parallelism included) trains the same model: per-step loss (and grad norm) equal to the
 single-process run, each layout a real torchrun with gloo on CPU, fp32 (the layouts of one world
-size share one torchrun)."""
+size share one torchrun). The runs hold out 2% of the documents (data.split) and evaluate on them
+every EVAL_EVERY steps: the eval loss matches the single process's in every layout, equals a plain
+forward of the same weights, and `launcher.evaluate` of a checkpoint reproduces the run's own."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
-from conftest import FAST, train_runs
+from conftest import FAST, read_metrics, train_runs
 
 STEPS = 10
 LAYOUTS = [
@@ -32,12 +36,39 @@ LAYOUTS = [
 ]
 
 
+EVAL_EVERY = 5
+EVAL = ["data.split=98/2", f"eval.every={EVAL_EVERY}", "eval.iters=2"]
+COMMON = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
+SAVED = ["checkpoint.save_every=5"]  # iter_0000005 (the last step is not saved: final_save=false)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_env) -> dict[str, list[dict]]:
-    """The single-process reference and every layout."""
-    common = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false"]
-    runs = [("single", [], 1), *LAYOUTS]
-    return train_runs(tmp_path_factory.mktemp("parity"), [(name, [*common, *extra], n) for name, extra, n in runs])
+def base(tmp_path_factory, cache_env):
+    """The single-process reference and every layout; then, in the same launches, the step-5
+    checkpoints of `single` and `pp2` evaluated (launcher.evaluate) in their own layout and the
+    other one, and the independent reference loss of `single`'s."""
+    base = tmp_path_factory.mktemp("parity")
+    runs = [("single", SAVED, 1), *[(name, [*extra, *SAVED] if name == "pp2" else extra, n) for name, extra, n in LAYOUTS]]
+
+    def evaluate(name, run, layout):
+        return ["launcher.evaluate", *COMMON, *layout, f"checkpoint.load={base / run / 'checkpoints' / 'iter_0000005'}",
+                f"evaluate.output={base / name}.json"]
+    train_runs(base, [(name, [*COMMON, *extra], n) for name, extra, n in runs], then=[
+        ("evaluate_single", evaluate("evaluate_single", "single", []), 1),
+        ("reference_single", ["tests.scripts.eval_reference", str(base / "single" / "checkpoints" / "iter_0000005"),
+                              f"{base / 'reference_single'}.json", *COMMON], 1),
+        ("evaluate_pp2_as_pp2", evaluate("evaluate_pp2_as_pp2", "pp2", ["parallel.pp=2"]), 2),
+        ("evaluate_single_as_tp2", evaluate("evaluate_single_as_tp2", "single", ["parallel.tp=2"]), 2)])
+    return base
+
+
+@pytest.fixture(scope="module")
+def trained(base) -> dict[str, list[dict]]:
+    return {name: read_metrics(base / name) for name in ["single", *[x[0] for x in LAYOUTS]]}
+
+
+def _evals(base, name) -> list[dict]:
+    return read_metrics(base / name, type="eval")
 
 
 @pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
@@ -52,3 +83,38 @@ def test_layout_matches_single_process(name, trained):
         assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), f"step {m['step']}"
         assert m["lr"] == pytest.approx(ref["lr"], rel=1e-12)
         assert m["tokens"] == ref["tokens"]
+
+
+@pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
+def test_eval_loss_matches_single_process(name, base):
+    reference, got = _evals(base, "single"), _evals(base, name)
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [5, 10]
+    for ref, e in zip(reference, got):
+        assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), e["step"]
+        assert e["eval_tokens"] == ref["eval_tokens"] == 2 * 8 * 128
+    assert reference[-1]["eval_loss"] < reference[0]["eval_loss"]  # it learns what it never trained on
+    # each evaluation follows its step's train record in metrics.jsonl
+    kinds = [(r.get("type", "train"), r["step"]) for r in read_metrics(base / name, type="all")]
+    assert kinds.index(("eval", 5)) == kinds.index(("train", 5)) + 1 and kinds[-1] == ("eval", 10)
+
+
+def test_eval_loss_is_a_plain_forward_of_the_same_weights(base):
+    ours = next(e for e in _evals(base, "single") if e["step"] == 5)
+    reference = json.loads((base / "reference_single.json").read_text())
+    assert reference["eval_tokens"] == ours["eval_tokens"]
+    assert ours["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name,run,exact", [("evaluate_single", "single", True), ("evaluate_pp2_as_pp2", "pp2", True),
+                                            ("evaluate_single_as_tp2", "single", False)])
+def test_evaluate_reproduces_the_run_s_own_eval(base, name, run, exact):
+    """The checkpoint evaluated again: in the layout that trained it, bit-identical to the run's
+    evaluation of the same weights at that step; resharded into another layout, within 1e-6."""
+    ours = next(e for e in _evals(base, run) if e["step"] == 5)
+    record = json.loads((base / f"{name}.json").read_text())
+    assert json.loads((base / f"{name}.txt").read_text().strip().splitlines()[-1]) == record  # printed as well
+    assert record["step"] == 5 and record["eval_tokens"] == ours["eval_tokens"]
+    if exact:
+        assert record == ours
+    else:
+        assert record["eval_loss"] == pytest.approx(ours["eval_loss"], rel=1e-6)

@@ -4,6 +4,7 @@ checkpoint, ZeRO-3 -> megatron / Hugging Face conversion, and its bad inputs. Re
 gloo ranks, fp32 on CPU. (The first offloaded run JIT-builds DeepSpeed's CPU Adam, ~40 s, once.)"""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from conftest import FAST, config_error_line, read_metrics, run_cli, train_runs
 
 STEPS = 10
+EVAL = ["data.split=98/2", "eval.every=5", "eval.iters=2"]  # held-out documents, evaluated at steps 5 and 10
 DS = ["parallel.engine=deepspeed"]
 OFFLOAD = [*DS, "parallel.zero.offload_params=cpu", "parallel.zero.offload_optimizer=cpu"]
 
@@ -23,9 +25,13 @@ def trained(tmp_path_factory, cache_env) -> Path:
     then 1 process): ZeRO-3 with parameter and optimizer offload checkpointing at steps 5 and 10
     ("offload_cpu"), without offload, under tp=2, the offloaded run resumed from step 5; the
     single-process megatron reference and ZeRO-3 in a plain one-process run. Metrics and stdout.txt
-    under base/<name>."""
+    under base/<name>. Every run evaluates on held-out documents; the 2-rank launch ends with
+    `launcher.evaluate` of the offloaded run's step-5 checkpoint (its record in base/evaluate.json)."""
     base = tmp_path_factory.mktemp("deepspeed")
-    common, once = [*FAST, f"train.steps={STEPS}"], ["checkpoint.final_save=false"]
+    common, once = [*FAST, f"train.steps={STEPS}", *EVAL], ["checkpoint.final_save=false"]
+    evaluate = ["launcher.evaluate", *common, *OFFLOAD,
+                f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / 'iter_0000005'}",
+                f"evaluate.output={base / 'evaluate.json'}"]
     train_runs(base, [
         ("offload_cpu", [*common, *OFFLOAD, "checkpoint.save_every=5"], 2),
         ("no_offload", [*common, *DS, *once], 2),
@@ -33,7 +39,8 @@ def trained(tmp_path_factory, cache_env) -> Path:
         ("resumed", [*common, *OFFLOAD, *once,
                      f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / 'iter_0000005'}"], 2),
         ("reference", [*common, *once], 1),
-        ("one_process", [*common, *DS, *once], 1)])  # plain `python -m launcher.train`, no torchrun
+        ("one_process", [*common, *DS, *once], 1)],  # plain `python -m launcher.train`, no torchrun
+        then=[("evaluate", evaluate, 2)])
     return base
 
 
@@ -79,6 +86,26 @@ def test_zero3_matches_megatron_single_process(layout, trained, reference, tmp_p
         conv = run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={trained / layout / 'checkpoints'}",
                                             f"out={tmp_path / 'converted'}"], check=False)
         assert conv.returncode == 2 and "tp=2 ZeRO-3 checkpoint" in conv.stderr, conv.stderr[-2000:]
+
+
+@pytest.mark.parametrize("layout", ["offload_cpu", "no_offload", "tp2_offload_cpu", "one_process"])
+def test_zero3_eval_loss_matches_megatron(layout, trained):
+    reference, got = read_metrics(trained / "reference", type="eval"), read_metrics(trained / layout, type="eval")
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [5, 10]
+    for ref, e in zip(reference, got):
+        # the weights themselves agree to the training loss's tolerance after these steps
+        assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5), e["step"]
+        assert e["eval_tokens"] == ref["eval_tokens"]
+
+
+def test_zero3_evaluate_and_resume_reproduce_the_run_s_eval(trained):
+    """The same ZeRO-3 weights evaluated again give the same numbers: launcher.evaluate of the step-5
+    checkpoint (bit-identical), the run resumed from it at step 10 (same ranks, same state)."""
+    run = read_metrics(trained / "offload_cpu", type="eval")
+    assert json.loads((trained / "evaluate.json").read_text()) == run[0]
+    resumed = read_metrics(trained / "resumed", type="eval")
+    assert [e["step"] for e in resumed] == [10]
+    assert resumed[0]["eval_loss"] == pytest.approx(run[1]["eval_loss"], rel=1e-6)
 
 
 def test_zero3_resume_continues_the_curve(trained, offloaded):

@@ -1,5 +1,5 @@
 """The README's main job: `python -m launcher.train` with no overrides trains the tiny model on
-the embedded corpus on CPU, with a falling loss, metrics.jsonl and a checkpoint."""
+the embedded corpus on CPU, with a falling loss, metrics.jsonl, loss.png and a checkpoint."""
 from __future__ import annotations
 
 import statistics
@@ -28,5 +28,6 @@ def test_default_job_trains_and_checkpoints(cache_env, tmp_path):
                     "decoder.layers.0", "learning rate decay style", "Megatron-FSDP"):
         assert chatter not in proc.stdout, chatter
     assert not before_step_1.strip(), before_step_1
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"  # the run's picture, drawn at its end
     # wandb defaults to offline mode: a local run directory, nothing sent anywhere.
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
