@@ -195,16 +195,7 @@ class MegatronEngine:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
-        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
-        # Pipeline stages exchange [seq, batch, hidden] (megatron divides seq by cp itself); a packed
-        # micro batch is one THD stream.
-        packed = "cu_seqlens" in microbatches[0]
-        reports = self._forward_backward(
-            forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
-            num_microbatches=len(microbatches),
-            seq_length=self.seq_length * self.micro_batch_size if packed else self.seq_length,
-            micro_batch_size=1 if packed else self.micro_batch_size, forward_only=False)
+        reports = self._schedule(self._forward_backward, microbatches, forward_only=False)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)
         if self.grad_scaling is not None:
@@ -223,21 +214,28 @@ class MegatronEngine:
         """The training forward (same schedule, loss and reduction) without backward or step, in
         eval mode: no dropout, and MoE routers neither add aux losses nor count tokens for the
         expert bias or the step's MoE metrics (both only with gradients enabled)."""
-        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
-        packed = "cu_seqlens" in microbatches[0]
         for chunk in self.chunks:
             chunk.eval()
         try:
-            reports = self._forward_only(
-                forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
-                num_microbatches=len(microbatches),
-                seq_length=self.seq_length * self.micro_batch_size if packed else self.seq_length,
-                micro_batch_size=1 if packed else self.micro_batch_size, forward_only=True)
+            reports = self._schedule(self._forward_only, microbatches, forward_only=True)
         finally:
             for chunk in self.chunks:
                 chunk.train()
         loss_sum, num_tokens = self._global_loss(reports)
         return loss_sum.item(), int(num_tokens.item())
+
+    def _schedule(self, schedule, microbatches: list[dict[str, torch.Tensor]], *, forward_only: bool) -> list:
+        """One pass of a megatron-core schedule over this rank's micro batches; the last stage's reports."""
+        # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
+        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
+        # Pipeline stages exchange [seq, batch, hidden] (megatron divides seq by cp itself); a packed
+        # micro batch is one THD stream.
+        packed = "cu_seqlens" in microbatches[0]
+        seq_length = self.seq_length
+        return schedule(forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
+                        num_microbatches=len(microbatches),
+                        seq_length=seq_length * self.micro_batch_size if packed else seq_length,
+                        micro_batch_size=1 if packed else self.micro_batch_size, forward_only=forward_only)
 
     def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Loss lives on the last pipeline stage; count it once per DP replica (TP rank 0) and
