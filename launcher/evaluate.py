@@ -15,10 +15,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from launcher import console
+from launcher.cli import hydra_command
 from launcher.config.validate import ConfigError, check_fp8_device, validate, world_size_from_env
 from launcher.slurm_env import map_srun_env
 from launcher.train import build_engine, build_eval_data, resolve_device
@@ -29,6 +30,7 @@ def run(composed: DictConfig) -> dict:
     map_srun_env()
     device = resolve_device(composed.device)
     resolved = validate(composed, world_size_from_env(), device.type, writes_run_dir=False)
+    console.configure(resolved.config.logging.verbose)
     cfg, layout = resolved.config, resolved.layout
     if not cfg.checkpoint.load:
         raise ConfigError("checkpoint.load", "required: the checkpoint to evaluate (a checkpoint dir or an iter_* "
@@ -61,11 +63,11 @@ def run(composed: DictConfig) -> dict:
     return record
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
+@hydra_command("evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ConfigError, UnverifiedMegatronVersion) as err:
+    except UnverifiedMegatronVersion as err:
         print(err, file=sys.stderr)
         sys.exit(2)
 

@@ -8,13 +8,12 @@ matplotlib's Agg canvas draws it (no display, no global pyplot state).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
+from launcher.cli import hydra_command
 from launcher.config.validate import ConfigError
 from launcher.metrics import read_metrics
 
@@ -64,13 +63,9 @@ def plot_run(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-@hydra.main(config_path="../conf/tools", config_name="plot", version_base=None)
+@hydra_command("plot", config_dir="tools")
 def main(cfg: DictConfig) -> None:
-    try:
-        print(plot_run(cfg.run.dir))
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        sys.exit(2)
+    print(plot_run(cfg.run.dir))
 
 
 if __name__ == "__main__":
