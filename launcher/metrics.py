@@ -46,8 +46,10 @@ class MetricsLogger:
         if wandb_mode != "disabled":
             import wandb
 
+            # An absolute dir: a wandb-core service inherited through WANDB_SERVICE (started by
+            # another process in another cwd) would resolve a relative one against its own cwd.
             self._wandb = wandb.init(project=wandb_project, name=wandb_name, mode=wandb_mode,
-                                     dir=str(self.run_dir), config=config, resume="allow",
+                                     dir=str(self.run_dir.resolve()), config=config, resume="allow",
                                      id=run_dir_files.wandb_run_id(self.run_dir, resuming=start_step > 0))
         self._tb = None
         if tensorboard:

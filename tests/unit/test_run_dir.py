@@ -118,6 +118,17 @@ def test_resumed_metrics_drop_the_steps_trained_again(tmp_path):
     assert run_dir.trim_metrics(tmp_path, 4) == 0
 
 
+@pytest.fixture
+def wandb_service():
+    """The wandb-core service these in-process runs start, shut down afterwards: it would otherwise
+    outlive the test and be inherited (WANDB_SERVICE) by every process this worker launches later."""
+    import wandb
+
+    yield
+    wandb.teardown()
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def _logger(directory: Path, start_step: int) -> MetricsLogger:
     return MetricsLogger(directory, total_steps=6, start_step=start_step, progress=False, wandb_mode="offline",
                          wandb_project="shardforge-test", wandb_name=None, tensorboard=False, config={})
@@ -127,7 +138,7 @@ def _wandb_ids(directory: Path) -> list[str]:
     return [p.name.rsplit("-", 1)[1] for p in sorted((directory / "wandb").glob("offline-run-*"))]
 
 
-def test_metrics_and_wandb_continue_across_a_resume_and_start_anew_for_a_new_run(tmp_path):
+def test_metrics_and_wandb_continue_across_a_resume_and_start_anew_for_a_new_run(tmp_path, wandb_service):
     first = _logger(tmp_path / "a", 0)
     for step in (1, 2, 3):
         first.log({"step": step, "loss": 5.0, "tokens_per_s": 1.0})
@@ -146,3 +157,13 @@ def test_metrics_and_wandb_continue_across_a_resume_and_start_anew_for_a_new_run
     assert _wandb_ids(tmp_path / "b") == [(tmp_path / "b" / "wandb_run_id").read_text().strip()]
     assert _wandb_ids(tmp_path / "b")[0] != kept               # a new run in another dir: a new id
     assert run_dir.wandb_run_id(tmp_path / "a", resuming=False) != kept  # a fresh start here: a new id too
+
+
+def test_wandb_files_land_in_a_relative_run_dir_of_the_current_cwd(tmp_path, monkeypatch, wandb_service):
+    # The wandb-core service, started here in one cwd, serves a run begun later in another cwd with a
+    # relative run.dir (as a launch inheriting WANDB_SERVICE does): the files belong under that run.dir.
+    _logger(tmp_path / "first", 0).close()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _logger(Path("runs") / "tiny", 0).close()
+    assert list((tmp_path / "elsewhere" / "runs" / "tiny" / "wandb").glob("offline-run-*/run-*.wandb"))
