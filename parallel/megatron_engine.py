@@ -179,7 +179,7 @@ class MegatronEngine:
         if args.is_moe:
             from parallel.moe_metrics import MoEStats
 
-            compat.set_moe_aux_loss_tp_factor(self.config)
+            compat.set_moe_aux_loss_factor(self.config)
             self.moe_stats = MoEStats([c.module for c in self.chunks], args, device)
 
     def num_parameters(self) -> int:

@@ -5,10 +5,12 @@ token dropping); aux/z losses from megatron's own layer-wise tracker (moe_utils)
 routers fill during forward. Both are summed over all ranks in one all-reduce at the end of
 the step, so every rank, rank 0 included, holds the global numbers:
 - tokens are disjoint across DP/EP ranks, across TP ranks (MoE under TP runs sequence
-  parallel, each TP rank routes its slice of the sequence) and layers across PP stages;
-- the tracked load-balancing loss of a TP rank is its partial share (counts are reduced over
-  TP inside the router), so the sum over TP is the layer's loss; DP replicas are averaged;
-- the tracked z-loss is a per-rank mean over its tokens: averaged over TP and DP.
+  parallel, each TP rank routes its slice of the sequence), across CP ranks (each holds its
+  share of the sequence) and layers across PP stages;
+- the tracked load-balancing loss of a TP or CP rank is its partial share (counts are reduced
+  over TP x CP inside the router), so the sum over TP x CP is the layer's loss; DP replicas are
+  averaged;
+- the tracked z-loss is a per-rank mean over its tokens: averaged over TP, CP and DP.
 """
 from __future__ import annotations
 
@@ -80,9 +82,9 @@ class MoEStats:
         if self.args.moe_expert_capacity_factor is not None:
             out["moe_dropped_fraction"] = (1 - load.sum() / asked.sum().clamp(min=1)).item()
         dp = ps.get_data_parallel_world_size()
-        tp = ps.get_tensor_model_parallel_world_size()
+        tp_cp = ps.get_tensor_model_parallel_world_size() * ps.get_context_parallel_world_size()
         for name, values in zip(self.loss_names, losses):
-            replicas = dp * tp if name == "z_loss" else dp
+            replicas = dp * tp_cp if name == "z_loss" else dp
             # per micro batch, averaged over MoE layers (megatron's logging convention)
             out[_LOSS_NAMES[name]] = (values.sum() / replicas / num_microbatches / len(self.moe_layers)).item()
         return out

@@ -197,9 +197,6 @@ def _check_context_parallel(c: JobConfig) -> None:
     if c.data.packing or c.data.reset_attention_mask:
         key = "data.packing" if c.data.packing else "data.reset_attention_mask"
         raise ConfigError(key, f"packed rows (document boundaries) do not run under parallel.cp={p.cp} yet")
-    if c.model.num_experts is not None:
-        raise ConfigError("parallel.cp", f"cp={p.cp} with a mixture-of-experts model (model={c.model.name}) "
-                                         "is not supported yet")
     if t.compile:
         raise ConfigError("train.compile", f"compiled layers do not run under parallel.cp={p.cp} yet")
 

@@ -9,9 +9,9 @@ Each patch checks `megatron.core.__version__` against `VERIFIED` first and names
 failure it removes; tests/unit/test_compat.py reproduces each failure on the unpatched code.
 """
 from parallel.compat.emulation import cpu_emulation
-from parallel.compat.fixes import apply_fixes, set_moe_aux_loss_tp_factor
+from parallel.compat.fixes import apply_fixes, set_moe_aux_loss_factor
 from parallel.compat.standins import provide_fused_weight_gradient, te_fused_adam
 from parallel.compat.version import VERIFIED, UnverifiedMegatronVersion, check_megatron_version
 
 __all__ = ["VERIFIED", "UnverifiedMegatronVersion", "apply_fixes", "check_megatron_version", "cpu_emulation",
-           "provide_fused_weight_gradient", "set_moe_aux_loss_tp_factor", "te_fused_adam"]
+           "provide_fused_weight_gradient", "set_moe_aux_loss_factor", "te_fused_adam"]

@@ -16,8 +16,8 @@ from parallel.compat.patching import Patches
 from parallel.compat.version import check_megatron_version
 
 _patches: Patches | None = None
-# TP size when the MoE routers see 1/tp of the tokens the LM loss counts (see below); else 1.
-_moe_aux_loss_tp_factor = 1.0
+# tp x cp when the MoE routers see 1/(tp x cp) of the tokens the LM loss counts (see below); else 1.
+_moe_aux_loss_factor = 1.0
 
 
 def apply_fixes() -> None:
@@ -34,11 +34,15 @@ def apply_fixes() -> None:
     _patches = patches
 
 
-def set_moe_aux_loss_tp_factor(config: Any) -> None:
+def set_moe_aux_loss_factor(config: Any) -> None:
     """Scale the MoE aux / z-loss gradients of the model built from this TransformerConfig."""
-    global _moe_aux_loss_tp_factor
-    per_token_sp = config.sequence_parallel and config.calculate_per_token_loss
-    _moe_aux_loss_tp_factor = float(config.tensor_model_parallel_size) if per_token_sp else 1.0
+    global _moe_aux_loss_factor
+    factor = 1
+    if config.calculate_per_token_loss:
+        if config.sequence_parallel:
+            factor *= config.tensor_model_parallel_size
+        factor *= getattr(config, "context_parallel_size", 1)
+    _moe_aux_loss_factor = float(factor)
 
 
 def fully_reshardable_load_skips_step(patches: Patches) -> None:
@@ -67,13 +71,16 @@ def moe_aux_loss_scale_under_sequence_parallel(patches: Patches) -> None:
     # loss tokens. Under sequence parallel a TP rank routes only 1/tp of the tokens while the LM
     # loss is replicated across TP, so the aux and z-loss gradients come out tp times too small
     # (the ep=2 tp=2 run's grad norm differs from the tp=1 run's; equal with aux loss off).
+    # Context parallelism does the same: a CP rank routes 1/cp of each sequence, its aux loss is
+    # its share of the sequence's (counts reduced over tp x cp), so the sum over the CP ranks'
+    # gradients is the sequence's aux gradient times 1/cp (cp=2 x ep=2 against the single process).
     # The schedule sets the aux-loss backward scale after every forward step: scale it back.
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     original = MoEAuxLossAutoScaler.set_loss_scale
 
     def set_loss_scale(scale: torch.Tensor) -> None:
-        factor = _moe_aux_loss_tp_factor
+        factor = _moe_aux_loss_factor
         original(scale * factor if factor != 1 else scale)
 
     patches.set(MoEAuxLossAutoScaler, "set_loss_scale", staticmethod(set_loss_scale))

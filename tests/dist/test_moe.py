@@ -16,6 +16,8 @@ LAYOUTS = [
     ("ep2", ["parallel.ep=2"], 2),
     ("ep2_tp2", ["parallel.ep=2", "parallel.tp=2"], 4),  # expert TP = TP, sequence parallel
     ("ep2_pp2", ["parallel.ep=2", "parallel.pp=2"], 4),
+    # Context parallelism: each CP rank routes its share of every sequence as tokens of its own.
+    ("cp2_ep2", ["parallel.cp=2", "parallel.ep=2"], 2),
 ]
 
 

@@ -102,9 +102,10 @@ def test_fully_reshardable_load_without_step(upstream, patches):
     assert torch.equal(state["exp_avg_sq"], loaded["exp_avg_sq"]) and torch.equal(state["step"], step)
 
 
-def test_moe_aux_loss_scale_follows_sequence_parallel_tp(upstream, patches):
+def test_moe_aux_loss_scale_follows_sequence_parallel_tp_and_cp(upstream, patches):
     # The routers scale the aux loss by the tokens this rank routed (1/tp of them under sequence
-    # parallel; the multi-rank consequence is checked by tests/dist/test_moe.py's ep2_tp2 case).
+    # parallel, 1/cp under context parallelism; the multi-rank consequence is checked by
+    # tests/dist/test_moe.py's ep2_tp2 and cp2_ep2 cases).
     import inspect
 
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -120,14 +121,17 @@ def test_moe_aux_loss_scale_follows_sequence_parallel_tp(upstream, patches):
 
     assert aux_grad() == 1.0
     fixes.moe_aux_loss_scale_under_sequence_parallel(patches)
-    config = types.SimpleNamespace(sequence_parallel=True, calculate_per_token_loss=True, tensor_model_parallel_size=2)
+    config = types.SimpleNamespace(sequence_parallel=True, calculate_per_token_loss=True, tensor_model_parallel_size=2,
+                                   context_parallel_size=1)
     try:
-        fixes.set_moe_aux_loss_tp_factor(config)
+        fixes.set_moe_aux_loss_factor(config)
         assert aux_grad() == 2.0
-        fixes.set_moe_aux_loss_tp_factor(types.SimpleNamespace(**{**vars(config), "sequence_parallel": False}))
+        fixes.set_moe_aux_loss_factor(types.SimpleNamespace(**{**vars(config), "sequence_parallel": False}))
         assert aux_grad() == 1.0
+        fixes.set_moe_aux_loss_factor(types.SimpleNamespace(**{**vars(config), "context_parallel_size": 2}))
+        assert aux_grad() == 4.0
     finally:
-        fixes._moe_aux_loss_tp_factor = 1.0
+        fixes._moe_aux_loss_factor = 1.0
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
