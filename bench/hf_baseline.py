@@ -88,9 +88,12 @@ def llama_config(m: dict[str, Any]):
 VARIANTS = ("eager", "compile", "liger")
 
 
-def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype, variant: str = "eager"):
+def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype, variant: str = "eager",
+                gradient_checkpointing: bool = False):
     """The HF model as a user would run it: eager (SDPA), `torch.compile`d, or with liger-kernel's
-    Triton kernels (RoPE, RMSNorm, SwiGLU, fused linear cross entropy) patched in."""
+    Triton kernels (RoPE, RMSNorm, SwiGLU, fused linear cross entropy) patched in; with
+    `gradient_checkpointing`, each decoder layer recomputed in the backward (transformers' own,
+    non-reentrant), as long-context users run it."""
     if variant == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -111,16 +114,19 @@ def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype, var
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     assert all(p.dtype == dtype for p in model.parameters())
     model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return torch.compile(model) if variant == "compile" else model
 
 
-def _setup(model_yaml: dict, device: str, seed: int, variant: str) -> tuple[torch.device, torch.nn.Module]:
+def _setup(model_yaml: dict, device: str, seed: int, variant: str,
+           gradient_checkpointing: bool = False) -> tuple[torch.device, torch.nn.Module]:
     dev = torch.device(device)
     torch.manual_seed(seed)
     if dev.type == "cuda":
         torch.cuda.manual_seed(seed)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, build_model(model_yaml, dev, dtype, variant)
+    return dev, build_model(model_yaml, dev, dtype, variant, gradient_checkpointing)
 
 
 def train_timed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, warmup: int,
@@ -215,7 +221,8 @@ def summarize(framework: str, model: torch.nn.Module, model_yaml: dict, dev: tor
 
 def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int, warmup: int, *,
            lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda", seed: int = 1234,
-           variant: str = "eager") -> dict:
+           variant: str = "eager",
+           gradient_checkpointing: bool = False) -> dict:
     """Dense: train `steps` steps on random [micro_batch_size, seq_length] batches (the first `warmup`
     untimed) and return the timed steps' throughput.
 
@@ -225,7 +232,7 @@ def run_hf(model_yaml: dict, seq_length: int, micro_batch_size: int, steps: int,
     """
     if steps - warmup < 1:
         raise ValueError(f"steps={steps} must exceed warmup={warmup}")
-    dev, model = _setup(model_yaml, device, seed, variant)
+    dev, model = _setup(model_yaml, device, seed, variant, gradient_checkpointing)
     # Random tokens, a few distinct batches in rotation so no step sees a cached input.
     gen = torch.Generator(device=dev).manual_seed(seed)
     batches = []
@@ -324,7 +331,8 @@ def check_isolation(model: torch.nn.Module, batch: dict[str, torch.Tensor], voca
 
 def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro_batch_size: int, steps: int,
                   warmup: int, *, lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda",
-                  seed: int = 1234, variant: str = "eager") -> dict:
+                  seed: int = 1234, variant: str = "eager",
+                  gradient_checkpointing: bool = False) -> dict:
     """Packed SFT with DataCollatorWithFlattening: each step one flattened batch of at most
     micro_batch_size x seq_length tokens (conversations in dataset order), same optimizer and timing as run_hf.
 
@@ -336,7 +344,7 @@ def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro
     samples = sft_samples(sft_data, seq_length)
     budget = micro_batch_size * seq_length
     plan = packed_sft_steps(samples.lengths, budget, steps)
-    dev, model = _setup(model_yaml, device, seed, variant)
+    dev, model = _setup(model_yaml, device, seed, variant, gradient_checkpointing)
     # Every step's batch on the device before the clock starts (as the dense baseline's batches are).
     batches = [{k: v.to(dev) for k, v in flatten_batch(samples, idx).items()} for idx in plan]
     probe = next((b for b in batches if int((b["position_ids"] == 0).sum()) > 1), None)
@@ -379,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-snapshot", metavar="DIR",
                    help="record CUDA allocations over the whole run; write DIR/memory/snapshot.pickle and DIR/memory/peak.txt "
                         "(what was live at the peak, by allocating line: launcher.profiling.peak_report)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward (long sequences)")
     p.add_argument("--sft-data", metavar="PREFIX",
                    help="packed SFT instead of random tokens: the indexed dataset PREFIX written by "
                         "`launcher.preprocess format=sft`, flattened with DataCollatorWithFlattening "
@@ -386,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.steps - a.warmup < 20 and a.device == "cuda":
         print(f"hf_baseline: warning: only {a.steps - a.warmup} timed steps (>= 20 recommended)", file=sys.stderr)
-    common = dict(lr=a.lr, clip_grad=a.clip_grad, device=a.device, variant=a.variant)
+    common = dict(lr=a.lr, clip_grad=a.clip_grad, device=a.device, variant=a.variant,
+                  gradient_checkpointing=a.gradient_checkpointing)
     if a.memory_snapshot:  # same report as ShardForge's logging.memory_snapshot
         from launcher.profiling import record_memory_history
 

@@ -1,8 +1,9 @@
 """The context-parallel attention's CUDA blocks (models/kernels/context_parallel_attention.py: flash
 attention with its log-sum-exp, bf16) on one GPU: cp ranks emulated by running each rank's ring
 steps (or gathered prefix) one after another, as tests/unit/test_context_parallel_attention.py does
-on CPU, against dense causal SDPA of the whole sequence in fp32. bf16 tolerance 1e-2: elementwise
-for the output, relative to the norm for the gradients (blocks add their bf16 terms in another order)."""
+on CPU. Both the split blocks and the unsplit bf16 kernel are measured against fp32 attention of the
+whole sequence; the blocks may be at most twice as far from it as the unsplit kernel (bf16 tolerance:
+the blocks round their partial outputs and add their gradient terms in another order)."""
 from __future__ import annotations
 
 import os
@@ -33,7 +34,15 @@ def test_blocks_match_unsplit_attention(mode, cp):
     ref.backward(dout.float())
     with torch.no_grad():
         out, dq, dk, dv = _emulate(mode, q, k, v, dout, cp, scale)
-    torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-2)
-    for name, got, want in (("dq", dq, q.grad), ("dk", dk, k.grad), ("dv", dv, v.grad)):
-        error = (got.float() - want.float()).norm() / want.float().norm()
-        assert error < 1e-2, f"{name}: relative error {error:.2e}"
+    q1, k1, v1 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    unsplit = F.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=scale, enable_gqa=True)
+    unsplit.backward(dout)
+
+    def error(got, want):
+        return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+    for name, got, kernel, want in (("out", out, unsplit, ref), ("dq", dq, q1.grad, q.grad),
+                                    ("dk", dk, k1.grad, k.grad), ("dv", dv, v1.grad, v.grad)):
+        ours, theirs = error(got, want), error(kernel, want)
+        print(f"cp={cp} {mode} {name}: blocks {ours:.2e}, unsplit kernel {theirs:.2e}")
+        assert ours <= max(2 * theirs, 1e-3), f"{name}: relative error {ours:.2e}, unsplit kernel's {theirs:.2e}"
