@@ -10,7 +10,8 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
   (models/residual_norm.py); megatron's bias-dropout-add under full-layer recompute, which
   re-runs one layer alone;
 - attention core: SDPA (models/kernels/attention.py); under context parallelism (cp > 1) the
-  ring or all-gather CP attention (`cp_mode`, models/kernels/context_parallel_attention.py); RoPE: on GPU RopeSelfAttention
+  ring or all-gather CP attention (`cp_mode`, models/kernels/context_parallel_attention.py; packed
+  rows masked per document); RoPE: on GPU RopeSelfAttention
   (models/rope_attention.py), elsewhere megatron's SelfAttention;
 - linears: megatron's, or with `fp8` the fp8 ones (models/kernels/fp8_linear.py; dense models),
   told where their input is held anyway (`keep_input`);

@@ -139,13 +139,50 @@ def packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
 TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def context_parallel_split(batch: dict[str, Any]) -> dict[str, Any]:
-    """This context-parallel rank's share of an unpacked micro batch: the rows cut into 2·cp chunks,
-    CP rank r keeping chunks r and 2·cp−1−r (megatron's load-balanced split, which its RoPE
-    slices the same way). The whole batch when cp is 1."""
-    if ps.get_context_parallel_world_size() == 1:
-        return batch
-    if "cu_seqlens" in batch:
-        raise NotImplementedError("context parallelism over packed (THD) micro batches")
-    split = get_batch_on_this_cp_rank({k: batch[k] for k in TOKEN_KEYS if k in batch})
-    return {**batch, **split}
+def context_parallel_split(batch: dict[str, Any],
+                           packed: PackedSeqParams | None) -> tuple[dict[str, Any], PackedSeqParams | None]:
+    """This context-parallel rank's share of a micro batch (from prepare_batch) and its THD parameters.
+
+    Unpacked rows are cut into 2·cp chunks, CP rank r keeping chunks r and 2·cp−1−r (megatron's
+    load-balanced split, which its RoPE slices the same way). A packed stream is split the same way
+    per document (`packed_split`, TransformerEngine's THD convention, which megatron's THD RoPE
+    follows), each document first padded at its end to a multiple of 2·cp tokens: padding tokens
+    carry no loss and no real token attends them (they come after every real token of their
+    document), so the loss and gradients are the unsplit stream's. The THD parameters then
+    describe the padded stream. The whole batch when cp is 1."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return batch, packed
+    if packed is None:
+        split = get_batch_on_this_cp_rank({k: batch[k] for k in TOKEN_KEYS if k in batch})
+        return {**batch, **split}, None
+    index, cu_padded = packed_split(packed.cu_seqlens_q, cp, ps.get_context_parallel_rank())
+    real, source = index >= 0, index.clamp(min=0)
+    split = {k: torch.where(real, batch[k][:, source], torch.zeros((), dtype=batch[k].dtype, device=real.device))
+             for k in TOKEN_KEYS}
+    cu_padded = cu_padded.to(torch.int32)
+    longest = int((cu_padded[1:] - cu_padded[:-1]).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_padded, cu_seqlens_kv=cu_padded,
+                             cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    return {**batch, **split}, params
+
+
+def packed_split(cu_seqlens: torch.Tensor, cp: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CP rank `rank`'s tokens of a packed stream whose documents end at `cu_seqlens`:
+    (index, padded boundaries). Each document is padded at its end to a multiple of 2·cp tokens
+    and cut into 2·cp chunks of c_i tokens; the rank keeps chunks rank and 2·cp−1−rank of every
+    document, in stream order. `index`: each kept token's position in the unpadded stream, -1 for
+    padding; the padded boundaries are the whole padded stream's (each document 2·cp·c_i long)."""
+    cu = cu_seqlens.to(torch.long)
+    lengths = cu[1:] - cu[:-1]
+    chunk = (lengths + 2 * cp - 1) // (2 * cp)
+    cu_padded = torch.nn.functional.pad((2 * cp * chunk).cumsum(0), (1, 0))
+    kept = 2 * chunk  # tokens of each document on every rank
+    total = int(kept.sum())
+    docs = torch.repeat_interleave(torch.arange(kept.numel(), device=cu.device), kept, output_size=total)
+    within = torch.arange(total, device=cu.device) - (kept.cumsum(0) - kept)[docs]
+    c = chunk[docs]
+    in_document = torch.where(within < c, rank * c + within, (2 * cp - 1 - rank) * c + within - c)
+    index = torch.where(in_document < lengths[docs], cu[:-1][docs] + in_document, -1)
+    return index, cu_padded

@@ -90,7 +90,8 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _forward_step(device: torch.device, data_iterator, model):
     batch, packed = prepare_batch(next(data_iterator), device)
-    batch = context_parallel_split(batch)  # this CP rank's two chunks of each row (all of it at cp=1)
+    # this CP rank's two chunks of each row or packed document (all of it at cp=1)
+    batch, packed = context_parallel_split(batch, packed)
     # Last stage returns per-token losses; earlier stages their hidden states.
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
                    packed_seq_params=packed)

@@ -183,7 +183,8 @@ def _positive(key: str, value: Any) -> int:
 
 
 def _check_context_parallel(c: JobConfig) -> None:
-    """parallel.cp > 1: the megatron engine, unpacked rows whose length splits into 2·cp chunks."""
+    """parallel.cp > 1: the megatron engine, rows whose length splits into 2·cp chunks; packed rows
+    (each document split over the CP ranks) without pipeline stages or experts."""
     p, t = c.parallel, c.train
     if p.cp_mode not in ("ring", "allgather"):
         raise ConfigError("parallel.cp_mode", f"must be ring or allgather, got {p.cp_mode!r}")
@@ -194,9 +195,16 @@ def _check_context_parallel(c: JobConfig) -> None:
     if t.seq_length % (2 * p.cp):
         raise ConfigError("train.seq_length", f"{t.seq_length} must be a multiple of 2 x parallel.cp = {2 * p.cp} "
                                               "(each context-parallel rank holds two equal chunks)")
-    if c.data.packing or c.data.reset_attention_mask:
+    if (c.data.packing or c.data.reset_attention_mask) and p.pp > 1:
+        # each CP rank's share of a packed micro batch depends on its documents (each padded to a
+        # multiple of 2·cp), while pipeline stages exchange activations of one fixed length
         key = "data.packing" if c.data.packing else "data.reset_attention_mask"
-        raise ConfigError(key, f"packed rows (document boundaries) do not run under parallel.cp={p.cp} yet")
+        raise ConfigError(key, f"packed rows under parallel.cp={p.cp} do not run with parallel.pp={p.pp}")
+    if (c.data.packing or c.data.reset_attention_mask) and c.model.num_experts is not None:
+        # the padding each document gets (to a multiple of 2·cp) would be routed like real tokens
+        key = "data.packing" if c.data.packing else "data.reset_attention_mask"
+        raise ConfigError(key, f"packed rows under parallel.cp={p.cp} do not run with a mixture-of-experts model "
+                               f"(model={c.model.name})")
     if t.compile:
         raise ConfigError("train.compile", f"compiled layers do not run under parallel.cp={p.cp} yet")
 

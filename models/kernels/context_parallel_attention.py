@@ -18,10 +18,21 @@ their LSE; a block's backward is the kernel's own backward given the merged outp
 which is the exact gradient of that block's share. Grouped-query K/V are never expanded: the
 kernels take fewer key/value heads than query heads.
 
+Packed rows (THD, several documents in one stream) split per document: every document (padded
+to a multiple of 2·cp by the batch split, parallel/engine.py) is cut into 2·cp chunks of c_i
+tokens and rank r holds chunks r and 2·cp−1−r of each, documents in stream order, so every rank
+holds 2·c_i tokens of document i and the per-rank cumulative lengths `cu_seqlens` are the same
+on all ranks. A token of rank r may attend a token of rank s when both are in the same document
+and the key's position in the document is not after the query's: each (query rank, key rank)
+block runs with that block-diagonal causal mask as an additive mask (`packed_mask`). Rows that
+see nothing of a block get a finite, very negative LSE, so they weigh nothing in the merge. The
+mask is dense ([rows, keys] per block): the CPU flash kernel takes it, and on CUDA the
+memory-efficient kernel as its bias (the flash kernels take no mask).
+
 `ContextParallelAttention` serves megatron's core-attention slot with it (models/kernel_provider.py).
 
 Tensors here are [batch, heads, sequence, head_dim]; a rank's sequence is its two chunks, in
-the order (chunk r, chunk 2·cp−1−r).
+the order (chunk r, chunk 2·cp−1−r), per document for packed rows.
 """
 from __future__ import annotations
 
@@ -38,11 +49,53 @@ MODES = ("ring", "allgather")
 
 
 class Block(NamedTuple):
-    """One kernel call: these query rows of the rank's 2c rows attend to this key range."""
+    """One kernel call: these query rows of the rank's 2c rows attend to this key range, causally
+    or under `mask` (additive [rows, keys]: 0 where a query sees a key; packed rows)."""
 
     rows: slice
     keys: slice
     causal: bool
+    mask: torch.Tensor | None = None
+
+
+ALL = slice(None)
+
+
+def packed_positions(cu_seqlens: torch.Tensor, rank: int, cp: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document, position in the document) of each of rank `rank`'s `total` tokens of a packed
+    stream; `cu_seqlens`: the per-rank cumulative document lengths (2·c_i tokens of document i:
+    its chunk r, then its chunk 2·cp−1−r)."""
+    cu = cu_seqlens.to(dtype=torch.long)
+    half = (cu[1:] - cu[:-1]) // 2
+    docs = torch.repeat_interleave(torch.arange(half.numel(), device=cu.device), 2 * half, output_size=total)
+    within, c = torch.arange(total, device=cu.device) - cu[:-1][docs], half[docs]
+    position = torch.where(within < c, rank * c + within, (2 * cp - 1 - rank) * c + within - c)
+    return docs, position
+
+
+def packed_mask(cu_seqlens: torch.Tensor, rank: int, sources: list[int], cp: int, total: int,
+                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive [total, total·len(sources)] mask of rank `rank`'s queries over the keys of the
+    `sources` ranks (concatenated in that order): 0 where the key is in the query's document and
+    not after it, a large negative number elsewhere (finite: a row that sees no key of the block
+    gets a very negative LSE, not NaN, and so no weight in the merge)."""
+    cu_seqlens = cu_seqlens.to(device)
+    q_doc, q_pos = packed_positions(cu_seqlens, rank, cp, total)
+    keys = [packed_positions(cu_seqlens, source, cp, total) for source in sources]
+    k_doc, k_pos = (torch.cat(x) for x in zip(*keys))
+    seen = (q_doc[:, None] == k_doc[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+    mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
+    return mask.masked_fill_(~seen, torch.finfo(dtype).min / 2)
+
+
+def packed_ring_blocks(rank: int, source: int, cp: int, cu_seqlens: torch.Tensor, q: torch.Tensor) -> list[Block]:
+    """Ring mode over packed rows: all of rank `rank`'s rows (q) against all of rank `source`'s keys, masked."""
+    return [Block(ALL, ALL, False, packed_mask(cu_seqlens, rank, [source], cp, q.size(2), q.dtype, q.device))]
+
+
+def packed_allgather_blocks(rank: int, cp: int, cu_seqlens: torch.Tensor, q: torch.Tensor) -> list[Block]:
+    """All-gather mode over packed rows: all rows (q) against every rank's keys (in rank order), masked."""
+    return [Block(ALL, ALL, False, packed_mask(cu_seqlens, rank, list(range(cp)), cp, q.size(2), q.dtype, q.device))]
 
 
 def ring_blocks(rank: int, source: int, cp: int, chunk: int) -> list[Block]:
@@ -69,9 +122,11 @@ def allgather_blocks(rank: int, cp: int, chunk: int) -> list[Block]:
     return blocks
 
 
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [b, h, s, d], lse [b, h, s] fp32) of one block through torch's fused kernels."""
+    if mask is not None:
+        return _masked_forward(q, k, v, mask, scale)
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
             out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)
@@ -85,9 +140,12 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, causal: bool, scale: float,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one block, given the merged output and LSE of its query rows."""
     lse = lse.contiguous()
+    if mask is not None:
+        return _masked_backward(dout, q, k, v, out, lse, mask, scale)
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
             empty = torch.empty(0, dtype=torch.int32, device=q.device)
@@ -101,11 +159,57 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         dout, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
+def _masked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block under an additive mask: torch's CPU flash kernel takes one (GQA as well); on CUDA
+    the memory-efficient kernel takes it as a bias (without GQA: K/V heads repeated)."""
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                            scale=scale)
+    k, v = _repeat_heads(k, q.size(1)), _repeat_heads(v, q.size(1))
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, _bias(mask, q), True, 0.0, False,
+                                                                           scale=scale)
+    return out, lse[..., :q.size(2)]  # (its LSE rows are padded)
+
+
+def _masked_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    heads, kv_heads = q.size(1), k.size(1)
+    k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)
+    # the LSE in the padded row layout the kernel's forward returns it in
+    padded = torch.empty(*lse.shape[:-1], -(-lse.size(-1) // 32) * 32, dtype=lse.dtype, device=lse.device)
+    padded[..., :lse.size(-1)] = lse
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, _bias(mask, q), out, padded, torch.empty(()), torch.empty(()), 0.0, [True, True, True, False],
+        False, scale=scale)
+    if kv_heads != heads:  # the repeated heads' gradients summed into their K/V head
+        dk, dv = (g.unflatten(1, (kv_heads, heads // kv_heads)).sum(2) for g in (dk, dv))
+    return dq, dk, dv
+
+
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x if x.size(1) == heads else x.repeat_interleave(heads // x.size(1), dim=1)
+
+
+def _bias(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[rows, keys] mask as the memory-efficient kernel's [b, heads, rows, keys] bias: broadcast over
+    batch and heads, its rows 16-element aligned as the kernel requires."""
+    rows, keys = mask.shape
+    storage = torch.empty(rows, -(-keys // 16) * 16, dtype=mask.dtype, device=mask.device)
+    storage[:, :keys] = mask
+    return storage[:, :keys].expand(q.size(0), q.size(1), rows, keys)
+
+
 def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[Block], out: torch.Tensor,
                    lse: torch.Tensor, scale: float) -> None:
     """Add the blocks' attention into the running fp32 `out` and `lse` (merged by log-sum-exp)."""
     for block in blocks:
-        o, l = block_forward(q[:, :, block.rows], k[:, :, block.keys], v[:, :, block.keys], block.causal, scale)
+        o, l = block_forward(q[:, :, block.rows], k[:, :, block.keys], v[:, :, block.keys], block.causal, scale,
+                             block.mask)
         acc_out, acc_lse = out[:, :, block.rows], lse[:, :, block.rows]
         merged = torch.logaddexp(acc_lse, l)
         acc_out.mul_(torch.exp(acc_lse - merged).unsqueeze(-1))
@@ -120,7 +224,7 @@ def backward_blocks(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse:
     for block in blocks:
         rows, keys = block.rows, block.keys
         gq, gk, gv = block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
-                                    lse[:, :, rows], block.causal, scale)
+                                    lse[:, :, rows], block.causal, scale, block.mask)
         dq[:, :, rows] += gq
         dk[:, :, keys] += gk
         dv[:, :, keys] += gv
@@ -152,33 +256,40 @@ class _Ring:
             request.wait()
 
 
+def _ring_step(rank: int, source: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[Block]:
+    if cu_seqlens is None:
+        return ring_blocks(rank, source, cp, q.size(2) // 2)
+    return packed_ring_blocks(rank, source, cp, cu_seqlens, q)
+
+
 class RingAttention(torch.autograd.Function):
-    """Ring mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads)."""
+    """Ring mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads); packed rows:
+    b = 1 and `cu_seqlens` the per-rank cumulative document lengths."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                scale: float) -> torch.Tensor:
-        rank, cp, chunk = dist.get_rank(group), dist.get_world_size(group), q.size(2) // 2
+                scale: float, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        rank, cp = dist.get_rank(group), dist.get_world_size(group)
         ring = _Ring(group)
         out, lse = _accumulators(q)
         kv = torch.stack([k, v])
         for step in range(cp):
             if step < cp - 1:  # the next block travels while this one is computed
                 incoming, requests = ring.start(kv)
-            forward_blocks(q, kv[0], kv[1], ring_blocks(rank, (rank - step) % cp, cp, chunk), out, lse, scale)
+            forward_blocks(q, kv[0], kv[1], _ring_step(rank, (rank - step) % cp, cp, q, cu_seqlens), out, lse, scale)
             if step < cp - 1:
                 ring.wait(requests)
                 kv = incoming
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.group, ctx.scale = group, scale
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
-        rank, cp, chunk = dist.get_rank(group), dist.get_world_size(group), q.size(2) // 2
+        rank, cp = dist.get_rank(group), dist.get_world_size(group)
         ring = _Ring(group)
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -188,7 +299,7 @@ class RingAttention(torch.autograd.Function):
         for step in range(cp):
             if step < cp - 1:
                 incoming, requests = ring.start(kv)
-            backward_blocks(dout, q, out, lse, kv[0], kv[1], ring_blocks(rank, (rank - step) % cp, cp, chunk),
+            backward_blocks(dout, q, out, lse, kv[0], kv[1], _ring_step(rank, (rank - step) % cp, cp, q, cu_seqlens),
                             dq, dkv[0], dkv[1], scale)
             dkv_incoming, dkv_requests = ring.start(dkv)
             ring.wait(dkv_requests)
@@ -196,7 +307,7 @@ class RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 ring.wait(requests)
                 kv = incoming
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def to_sequence_order(gathered: torch.Tensor) -> torch.Tensor:
@@ -231,50 +342,73 @@ def _reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
     return out
 
 
+def gathered_keys(gathered: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Every rank's K/V [cp, ..., s, d] as the keys of the all-gather blocks: in sequence order, or
+    for packed rows the ranks' streams one after the other (their mask places each token)."""
+    return gathered.movedim(0, -3).flatten(-3, -2) if packed else to_sequence_order(gathered)
+
+
+def scattered_keys(full: torch.Tensor, cp: int, packed: bool) -> torch.Tensor:
+    """Inverse of gathered_keys: [..., cp·s, d] -> [cp, ..., s, d]."""
+    return full.unflatten(-2, (cp, -1)).movedim(-3, 0) if packed else from_sequence_order(full, cp)
+
+
+def _allgather_step(rank: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[Block]:
+    if cu_seqlens is None:
+        return allgather_blocks(rank, cp, q.size(2) // 2)
+    return packed_allgather_blocks(rank, cp, cu_seqlens, q)
+
+
 class AllGatherAttention(torch.autograd.Function):
-    """All-gather mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads)."""
+    """All-gather mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads); packed rows:
+    b = 1 and `cu_seqlens` the per-rank cumulative document lengths."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                scale: float) -> torch.Tensor:
-        rank, cp, chunk = dist.get_rank(group), dist.get_world_size(group), q.size(2) // 2
-        kv = to_sequence_order(_all_gather(torch.stack([k, v]), group))
+                scale: float, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        rank, cp, packed = dist.get_rank(group), dist.get_world_size(group), cu_seqlens is not None
+        kv = gathered_keys(_all_gather(torch.stack([k, v]), group), packed)
         out, lse = _accumulators(q)
-        forward_blocks(q, kv[0], kv[1], allgather_blocks(rank, cp, chunk), out, lse, scale)
+        forward_blocks(q, kv[0], kv[1], _allgather_step(rank, cp, q, cu_seqlens), out, lse, scale)
         out = out.to(q.dtype)
         # The gathered K/V is not kept: backward gathers it again.
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.group, ctx.scale = group, scale
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
-        rank, cp, chunk = dist.get_rank(group), dist.get_world_size(group), q.size(2) // 2
-        kv = to_sequence_order(_all_gather(torch.stack([k, v]), group))
+        rank, cp, packed = dist.get_rank(group), dist.get_world_size(group), cu_seqlens is not None
+        kv = gathered_keys(_all_gather(torch.stack([k, v]), group), packed)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        backward_blocks(dout.contiguous(), q, out, lse, kv[0], kv[1], allgather_blocks(rank, cp, chunk),
+        backward_blocks(dout.contiguous(), q, out, lse, kv[0], kv[1], _allgather_step(rank, cp, q, cu_seqlens),
                         dq, dkv[0], dkv[1], scale)
-        dkv = _reduce_scatter(from_sequence_order(dkv, cp).contiguous(), group)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        dkv = _reduce_scatter(scattered_keys(dkv, cp, packed).contiguous(), group)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                               mode: str, scale: float | None = None) -> torch.Tensor:
+                               mode: str, scale: float | None = None,
+                               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of this CP rank's two query chunks over the whole sequence.
-    q: [b, heads, 2c, d]; k, v: [b, kv_heads, 2c, d]; returns [b, heads, 2c, d]."""
+    q: [b, heads, 2c, d]; k, v: [b, kv_heads, 2c, d]; returns [b, heads, 2c, d]. Packed rows:
+    b = 1, `cu_seqlens` this rank's cumulative document lengths (the same on every rank), and
+    attention stays inside each document."""
     if mode not in MODES:
         raise ValueError(f"unknown context-parallel attention mode {mode!r} (ring | allgather)")
     scale = q.size(-1) ** -0.5 if scale is None else scale
     function = RingAttention if mode == "ring" else AllGatherAttention
-    return function.apply(q, k, v, group, scale)
+    return function.apply(q, k, v, group, scale, cu_seqlens)
 
 
 class ContextParallelAttention(MegatronModule):
     """`core_attention` for megatron-core's SelfAttention under context parallelism (causal
-    self-attention, unpacked rows): this rank's [s/cp, b, heads, d] q/k/v -> [s/cp, b, heads * d]."""
+    self-attention): this rank's [s/cp, b, heads, d] q/k/v -> [s/cp, b, heads * d]; packed rows
+    (THD) [t/cp, heads, d] -> [t/cp, heads * d], their cu_seqlens those of the whole stream with
+    every document a multiple of 2·cp tokens long (the batch split pads them)."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
@@ -291,7 +425,7 @@ class ContextParallelAttention(MegatronModule):
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
         if packed_seq_params is not None:
-            raise NotImplementedError("context-parallel attention of packed (THD) rows")
+            return self._packed(query, key, value, packed_seq_params)
         if (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal or attention_bias is not None:
             raise NotImplementedError("context-parallel attention is causal self-attention only")
         # [s, b, heads, d] -> [b, heads, s, d]
@@ -299,3 +433,16 @@ class ContextParallelAttention(MegatronModule):
         out = context_parallel_attention(q, k, v, self.group, self.mode, self.softmax_scale)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)
+
+    def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params) -> torch.Tensor:
+        if params.qkv_format != "thd":
+            raise NotImplementedError(f"packed qkv_format {params.qkv_format!r} (only 'thd')")
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        # this rank's share of each document: 1/cp of it
+        cu = torch.div(cu, dist.get_world_size(self.group), rounding_mode="floor")
+        # [t, heads, d] -> [1, heads, t, d]
+        q, k, v = (t.reshape(t.size(0), t.size(-2), t.size(-1)).transpose(0, 1).unsqueeze(0)
+                   for t in (query, key, value))
+        out = context_parallel_attention(q, k, v, self.group, self.mode, self.softmax_scale, cu_seqlens=cu)
+        # [1, heads, t, d] -> [t, heads * d]
+        return out.squeeze(0).transpose(0, 1).reshape(out.size(2), -1)

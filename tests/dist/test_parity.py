@@ -1,5 +1,5 @@
-"""Every parallel layout (context parallelism included) trains the same model: per-step loss (and grad norm) equal to the
-single-process run, each layout a real torchrun with gloo on CPU, fp32 (the layouts of one world
+"""Every parallel layout (context parallelism included, over packed rows as well) trains the same model: per-step
+loss (and grad norm) equal to the single-process run, each layout a real torchrun with gloo on CPU, fp32 (the layouts of one world
 size share one torchrun). The runs hold out 2% of the documents (data.split) and evaluate on them
 every EVAL_EVERY steps: the eval loss matches the single process's in every layout, equals a plain
 forward of the same weights, and `launcher.evaluate` of a checkpoint reproduces the run's own."""
@@ -34,6 +34,14 @@ LAYOUTS = [
     # torch.compile'd layers, under TP and PP as well.
     ("compile_tp2_pp2", ["train.compile=true", "parallel.tp=2", "parallel.pp=2"], 4),
 ]
+# Packed rows: documents end at each EOD (no attention across them, positions restart), against
+# the single process on the same rows. Under CP each document is padded to a multiple of 2·cp and
+# split per document (the rows' documents include lengths that are not).
+PACKED = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
+PACKED_LAYOUTS = [
+    ("cp4_ring_packed", ["parallel.cp=4", "parallel.cp_mode=ring"], 4),
+    ("cp4_allgather_packed", ["parallel.cp=4", "parallel.cp_mode=allgather"], 4),
+]
 
 
 EVAL_EVERY = 5
@@ -48,7 +56,9 @@ def base(tmp_path_factory, cache_env):
     checkpoints of `single` and `pp2` evaluated (launcher.evaluate) in their own layout and the
     other one, and the independent reference loss of `single`'s."""
     base = tmp_path_factory.mktemp("parity")
-    runs = [("single", SAVED, 1), *[(name, [*extra, *SAVED] if name == "pp2" else extra, n) for name, extra, n in LAYOUTS]]
+    runs = [("single", SAVED, 1), ("single_packed", PACKED, 1),
+            *[(name, [*extra, *SAVED] if name == "pp2" else extra, n) for name, extra, n in LAYOUTS],
+            *[(name, [*PACKED, *extra], n) for name, extra, n in PACKED_LAYOUTS]]
 
     def evaluate(name, run, layout):
         return ["launcher.evaluate", *COMMON, *layout, f"checkpoint.load={base / run / 'checkpoints' / 'iter_0000005'}",
@@ -64,7 +74,8 @@ def base(tmp_path_factory, cache_env):
 
 @pytest.fixture(scope="module")
 def trained(base) -> dict[str, list[dict]]:
-    return {name: read_metrics(base / name) for name in ["single", *[x[0] for x in LAYOUTS]]}
+    return {name: read_metrics(base / name)
+            for name in ["single", "single_packed", *[x[0] for x in LAYOUTS], *[x[0] for x in PACKED_LAYOUTS]]}
 
 
 def _evals(base, name) -> list[dict]:
@@ -73,7 +84,20 @@ def _evals(base, name) -> list[dict]:
 
 @pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
 def test_layout_matches_single_process(name, trained):
-    reference, got = trained["single"], trained[name]
+    _assert_parity(trained["single"], trained[name])
+
+
+@pytest.mark.parametrize("name", [x[0] for x in PACKED_LAYOUTS])
+def test_packed_layout_matches_single_process(name, trained, base):
+    _assert_parity(trained["single_packed"], trained[name])
+    reference, got = _evals(base, "single_packed"), _evals(base, name)
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [5, 10]
+    for ref, e in zip(reference, got):
+        assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), e["step"]
+        assert e["eval_tokens"] == ref["eval_tokens"]
+
+
+def _assert_parity(reference: list[dict], got: list[dict]) -> None:
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert reference[-1]["loss"] < reference[0]["loss"]  # it trains at all
     for ref, m in zip(reference, got):

@@ -24,7 +24,10 @@ def sft_data(tmp_path_factory):
     return [f"data.prefixes=[{d / 'chat'}]", f"data.tokenizer={tokenizer}"]
 
 
-LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", [])]
+LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", []),
+           # each conversation padded to a multiple of 2·cp and split over the CP ranks per conversation
+           ("cp2_ring", ["parallel.cp=2", "parallel.cp_mode=ring"]),
+           ("cp2_allgather", ["parallel.cp=2", "parallel.cp_mode=allgather"])]
 
 
 @pytest.fixture(scope="module")
