@@ -156,7 +156,9 @@ def context_parallel_split(batch: dict[str, Any],
     if packed is None:
         split = get_batch_on_this_cp_rank({k: batch[k] for k in TOKEN_KEYS if k in batch})
         return {**batch, **split}, None
-    index, cu_padded = packed_split(packed.cu_seqlens_q, cp, ps.get_context_parallel_rank())
+    # (under tensor parallelism megatron runs sequence parallel: a rank's share splits over TP)
+    index, cu_padded = packed_split(packed.cu_seqlens_q, cp, ps.get_context_parallel_rank(),
+                                    share_multiple=ps.get_tensor_model_parallel_world_size())
     real, source = index >= 0, index.clamp(min=0)
     split = {k: torch.where(real, batch[k][:, source], torch.zeros((), dtype=batch[k].dtype, device=real.device))
              for k in TOKEN_KEYS}
@@ -168,15 +170,19 @@ def context_parallel_split(batch: dict[str, Any],
     return {**batch, **split}, params
 
 
-def packed_split(cu_seqlens: torch.Tensor, cp: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_split(cu_seqlens: torch.Tensor, cp: int, rank: int,
+                 share_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """CP rank `rank`'s tokens of a packed stream whose documents end at `cu_seqlens`:
     (index, padded boundaries). Each document is padded at its end to a multiple of 2·cp tokens
     and cut into 2·cp chunks of c_i tokens; the rank keeps chunks rank and 2·cp−1−rank of every
-    document, in stream order. `index`: each kept token's position in the unpadded stream, -1 for
-    padding; the padded boundaries are the whole padded stream's (each document 2·cp·c_i long)."""
+    document, in stream order. The last document is padded further where the rank's share must be
+    a multiple of `share_multiple`. `index`: each kept token's position in the unpadded stream, -1
+    for padding; the padded boundaries are the whole padded stream's (each document 2·cp·c_i long)."""
     cu = cu_seqlens.to(torch.long)
     lengths = cu[1:] - cu[:-1]
     chunk = (lengths + 2 * cp - 1) // (2 * cp)
+    share = 2 * int(chunk.sum())
+    chunk[-1] += next(k for k in range(share_multiple) if (share + 2 * k) % share_multiple == 0)
     cu_padded = torch.nn.functional.pad((2 * cp * chunk).cumsum(0), (1, 0))
     kept = 2 * chunk  # tokens of each document on every rank
     total = int(kept.sum())

@@ -203,3 +203,8 @@ def test_packed_split_pads_each_document_and_takes_its_balanced_chunks():
     # rank 0: chunks 0 and 3 of each document; rank 1: chunks 1 and 2 (-1: padding)
     assert index0.tolist() == [0, 1, -1, -1, 5, 6, 11, 12]
     assert index1.tolist() == [2, 3, 4, -1, 7, 8, 9, 10]
+    # a rank's share split over 3 sequence-parallel ranks: the last document padded to chunks of 4
+    index0, cu_padded = packed_split(cu, 2, 0, share_multiple=3)
+    assert cu_padded.tolist() == [0, 8, 24]
+    assert index0.tolist() == [0, 1, -1, -1, 5, 6, 7, 8, -1, -1, -1, -1]
+    assert packed_split(cu, 2, 0, share_multiple=4)[1].tolist() == [0, 8, 16]  # 8 tokens a rank already
