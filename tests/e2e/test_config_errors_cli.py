@@ -13,7 +13,11 @@ def test_error_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_error_under_torchrun_names_key_on_every_rank(tmp_path):
+def test_error_under_torchrun_names_the_key(tmp_path):
+    # Every rank validates on its own, but torchrun stops the others once the first exits: how many
+    # ranks print the line before that depends on scheduling, so at least one, and no run starts.
     proc = run_cli("launcher.train", ["parallel.tp=4", f"run.dir={tmp_path}"], nproc=2, check=False, timeout=180)
     assert proc.returncode != 0
-    assert proc.stderr.count("config error: parallel: world size 2 is not divisible by tp*pp*cp = 4") == 2
+    assert proc.stderr.count("config error: parallel: world size 2 is not divisible by tp*pp*cp = 4") >= 1
+    assert "shardforge:" not in proc.stdout
+    assert not (tmp_path / "metrics.jsonl").exists()
