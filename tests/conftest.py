@@ -20,14 +20,35 @@ TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "dist", "e2e")
 
 
+# The modules whose launches take longest, longest first. Under `-n 2 --dist loadfile
+# --no-loadscope-reorder` (the README's test command) the workers take whole modules in collection
+# order, so these start first and the quick in-process unit tier fills in at the end; xdist's own
+# order (most tests first) would start the unit tier first and leave a few long launches for last.
+LONGEST_FIRST = ("dist/test_parity.py", "e2e/test_deepspeed.py", "e2e/test_slurm.py", "dist/test_moe.py",
+                 "e2e/test_default_run.py", "e2e/test_signals.py", "dist/test_checkpoint_resilience.py",
+                 "e2e/test_hf_convert.py", "dist/test_precision_aware.py", "e2e/test_moe_hf.py",
+                 "dist/test_init_invariance.py", "dist/test_compiled_layers.py", "dist/test_moe_options.py")
+
+
+def _schedule_rank(item: pytest.Item) -> tuple[int, int]:
+    """Sort key: the LONGEST_FIRST modules in that order, then the other launches (dist, e2e), then unit."""
+    path = Path(item.path).resolve()
+    name = path.relative_to(TESTS).as_posix() if path.is_relative_to(TESTS) else path.name
+    if name in LONGEST_FIRST:
+        return 0, LONGEST_FIRST.index(name)
+    return (2 if name.startswith("unit/") else 1), 0
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test with its tier (the folder under tests/ it lives in), so `-m unit` selects it.
-    Done here rather than in per-tier conftests: those would all be importable as `conftest`,
-    shadowing this module's helpers that the tests import."""
+    """Mark each test with its tier (the folder under tests/ it lives in), so `-m unit` selects it,
+    and order the modules for two workers (LONGEST_FIRST; the sort is stable, so tests keep their
+    order within a module). Done here rather than in per-tier conftests: those would all be
+    importable as `conftest`, shadowing this module's helpers that the tests import."""
     for item in items:
         path = Path(item.path).resolve()
         if path.is_relative_to(TESTS) and (tier := path.relative_to(TESTS).parts[0]) in TIERS:
             item.add_marker(tier)
+    items.sort(key=_schedule_rank)
 
 # Small, fast settings shared by the multi-process tests (fp32 on CPU).
 FAST = ["train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=2",
