@@ -2,10 +2,7 @@
 
 megatron-core's local DotProductAttention materializes the s×s score matrix (memory quadratic
 in the sequence length); SDPA dispatches to cuDNN / flash / memory-efficient kernels on GPU
-and to a fused CPU kernel, with grouped-query attention handled natively. On GPU, cuDNN's fused
-attention is asked for first (torch's default order puts the flash kernel first): on Hopper it is
-the faster of the two, and the longer the sequence, the more of the step attention is
-(bench/README.md, long context); torch falls back down the list where cuDNN does not take a call.
+and to a fused CPU kernel, with grouped-query attention handled natively.
 
 Packed rows (THD layout, documents delimited by cu_seqlens) go through
 `torch.nn.attention.varlen.varlen_attn` on GPU and through SDPA with an exact block-diagonal
@@ -13,17 +10,11 @@ causal mask on CPU: no token ever attends across a document boundary.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-CUDA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
 
 
 class SDPAttention(MegatronModule):
@@ -58,10 +49,9 @@ class SDPAttention(MegatronModule):
         mask = None if causal or attention_mask is None else ~attention_mask
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        with sdpa_kernel(CUDA_BACKENDS, set_priority=True) if q.is_cuda else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-                dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=self.gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+            dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=self.gqa)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)
 
