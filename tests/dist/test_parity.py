@@ -31,6 +31,7 @@ LAYOUTS = [
     ("cp4_allgather", ["parallel.cp=4", "parallel.cp_mode=allgather"], 4),
     ("cp2_tp2", ["parallel.cp=2", "parallel.tp=2"], 4),
     ("cp2_pp2", ["parallel.cp=2", "parallel.pp=2"], 4),
+    ("cp2_pp2_vpp2", ["parallel.cp=2", "parallel.pp=2", "parallel.vpp=2"], 4),
     # torch.compile'd layers, under TP and PP as well.
     ("compile_tp2_pp2", ["train.compile=true", "parallel.tp=2", "parallel.pp=2"], 4),
 ]
