@@ -95,6 +95,38 @@ class TrainConfig:
     cuda_graph: Any = "auto"
     compile: bool = False             # torch.compile each transformer layer (engine=megatron, dense models)
     log_every: int = 1                # metrics.jsonl gets every N-th step (and the last)
+    # lm: next-token cross entropy (pretrain, SFT) | dpo | simpo | orpo: a preference loss over
+    # preference pairs (models/objectives.py; the training loop does not run these yet)
+    objective: str = "lm"
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """train.objective=dpo: Direct Preference Optimization against a frozen reference model (the initial weights)."""
+    beta: float = 0.1                 # how strongly the policy is held to the reference (loss=ipo: IPO's tau)
+    loss: str = "sigmoid"             # sigmoid (DPO) | robust (robust DPO) | hinge (SLiC) | ipo
+    # sigmoid, robust: the probability that a preference label is flipped, in [0, 0.5)
+    # (sigmoid with it is conservative DPO)
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0           # weight of the chosen responses' NLL added to the loss (RPO); 0 = off
+    # precomputed: the reference's log-probs from one pass over the data with the initial weights,
+    # stored beside the dataset | live: a frozen copy of the model held alongside
+    reference: str = "precomputed"
+
+
+@dataclass(frozen=True)
+class SimPOConfig:
+    """train.objective=simpo: reference-free, length-normalised preference loss."""
+    beta: float = 2.0                 # scale of the per-token mean log-prob margin
+    gamma: float = 1.0                # target reward margin
+    label_smoothing: float = 0.0      # the probability that a preference label is flipped, in [0, 0.5)
+    sft_weight: float = 0.0           # weight of the chosen responses' NLL added to the loss (CPO-SimPO); 0 = off
+
+
+@dataclass(frozen=True)
+class ORPOConfig:
+    """train.objective=orpo: NLL of the chosen response plus an odds-ratio preference term, reference-free."""
+    beta: float = 0.1                 # weight of the odds-ratio term (the paper's lambda)
 
 
 @dataclass(frozen=True)
@@ -191,6 +223,9 @@ class JobConfig:
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -22,6 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 from launcher import run_dir
 from launcher.config.schema import JobConfig, ModelConfig
 from models.args import padded_vocab_size
+from models.objectives import DPO_LOSSES, DPO_REFERENCES, OBJECTIVES, SMOOTHED_LOSSES
 from parallel import cuda_graph
 from parallel.layout import Layout
 
@@ -121,6 +122,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
                        ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
                        ("train.global_batch_size", t.global_batch_size), ("train.seq_length", t.seq_length)):
         _positive(key, value)
+    _check_objective(c)
     moe = m.num_experts is not None
 
     if p.engine == "deepspeed":
@@ -180,6 +182,37 @@ def _positive(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(key, f"must be a positive integer, got {value!r}")
     return value
+
+
+def _check_objective(c: JobConfig) -> None:
+    """train.objective and the keys of the preference objectives (dpo.*, simpo.*, orpo.*).
+    The training loop runs only the lm objective so far: a preference objective is refused."""
+    objective = c.train.objective
+    if objective not in OBJECTIVES:
+        raise ConfigError("train.objective", f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    d, s = c.dpo, c.simpo
+    if d.loss not in DPO_LOSSES:
+        raise ConfigError("dpo.loss", f"must be one of {', '.join(DPO_LOSSES)}, got {d.loss!r}")
+    if d.reference not in DPO_REFERENCES:
+        raise ConfigError("dpo.reference", f"must be one of {', '.join(DPO_REFERENCES)}, got {d.reference!r}")
+    for key, value in (("dpo.beta", d.beta), ("simpo.beta", s.beta), ("orpo.beta", c.orpo.beta)):
+        if not value > 0:
+            raise ConfigError(key, f"must be > 0, got {value!r}")
+    for key, value in (("dpo.label_smoothing", d.label_smoothing), ("simpo.label_smoothing", s.label_smoothing)):
+        if not 0 <= value < 0.5:
+            raise ConfigError(key, f"must be in [0, 0.5) (the probability that a preference label is flipped), "
+                                   f"got {value!r}")
+    if d.label_smoothing and d.loss not in SMOOTHED_LOSSES:
+        raise ConfigError("dpo.label_smoothing", f"applies to dpo.loss={' or '.join(SMOOTHED_LOSSES)}; "
+                                                 f"dpo.loss={d.loss} takes none (set 0)")
+    for key, value in (("dpo.sft_weight", d.sft_weight), ("simpo.sft_weight", s.sft_weight),
+                       ("simpo.gamma", s.gamma)):
+        if not value >= 0:
+            raise ConfigError(key, f"must be >= 0, got {value!r}")
+    if objective != "lm":
+        raise ConfigError("train.objective", f"{objective} is not run by the training loop yet (its data, "
+                                             f"launcher.preprocess format=preference, and loss, models/objectives.py, "
+                                             f"exist; the engines do not call them); use train.objective=lm")
 
 
 def _check_context_parallel(c: JobConfig) -> None:

@@ -2,9 +2,11 @@
 
 The `.idx` layout is Megatron-LM's "MMIDIDX" format, so megatron-core's own IndexedDataset reads
 these files too: header b"MMIDIDX\\x00\\x00", version <Q 1, dtype code <B, sequence count <Q,
-document count <Q, then int32 lengths, int64 byte pointers and int64 document indices (one
-sequence per document here). SFT datasets add `<prefix>.mask.bin`: one uint8 per token, 1 where
-the token is a training target (an assistant token), at the same positions as `.bin`.
+document count <Q, then int32 lengths, int64 byte pointers and int64 document indices (the first
+sequence of each document, then the sequence count). A document is one sequence, except in
+preference datasets, where it is a pair: the chosen then the rejected sequence. SFT and preference
+datasets add `<prefix>.mask.bin`: one uint8 per token, 1 where the token is a training target (an
+assistant token), at the same positions as `.bin`.
 
 Files are written under temporary names and renamed only when complete, so a reader never sees
 half a dataset, and the bytes depend only on the documents (no timestamps, no paths).
@@ -43,9 +45,15 @@ class IndexedDatasetWriter:
 
     Use as a context manager: leaving the block without finalize() (an error) removes the
     temporary files and leaves any previous dataset under the prefix untouched.
+    `sequences_per_document` groups every that many consecutive sequences into one document of
+    the index (2: preference pairs).
     """
 
-    def __init__(self, prefix: str | Path, dtype: np.dtype, with_mask: bool = False) -> None:
+    def __init__(self, prefix: str | Path, dtype: np.dtype, with_mask: bool = False,
+                 sequences_per_document: int = 1) -> None:
+        if sequences_per_document < 1:
+            raise ValueError(f"sequences_per_document must be positive, got {sequences_per_document}")
+        self.sequences_per_document = sequences_per_document
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODES:
             raise ValueError(f"unsupported token dtype {self.dtype}")
@@ -70,14 +78,18 @@ class IndexedDatasetWriter:
         self._lengths.append(len(tokens))
 
     def finalize(self) -> None:
+        per_doc = self.sequences_per_document
+        if len(self._lengths) % per_doc:
+            raise ValueError(f"{len(self._lengths)} sequences do not make documents of {per_doc}")
         lengths = np.asarray(self._lengths, dtype=np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=pointers[1:])
         pointers *= self.dtype.itemsize
         with open(self._tmp[1], "wb") as f:
             f.write(_HEADER + struct.pack("<Q", _VERSION) + struct.pack("<B", _CODES[self.dtype]))
-            f.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1))
-            f.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+            documents = np.arange(0, len(lengths) + 1, per_doc, dtype=np.int64)
+            f.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(documents)))
+            f.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())
             f.flush()
             os.fsync(f.fileno())  # durable before the rename that marks the dataset complete
         for f in (self._bin, self._mask):
@@ -107,7 +119,9 @@ class IndexedDatasetWriter:
 
 
 class IndexedDataset:
-    """Memory-mapped reader: `ds[i]` is document i's ids; `ds.mask(i)` its loss mask (SFT data)."""
+    """Memory-mapped reader: `ds[i]` is the ids of sequence i (a document, or one side of a
+    preference pair); `ds.mask(i)` its loss mask (SFT and preference data). `document_indices` are
+    the index's document boundaries over the sequences."""
 
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = str(prefix)
@@ -120,10 +134,11 @@ class IndexedDataset:
         if len(head) < 34 or head[:9] != _HEADER or struct.unpack("<Q", head[9:17])[0] != _VERSION:
             raise ValueError(f"{idx_path} is not an indexed dataset index (MMIDIDX version 1)")
         self.dtype = _DTYPES[head[17]]
-        count = struct.unpack("<Q", head[18:26])[0]
+        count, doc_count = struct.unpack("<QQ", head[18:34])
         index = np.memmap(idx_path, mode="r")
         self.lengths = np.frombuffer(index, dtype=np.int32, count=count, offset=34)
         self.pointers = np.frombuffer(index, dtype=np.int64, count=count, offset=34 + 4 * count)
+        self.document_indices = np.frombuffer(index, dtype=np.int64, count=doc_count, offset=34 + 12 * count)
         # The flat token stream (documents back to back), shared through the page cache by all ranks.
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_path.stat().st_size else \
             np.zeros(0, dtype=self.dtype)
@@ -145,6 +160,8 @@ class IndexedDataset:
         end = int(self.starts[stop - 1]) + int(self.lengths[stop - 1]) if stop > first else begin
         part.lengths, part.pointers = self.lengths[first:stop], self.pointers[first:stop] - begin * self.dtype.itemsize
         part.starts = self.starts[first:stop] - begin
+        inside = self.document_indices[(self.document_indices > first) & (self.document_indices < stop)] - first
+        part.document_indices = np.unique(np.concatenate([[0], inside, [stop - first]])).astype(np.int64)
         part.tokens = self.tokens[begin:end]
         if self.masks is not None:
             part.masks = self.masks[begin:end]

@@ -32,36 +32,46 @@ class SampleError(ValueError):
 
 
 def check_messages(sample: Any, key: str = "messages") -> list[dict[str, str]]:
+    """The conversation under `key` of an SFT sample: messages with known roles, at least one assistant's."""
     if not isinstance(sample, dict) or key not in sample:
         raise SampleError(f"missing key '{key}'")
-    messages = sample[key]
+    messages = check_message_list(sample[key], key)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SampleError("no assistant message")
+    return messages
+
+
+def check_message_list(messages: Any, key: str, where: str = "") -> list[dict[str, str]]:
+    """A non-empty list of {"role", "content"} string messages with known roles, as plain dicts;
+    `where` prefixes the message number in errors (e.g. "'chosen' ")."""
     if not isinstance(messages, list) or not messages:
         raise SampleError(f"'{key}' must be a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise SampleError(f"message {i} must be an object with string 'role' and 'content'")
+            raise SampleError(f"{where}message {i} must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise SampleError(f"message {i} has unknown role '{m['role']}' (expected one of {', '.join(ROLES)})")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise SampleError("no assistant message")
+            raise SampleError(f"{where}message {i} has unknown role '{m['role']}' (expected one of {', '.join(ROLES)})")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def render_chatml(messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """ChatML text and the [start, end) character spans that are targets (assistant content + <|im_end|>)."""
+def render_chatml(messages: Sequence[dict[str, str]], first_target: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """ChatML text and the [start, end) character spans that are targets (assistant content + <|im_end|>
+    of the assistant messages from index `first_target` on)."""
     text, spans = "", []
-    for m in messages:
+    for i, m in enumerate(messages):
         text += f"{IM_START}{m['role']}\n"
         start = len(text)
         text += m["content"] + IM_END
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and i >= first_target:
             spans.append((start, len(text)))
         text += "\n"
     return text, spans
 
 
-def render_with_template(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The tokenizer's own chat template; assistant content is located in the rendered text in turn order."""
+def render_with_template(tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
+                         first_target: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The tokenizer's own chat template; assistant content is located in the rendered text in turn order
+    (targets: the assistant messages from index `first_target` on)."""
     text = tokenizer.apply_chat_template(list(messages))  # type: ignore[attr-defined]
     ends = list(_END_OF_TURN)
     if tokenizer.eos_id is not None:
@@ -72,7 +82,7 @@ def render_with_template(tokenizer: Tokenizer, messages: Sequence[dict[str, str]
         if start < 0:
             raise SampleError(f"the chat template does not reproduce message {i}'s content verbatim")
         end = start + len(m["content"])
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and i >= first_target:
             marker = next((e for e in ends if e and text.startswith(e, end)), "")
             spans.append((start, end + len(marker)))
         cursor = end
@@ -80,14 +90,21 @@ def render_with_template(tokenizer: Tokenizer, messages: Sequence[dict[str, str]
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
-                        template: str = "chatml") -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64, target mask uint8) of one conversation; template is "chatml" or "tokenizer"."""
+                        template: str = "chatml", first_target: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, target mask uint8) of one conversation; template is "chatml" or "tokenizer".
+    Assistant messages before index `first_target` are context, not targets (a preference pair's prompt)."""
     if template == "chatml":
-        text, spans = render_chatml(messages)
+        text, spans = render_chatml(messages, first_target)
     elif template == "tokenizer":
-        text, spans = render_with_template(tokenizer, messages)
+        text, spans = render_with_template(tokenizer, messages, first_target)
     else:
         raise ValueError(f"unknown chat template '{template}' (expected chatml or tokenizer)")
+    return encode_spans(tokenizer, text, spans)
+
+
+def encode_spans(tokenizer: Tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """`text` tokenized as a whole (ids int64) and its target mask (uint8): a token is a target iff
+    its character span overlaps one of `spans`."""
     ids, offsets = tokenizer.encode_with_offsets(text)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), dtype=np.uint8)

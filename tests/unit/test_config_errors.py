@@ -110,6 +110,20 @@ CASES = [
     (["data.split=abc"], "data.split", "train,valid[,test] weights"),
     (["data.split=0/2"], "data.split", "no training documents"),
     (["data.split=98/2", "data.valid_prefixes=[x]"], "data.valid_prefixes", "either data.split or"),
+    # preference objectives: their keys are checked, then the objective is refused (no engine runs it yet)
+    (["train.objective=dpo"], "train.objective", "dpo is not run by the training loop yet"),
+    (["train.objective=simpo", "simpo.gamma=0.5"], "train.objective", "simpo is not run by the training loop yet"),
+    (["train.objective=orpo"], "train.objective", "use train.objective=lm"),
+    (["train.objective=ppo"], "train.objective", "must be one of lm, dpo, simpo, orpo, got 'ppo'"),
+    (["train.objective=dpo", "dpo.loss=kto"], "dpo.loss", "must be one of sigmoid, robust, hinge, ipo"),
+    (["dpo.reference=cached"], "dpo.reference", "must be one of precomputed, live"),
+    (["train.objective=dpo", "dpo.beta=0"], "dpo.beta", "must be > 0"),
+    (["dpo.label_smoothing=0.5"], "dpo.label_smoothing", "must be in [0, 0.5)"),
+    (["dpo.loss=hinge", "dpo.label_smoothing=0.1"], "dpo.label_smoothing", "dpo.loss=hinge takes none"),
+    (["dpo.sft_weight=-1"], "dpo.sft_weight", "must be >= 0"),
+    (["simpo.gamma=-1"], "simpo.gamma", "must be >= 0"),
+    (["simpo.label_smoothing=-0.1"], "simpo.label_smoothing", "must be in [0, 0.5)"),
+    (["orpo.beta=-0.1"], "orpo.beta", "must be > 0"),
 ]
 
 
@@ -235,6 +249,14 @@ def test_validation_returns_a_frozen_resolved_config_and_leaves_its_input_alone(
         resolved.config.train.steps = 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         resolved.layout.dp = 1
+
+
+def test_preference_keys_are_typed():
+    cfg = typed(compose_config("dpo.beta=0.2", "dpo.loss=ipo", "simpo.gamma=1.5", "orpo.beta=0.3"))
+    assert (cfg.train.objective, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.reference) == ("lm", 0.2, "ipo", "precomputed")
+    assert (cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.beta) == (2.0, 1.5, 0.3)
+    with pytest.raises(ConfigCompositionException):
+        compose_config("dpo.beta=strong")
 
 
 def test_default_groups_are_the_schema_defaults():
