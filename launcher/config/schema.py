@@ -96,7 +96,7 @@ class TrainConfig:
     compile: bool = False             # torch.compile each transformer layer (engine=megatron, dense models)
     log_every: int = 1                # metrics.jsonl gets every N-th step (and the last)
     # lm: next-token cross entropy (pretrain, SFT) | dpo | simpo | orpo: a preference loss over
-    # preference pairs (models/objectives.py; the training loop does not run these yet)
+    # preference pairs (models/objectives.py), refused by validation while no engine runs it
     objective: str = "lm"
 
 

@@ -98,8 +98,8 @@ def shardforge_sums(batch: Batch, algorithm: str = "bfd") -> tuple[torch.Tensor,
             token_logps = torch.log_softmax(batch.logits[batch.row_of(q), :n - 1], -1).gather(-1, labels[:, None])[:, 0]
             values = values.index_copy(0, torch.arange(at, at + n - 1), token_logps)
             at += n
-    sequence_ids = torch.tensor(owner)[segment_ids(torch.tensor(bounds), len(rows) * ROW)]
-    sequence_ids[sequence_ids < 0] = -1
+    # segment -> sequence; the appended -1 also maps segment_ids' -1 (tokens past the last bound) to none
+    sequence_ids = torch.tensor(owner + [-1])[segment_ids(torch.tensor(bounds), len(rows) * ROW)]
     return sequence_sums(values, torch.cat(loss_mask), sequence_ids, len(batch.ids))
 
 

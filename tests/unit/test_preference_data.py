@@ -56,15 +56,17 @@ def test_standard_shape_is_plain_text_with_eos(sp_model):
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     tok = load_tokenizer(sp_model)
     pair = encode_pair(tok, check_record(STANDARD))
-    for ids, mask, response in ((pair.chosen_ids, pair.chosen_mask, "12345"),
-                                (pair.rejected_ids, pair.rejected_mask, "lazy dog.")):
-        # Independent: the raw sentencepiece processor on prompt + response, then EOS.
+    # Hand-checked pieces: the prompt's trailing space is its own piece and stays in the prompt;
+    # digits are split; every response piece and the EOS after it are targets, nothing else.
+    targets = {"chosen": ["1", "2", "3", "4", "5", "</s>"],
+               "rejected": ["l", "a", "z", "y", "▁", "d", "o", "g", ".", "</s>"]}
+    for side, response in (("chosen", "12345"), ("rejected", "lazy dog.")):
+        ids, mask = getattr(pair, f"{side}_ids"), getattr(pair, f"{side}_mask")
+        # Independent: the raw sentencepiece processor on prompt + response as one text, then EOS.
         assert ids.tolist() == sp.encode(STANDARD["prompt"] + response) + [sp.eos_id()]
-        assert runs(mask) == [(len(ids) - len(sp.encode(response)) - 1, len(ids))]  # the response and EOS only
-        assert sp.decode(ids[mask == 1].tolist()[:-1]).strip() == response
-        assert sp.decode(ids[mask == 0].tolist()) == STANDARD["prompt"].rstrip()
-    # split_digits: "12345" is five pieces, all targets, then EOS
-    assert pair.chosen_mask.sum() == 6 and pair.chosen_ids[-1] == sp.eos_id()
+        assert runs(mask) == [(len(ids) - len(targets[side]), len(ids))]
+        assert [sp.id_to_piece(int(i)) for i in ids[mask == 1]] == targets[side]
+        assert [sp.id_to_piece(int(i)) for i in ids[mask == 0]][-2:] == [":", "▁"]
 
 
 def test_conversational_and_messages_shapes_mask_only_the_final_response(sp_model):
