@@ -39,11 +39,13 @@ class TrainData:
     micro batches of that step; `step_stats(step=, global_batch_size=)` -> that step's data metrics
     over its whole global batch (padding fraction ...), {} where there are none; `tokenizer` the data's tokenizer,
     saved with every checkpoint; `valid`, when the run evaluates, the validation batches in the same
-    form (step = eval batch)."""
+    form (step = eval batch); `preference`, under a preference objective, the pairs' batcher
+    (launcher/data/preference_batches.py), which DPO's reference log-probs are attached to."""
     batches: Callable[..., list[dict[str, Any]]]
     step_stats: Callable[..., dict[str, float]] = _no_stats
     tokenizer: Tokenizer | None = None
     valid: Callable[..., list[dict[str, Any]]] | None = None
+    preference: Any = None
 
 
 def evaluate(engine: Engine, valid: Callable[..., list[dict[str, Any]]], *, iters: int, micro_batch_size: int,
@@ -91,10 +93,12 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
             "step": done, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
             "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
             "step_time_s": elapsed,
-            # tokens that carry a loss (excludes padding, document ends, SFT prompts)
+            # tokens that carry a loss (excludes padding, document ends, SFT prompts); under a
+            # preference objective the loss is a mean over pairs, and this counts the pairs
             "loss_tokens": result.num_tokens, "loss_tokens_per_s": result.num_tokens / elapsed,
             **data.step_stats(step=done - 1, global_batch_size=t.global_batch_size),
             **result.moe,
+            **result.metrics,
         }
         if peak is not None:
             record["mfu"] = flops_per_token * tokens_per_step / elapsed / (peak * dist.get_world_size())

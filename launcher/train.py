@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from launcher.data.tokenizer import Tokenizer
     from launcher.data.training_data import TrainingData
     from launcher.loop import TrainData
+    from parallel.preference_loss import ObjectiveConfig
 
 # megatron-core warns at import that TransformerEngine/apex are absent; the torch backend is the
 # supported path without them, so these lines are noise on every run.
@@ -62,6 +63,8 @@ def build_data(cfg: JobConfig) -> TrainData:
 
     d = cfg.data
     prefixes, tokenizer, source_seeds = _sources(cfg)
+    if cfg.train.objective != "lm":
+        return _preference_data(cfg, prefixes[0], tokenizer)
     train_part, valid_part = validation_bookends(cfg)
     stream = _stream(cfg, prefixes, tokenizer, source_seeds, train_part, "data")
     valid = None
@@ -69,6 +72,50 @@ def build_data(cfg: JobConfig) -> TrainData:
         valid = build_eval_data(cfg, (prefixes, tokenizer, source_seeds))
     return TrainData(stream.microbatches, stream.step_stats, tokenizer,
                      valid.microbatches if valid is not None else None)
+
+
+def _preference_data(cfg: JobConfig, prefix: str, tokenizer: Tokenizer) -> TrainData:
+    """Whole pairs of a preference dataset per micro batch (launcher/data/preference_batches.py)."""
+    from launcher.data.indexed import IndexedDataset
+    from launcher.data.preference import PreferencePairs
+    from launcher.data.preference_batches import PreferenceBatches
+    from launcher.data.tokenizer import fill_id
+    from launcher.loop import TrainData
+
+    try:
+        pairs = PreferencePairs(IndexedDataset(prefix), cfg.train.seq_length)
+    except ValueError as err:
+        raise ConfigError("data.prefixes", str(err)) from err
+    if int(pairs.dataset.tokens.max(initial=0)) >= tokenizer.vocab_size:
+        raise ConfigError("data.prefixes", f"{prefix} holds token ids outside tokenizer {tokenizer.path}'s "
+                                           f"vocabulary of {tokenizer.vocab_size}")
+    batches = PreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer))
+    return TrainData(batches.microbatches, batches.step_stats, tokenizer, None, preference=batches)
+
+
+def objective_config(cfg: JobConfig) -> ObjectiveConfig:
+    """train.objective and its keys as the engine's typed objective."""
+    from parallel.preference_loss import ObjectiveConfig
+
+    name = cfg.train.objective
+    if name == "dpo":
+        d = cfg.dpo
+        return ObjectiveConfig(name, beta=d.beta, dpo_loss=d.loss, label_smoothing=d.label_smoothing,
+                               sft_weight=d.sft_weight)
+    if name == "simpo":
+        s = cfg.simpo
+        return ObjectiveConfig(name, beta=s.beta, gamma=s.gamma, label_smoothing=s.label_smoothing,
+                               sft_weight=s.sft_weight)
+    if name == "orpo":
+        return ObjectiveConfig(name, beta=cfg.orpo.beta)
+    return ObjectiveConfig(name)
+
+
+def reference_file(cfg: JobConfig) -> Path:
+    """Where a dpo.reference=precomputed run keeps its reference log-probs (launcher/data/reference_logps.py)."""
+    from launcher.data.reference_logps import reference_path
+
+    return reference_path(cfg.run.dir, cfg.data.prefixes[0], cfg.train.seq_length)
 
 
 def build_eval_data(cfg: JobConfig, sources: tuple[list[str], Tokenizer, list[int] | None] | None = None
@@ -194,7 +241,8 @@ def build_engine(cfg: JobConfig, args: ModelArgs, layout: Layout, device: torch.
                           overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                           compile=cfg.train.compile,
                           cuda_graph=graphed, fp8=fp8,
-                          keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
+                          keep_saved_schedule=cfg.checkpoint.keep_saved_schedule,
+                          objective=objective_config(cfg))
 
 
 
@@ -226,6 +274,10 @@ def run(composed: DictConfig) -> None:
         prepare_run_dir(cfg, params_dtype)
 
     data = build_data(cfg)
+    reference = reference_file(cfg) if cfg.train.objective == "dpo" else None
+    if reference is not None and resolved.start_step > 0 and not reference.is_file():
+        raise ConfigError("dpo.reference", f"resuming at step {resolved.start_step} needs {reference}, which this "
+                                           f"run's start computes from its initial weights; it is missing")
 
     from launcher import checkpoint
     from launcher.loop import train
@@ -239,6 +291,11 @@ def run(composed: DictConfig) -> None:
     try:
         engine = build_engine(cfg, args, layout, device, graphed=graphed)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
+        if reference is not None:
+            from launcher import preference_reference
+
+            preference_reference.attach(engine, data.preference, reference,  # type: ignore[arg-type]
+                                        micro_batch_size=cfg.train.micro_batch_size, fresh_start=start_step == 0)
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())
             print(f"shardforge: model={args.name} layout[{layout}] device={device.type} dtype={params_dtype} "

@@ -82,14 +82,16 @@ class HostCopy:
 
 
 class StepResult:
-    """One optimizer step's loss sum (of the global batch, on every rank), loss tokens and grad norm.
+    """One optimizer step's loss sum (of the global batch, on every rank), loss tokens (pairs under a
+    preference objective) and grad norm, and the objective's own metrics.
 
     On GPU they are still being computed when `train_step` returns: read on first use through a
     HostCopy, so the loop can queue the next step before it looks at this one's numbers."""
 
-    def __init__(self, values: torch.Tensor, lr: float, moe: dict[str, float] | None = None):
-        # values: float64 [loss_sum, num_tokens, grad_norm], on any device
-        self.lr, self.moe = lr, moe or {}
+    def __init__(self, values: torch.Tensor, lr: float, moe: dict[str, float] | None = None,
+                 metric_names: tuple[str, ...] = ()):
+        # values: float64 [loss_sum, num_tokens, grad_norm, *metrics named by metric_names], on any device
+        self.lr, self.moe, self.metric_names = lr, moe or {}, metric_names
         self._copy = HostCopy(values.to(torch.float64))
         self._values: list[float] | None = None
 
@@ -109,6 +111,11 @@ class StepResult:
     @property
     def grad_norm(self) -> float:
         return self._get(2)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The objective's own step metrics (a preference objective's rewards and log-probs), by name."""
+        return {name: self._get(3 + i) for i, name in enumerate(self.metric_names)}
 
     @property
     def loss(self) -> float:

@@ -3,7 +3,8 @@
 One optimizer step = `get_forward_backward_func()` over this DP rank's micro batches (1F1B,
 interleaved 1F1B with virtual stages, or no pipelining), then the distributed optimizer's
 step. Loss is token-weighted over the whole global batch (`calculate_per_token_loss`), so
-every layout and micro-batching optimizes the same objective.
+every layout and micro-batching optimizes the same objective. A preference objective
+(parallel/preference_loss.py) weights by pairs instead, through the same mechanism.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import asdict
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,8 @@ from parallel.engine import StepResult, context_parallel_split, prepare_batch
 from parallel.fused_adam import as_megatron_adam, precision_aware
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import load_schedule, lr_scheduler
+from parallel.preference_loss import (PREFERENCE_METRICS, REPORT_KEY, ObjectiveConfig, logps_loss_func,
+                                      preference_loss_func)
 from parallel import megatron_state
 from parallel import compat
 
@@ -88,14 +91,19 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
 
 
-def _forward_step(device: torch.device, data_iterator, model):
+def _lm_loss(batch: dict[str, Any]):
+    return partial(_loss_func, batch["loss_mask"])
+
+
+def _forward_step(device: torch.device, loss_for: Callable[[dict[str, Any]], Callable], data_iterator, model):
+    """One micro batch through this stage; `loss_for(batch)` is the last stage's loss function of it."""
     batch, packed = prepare_batch(next(data_iterator), device)
     # this CP rank's two chunks of each row or packed document (all of it at cp=1)
     batch, packed = context_parallel_split(batch, packed)
     # Last stage returns per-token losses; earlier stages their hidden states.
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
                    packed_seq_params=packed)
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, loss_for(batch)
 
 
 def use_fused_adamw(optimizer) -> None:
@@ -115,8 +123,11 @@ class MegatronEngine:
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
-                 fp8: bool = False, cp_mode: str = "ring", keep_saved_schedule: bool = False):
+                 fp8: bool = False, cp_mode: str = "ring", keep_saved_schedule: bool = False,
+                 objective: ObjectiveConfig = ObjectiveConfig()):
         self.args, self.layout, self.device = args, layout, device
+        self.objective = objective
+        self._train_loss = self._preference_loss if objective.preference else _lm_loss
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         # models/kernel_provider.py picks every module class of the model from these
         kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8, cp_mode=cp_mode)
@@ -183,6 +194,9 @@ class MegatronEngine:
             compat.set_moe_aux_loss_factor(self.config)
             self.moe_stats = MoEStats([c.module for c in self.chunks], args, device)
 
+    def _preference_loss(self, batch: dict[str, Any]) -> Callable:
+        return partial(preference_loss_func, self.objective, batch)
+
     def num_parameters(self) -> int:
         """Parameters held by this rank (its TP/PP shard)."""
         return sum(p.numel() for c in self.chunks for p in c.parameters())
@@ -196,7 +210,7 @@ class MegatronEngine:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self._schedule(self._forward_backward, microbatches, forward_only=False)
+        reports = self._schedule(self._forward_backward, microbatches, forward_only=False, loss_for=self._train_loss)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)
         if self.grad_scaling is not None:
@@ -208,7 +222,27 @@ class MegatronEngine:
         norm = (grad_norm.to(loss_sum) if torch.is_tensor(grad_norm)  # (a fill, not a host-to-device copy)
                 else torch.full((), grad_norm or 0.0, dtype=torch.float64, device=loss_sum.device))
         values = torch.stack([loss_sum, num_tokens, norm])
-        return StepResult(values, lr=self.optimizer.param_groups[0]["lr"], moe=moe)
+        names: tuple[str, ...] = ()
+        if self.objective.preference:  # the step's preference metrics: means over its pairs
+            values = torch.cat([values, self._global_sums(reports, REPORT_KEY, len(PREFERENCE_METRICS)) / num_tokens])
+            names = PREFERENCE_METRICS
+        return StepResult(values, lr=self.optimizer.param_groups[0]["lr"], moe=moe, metric_names=names)
+
+    @torch.no_grad()
+    def sequence_logps(self, microbatches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """Forward only, in eval mode: each row's summed target log-probs, rows of the micro batches in
+        order, on the last pipeline stage (None elsewhere). Collective over the model-parallel group."""
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            reports = self._schedule(self._forward_only, microbatches, forward_only=True,
+                                     loss_for=lambda batch: partial(logps_loss_func, batch))
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        return torch.cat([r["logps"] for r in reports])
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
@@ -225,7 +259,8 @@ class MegatronEngine:
         loss_sum, num_tokens = self._global_loss(reports)
         return loss_sum.item(), int(num_tokens.item())
 
-    def _schedule(self, schedule, microbatches: list[dict[str, torch.Tensor]], *, forward_only: bool) -> list:
+    def _schedule(self, schedule, microbatches: list[dict[str, torch.Tensor]], *, forward_only: bool,
+                  loss_for: Callable[[dict[str, Any]], Callable] = _lm_loss) -> list:
         """One pass of a megatron-core schedule over this rank's micro batches; the last stage's reports."""
         # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
         data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
@@ -233,20 +268,26 @@ class MegatronEngine:
         # micro batch is one THD stream.
         packed = "cu_seqlens" in microbatches[0]
         seq_length = self.seq_length
-        return schedule(forward_step_func=partial(_forward_step, self.device), data_iterator=data, model=self.chunks,
+        return schedule(forward_step_func=partial(_forward_step, self.device, loss_for), data_iterator=data,
+                        model=self.chunks,
                         num_microbatches=len(microbatches),
                         seq_length=seq_length * self.micro_batch_size if packed else seq_length,
                         micro_batch_size=1 if packed else self.micro_batch_size, forward_only=forward_only)
 
     def _global_loss(self, reports: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        totals = self._global_sums(reports, "lm loss", 2)
+        return totals[0], totals[1]
+
+    def _global_sums(self, reports: list[dict[str, torch.Tensor]], key: str, size: int) -> torch.Tensor:
+        """The micro batches' `key` reports summed over the global batch, on every rank (collective)."""
         # Loss lives on the last pipeline stage; count it once per DP replica (TP rank 0) and
         # sum over the whole world so every rank, rank 0 included, knows the global loss.
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(size, dtype=torch.float64, device=self.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
             for report in reports:
-                totals += report["lm loss"].to(totals)
+                totals += report[key].to(totals)
         dist.all_reduce(totals)
-        return totals[0], totals[1]
+        return totals
 
     def model_sharded_state_dict(self) -> dict[str, Any]:
         """'model' (or 'model0', 'model1', ... per virtual pipeline chunk) -> sharded state dict."""

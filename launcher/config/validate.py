@@ -147,7 +147,8 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     if t.compile and moe:
         raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
                                            "(MoE routing sends a data-dependent number of tokens to each expert)")
-    graphed = _check_cuda_graph(c, device_type, world_size)
+    # (auto leaves a preference objective's steps uncaptured: its micro batches carry per-step scalars)
+    graphed = _check_cuda_graph(c, device_type, world_size) and t.objective == "lm"
     _check_precision_aware(c, device_type)
     if c.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {c.logging.wandb.mode!r}")
@@ -185,8 +186,8 @@ def _positive(key: str, value: Any) -> int:
 
 
 def _check_objective(c: JobConfig) -> None:
-    """train.objective and the keys of the preference objectives (dpo.*, simpo.*, orpo.*).
-    The training loop runs only the lm objective so far: a preference objective is refused."""
+    """train.objective and the keys of the preference objectives (dpo.*, simpo.*, orpo.*), and the
+    layouts a preference objective runs in (`_check_preference_run`)."""
     objective = c.train.objective
     if objective not in OBJECTIVES:
         raise ConfigError("train.objective", f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -210,9 +211,36 @@ def _check_objective(c: JobConfig) -> None:
         if not value >= 0:
             raise ConfigError(key, f"must be >= 0, got {value!r}")
     if objective != "lm":
-        raise ConfigError("train.objective", f"{objective} is not run by the training loop yet (its data, "
-                                             f"launcher.preprocess format=preference, and loss, models/objectives.py, "
-                                             f"exist; the engines do not call them); use train.objective=lm")
+        _check_preference_run(c)
+
+
+def _check_preference_run(c: JobConfig) -> None:
+    """A preference objective trains on the megatron engine, pp=1, cp=1, dense models, unpacked rows of
+    whole pairs from one preference dataset, without evaluation; DPO from a precomputed reference."""
+    p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
+    refusals = (("parallel.engine", p.engine != "megatron", f"engine={p.engine}"),
+                ("parallel.pp", p.pp != 1 or (p.vpp or 1) != 1, f"pp={p.pp}"),
+                ("parallel.cp", p.cp != 1, f"cp={p.cp}"),
+                ("parallel.ep", p.ep != 1 or c.model.num_experts is not None, "a mixture-of-experts model"),
+                ("data.packing", bool(d.packing or d.reset_attention_mask), "packed rows"),
+                ("train.cuda_graph", t.cuda_graph is True, "cuda_graph=true"),
+                ("dpo.reference", objective == "dpo" and c.dpo.reference != "precomputed",
+                 f"dpo.reference={c.dpo.reference}"))
+    for key, refused, what in refusals:
+        if refused:
+            raise ConfigError(key, f"train.objective={objective} does not run with {what} yet")
+    if d.name == "stdlib_docs" or len(getattr(d, "prefixes", []) or []) != 1:
+        raise ConfigError("data.prefixes", f"train.objective={objective} trains on one preference dataset "
+                                           f"(data=indexed data.prefixes=[<prefix>], from launcher.preprocess "
+                                           f"format=preference)")
+    if d.split is not None or d.valid_prefixes:
+        key = "data.split" if d.split is not None else "data.valid_prefixes"
+        raise ConfigError(key, f"train.objective={objective} has no validation loss yet: drop {key}")
+    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size",
+                                                                        t.global_batch_size)):
+        if value % 2:
+            raise ConfigError(key, f"{value} must be even under train.objective={objective} (rows come in pairs: "
+                                   f"chosen, rejected)")
 
 
 def _check_context_parallel(c: JobConfig) -> None:

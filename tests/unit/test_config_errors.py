@@ -31,6 +31,7 @@ def error_of(overrides: list[str], *, world_size: int = 1, device_type: str = "c
     return err.value
 
 
+PREF = ["data=indexed", "data.prefixes=[pairs]", "data.tokenizer=tok.model"]  # a preference dataset's keys
 CASES = [
     # overrides, key named in the error, words of its reason
     (["parallel.tp=3"], "parallel.tp", "must divide model.num_attention_heads=8"),
@@ -110,10 +111,21 @@ CASES = [
     (["data.split=abc"], "data.split", "train,valid[,test] weights"),
     (["data.split=0/2"], "data.split", "no training documents"),
     (["data.split=98/2", "data.valid_prefixes=[x]"], "data.valid_prefixes", "either data.split or"),
-    # preference objectives: their keys are checked, then the objective is refused (no engine runs it yet)
-    (["train.objective=dpo"], "train.objective", "dpo is not run by the training loop yet"),
-    (["train.objective=simpo", "simpo.gamma=0.5"], "train.objective", "simpo is not run by the training loop yet"),
-    (["train.objective=orpo"], "train.objective", "use train.objective=lm"),
+    # preference objectives: their keys, then the layouts they run in (megatron, pp=1, cp=1, dense,
+    # unpacked, one preference dataset, no validation, DPO from a precomputed reference)
+    (["train.objective=dpo"], "data.prefixes", "train.objective=dpo trains on one preference dataset"),
+    ([*PREF, "train.objective=simpo", "parallel.engine=deepspeed"], "parallel.engine",
+     "train.objective=simpo does not run with engine=deepspeed yet"),
+    ([*PREF, "train.objective=orpo", "parallel.pp=2"], "parallel.pp", "does not run with pp=2 yet"),
+    ([*PREF, "train.objective=dpo", "parallel.cp=2"], "parallel.cp", "does not run with cp=2 yet"),
+    ([*PREF, "train.objective=dpo", "model=mixtral_tiny"], "parallel.ep", "does not run with a mixture-of-experts"),
+    ([*PREF, "train.objective=dpo", "data.packing=true"], "data.packing", "does not run with packed rows yet"),
+    ([*PREF, "train.objective=dpo", "dpo.reference=live"], "dpo.reference",
+     "does not run with dpo.reference=live yet"),
+    ([*PREF, "train.objective=dpo", "data.prefixes=[a,b]"], "data.prefixes", "one preference dataset"),
+    ([*PREF, "train.objective=dpo", "data.split=98/2"], "data.split", "has no validation loss yet"),
+    ([*PREF, "train.objective=orpo", "train.micro_batch_size=3", "train.global_batch_size=6"],
+     "train.micro_batch_size", "must be even"),
     (["train.objective=ppo"], "train.objective", "must be one of lm, dpo, simpo, orpo, got 'ppo'"),
     (["train.objective=dpo", "dpo.loss=kto"], "dpo.loss", "must be one of sigmoid, robust, hinge, ipo"),
     (["dpo.reference=cached"], "dpo.reference", "must be one of precomputed, live"),

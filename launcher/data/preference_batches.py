@@ -1,0 +1,96 @@
+"""Preference pairs as training micro batches: whole pairs, one sequence per row.
+
+The pairs of a preference dataset (launcher/data/preference.py) are read in a seeded order,
+reshuffled each epoch. Step s's global batch is pairs [s·P, (s+1)·P) of that order, with
+P = global_batch_size / 2 (train.global_batch_size counts rows, two per pair); DP rank r takes
+its contiguous share and cuts it into micro batches of micro_batch_size / 2 pairs. Row 2i of a
+micro batch is its pair i's chosen side, row 2i + 1 the rejected side, so every loss term of a
+pair is computed inside one micro batch.
+
+Besides the LM micro-batch keys (tokens, labels, loss_mask, position_ids: launcher/data/packing.py's
+`collate`, unpacked), each micro batch carries what the preference loss needs to normalise over
+the global batch without another collective: `pair_index` (the pairs' dataset indices), `pairs_global`
+(P) and `chosen_tokens_global` (target tokens of every chosen side in the global batch), and, once a
+reference is attached, `reference_logps` (the frozen reference's summed log-probs per row).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from launcher.data.packing import build_row, check_batch_shapes, collate
+from launcher.data.preference import PreferencePairs
+
+
+def check_pair_batch_shapes(dp_size: int, micro_batch_size: int, global_batch_size: int) -> None:
+    """Rows come in pairs: both batch sizes even, the global batch a whole number of micro batches per DP rank."""
+    if micro_batch_size % 2 or global_batch_size % 2:
+        raise ValueError(f"micro_batch_size {micro_batch_size} and global_batch_size {global_batch_size} must be "
+                         f"even (a chosen and a rejected row per pair)")
+    check_batch_shapes(0, dp_size, micro_batch_size, global_batch_size)
+
+
+class PreferenceBatches:
+    """Micro batches of whole pairs (layout in the module docstring); a pure function of (seed, step)."""
+
+    def __init__(self, pairs: PreferencePairs, seq_length: int, seed: int, pad_id: int) -> None:
+        self.pairs, self.seq_length, self.seed, self.pad_id = pairs, seq_length, seed, pad_id
+        self.reference: np.ndarray | None = None  # [pairs, 2] float64: chosen, rejected (attach_reference)
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+        # target tokens of each pair's chosen side (a target is predicted from the token before it)
+        self.chosen_targets = np.array([int(pairs.dataset.mask(2 * int(d))[1:].sum()) for d in pairs.indices],
+                                       dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def attach_reference(self, reference: np.ndarray) -> None:
+        """The reference's summed log-probs per pair ([pairs, 2]), read into every later micro batch."""
+        if reference.shape != (len(self.pairs), 2):
+            raise ValueError(f"reference log-probs of shape {reference.shape} for {len(self.pairs)} pairs")
+        self.reference = reference
+
+    def pair_at(self, i: int) -> int:
+        """The dataset pair index of position `i` of the read order."""
+        epoch, position = divmod(int(i), len(self.pairs))
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+            self._perm_epoch = epoch
+        return int(self._perm[position])
+
+    def collate_pairs(self, pair_indices: list[int]) -> dict[str, torch.Tensor | int]:
+        """One micro batch of the given pairs (rows 2i, 2i + 1: pair i's chosen and rejected sides)."""
+        rows = []
+        for k in pair_indices:
+            pair = self.pairs.pair(k)
+            rows.append(build_row([(pair.chosen_ids, pair.chosen_mask)], self.seq_length, self.pad_id))
+            rows.append(build_row([(pair.rejected_ids, pair.rejected_mask)], self.seq_length, self.pad_id))
+        batch = collate(rows, packed=False)
+        batch["pair_index"] = torch.tensor(pair_indices, dtype=torch.int64)
+        if self.reference is not None:
+            batch["reference_logps"] = torch.from_numpy(self.reference[pair_indices].reshape(-1).copy())
+        return batch
+
+    def microbatches(self, *, step: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                     global_batch_size: int) -> list[dict[str, torch.Tensor | int]]:
+        """This DP rank's micro batches of step `step` (TrainData.batches' contract)."""
+        check_pair_batch_shapes(dp_size, micro_batch_size, global_batch_size)
+        pairs_global, per_mb = global_batch_size // 2, micro_batch_size // 2
+        order = [self.pair_at(step * pairs_global + j) for j in range(pairs_global)]
+        chosen_tokens = int(self.chosen_targets[order].sum())
+        per_rank = pairs_global // dp_size
+        mine = order[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        batches = []
+        for start in range(0, per_rank, per_mb):
+            batch = self.collate_pairs(mine[start:start + per_mb])
+            batch["pairs_global"], batch["chosen_tokens_global"] = pairs_global, chosen_tokens
+            batches.append(batch)
+        return batches
+
+    def step_stats(self, *, step: int, global_batch_size: int) -> dict[str, float]:
+        """Padding of step `step`'s global batch: the share of its row tokens that are padding."""
+        pairs_global = global_batch_size // 2
+        order = [self.pair_at(step * pairs_global + j) for j in range(pairs_global)]
+        real = int(self.pairs.lengths[order].sum())
+        return {"padding_fraction": 1 - real / (global_batch_size * self.seq_length)}

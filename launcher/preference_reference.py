@@ -1,0 +1,52 @@
+"""DPO's precomputed reference: one forward pass over every usable pair with the run's initial weights.
+
+At a fresh start the pass runs after the engine is built (and a model-only checkpoint loaded),
+before the first step: DP rank r takes micro batches r, r + dp, ... of the pairs in dataset
+order, the last pipeline stage's TP rank 0 of each replica puts its rows' summed log-probs in
+place, a sum over all ranks gives every rank the whole table, and rank 0 writes it
+(launcher/data/reference_logps.py). A resumed run reads the table the run's start wrote: its
+weights are no longer the initial ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from launcher.data import reference_logps
+from launcher.data.preference_batches import PreferenceBatches
+from parallel.megatron_engine import MegatronEngine
+
+
+def compute(engine: MegatronEngine, batches: PreferenceBatches, micro_batch_size: int) -> np.ndarray:
+    """Every usable pair's (chosen, rejected) summed response log-probs under the engine's weights,
+    [pairs, 2] float64 on every rank (collective)."""
+    n, per_mb = len(batches), micro_batch_size // 2
+    table = torch.zeros(n, 2, dtype=torch.float64, device=engine.device)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    reports = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    for start in list(range(0, n, per_mb))[dp_rank::dp_size]:
+        stop = min(start + per_mb, n)
+        logps = engine.sequence_logps([batches.collate_pairs(list(range(start, stop)))])
+        if reports and logps is not None:
+            table[start:stop] = logps.to(table).reshape(-1, 2)
+    dist.all_reduce(table)
+    return table.cpu().numpy()
+
+
+def attach(engine: MegatronEngine, batches: PreferenceBatches, path: Path, *, micro_batch_size: int,
+           fresh_start: bool) -> None:
+    """Give `batches` the reference log-probs: computed and written to `path` at a fresh start, read
+    from it on a resume (collective)."""
+    if fresh_start:
+        table = compute(engine, batches, micro_batch_size)
+        if dist.get_rank() == 0:
+            reference_logps.save(path, table)
+            print(f"dpo: reference log-probs of {len(batches)} pairs -> {path}", flush=True)
+        dist.barrier()
+    else:
+        table = reference_logps.load(path, len(batches))
+    batches.attach_reference(table)
