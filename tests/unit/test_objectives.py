@@ -11,7 +11,6 @@ side goes the way an engine will: per-token log-probs laid out in rows by the pr
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,45 +20,15 @@ import torch
 from launcher.data.packing import build_row, pack
 from models.objectives import dpo_loss, orpo_loss, segment_ids, sequence_sums, simpo_loss, split_pairs
 
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+pytest.importorskip("trl")
+from trl_oracle import (Batch, StubAccelerator, logits_model, side_batch, trl_cpo, trl_dpo_loss,  # noqa: E402
+                        trl_orpo, trl_orpo_loss, trl_simpo_loss, trl_stub, trl_token_logps)
 
 VOCAB, ROW = 11, 40
 RTOL = 1e-5  # relative, fp32
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 worst: dict[str, float] = defaultdict(float)  # largest relative difference seen per quantity (printed at the end)
-
-
-@dataclass
-class Batch:
-    """Pairs of (prompt + response) token ids with response masks, and leaf logits [2B, L, V] in TRL's
-    order (chosen of pairs 0..B-1, then their rejected sides)."""
-    ids: list[np.ndarray]  # dataset order: sequence 2k chosen, 2k + 1 rejected
-    masks: list[np.ndarray]
-    logits: torch.Tensor
-    reference: torch.Tensor  # [2B] a reference model's summed log-probs, dataset order
-
-    @property
-    def pairs(self) -> int:
-        return len(self.ids) // 2
-
-    def row_of(self, q: int) -> int:
-        return q // 2 if q % 2 == 0 else self.pairs + q // 2
-
-    def trl_tensors(self, side: int | None = None) -> dict[str, torch.Tensor]:
-        """input_ids / attention_mask / completion_mask, right-padded, in TRL's order (side 0/1: one side)."""
-        qs = [q for q in [*range(0, 2 * self.pairs, 2), *range(1, 2 * self.pairs, 2)] if side is None or q % 2 == side]
-        width = self.logits.shape[1]
-        out = {k: torch.zeros(len(qs), width, dtype=torch.long) for k in ("input_ids", "attention_mask",
-                                                                           "completion_mask")}
-        for i, q in enumerate(qs):
-            n = len(self.ids[q])
-            out["input_ids"][i, :n] = torch.from_numpy(self.ids[q])
-            out["attention_mask"][i, :n] = 1
-            out["completion_mask"][i, :n] = torch.from_numpy(self.masks[q].astype(np.int64))
-        return out
 
 
 def make_batch(seed: int, pairs: int = 5, prompt_lengths: tuple[int, int] = (1, 7)) -> Batch:
@@ -101,84 +70,6 @@ def shardforge_sums(batch: Batch, algorithm: str = "bfd") -> tuple[torch.Tensor,
     # segment -> sequence; the appended -1 also maps segment_ids' -1 (tokens past the last bound) to none
     sequence_ids = torch.tensor(owner + [-1])[segment_ids(torch.tensor(bounds), len(rows) * ROW)]
     return sequence_sums(values, torch.cat(loss_mask), sequence_ids, len(batch.ids))
-
-
-def trl_token_logps(batch: Batch) -> torch.Tensor:
-    """What TRL's fused LM head returns: log-prob of token j + 1 at j, zero outside the completion."""
-    t = batch.trl_tensors()
-    logps = torch.log_softmax(batch.logits[:, :-1], -1).gather(-1, t["input_ids"][:, 1:, None])[..., 0]
-    return logps.masked_fill(t["completion_mask"][:, 1:] == 0, 0.0)
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-
-    @staticmethod
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    gather_for_metrics = gather
-
-
-def trl_dpo_loss(batch: Batch, *, beta: float, loss_types: list[str], loss_weights: list[float],
-                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """TRL's DPOTrainer._compute_loss on this batch (precomputed reference log-probs)."""
-    t = batch.trl_tensors()
-    log_probs = trl_token_logps(batch)
-    zeros = torch.zeros_like(log_probs)
-    outputs = SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", beta=beta, loss_types=loss_types,
-        loss_weights=loss_weights, label_smoothing=label_smoothing, use_weighting=False,
-        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1, args=SimpleNamespace())
-    chosen_ref, rejected_ref = split_pairs(batch.reference)
-    inputs = {**t, "ref_chosen_logps": chosen_ref, "ref_rejected_logps": rejected_ref}
-    loss = trl_dpo.DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
-    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
-
-
-def _side_batch(batch: Batch) -> dict[str, torch.Tensor]:
-    """chosen_*/rejected_* input ids, attention masks and labels (-100 outside the response), as the
-    CPO/ORPO collators give them."""
-    out = {}
-    for side, name in enumerate(("chosen", "rejected")):
-        t = batch.trl_tensors(side)
-        out[f"{name}_input_ids"] = t["input_ids"]
-        out[f"{name}_attention_mask"] = t["attention_mask"]
-        out[f"{name}_labels"] = t["input_ids"].masked_fill(t["completion_mask"] == 0, -100)
-    return out
-
-
-def _trl_stub(cls: type, **attrs) -> SimpleNamespace:
-    stub = SimpleNamespace(accelerator=_Accelerator(), is_encoder_decoder=False, pad_token_id=0, padding_value=0,
-                           aux_loss_enabled=False,
-                           concatenated_inputs=cls.concatenated_inputs, get_batch_logps=cls.get_batch_logps, **attrs)
-    stub.concatenated_forward = lambda model, batch: cls.concatenated_forward(stub, model, batch)
-    return stub
-
-
-def _logits_model(batch: Batch):
-    return lambda input_ids, attention_mask=None, use_cache=False, **kw: SimpleNamespace(logits=batch.logits)
-
-
-def trl_simpo_loss(batch: Batch, *, beta: float, gamma: float, label_smoothing: float,
-                   sft_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """TRL's CPOTrainer.get_batch_loss_metrics with loss_type=simpo (cpo_alpha: the NLL weight)."""
-    cls = trl_cpo.CPOTrainer
-    stub = _trl_stub(cls, loss_type="simpo", beta=beta, simpo_gamma=gamma, label_smoothing=label_smoothing,
-                     cpo_alpha=sft_weight, alpha=0.0)
-    stub.cpo_loss = lambda c, r: cls.cpo_loss(stub, c, r)
-    return cls.get_batch_loss_metrics(stub, _logits_model(batch), _side_batch(batch))
-
-
-def trl_orpo_loss(batch: Batch, *, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """TRL's ORPOTrainer.get_batch_loss_metrics."""
-    cls = trl_orpo.ORPOTrainer
-    stub = _trl_stub(cls, beta=beta)
-    stub.odds_ratio_loss = lambda c, r: cls.odds_ratio_loss(stub, c, r)
-    loss, metrics = cls.get_batch_loss_metrics(stub, _logits_model(batch), _side_batch(batch))
-    return loss, {k: float(v) for k, v in metrics.items()}
 
 
 def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
@@ -241,7 +132,7 @@ def test_conservative_dpo_matches_trl_cpo_sigmoid():
     sequence_logps = trl_token_logps(batch).sum(1)  # DPOTrainer's own per-sequence sum (TRL's order)
     ratios = sequence_logps - torch.cat(split_pairs(batch.reference))
     stub = SimpleNamespace(alpha=0.0, loss_type="sigmoid", beta=beta, label_smoothing=smoothing,
-                           accelerator=_Accelerator())
+                           accelerator=StubAccelerator())
     trl_losses, _, _ = trl_cpo.CPOTrainer.cpo_loss(stub, *ratios.chunk(2))
     _, trl_metrics = trl_dpo_loss(batch, beta=beta, loss_types=["sigmoid"], loss_weights=[1.0])
     check_against("dpo-sigmoid-ls", ours, ours.loss, trl_losses.mean(), trl_metrics, batch)
@@ -295,8 +186,8 @@ def test_orpo_odds_ratio_term_matches_trl_with_longer_prompts():
 def _trl_orpo_nll(batch: Batch) -> torch.Tensor:
     """TRL ORPO's NLL graph: its concatenated_forward on the chosen sides (the fifth output)."""
     cls = trl_orpo.ORPOTrainer
-    stub = _trl_stub(cls, beta=0.1)
-    return cls.concatenated_forward(stub, _logits_model(batch), _side_batch(batch))[4]
+    stub = trl_stub(cls, beta=0.1)
+    return cls.concatenated_forward(stub, logits_model(batch), side_batch(batch))[4]
 
 
 def test_packed_rows_equal_padded_rows():
