@@ -1,8 +1,17 @@
 """Fine-tuning starts from an imported Hugging Face model: `checkpoint.load=<import_hf output>`
 loads the weights only (step 0) and the first step's loss equals transformers' loss on the
-same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`model=<its dir>`)."""
+same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`model=<its dir>`).
+
+Preference training from the same import, in the same launches: DPO (precomputed reference, with
+the RPO term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards,
+log-probs and gradient norm equal transformers' forward of the HF model through TRL's losses
+(tests/trl_oracle.py); DPO under tp=2 and dp=2 equals the single process over its steps."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -13,6 +22,51 @@ from conftest import FAST, REPO, read_metrics, run_many
 SHAPE = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
          "num_query_groups": 2, "vocab_size": 4096}
 OVERRIDES = [f"model.{k}={v}" for k, v in SHAPE.items()] + [*FAST, "train.steps=1", "checkpoint.final_save=false"]
+PREF_STEPS = 3
+# (run name, objective overrides, ranks, steps)
+PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 1, PREF_STEPS),
+                   ("simpo", ["train.objective=simpo", "simpo.beta=2.0", "simpo.gamma=0.5",
+                              "simpo.sft_weight=0.25"], 1, 1),
+                   ("orpo", ["train.objective=orpo", "orpo.beta=0.1"], 1, 1),
+                   ("dpo_tp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.tp=2"], 2,
+                    PREF_STEPS),
+                   ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS)]
+WORDS = ("the quick brown fox jumps over a lazy dog while numbers add up to twelve thousand and the function "
+         "returns a list of items sorted by key").split()
+
+
+def _default_tokenizer() -> Path:
+    """The tokenizer of the default corpus, whose vocabulary the test model's shape has."""
+    from launcher.data.pretrain import prepare_default_corpus
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=OVERRIDES)
+    return prepare_default_corpus(Path(cfg.data.cache_dir), cfg.data.tokenizer_vocab_size,
+                                  cfg.data.max_corpus_bytes)[0]
+
+
+def _preference_data(d: Path, tokenizer: Path) -> Path:
+    """A small preference dataset of plain-text pairs (launcher.preprocess format=preference, in-process)."""
+    from launcher.preprocess import Options, preprocess
+
+    rng = np.random.default_rng(0)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))
+
+    src = d / "pairs.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": f"Question {k}: {text(2, 12)}? ", "chosen": text(1, 14),
+                                         "rejected": text(1, 14)}) for k in range(12)))
+    options = Options(tokenizer=str(tokenizer), format="preference", text_key="text", messages_key="messages",
+                      chat_template="chatml", append_eod=True, add_bos=False, seq_length=128)
+    preprocess([src], d / "pairs", options)
+    return d / "pairs"
+
+
+def _preference_overrides(d: Path, tokenizer: Path, extra: list[str], steps: int) -> list[str]:
+    keep = [o for o in OVERRIDES if o != "train.steps=1"]
+    return ["launcher.train", *keep, f"train.steps={steps}", "data=indexed", f"data.prefixes=[{d / 'pairs'}]",
+            f"data.tokenizer={tokenizer}", f"checkpoint.load={d / 'ckpt'}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +87,17 @@ def trained(tmp_path_factory, cache_env):
         return ["launcher.train", *shape, *[o for o in OVERRIDES if not o.startswith("model.")], f"parallel.tp={tp}",
                 f"checkpoint.load={d / 'ckpt'}", f"run.dir={d / f'tp{tp}'}"]
 
-    _, tp1 = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"], train(1)])
-    [tp2] = run_many([train(2)], nproc=2)
-    return model, d, {"tp1": tp1, "tp2": tp2}
+    tokenizer = _default_tokenizer()
+    _preference_data(d, tokenizer)
+    preference = {n: [*_preference_overrides(d, tokenizer, extra, steps), f"run.dir={d / n}"]
+                  for n, extra, _, steps in PREFERENCE_RUNS}
+    ranks = {n: nproc for n, _, nproc, _ in PREFERENCE_RUNS}
+    single = [n for n in preference if ranks[n] == 1]
+    double = [n for n in preference if ranks[n] == 2]
+    _, tp1, *pref1 = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"], train(1),
+                               *(preference[n] for n in single)])
+    [tp2, *pref2] = run_many([train(2), *(preference[n] for n in double)], nproc=2)
+    return model, d, {"tp1": tp1, "tp2": tp2, **dict(zip(single, pref1)), **dict(zip(double, pref2))}
 
 
 def _reference_loss(model) -> float:
@@ -61,3 +123,104 @@ def test_first_step_loss_equals_transformers(trained, name):
     assert "steps=0->1" in outputs[name]  # a model-only checkpoint starts training at step 0
     assert ("shardforge: model=hf " in outputs[name]) == (name == "tp1")  # the import's own shape and name
     assert read_metrics(d / name)[0]["loss"] == pytest.approx(_reference_loss(model), rel=1e-5)
+
+
+def _first_batch(d: Path):
+    """Step 0's global batch of pairs as ShardForge reads it (dataset order: 2k chosen, 2k + 1 rejected)."""
+    from launcher.data.indexed import IndexedDataset
+    from launcher.data.preference import PreferencePairs
+    from launcher.data.preference_batches import PreferenceBatches
+
+    batches = PreferenceBatches(PreferencePairs(IndexedDataset(str(d / "pairs")), 128), 128, seed=1234, pad_id=0)
+    order = [batches.pair_at(j) for j in range(4)]  # train.global_batch_size=8 rows: 4 pairs
+    return batches.pairs, order
+
+
+def _hf_batch(model, pairs, order):
+    """tests/trl_oracle.Batch of these pairs with transformers' logits (TRL's order, right-padded)."""
+    from trl_oracle import Batch
+
+    ids, masks = [], []
+    for k in order:
+        pair = pairs.pair(k)
+        ids += [pair.chosen_ids, pair.rejected_ids]
+        masks += [pair.chosen_mask, pair.rejected_mask]
+    shell = Batch(ids, masks, torch.zeros(len(ids), max(len(x) for x in ids), 1), torch.zeros(len(ids)))
+    logits = model(shell.trl_tensors()["input_ids"]).logits.float()  # causal: right padding changes nothing before it
+    return shell, logits
+
+
+def _hf_sums(model, pairs, order) -> torch.Tensor:
+    """transformers' summed response log-probs [pairs, 2] (chosen, rejected)."""
+    shell, logits = _hf_batch(model, pairs, order)
+    t = shell.trl_tensors()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, t["input_ids"][:, 1:, None])[..., 0]
+    sums = (logps * t["completion_mask"][:, 1:]).sum(1)
+    n = len(order)
+    return torch.stack([sums[:n], sums[n:]], 1).detach().double()
+
+
+def test_dpo_reference_file_equals_transformers(trained):
+    model, d, _ = trained
+    pairs, _ = _first_batch(d)
+    [path] = (d / "dpo" / "reference_logps").glob("*.npy")
+    table = np.load(path)
+    with torch.no_grad():
+        expected = _hf_sums(model, pairs, list(range(len(pairs)))).numpy()
+    np.testing.assert_allclose(table, expected, rtol=1e-5)
+
+
+def _trl_first_step(model, d: Path, name: str) -> tuple[float, dict[str, float], float]:
+    """TRL's loss and metrics on step 0's batch with transformers' logits, and the gradient norm of that loss
+    over the HF model's parameters."""
+    import trl_oracle
+
+    pairs, order = _first_batch(d)
+    model.zero_grad()
+    shell, logits = _hf_batch(model, pairs, order)
+    batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
+    if name == "dpo":
+        with torch.no_grad():
+            ref = _hf_sums(model, pairs, order).float()
+        batch.reference = ref.reshape(-1)
+        loss, metrics = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    elif name == "simpo":
+        loss, metrics = trl_oracle.trl_simpo_loss(batch, beta=2.0, gamma=0.5, label_smoothing=0.0, sft_weight=0.25)
+    else:
+        loss, metrics = trl_oracle.trl_orpo_loss(batch, beta=0.1)
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    model.zero_grad()
+    return float(loss), {k: float(v) for k, v in metrics.items()}, float(norm)
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
+def test_first_preference_step_equals_transformers_and_trl(trained, name):
+    model, d, _ = trained
+    first = read_metrics(d / name)[0]
+    loss, metrics, grad_norm = _trl_first_step(model, d, name)
+    if name == "orpo":
+        # TRL's ORPO NLL also covers the prompt tokens, ShardForge's the response only (models/objectives.py):
+        # the odds-ratio term (loss minus NLL) and the metrics compare; the loss and its gradient do not
+        assert first["loss"] - first["nll_loss"] == pytest.approx(loss - metrics["nll_loss"], rel=1e-5)
+    else:
+        assert first["loss"] == pytest.approx(loss, rel=1e-5)
+        assert first["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+    compared = [("reward_chosen", "rewards/chosen"), ("reward_rejected", "rewards/rejected"),
+                ("reward_margin", "rewards/margins"), ("logps_chosen", "logps/chosen"),
+                ("logps_rejected", "logps/rejected")]
+    if name != "dpo":  # DPO's step-0 rewards are zero up to rounding, which decides its accuracy
+        compared.append(("reward_accuracy", "rewards/accuracies"))
+    for ours, theirs in compared:
+        assert first[ours] == pytest.approx(metrics[theirs], rel=1e-5, abs=1e-5), ours
+
+
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2"])
+def test_dpo_layouts_equal_the_single_process(trained, name):
+    _, d, _ = trained
+    single, other = read_metrics(d / "dpo"), read_metrics(d / name)
+    assert len(single) == len(other) == PREF_STEPS
+    for a, b in zip(single, other):
+        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
+                    "logps_rejected", "nll_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
