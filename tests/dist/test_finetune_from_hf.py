@@ -37,6 +37,7 @@ WORDS = ("the quick brown fox jumps over a lazy dog while numbers add up to twel
 
 def _default_tokenizer() -> Path:
     """The tokenizer of the default corpus, whose vocabulary the test model's shape has."""
+    from launcher.config import schema  # noqa: F401  (registers the config schemas with Hydra)
     from launcher.data.pretrain import prepare_default_corpus
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
