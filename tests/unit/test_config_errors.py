@@ -333,3 +333,12 @@ def test_missing_sbatch(tmp_path):
     with pytest.raises(ConfigError) as err:
         _check_slurm(cluster)
     assert err.value.key == "cluster.sbatch" and "not found" in err.value.reason
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])
+def test_a_preference_objective_validates_and_runs_uncaptured(objective, tmp_path):
+    """The layouts that run validate (tp and dp); cuda_graph=auto does not capture a preference step."""
+    resolved = validate(compose_config(*PREF, f"train.objective={objective}", "parallel.tp=2", f"run.dir={tmp_path}"),
+                        4, "cuda")
+    assert (resolved.layout.tp, resolved.layout.dp, resolved.cuda_graph) == (2, 2, False)
+    assert validate(compose_config(*PREF, f"run.dir={tmp_path}"), 1, "cuda").cuda_graph  # lm: auto captures

@@ -172,3 +172,17 @@ def test_reference_file_round_trip_and_fingerprint(dataset, tmp_path):
         reference_logps.load(path, 12)
     with pytest.raises(ValueError, match="pairs, 2"):
         reference_logps.save(path, table.reshape(-1))
+
+
+def test_a_resume_reads_the_reference_its_start_wrote(dataset, tmp_path):
+    """A resumed run (no fresh start) neither computes nor rewrites the table: it reads it back."""
+    from launcher import preference_reference
+
+    b = batches_of(dataset)
+    path = reference_logps.reference_path(tmp_path, dataset, SEQ)
+    table = -np.random.default_rng(1).uniform(10, 50, size=(len(b), 2))
+    reference_logps.save(path, table)
+    before = path.stat().st_mtime_ns
+    preference_reference.attach(None, b, path, micro_batch_size=2, fresh_start=False)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(b.reference, table)
+    assert path.stat().st_mtime_ns == before
