@@ -28,6 +28,9 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                    ("simpo", ["train.objective=simpo", "simpo.beta=2.0", "simpo.gamma=0.5",
                               "simpo.sft_weight=0.25"], 1, 1),
                    ("orpo", ["train.objective=orpo", "orpo.beta=0.1"], 1, 1),
+                   # the dpo run again, saving after step 2; then resumed from there (RESUME)
+                   ("dpo_saved", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
+                                  "checkpoint.save_every=2"], 1, PREF_STEPS),
                    ("dpo_tp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.tp=2"], 2,
                     PREF_STEPS),
                    ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS)]
@@ -95,10 +98,14 @@ def trained(tmp_path_factory, cache_env):
     ranks = {n: nproc for n, _, nproc, _ in PREFERENCE_RUNS}
     single = [n for n in preference if ranks[n] == 1]
     double = [n for n in preference if ranks[n] == 2]
-    _, tp1, *pref1 = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"], train(1),
-                               *(preference[n] for n in single)])
+    # resumes dpo_saved's run from its step-2 checkpoint in its own run.dir: reads the reference file
+    resume = [o for o in preference["dpo_saved"] if not o.startswith("checkpoint.load=")] + [
+        f"checkpoint.load={d / 'dpo_saved' / 'checkpoints' / 'iter_0000002'}"]
+    _, tp1, *pref1, resumed = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"],
+                                        train(1), *(preference[n] for n in single), resume])
     [tp2, *pref2] = run_many([train(2), *(preference[n] for n in double)], nproc=2)
-    return model, d, {"tp1": tp1, "tp2": tp2, **dict(zip(single, pref1)), **dict(zip(double, pref2))}
+    return model, d, {"tp1": tp1, "tp2": tp2, **dict(zip(single, pref1)), **dict(zip(double, pref2)),
+                      "resumed": resumed}
 
 
 def _reference_loss(model) -> float:
@@ -225,3 +232,15 @@ def test_dpo_layouts_equal_the_single_process(trained, name):
         for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
                     "logps_rejected", "nll_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_dpo_resume_reads_the_reference_and_continues_bit_exactly(trained):
+    """dpo_saved, resumed after step 2 in its run.dir, reads the reference its start wrote (no second
+    pass) and its step 3 is the uninterrupted dpo run's, bit for bit."""
+    _, d, outputs = trained
+    assert "dpo: reference log-probs" in outputs["dpo_saved"] and "steps=2->3" in outputs["resumed"]
+    assert "dpo: reference log-probs" not in outputs["resumed"]
+    resumed, straight = read_metrics(d / "dpo_saved"), read_metrics(d / "dpo")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "reward_chosen", "reward_margin", "logps_chosen", "nll_loss"):
+        assert resumed[2][key] == straight[2][key], key
