@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from conftest import FAST, read_metrics, run_many, train_runs
+from conftest import FAST, read_metrics, train_runs
 
 STEPS = 10
 MOE = ["model=mixtral_tiny"]
@@ -24,16 +25,48 @@ LAYOUTS = [
 EVAL = ["data.split=98/2", "eval.every=5", "eval.iters=2"]  # held-out documents, evaluated at steps 5 and 10
 
 
+EXPERT_LAYOUTS = [("ep2", 1, 1, 2, 2), ("ep2_tp2", 2, 1, 2, 4), ("ep2_pp2", 1, 2, 2, 4)]  # name, tp, pp, ep, ranks
+SKEW = [0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0]
+
+
+def _save_init(path, tp, pp, ep) -> list[str]:
+    # qwen_moe_tiny: routed experts, router, gated shared expert, qkv bias.
+    return ["tests.scripts.save_init", str(path), str(tp), str(pp), "0", "7", "qwen_moe_tiny", str(ep)]
+
+
+def _probe(steps: int, rate: float, bias: list[float], nproc: int = 2) -> list[str]:
+    return ["tests.scripts.moe_router_probe", str(nproc), str(steps), str(rate), *map(str, bias)]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_env) -> dict[str, list[dict]]:
-    """The single-process MoE reference, every expert-parallel layout and one dense step; the MoE
-    runs also evaluate on held-out documents (their eval records under the key "<name>/eval")."""
-    common = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
-    runs = [("single", [*common, *MOE], 1), ("dense", [*FAST, "train.steps=1", "checkpoint.final_save=false"], 1),
-            *[(name, [*common, *MOE, *extra], n) for name, extra, n in LAYOUTS]]
+def launched(tmp_path_factory, cache_env) -> Path:
+    """Everything this module checks, in one launch per world size (2, 4, then 1 rank): the
+    single-process MoE reference, every expert-parallel layout and one dense step (base/<name>; the
+    MoE runs also evaluate on held-out documents); then each expert layout's initial weights
+    (tests/scripts/save_init) and, in the 1-rank launch after the others, their comparison with the
+    single process's (base/compare_<name>.txt); the router probes (base/<probe>.txt)."""
     base = tmp_path_factory.mktemp("moe")
-    metrics = train_runs(base, runs)
-    return {**metrics, **{f"{name}/eval": read_metrics(base / name, type="eval") for name, *_ in runs}}
+    common = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
+    runs = [*[(name, [*common, *MOE, *extra], n) for name, extra, n in LAYOUTS],
+            ("single", [*common, *MOE], 1), ("dense", [*FAST, "train.steps=1", "checkpoint.final_save=false"], 1)]
+    init = base / "init"
+    then = [*[(f"init_{name}", _save_init(init / name, tp, pp, ep), n) for name, tp, pp, ep, n in EXPERT_LAYOUTS],
+            # Experts 0 and 1 (EP rank 0) get every token's top-2; EP rank 1's four experts get none.
+            ("zero_tokens", _probe(3, 0.0, [100, 100, 0, 0, 0, 0, 0, 0]), 2),
+            ("init_single", _save_init(init / "single", 1, 1, 1), 1),
+            *[(f"compare_{name}", ["tests.scripts.save_init", "--compare", str(init / "single"), str(init / name)], 1)
+              for name, *_ in EXPERT_LAYOUTS],
+            ("bias_fixed", _probe(12, 0.0, SKEW, nproc=1), 1), ("bias_updated", _probe(12, 0.05, SKEW, nproc=1), 1)]
+    train_runs(base, runs, then=then)
+    return base
+
+
+@pytest.fixture(scope="module")
+def trained(launched) -> dict[str, list[dict]]:
+    """Each run's train records by name, and its eval records under "<name>/eval"."""
+    names = ["single", "dense", *[x[0] for x in LAYOUTS]]
+    return {**{name: read_metrics(launched / name) for name in names},
+            **{f"{name}/eval": read_metrics(launched / name, type="eval") for name in names}}
 
 
 @pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
@@ -76,31 +109,9 @@ def test_dense_model_has_no_moe_metrics(trained):
     assert not [k for k in trained["dense"][0] if k.startswith("moe_")]
 
 
-EXPERT_LAYOUTS = [("ep2", 1, 1, 2, 2), ("ep2_tp2", 2, 1, 2, 4), ("ep2_pp2", 1, 2, 2, 4)]  # name, tp, pp, ep, ranks
-
-
-def _save_init(path, tp, pp, ep) -> list[str]:
-    # qwen_moe_tiny: routed experts, router, gated shared expert, qkv bias.
-    return ["tests.scripts.save_init", str(path), str(tp), str(pp), "0", "7", "qwen_moe_tiny", str(ep)]
-
-
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> dict[str, str]:
-    """save_init's comparison of each expert layout's initial weights with the single process's."""
-    base = tmp_path_factory.mktemp("moe_init")
-    for nproc in (2, 4):
-        run_many([_save_init(base / name, tp, pp, ep) for name, tp, pp, ep, n in EXPERT_LAYOUTS if n == nproc],
-                 nproc=nproc)
-    names = [x[0] for x in EXPERT_LAYOUTS]
-    outputs = run_many([_save_init(base / "single", 1, 1, 1),
-                        *[["tests.scripts.save_init", "--compare", str(base / "single"), str(base / name)]
-                          for name in names]])
-    return dict(zip(names, outputs[1:]))
-
-
 @pytest.mark.parametrize("name", [x[0] for x in EXPERT_LAYOUTS])
-def test_expert_weights_identical_in_every_layout(compared, name):
-    out = compared[name]
+def test_expert_weights_identical_in_every_layout(launched, name):
+    out = (launched / f"compare_{name}.txt").read_text()
     keys = next(line for line in out.splitlines() if line.startswith("keys: ")).split()
     for key in ("mlp.experts.experts.linear_fc1.weight", "mlp.experts.experts.linear_fc2.weight", "mlp.router.weight",
                 "mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.gate_weight"):
@@ -108,17 +119,12 @@ def test_expert_weights_identical_in_every_layout(compared, name):
     assert out.strip().endswith("differ: []"), out
 
 
-def _probe(steps: int, rate: float, bias: list[float], nproc: int = 2) -> list[str]:
-    return ["tests.scripts.moe_router_probe", str(nproc), str(steps), str(rate), *map(str, bias)]
-
-
 def _metrics(out: str) -> list[dict]:
     return [json.loads(line[len("METRICS "):]) for line in out.splitlines() if line.startswith("METRICS ")]
 
 
-def test_rank_receiving_zero_tokens_trains(tmp_path):
-    # Experts 0 and 1 (EP rank 0) get every token's top-2; EP rank 1's four experts get none.
-    steps = _metrics(run_many([_probe(3, 0.0, [100, 100, 0, 0, 0, 0, 0, 0])], nproc=2, timeout=600)[0])
+def test_rank_receiving_zero_tokens_trains(launched):
+    steps = _metrics((launched / "zero_tokens.txt").read_text())
     assert [s["step"] for s in steps] == [1, 2, 3]
     tokens = 8 * 64
     for s in steps:
@@ -127,10 +133,8 @@ def test_rank_receiving_zero_tokens_trains(tmp_path):
         assert s["moe_imbalance"] == pytest.approx(8 / 2)
 
 
-def test_expert_bias_moves_load_toward_balance():
-    skew = [0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0]
-    fixed, updated = map(_metrics, run_many([_probe(12, 0.0, skew, nproc=1), _probe(12, 0.05, skew, nproc=1)],
-                                            timeout=600))
+def test_expert_bias_moves_load_toward_balance(launched):
+    fixed, updated = (_metrics((launched / f"{name}.txt").read_text()) for name in ("bias_fixed", "bias_updated"))
     assert fixed[0]["moe_imbalance"] == pytest.approx(updated[0]["moe_imbalance"])  # same start
     assert updated[0]["moe_imbalance"] > 2  # the preset bias does skew the load
     # The sign update (rate 0.05 per step) overshoots and oscillates: judge the last few steps.
