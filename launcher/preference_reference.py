@@ -2,8 +2,9 @@
 
 At a fresh start the pass runs after the engine is built (and a model-only checkpoint loaded),
 before the first step: DP rank r takes micro batches r, r + dp, ... of the pairs in dataset
-order, the last pipeline stage's TP rank 0 of each replica puts its rows' summed log-probs in
-place, a sum over all ranks gives every rank the whole table, and rank 0 writes it
+order (micro_batch_size rows each), the last pipeline stage's TP rank 0 of each replica puts its
+rows' summed log-probs in place, a sum over all ranks gives every rank the whole table, and rank 0
+writes it
 (launcher/data/reference_logps.py). A resumed run reads the table the run's start wrote: its
 weights are no longer the initial ones.
 """
@@ -30,9 +31,12 @@ def compute(engine: MegatronEngine, batches: PreferenceBatches, micro_batch_size
     reports = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     for start in list(range(0, n, per_mb))[dp_rank::dp_size]:
         stop = min(start + per_mb, n)
-        logps = engine.sequence_logps([batches.collate_pairs(list(range(start, stop)))])
+        # every micro batch full (pipeline stages exchange activations of one shape): the last one
+        # is filled up with pairs from the start, whose values are not kept
+        pairs = [k % n for k in range(start, start + per_mb)]
+        logps = engine.sequence_logps([batches.collate_pairs(pairs)])
         if reports and logps is not None:
-            table[start:stop] = logps.to(table).reshape(-1, 2)
+            table[start:stop] = logps.to(table).reshape(-1, 2)[:stop - start]
     dist.all_reduce(table)
     return table.cpu().numpy()
 

@@ -215,11 +215,12 @@ def _check_objective(c: JobConfig) -> None:
 
 
 def _check_preference_run(c: JobConfig) -> None:
-    """A preference objective trains on the megatron engine, pp=1, cp=1, dense models, unpacked rows of
-    whole pairs from one preference dataset, without evaluation; DPO from a precomputed reference."""
+    """A preference objective trains on the megatron engine (tp, pp without virtual stages, dp), cp=1,
+    dense models, unpacked rows of whole pairs from one preference dataset, without evaluation; DPO
+    from a precomputed reference."""
     p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
     refusals = (("parallel.engine", p.engine != "megatron", f"engine={p.engine}"),
-                ("parallel.pp", p.pp != 1 or (p.vpp or 1) != 1, f"pp={p.pp}"),
+                ("parallel.vpp", (p.vpp or 1) != 1, f"vpp={p.vpp}"),
                 ("parallel.cp", p.cp != 1, f"cp={p.cp}"),
                 ("parallel.ep", p.ep != 1 or c.model.num_experts is not None, "a mixture-of-experts model"),
                 ("data.packing", bool(d.packing or d.reset_attention_mask), "packed rows"),

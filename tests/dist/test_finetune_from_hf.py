@@ -5,7 +5,8 @@ same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`m
 Preference training from the same import, in the same launches: DPO (precomputed reference, with
 the RPO term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards,
 log-probs and gradient norm equal transformers' forward of the HF model through TRL's losses
-(tests/trl_oracle.py); DPO under tp=2 and dp=2 equals the single process over its steps."""
+(tests/trl_oracle.py); DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
+resumed DPO run reads its reference file and continues bit for bit."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                                   "checkpoint.save_every=2"], 1, PREF_STEPS),
                    ("dpo_tp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.tp=2"], 2,
                     PREF_STEPS),
-                   ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS)]
+                   ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS),
+                   ("dpo_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.pp=2"], 2,
+                    PREF_STEPS)]
 WORDS = ("the quick brown fox jumps over a lazy dog while numbers add up to twelve thousand and the function "
          "returns a list of items sorted by key").split()
 
@@ -223,7 +226,7 @@ def test_first_preference_step_equals_transformers_and_trl(trained, name):
         assert first[ours] == pytest.approx(metrics[theirs], rel=1e-5, abs=1e-5), ours
 
 
-@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2"])
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2"])
 def test_dpo_layouts_equal_the_single_process(trained, name):
     _, d, _ = trained
     single, other = read_metrics(d / "dpo"), read_metrics(d / name)
