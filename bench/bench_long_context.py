@@ -113,6 +113,11 @@ def run_hf(a: argparse.Namespace, model: Path, length: int, steps: int, warmup: 
 SIDES = {"shardforge": run_shardforge, "hf": run_hf}
 
 
+def _report(row: dict[str, Any]) -> None:
+    """One finished row as it comes (a run cut short still leaves its rows in the log)."""
+    print(f"[bench] row: {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| framework | seq | tokens/s | MFU | MFU causal | peak mem (GiB) | step (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -159,21 +164,22 @@ def main(argv: list[str] | None = None) -> int:
             row, cmd = run(a, model, length, a.steps, a.warmup, work)
             rows.append({**row, "kind": "throughput"})
             commands.append(cmd)
-            print(f"[bench] row: {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
+            _report(row)
     longest: dict[str, int] = {}
     for side in sides:
         for length in probes:
             row, cmd = SIDES[side](a, model, length, 1, 0, work)
             rows.append({**row, "kind": "probe"})
             commands.append(cmd)
-            print(f"[bench] row: {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
+            _report(row)
             if not row["trained"]:
                 break
             longest[row["framework"]] = length
     for r in rows:
         if r["trained"]:
             r["mfu_causal"] = None if r.get("mfu") is None else r["mfu"] * causal_fraction(str(model), r["seq_length"])
-            r.pop("losses", None) if len(r.get("losses") or []) > 50 else None
+            if len(r.get("losses") or []) > 50:
+                del r["losses"]
 
     env = environment()
     command = invocation("bench.bench_long_context", argv)
