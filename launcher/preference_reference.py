@@ -1,10 +1,10 @@
 """DPO's precomputed reference: one forward pass over every usable pair with the run's initial weights.
 
 At a fresh start the pass runs after the engine is built (and a model-only checkpoint loaded),
-before the first step: DP rank r takes micro batches r, r + dp, ... of the pairs in dataset
-order (micro_batch_size rows each), the last pipeline stage's TP rank 0 of each replica puts its
-rows' summed log-probs in place, a sum over all ranks gives every rank the whole table, and rank 0
-writes it
+before the first step: DP rank r takes micro batches r, r + dp, ... of the pass's micro batches
+(the pairs in dataset order, or the packed rows in packing order: launcher/data/preference_batches.py),
+the last pipeline stage's TP rank 0 of each replica puts its pairs' summed log-probs in place, a
+sum over all ranks gives every rank the whole table, and rank 0 writes it
 (launcher/data/reference_logps.py). A resumed run reads the table the run's start wrote: its
 weights are no longer the initial ones.
 """
@@ -25,18 +25,15 @@ from parallel.megatron_engine import MegatronEngine
 def compute(engine: MegatronEngine, batches: PreferenceBatches, micro_batch_size: int) -> np.ndarray:
     """Every usable pair's (chosen, rejected) summed response log-probs under the engine's weights,
     [pairs, 2] float64 on every rank (collective)."""
-    n, per_mb = len(batches), micro_batch_size // 2
-    table = torch.zeros(n, 2, dtype=torch.float64, device=engine.device)
+    table = torch.zeros(len(batches), 2, dtype=torch.float64, device=engine.device)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     reports = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    for start in list(range(0, n, per_mb))[dp_rank::dp_size]:
-        stop = min(start + per_mb, n)
-        # every micro batch full (pipeline stages exchange activations of one shape): the last one
-        # is filled up with pairs from the start, whose values are not kept
-        pairs = [k % n for k in range(start, start + per_mb)]
-        logps = engine.sequence_logps([batches.collate_pairs(pairs)])
+    for i in range(batches.reference_count(micro_batch_size))[dp_rank::dp_size]:
+        # the last micro batch is filled up to a full one, whose extra pairs' values are not kept
+        batch, kept = batches.reference_microbatch(i, micro_batch_size)
+        logps = engine.sequence_logps([batch])
         if reports and logps is not None:
-            table[start:stop] = logps.to(table).reshape(-1, 2)[:stop - start]
+            table[batch["pair_index"][:kept].to(table.device)] = logps.to(table).reshape(-1, 2)[:kept]
     dist.all_reduce(table)
     return table.cpu().numpy()
 

@@ -78,18 +78,23 @@ def _preference_data(cfg: JobConfig, prefix: str, tokenizer: Tokenizer) -> Train
     """Whole pairs of a preference dataset per micro batch (launcher/data/preference_batches.py)."""
     from launcher.data.indexed import IndexedDataset
     from launcher.data.preference import PreferencePairs
-    from launcher.data.preference_batches import PreferenceBatches
+    from launcher.data.preference_batches import PackedPreferenceBatches, PreferenceBatches
     from launcher.data.tokenizer import fill_id
     from launcher.loop import TrainData
 
+    packed = bool(cfg.data.packing)
     try:
-        pairs = PreferencePairs(IndexedDataset(prefix), cfg.train.seq_length)
+        pairs = PreferencePairs(IndexedDataset(prefix), cfg.train.seq_length, packed=packed)
     except ValueError as err:
         raise ConfigError("data.prefixes", str(err)) from err
     if int(pairs.dataset.tokens.max(initial=0)) >= tokenizer.vocab_size:
         raise ConfigError("data.prefixes", f"{prefix} holds token ids outside tokenizer {tokenizer.path}'s "
                                            f"vocabulary of {tokenizer.vocab_size}")
-    batches = PreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer))
+    if packed:
+        batches = PackedPreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer),
+                                          cfg.data.packing_algorithm)
+    else:
+        batches = PreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer))
     return TrainData(batches.microbatches, batches.step_stats, tokenizer, None, preference=batches)
 
 
@@ -115,7 +120,7 @@ def reference_file(cfg: JobConfig) -> Path:
     """Where a dpo.reference=precomputed run keeps its reference log-probs (launcher/data/reference_logps.py)."""
     from launcher.data.reference_logps import reference_path
 
-    return reference_path(cfg.run.dir, cfg.data.prefixes[0], cfg.train.seq_length)
+    return reference_path(cfg.run.dir, cfg.data.prefixes[0], cfg.train.seq_length, packed=bool(cfg.data.packing))
 
 
 def build_eval_data(cfg: JobConfig, sources: tuple[list[str], Tokenizer, list[int] | None] | None = None

@@ -130,7 +130,7 @@ def prepare_batch(batch: dict[str, Any], device: torch.device) -> tuple[dict[str
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     packed = packed_seq_params(batch) if "cu_seqlens" in batch else None
     if packed is not None:  # THD: the micro batch's rows become one stream of documents
-        batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = {**batch, **{k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}}
     return batch, packed
 
 

@@ -1,9 +1,10 @@
 """The preference objectives as megatron-core loss functions (one per micro batch of whole pairs).
 
-The model returns per-token cross entropy [rows, seq] given labels; a token's log-prob is its
-negative. Per sequence (one per row: launcher/data/preference_batches.py) the target tokens'
-log-probs are summed, rows 2i and 2i + 1 taken as pair i's chosen and rejected sides, and the
-loss of models/objectives.py applied.
+The model returns per-token cross entropy [rows, seq] given labels (one packed stream [1, tokens]
+for packed micro batches); a token's log-prob is its negative. Per sequence (one per row, or the
+packed micro batch's `sequence_ids`: launcher/data/preference_batches.py) the target tokens'
+log-probs are summed, sequences 2i and 2i + 1 taken as pair i's chosen and rejected sides, and
+the loss of models/objectives.py applied.
 
 Normalisation, the same in every layout and micro-batching: the step's loss is
     mean over the global batch's P pairs of the per-pair term
@@ -56,9 +57,14 @@ def row_ids(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.arange(rows, device=loss_mask.device)[:, None].expand(rows, seq)
 
 
-def sequence_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed target log-probs, target tokens) per row, from the model's per-token losses [rows, seq]."""
-    return sequence_sums(-output.float(), loss_mask, row_ids(loss_mask), loss_mask.shape[0])
+def sequence_logps(output: torch.Tensor, batch: dict[str, torch.Tensor | int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed target log-probs, target tokens) per sequence of the micro batch, from the model's
+    per-token losses: one sequence per row, or the packed rows' `sequence_ids` (2 per pair)."""
+    loss_mask = batch["loss_mask"]
+    ids = batch.get("sequence_ids")
+    if not torch.is_tensor(ids):
+        return sequence_sums(-output.float(), loss_mask, row_ids(loss_mask), loss_mask.shape[0])
+    return sequence_sums(-output.float(), loss_mask, ids.to(output.device), 2 * len(batch["pair_index"]))
 
 
 def batch_loss(objective: ObjectiveConfig, sums: torch.Tensor, counts: torch.Tensor,
@@ -83,8 +89,7 @@ def batch_loss(objective: ObjectiveConfig, sums: torch.Tensor, counts: torch.Ten
 
 def preference_loss_func(objective: ObjectiveConfig, batch: dict[str, torch.Tensor | int], output: torch.Tensor):
     """megatron-core loss function of one micro batch: (total, pairs, reports); normalisation above."""
-    loss_mask = batch["loss_mask"]
-    sums, counts = sequence_logps(output, loss_mask)
+    sums, counts = sequence_logps(output, batch)
     reference = batch.get("reference_logps")
     result = batch_loss(objective, sums, counts, reference if torch.is_tensor(reference) else None)
     pairs_global, chosen_tokens_global = int(batch["pairs_global"]), int(batch["chosen_tokens_global"])
@@ -102,6 +107,6 @@ def preference_loss_func(objective: ObjectiveConfig, batch: dict[str, torch.Tens
 
 def logps_loss_func(batch: dict[str, torch.Tensor | int], output: torch.Tensor):
     """Forward-only loss function that reports each row's summed target log-probs (the reference pass)."""
-    sums, _ = sequence_logps(output, batch["loss_mask"])
+    sums, _ = sequence_logps(output, batch)
     zero = sums.sum() * 0
     return zero, torch.tensor(0, dtype=torch.int, device=zero.device), {"logps": sums.detach()}

@@ -216,14 +216,15 @@ def _check_objective(c: JobConfig) -> None:
 
 def _check_preference_run(c: JobConfig) -> None:
     """A preference objective trains on the megatron engine (tp, pp without virtual stages, dp), cp=1,
-    dense models, unpacked rows of whole pairs from one preference dataset, without evaluation; DPO
-    from a precomputed reference."""
+    dense models, rows of whole pairs (one sequence per row, or pairs packed: data.packing) from one
+    preference dataset, without evaluation; DPO from a precomputed reference."""
     p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
     refusals = (("parallel.engine", p.engine != "megatron", f"engine={p.engine}"),
                 ("parallel.vpp", (p.vpp or 1) != 1, f"vpp={p.vpp}"),
                 ("parallel.cp", p.cp != 1, f"cp={p.cp}"),
                 ("parallel.ep", p.ep != 1 or c.model.num_experts is not None, "a mixture-of-experts model"),
-                ("data.packing", bool(d.packing or d.reset_attention_mask), "packed rows"),
+                ("data.reset_attention_mask", bool(d.reset_attention_mask), "reset_attention_mask (use "
+                 "data.packing=true)"),
                 ("train.cuda_graph", t.cuda_graph is True, "cuda_graph=true"),
                 ("dpo.reference", objective == "dpo" and c.dpo.reference != "precomputed",
                  f"dpo.reference={c.dpo.reference}"))
@@ -239,7 +240,7 @@ def _check_preference_run(c: JobConfig) -> None:
         raise ConfigError(key, f"train.objective={objective} has no validation loss yet: drop {key}")
     for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size",
                                                                         t.global_batch_size)):
-        if value % 2:
+        if value % 2 and not d.packing:  # packed rows hold whole pairs each
             raise ConfigError(key, f"{value} must be even under train.objective={objective} (rows come in pairs: "
                                    f"chosen, rejected)")
 

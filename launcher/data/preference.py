@@ -139,11 +139,12 @@ class PreferencePairs:
     """The pairs of a preference dataset (`launcher.preprocess format=preference`), optionally only
     those that fit rows of `seq_length` tokens (`dropped` counts the others).
 
-    A pair is usable when each side fits seq_length whole and has a target token after its first
-    (a target is predicted from the token before it). `pair(k)` is the k-th usable pair.
+    A pair is usable when each side fits seq_length whole (`packed`: both sides together, as packed
+    rows keep a pair in one row) and has a target token after its first (a target is predicted from
+    the token before it). `pair(k)` is the k-th usable pair.
     """
 
-    def __init__(self, dataset: IndexedDataset, seq_length: int | None = None) -> None:
+    def __init__(self, dataset: IndexedDataset, seq_length: int | None = None, packed: bool = False) -> None:
         n = len(dataset)
         if not dataset.has_mask or n % 2 or not np.array_equal(dataset.document_indices,
                                                                np.arange(0, n + 1, 2)):
@@ -154,7 +155,7 @@ class PreferencePairs:
         lengths = dataset.lengths.astype(np.int64).reshape(-1, 2)
         keep = np.ones(len(lengths), dtype=bool)
         if seq_length is not None:
-            keep &= lengths.max(axis=1) <= seq_length
+            keep &= (lengths.sum(axis=1) if packed else lengths.max(axis=1)) <= seq_length
         for k in np.flatnonzero(keep):
             keep[k] = all(bool(dataset.mask(int(i))[1:].any()) for i in (2 * k, 2 * k + 1))
         self.indices = np.flatnonzero(keep)

@@ -6,7 +6,7 @@ and keeps them in `<run.dir>/reference_logps/<dataset name>-<fingerprint>.npy`: 
 [pairs, 2] (chosen, rejected), indexed like PreferencePairs' usable pairs. The run directory
 fixes the initial weights (a fresh start always recomputes the file; every resume reads it);
 the fingerprint fixes the data: the contents of the dataset's index and mask files, the size of
-its token file, and the row length (which decides which pairs are usable).
+its token file, the row length and whether rows are packed (which decide which pairs are usable).
 The file is written to a temporary name in the same directory and renamed into place, so a
 reader sees a whole file or none.
 """
@@ -21,9 +21,10 @@ import numpy as np
 DIRECTORY = "reference_logps"
 
 
-def fingerprint(prefix: str | Path, seq_length: int) -> str:
-    """A short hash of the dataset at `prefix` (its .idx and .mask.bin contents, its .bin size) and the row length."""
-    digest = hashlib.sha256(f"seq_length={seq_length}".encode())
+def fingerprint(prefix: str | Path, seq_length: int, packed: bool = False) -> str:
+    """A short hash of the dataset at `prefix` (its .idx and .mask.bin contents, its .bin size), the row
+    length and packing."""
+    digest = hashlib.sha256(f"seq_length={seq_length}{' packed' if packed else ''}".encode())
     for suffix in (".idx", ".mask.bin"):
         path = Path(f"{prefix}{suffix}")
         if path.is_file():
@@ -34,9 +35,9 @@ def fingerprint(prefix: str | Path, seq_length: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def reference_path(run_dir: str | Path, prefix: str | Path, seq_length: int) -> Path:
-    """Where a run keeps the reference log-probs of dataset `prefix` at rows of `seq_length`."""
-    return Path(run_dir) / DIRECTORY / f"{Path(prefix).name}-{fingerprint(prefix, seq_length)}.npy"
+def reference_path(run_dir: str | Path, prefix: str | Path, seq_length: int, packed: bool = False) -> Path:
+    """Where a run keeps the reference log-probs of dataset `prefix` at rows of `seq_length` (packed or not)."""
+    return Path(run_dir) / DIRECTORY / f"{Path(prefix).name}-{fingerprint(prefix, seq_length, packed)}.npy"
 
 
 def save(path: Path, logps: np.ndarray) -> None:

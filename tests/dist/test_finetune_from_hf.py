@@ -6,7 +6,8 @@ Preference training from the same import, in the same launches: DPO (precomputed
 the RPO term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards,
 log-probs and gradient norm equal transformers' forward of the HF model through TRL's losses
 (tests/trl_oracle.py); DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
-resumed DPO run reads its reference file and continues bit for bit."""
+resumed DPO run reads its reference file and continues bit for bit; DPO and SimPO on pairs packed into
+rows equal the same pairs unpacked, and packed DPO under pp=2 the single process."""
 from __future__ import annotations
 
 import json
@@ -37,6 +38,10 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                    ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS),
                    ("dpo_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.pp=2"], 2,
                     PREF_STEPS)]
+PACKED_STEPS = 2
+# (objective, its overrides) trained on all pairs each step, unpacked and packed (packed_runs)
+PACKED_OBJECTIVES = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"]),
+                     ("simpo", ["train.objective=simpo", "simpo.beta=2.0", "simpo.gamma=0.5", "simpo.sft_weight=0.25"])]
 WORDS = ("the quick brown fox jumps over a lazy dog while numbers add up to twelve thousand and the function "
          "returns a list of items sorted by key").split()
 
@@ -70,6 +75,27 @@ def _preference_data(d: Path, tokenizer: Path) -> Path:
     return d / "pairs"
 
 
+def packed_runs(prefix: Path) -> list[tuple[str, list[str], int, int]]:
+    """Each of PACKED_OBJECTIVES with every pair in every step's global batch: unpacked (`<name>_all`, one
+    sequence per row) and packed (`<name>_all_packed`, the dataset's packed rows a step, one per micro
+    batch), so both runs train on the same pairs; and packed DPO under pp=2."""
+    from launcher.data.indexed import IndexedDataset
+    from launcher.data.preference import PreferencePairs
+    from launcher.data.preference_batches import PackedPreferenceBatches
+
+    pairs = len(PreferencePairs(IndexedDataset(str(prefix)), 128))
+    packed = PackedPreferenceBatches(PreferencePairs(IndexedDataset(str(prefix)), 128, packed=True), 128, 0, 0)
+    assert len(packed) == pairs and len(packed.rows) <= pairs / 2  # the same pairs, two or more a row
+    runs = []
+    for name, extra in PACKED_OBJECTIVES:
+        runs += [(f"{name}_all", [*extra, f"train.global_batch_size={2 * pairs}",
+                                  f"train.micro_batch_size={4 if pairs % 2 == 0 else 2}"], 1, PACKED_STEPS),
+                 (f"{name}_all_packed", [*extra, "data.packing=true", f"train.global_batch_size={len(packed.rows)}",
+                                         "train.micro_batch_size=1"], 1, PACKED_STEPS)]
+    dpo_packed = runs[1]
+    return [*runs, ("dpo_all_packed_pp2", [*dpo_packed[1], "parallel.pp=2"], 2, PACKED_STEPS)]
+
+
 def _preference_overrides(d: Path, tokenizer: Path, extra: list[str], steps: int) -> list[str]:
     keep = [o for o in OVERRIDES if o != "train.steps=1"]
     return ["launcher.train", *keep, f"train.steps={steps}", "data=indexed", f"data.prefixes=[{d / 'pairs'}]",
@@ -95,10 +121,10 @@ def trained(tmp_path_factory, cache_env):
                 f"checkpoint.load={d / 'ckpt'}", f"run.dir={d / f'tp{tp}'}"]
 
     tokenizer = _default_tokenizer()
-    _preference_data(d, tokenizer)
+    runs = [*PREFERENCE_RUNS, *packed_runs(_preference_data(d, tokenizer))]
     preference = {n: [*_preference_overrides(d, tokenizer, extra, steps), f"run.dir={d / n}"]
-                  for n, extra, _, steps in PREFERENCE_RUNS}
-    ranks = {n: nproc for n, _, nproc, _ in PREFERENCE_RUNS}
+                  for n, extra, _, steps in runs}
+    ranks = {n: nproc for n, _, nproc, _ in runs}
     single = [n for n in preference if ranks[n] == 1]
     double = [n for n in preference if ranks[n] == 2]
     # resumes dpo_saved's run from its step-2 checkpoint in its own run.dir: reads the reference file
@@ -247,3 +273,32 @@ def test_dpo_resume_reads_the_reference_and_continues_bit_exactly(trained):
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("loss", "grad_norm", "reward_chosen", "reward_margin", "logps_chosen", "nll_loss"):
         assert resumed[2][key] == straight[2][key], key
+
+
+@pytest.mark.parametrize("name", [name for name, _ in PACKED_OBJECTIVES])
+def test_packed_pairs_equal_unpacked(trained, name):
+    """The same pairs each step, packed into rows (varlen attention, per-sequence sums over cu_seqlens)
+    and one sequence per row: loss, gradient norm and metrics agree within 1e-6 over the steps; DPO's
+    reference log-probs are the same table."""
+    _, d, _ = trained
+    unpacked, packed = read_metrics(d / f"{name}_all"), read_metrics(d / f"{name}_all_packed")
+    assert len(unpacked) == len(packed) == PACKED_STEPS
+    assert packed[0]["padding_fraction"] < unpacked[0]["padding_fraction"] / 2
+    for a, b in zip(unpacked, packed):
+        assert a["loss_tokens"] == b["loss_tokens"] == len(_first_batch(d)[0])  # pairs: all of them
+        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
+                    "logps_rejected", "nll_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), (a["step"], key)
+    if name == "dpo":
+        [table] = (d / f"{name}_all" / "reference_logps").glob("*.npy")
+        [packed_table] = (d / f"{name}_all_packed" / "reference_logps").glob("*.npy")
+        np.testing.assert_allclose(np.load(packed_table), np.load(table), rtol=1e-6)
+
+
+def test_packed_dpo_under_pipeline_parallelism_equals_the_single_process(trained):
+    _, d, _ = trained
+    single, pp2 = read_metrics(d / "dpo_all_packed"), read_metrics(d / "dpo_all_packed_pp2")
+    assert len(single) == len(pp2) == PACKED_STEPS
+    for a, b in zip(single, pp2):
+        for key in ("loss", "grad_norm", "reward_margin", "logps_chosen", "nll_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)

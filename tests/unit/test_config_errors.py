@@ -112,7 +112,7 @@ CASES = [
     (["data.split=0/2"], "data.split", "no training documents"),
     (["data.split=98/2", "data.valid_prefixes=[x]"], "data.valid_prefixes", "either data.split or"),
     # preference objectives: their keys, then the layouts they run in (megatron, no vpp, cp=1, dense,
-    # unpacked, one preference dataset, no validation, DPO from a precomputed reference)
+    # pairs unpacked or packed, one preference dataset, no validation, DPO from a precomputed reference)
     (["train.objective=dpo"], "data.prefixes", "train.objective=dpo trains on one preference dataset"),
     ([*PREF, "train.objective=simpo", "parallel.engine=deepspeed"], "parallel.engine",
      "train.objective=simpo does not run with engine=deepspeed yet"),
@@ -120,7 +120,8 @@ CASES = [
      "does not run with vpp=2 yet"),
     ([*PREF, "train.objective=dpo", "parallel.cp=2"], "parallel.cp", "does not run with cp=2 yet"),
     ([*PREF, "train.objective=dpo", "model=mixtral_tiny"], "parallel.ep", "does not run with a mixture-of-experts"),
-    ([*PREF, "train.objective=dpo", "data.packing=true"], "data.packing", "does not run with packed rows yet"),
+    ([*PREF, "train.objective=dpo", "data.reset_attention_mask=true"], "data.reset_attention_mask",
+     "does not run with reset_attention_mask (use data.packing=true) yet"),
     ([*PREF, "train.objective=dpo", "dpo.reference=live"], "dpo.reference",
      "does not run with dpo.reference=live yet"),
     ([*PREF, "train.objective=dpo", "data.prefixes=[a,b]"], "data.prefixes", "one preference dataset"),
@@ -342,4 +343,8 @@ def test_a_preference_objective_validates_and_runs_uncaptured(objective, tmp_pat
     resolved = validate(compose_config(*PREF, f"train.objective={objective}", "parallel.tp=2", f"run.dir={tmp_path}"),
                         4, "cuda")
     assert (resolved.layout.tp, resolved.layout.dp, resolved.cuda_graph) == (2, 2, False)
+    # packed rows hold whole pairs each: no batch size needs to be even
+    packed = compose_config(*PREF, f"train.objective={objective}", "data.packing=true", "train.micro_batch_size=1",
+                            "train.global_batch_size=3", f"run.dir={tmp_path}")
+    assert validate(packed, 1, "cpu").config.data.packing
     assert validate(compose_config(*PREF, f"run.dir={tmp_path}"), 1, "cuda").cuda_graph  # lm: auto captures

@@ -1,7 +1,7 @@
 """Preference training's pieces in-process: whole pairs per micro batch (launcher/data/preference_batches.py),
-the micro-batch loss and its normalisation (parallel/preference_loss.py: every micro-batching and DP
-split gives the whole batch's loss), the reference file (launcher/data/reference_logps.py), and the
-config rules for the layouts that run."""
+unpacked and packed, the micro-batch loss and its normalisation (parallel/preference_loss.py: every
+micro-batching and DP split, and packed rows, give the whole unpacked batch's loss), the reference file
+(launcher/data/reference_logps.py), and the config rules for the layouts that run."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from tiny_tokenizers import train_sp
 
 from launcher.data.indexed import IndexedDataset
 from launcher.data.preference import PreferencePairs
-from launcher.data.preference_batches import PreferenceBatches
+from launcher.data.preference_batches import PackedPreferenceBatches, PreferenceBatches
 from launcher.data import reference_logps
 from launcher.preprocess import Options, preprocess
 from models.objectives import dpo_loss, orpo_loss, simpo_loss
@@ -94,6 +94,45 @@ def test_reference_is_read_per_pair(dataset):
         b.attach_reference(table[:5])
 
 
+PACKED_SEQ = 4 * SEQ  # rows that hold several pairs
+
+
+def packed_batches_of(prefix: Path, seed: int = 3) -> PackedPreferenceBatches:
+    return PackedPreferenceBatches(PreferencePairs(IndexedDataset(str(prefix)), PACKED_SEQ, packed=True), PACKED_SEQ,
+                                   seed=seed, pad_id=0)
+
+
+def test_packed_rows_hold_whole_pairs_chosen_then_rejected(dataset):
+    b = packed_batches_of(dataset)
+    rows = len(b.rows)
+    assert rows < len(b) / 2  # several pairs a row
+    table = -np.arange(2 * len(b), dtype=np.float64).reshape(-1, 2)
+    b.attach_reference(table)
+    seen = []
+    for step in range(rows):  # one row a step: the first epoch
+        [mb] = b.microbatches(step=step, dp_rank=0, dp_size=1, micro_batch_size=1, global_batch_size=1)
+        order = mb["pair_index"].tolist()
+        seen += order
+        assert mb["pairs_global"] == len(order)
+        at = 0
+        for i, k in enumerate(order):
+            pair = b.pairs.pair(k)
+            for side, (ids, mask) in enumerate(((pair.chosen_ids, pair.chosen_mask),
+                                                (pair.rejected_ids, pair.rejected_mask))):
+                n = len(ids)
+                assert mb["tokens"][0, at:at + n].tolist() == ids.tolist()
+                assert mb["position_ids"][0, at:at + n].tolist() == list(range(n))
+                assert mb["loss_mask"][0, at:at + n - 1].tolist() == mask[1:].astype(np.float32).tolist()
+                assert mb["loss_mask"][0, at + n - 1] == 0  # no label crosses into the next sequence
+                assert (mb["sequence_ids"][0, at:at + n] == 2 * i + side).all()
+                assert at in mb["cu_seqlens"].tolist()
+                at += n
+        assert (mb["sequence_ids"][0, at:] == -1).all() and not mb["loss_mask"][0, at:].any()
+        assert mb["chosen_tokens_global"] == int(sum(b.pairs.pair(k).chosen_mask[1:].sum() for k in order))
+        assert mb["reference_logps"].tolist() == table[order].reshape(-1).tolist()
+    assert sorted(seen) == list(range(len(b)))  # every epoch reads each pair once
+
+
 def _fake_output(batch: dict, seed: int) -> torch.Tensor:
     """Per-token losses [rows, seq] as a model would return them (positive, where labels are)."""
     g = torch.Generator().manual_seed(seed)
@@ -161,8 +200,9 @@ def test_micro_batch_loss_gradient_is_the_global_loss_gradient(dataset):
 def test_reference_file_round_trip_and_fingerprint(dataset, tmp_path):
     path = reference_logps.reference_path(tmp_path / "run", dataset, SEQ)
     assert path.parent == tmp_path / "run" / reference_logps.DIRECTORY and path.name.startswith("pairs-")
-    # the row length decides which pairs are usable: another length, another file
+    # the row length and packing decide which pairs are usable: another length, another file
     assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ + 1) != path
+    assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ, packed=True) != path  # so does packing
     assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ) == path
     table = np.random.default_rng(0).normal(size=(11, 2))
     reference_logps.save(path, table)
@@ -186,3 +226,43 @@ def test_a_resume_reads_the_reference_its_start_wrote(dataset, tmp_path):
     preference_reference.attach(None, b, path, micro_batch_size=2, fresh_start=False)  # type: ignore[arg-type]
     np.testing.assert_array_equal(b.reference, table)
     assert path.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.name}-{o.dpo_loss}")
+def test_packed_micro_batches_give_the_unpacked_loss_and_gradient(dataset, objective):
+    """The same pairs' per-token losses laid out in packed rows (2 micro batches of 2 rows, 2 DP ranks) and
+    in one unpacked micro batch give the same loss, metrics and per-token gradient."""
+    packed = packed_batches_of(dataset)
+    reference = -np.linspace(20, 40, 2 * len(packed)).reshape(-1, 2)
+    packed.attach_reference(reference)
+    parts = [mb for rank in range(2) for mb in packed.microbatches(step=0, dp_rank=rank, dp_size=2,
+                                                                  micro_batch_size=2, global_batch_size=4)]
+    order = [k for mb in parts for k in mb["pair_index"].tolist()]
+    unpacked = PreferenceBatches(PreferencePairs(IndexedDataset(str(dataset)), PACKED_SEQ), PACKED_SEQ, seed=3,
+                                 pad_id=0)
+    assert np.array_equal(unpacked.pairs.indices, packed.pairs.indices)  # the same usable pairs
+    unpacked.attach_reference(reference)
+    whole = unpacked.collate_pairs(order)
+    whole["pairs_global"], whole["chosen_tokens_global"] = len(order), parts[0]["chosen_tokens_global"]
+    assert whole["chosen_tokens_global"] == int(whole["loss_mask"][0::2].sum())
+    out = _fake_output(whole, 2)
+    loss, n, report = preference_loss_func(objective, whole, out)
+    (loss / n).backward()
+    expected_grad, out.grad = out.grad.clone(), None
+    total = pairs = 0
+    sums = torch.zeros(len(PREFERENCE_METRICS), dtype=torch.float64)
+    first = 0
+    for mb in parts:
+        # each packed token takes the unpacked token of the same sequence and position
+        ids, positions = mb["sequence_ids"].reshape(-1), mb["position_ids"].reshape(-1)
+        rows = torch.where(ids >= 0, first + ids, 0)
+        packed_out = torch.where(ids >= 0, out[rows, positions], torch.zeros(()))
+        first += 2 * len(mb["pair_index"])
+        part, m, part_report = preference_loss_func(objective, mb, packed_out.reshape(1, -1))
+        (part / len(order)).backward()
+        total, pairs = total + float(part.detach()), pairs + int(m)
+        sums += part_report[REPORT_KEY].double()
+    assert pairs == len(order) and first == 2 * len(order)
+    assert total / pairs == pytest.approx(float(loss / n), rel=1e-6)
+    torch.testing.assert_close(sums / pairs, report[REPORT_KEY].double() / len(order), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.grad, expected_grad, rtol=1e-6, atol=1e-9)
