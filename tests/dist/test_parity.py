@@ -2,7 +2,9 @@
 loss (and grad norm) equal to the single-process run, each layout a real torchrun with gloo on CPU, fp32 (the layouts of one world
 size share one torchrun). The runs hold out 2% of the documents (data.split) and evaluate on them
 every EVAL_EVERY steps: the eval loss matches the single process's in every layout, equals a plain
-forward of the same weights, and `launcher.evaluate` of a checkpoint reproduces the run's own."""
+forward of the same weights, and `launcher.evaluate` of a checkpoint reproduces the run's own.
+The same launches save each layout's freshly initialized weights (tests/scripts/save_init): same seed,
+identical full tensors in every layout."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ import json
 import pytest
 
 from conftest import FAST, read_metrics, train_runs
+from tests.scripts.save_init import differing
 
 STEPS = 10
 LAYOUTS = [
@@ -45,6 +48,9 @@ PACKED_LAYOUTS = [
 ]
 
 
+# Initial weights saved in these layouts (and by the single process, and with another seed).
+INIT_LAYOUTS = [("tp2", 2, 1, 0, 2), ("pp2_vpp2", 1, 2, 2, 2), ("tp2_pp2", 2, 2, 0, 4)]  # name, tp, pp, vpp, ranks
+
 EVAL_EVERY = 5
 EVAL = ["data.split=98/2", f"eval.every={EVAL_EVERY}", "eval.iters=2"]
 COMMON = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
@@ -55,7 +61,8 @@ SAVED = ["checkpoint.save_every=5"]  # iter_0000005 (the last step is not saved:
 def base(tmp_path_factory, cache_env):
     """The single-process reference and every layout; then, in the same launches, the step-5
     checkpoints of `single` and `pp2` evaluated (launcher.evaluate) in their own layout and the
-    other one, and the independent reference loss of `single`'s."""
+    other one, the independent reference loss of `single`'s, and the initial weights of INIT_LAYOUTS
+    saved under base/init."""
     base = tmp_path_factory.mktemp("parity")
     runs = [("single", SAVED, 1), ("single_packed", PACKED, 1),
             *[(name, [*extra, *SAVED] if name == "pp2" else extra, n) for name, extra, n in LAYOUTS],
@@ -69,8 +76,15 @@ def base(tmp_path_factory, cache_env):
         ("reference_single", ["tests.scripts.eval_reference", str(base / "single" / "checkpoints" / "iter_0000005"),
                               f"{base / 'reference_single'}.json", *COMMON], 1),
         ("evaluate_pp2_as_pp2", evaluate("evaluate_pp2_as_pp2", "pp2", ["parallel.pp=2"]), 2),
-        ("evaluate_single_as_tp2", evaluate("evaluate_single_as_tp2", "single", ["parallel.tp=2"]), 2)])
+        ("evaluate_single_as_tp2", evaluate("evaluate_single_as_tp2", "single", ["parallel.tp=2"]), 2),
+        *[(f"init_{name}", _save_init(base / "init" / name, tp, pp, vpp), n) for name, tp, pp, vpp, n in
+          [("single", 1, 1, 0, 1), *INIT_LAYOUTS]],
+        ("init_seed8", _save_init(base / "init" / "seed8", 1, 1, 0, seed=8), 1)])
     return base
+
+
+def _save_init(path, tp, pp, vpp, seed=7) -> list[str]:
+    return ["tests.scripts.save_init", str(path), str(tp), str(pp), str(vpp), str(seed)]
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +157,26 @@ def test_evaluate_reproduces_the_run_s_own_eval(base, name, run, exact):
         assert record == ours
     else:
         assert record["eval_loss"] == pytest.approx(ours["eval_loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def init_differing(base) -> dict[str, list[str]]:
+    """The tensors in which each layout's initial weights (and those of another seed) differ from
+    the single process's."""
+    out = {}
+    for name in [*(x[0] for x in INIT_LAYOUTS), "seed8"]:
+        weights, values, differ = differing(str(base / "init" / "single"), str(base / "init" / name))
+        assert len(weights) >= 9 and values > 1_000_000, (weights, values)
+        out[name] = differ
+    return out
+
+
+@pytest.mark.parametrize("name", [x[0] for x in INIT_LAYOUTS])
+def test_layout_gets_identical_initial_weights(init_differing, name):
+    assert init_differing[name] == []
+
+
+def test_another_seed_gives_other_weights(init_differing):
+    differ = init_differing["seed8"]
+    assert "embedding.word_embeddings.weight" in differ and "output_layer.weight" in differ
+    assert "decoder.final_layernorm.weight" not in differ  # norms start at ones in every seed

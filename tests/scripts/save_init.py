@@ -21,17 +21,22 @@ from parallel.megatron_engine import MegatronEngine, init_distributed, shutdown
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def compare(ref: str, other: str) -> None:
+def differing(ref: str, other: str) -> tuple[list[str], int, list[str]]:
+    """Both saves loaded as full tensors: (weight keys, their number of values, keys that differ)."""
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         a, b = dist_checkpointing.load_plain_tensors(ref), dist_checkpointing.load_plain_tensors(other)
-    finally:  # tests/scripts/run_many.py may run another command in this process
+    finally:  # the caller (a test, or tests/scripts/run_many.py) may go on in this process
         torch.distributed.destroy_process_group()
     weights = sorted(k for k in a if not k.endswith("_extra_state"))
     assert weights and weights == sorted(k for k in b if not k.endswith("_extra_state")), (sorted(a), sorted(b))
-    differ = [k for k in weights if not torch.equal(a[k], b[k])]
+    return weights, sum(a[k].numel() for k in weights), [k for k in weights if not torch.equal(a[k], b[k])]
+
+
+def compare(ref: str, other: str) -> None:
+    weights, values, differ = differing(ref, other)
     print("keys: " + " ".join(weights))
-    print(f"compared {len(weights)} tensors, {sum(a[k].numel() for k in weights)} values; differ: {differ}")
+    print(f"compared {len(weights)} tensors, {values} values; differ: {differ}")
 
 
 def main() -> None:
