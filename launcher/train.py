@@ -106,7 +106,7 @@ def objective_config(cfg: JobConfig) -> ObjectiveConfig:
     if name == "dpo":
         d = cfg.dpo
         return ObjectiveConfig(name, beta=d.beta, dpo_loss=d.loss, label_smoothing=d.label_smoothing,
-                               sft_weight=d.sft_weight)
+                               sft_weight=d.sft_weight, live_reference=d.reference == "live")
     if name == "simpo":
         s = cfg.simpo
         return ObjectiveConfig(name, beta=s.beta, gamma=s.gamma, label_smoothing=s.label_smoothing,
@@ -279,7 +279,8 @@ def run(composed: DictConfig) -> None:
         prepare_run_dir(cfg, params_dtype)
 
     data = build_data(cfg)
-    reference = reference_file(cfg) if cfg.train.objective == "dpo" else None
+    live = cfg.train.objective == "dpo" and cfg.dpo.reference == "live"
+    reference = reference_file(cfg) if cfg.train.objective == "dpo" and not live else None
     if reference is not None and resolved.start_step > 0 and not reference.is_file():
         raise ConfigError("dpo.reference", f"resuming at step {resolved.start_step} needs {reference}, which this "
                                            f"run's start computes from its initial weights; it is missing")
@@ -296,6 +297,8 @@ def run(composed: DictConfig) -> None:
     try:
         engine = build_engine(cfg, args, layout, device, graphed=graphed)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
+        if live:
+            engine.freeze_reference()  # type: ignore[attr-defined]
         if reference is not None:
             from launcher import preference_reference
 

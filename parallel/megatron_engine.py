@@ -4,7 +4,9 @@ One optimizer step = `get_forward_backward_func()` over this DP rank's micro bat
 interleaved 1F1B with virtual stages, or no pipelining), then the distributed optimizer's
 step. Loss is token-weighted over the whole global batch (`calculate_per_token_loss`), so
 every layout and micro-batching optimizes the same objective. A preference objective
-(parallel/preference_loss.py) weights by pairs instead, through the same mechanism.
+(parallel/preference_loss.py) weights by pairs instead, through the same mechanism; DPO with a
+live reference holds a frozen copy of the model chunks (same layout, no gradients, eval mode),
+whose forward-only pass over a step's micro batches gives them their reference log-probs.
 """
 from __future__ import annotations
 
@@ -153,6 +155,9 @@ class MegatronEngine:
             if params_dtype == torch.bfloat16:
                 chunk = Float16Module(self.config, chunk)
             chunks.append(chunk)
+        # DPO's live reference: the same chunks, frozen; freeze_reference() gives them the policy's weights
+        self.reference_chunks = [self._frozen_copy(args, kernels, chunk, params_dtype)
+                                 for chunk in chunks] if objective.live_reference else []
         # bf16 main grads (precision-aware only): with one micro batch a step they hold what the
         # wgrad GEMM's bf16 epilogue wrote; half the buffer's memory and bytes (norm, AdamW, zeroing).
         bf16_grads = optim.precision_aware and optim.main_grads_dtype == "bf16"
@@ -194,6 +199,37 @@ class MegatronEngine:
             compat.set_moe_aux_loss_factor(self.config)
             self.moe_stats = MoEStats([c.module for c in self.chunks], args, device)
 
+    def _frozen_copy(self, args: ModelArgs, kernels: KernelOptions, chunk: torch.nn.Module,
+                     params_dtype: torch.dtype) -> torch.nn.Module:
+        """A model chunk built like `chunk` (before DDP wraps it), holding its weights, without gradients, in eval mode."""
+        inner = chunk.module if isinstance(chunk, Float16Module) else chunk
+        copy = build_llama(args, self.config, kernels, pre_process=inner.pre_process, post_process=inner.post_process,
+                           vp_stage=getattr(inner, "vp_stage", None))
+        if self.device.type == "cuda":
+            copy.cuda(self.device)
+        if params_dtype == torch.bfloat16:
+            copy = Float16Module(self.config, copy)
+        copy.load_state_dict(chunk.state_dict())
+        copy.requires_grad_(False)
+        return copy.eval()
+
+    def freeze_reference(self) -> None:
+        """DPO's live reference takes the policy's current weights (a run's initial weights: call it once
+        the starting checkpoint is loaded)."""
+        with torch.no_grad():
+            for reference, chunk in zip(self.reference_chunks, self.chunks):
+                reference.load_state_dict(chunk.module.state_dict())
+
+    @torch.no_grad()
+    def _with_live_reference(self, microbatches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The micro batches with the frozen reference's summed log-probs per sequence (`reference_logps`)
+        on the last pipeline stage, which computes the loss (collective over the model-parallel group)."""
+        reports = self._schedule(self._forward_only, microbatches, forward_only=True,
+                                 loss_for=lambda batch: partial(logps_loss_func, batch), model=self.reference_chunks)
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return microbatches
+        return [{**mb, "reference_logps": report["logps"]} for mb, report in zip(microbatches, reports)]
+
     def _preference_loss(self, batch: dict[str, Any]) -> Callable:
         return partial(preference_loss_func, self.objective, batch)
 
@@ -210,6 +246,8 @@ class MegatronEngine:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if self.reference_chunks:
+            microbatches = self._with_live_reference(microbatches)
         reports = self._schedule(self._forward_backward, microbatches, forward_only=False, loss_for=self._train_loss)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)
@@ -260,16 +298,19 @@ class MegatronEngine:
         return loss_sum.item(), int(num_tokens.item())
 
     def _schedule(self, schedule, microbatches: list[dict[str, torch.Tensor]], *, forward_only: bool,
-                  loss_for: Callable[[dict[str, Any]], Callable] = _lm_loss) -> list:
-        """One pass of a megatron-core schedule over this rank's micro batches; the last stage's reports."""
+                  loss_for: Callable[[dict[str, Any]], Callable] = _lm_loss,
+                  model: list[torch.nn.Module] | None = None) -> list:
+        """One pass of a megatron-core schedule over this rank's micro batches (through `model`, the
+        training chunks by default); the last stage's reports."""
+        model = model or self.chunks
         # Every virtual stage walks the same micro batches (first stage reads tokens, last labels).
-        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
+        data = [iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches)
         # Pipeline stages exchange [seq, batch, hidden] (megatron divides seq by cp itself); a packed
         # micro batch is one THD stream.
         packed = "cu_seqlens" in microbatches[0]
         seq_length = self.seq_length
         return schedule(forward_step_func=partial(_forward_step, self.device, loss_for), data_iterator=data,
-                        model=self.chunks,
+                        model=model,
                         num_microbatches=len(microbatches),
                         seq_length=seq_length * self.micro_batch_size if packed else seq_length,
                         micro_batch_size=1 if packed else self.micro_batch_size, forward_only=forward_only)

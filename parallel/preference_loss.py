@@ -45,6 +45,7 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0
     sft_weight: float = 0.0     # dpo, simpo: weight of the chosen NLL
     gamma: float = 0.0          # simpo: target reward margin
+    live_reference: bool = False  # dpo: reference log-probs from a frozen model held alongside (dpo.reference=live)
 
     @property
     def preference(self) -> bool:

@@ -175,8 +175,12 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     _check_logging(c)
     load, resuming = _check_checkpoint(c, world_size, writes_run_dir)
     config = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, load=load))
-    return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed, resuming=resuming,
-                          start_step=_saved_step(load) if load else 0)
+    start_step = _saved_step(load) if load else 0
+    if t.objective == "dpo" and c.dpo.reference == "live" and start_step > 0:
+        raise ConfigError("dpo.reference", f"live holds the initial weights in memory only: resuming at step "
+                                           f"{start_step} cannot rebuild them (train with dpo.reference=precomputed "
+                                           f"to resume)")
+    return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed, resuming=resuming, start_step=start_step)
 
 
 def _positive(key: str, value: Any) -> int:
@@ -217,7 +221,7 @@ def _check_objective(c: JobConfig) -> None:
 def _check_preference_run(c: JobConfig) -> None:
     """A preference objective trains on the megatron engine (tp, pp without virtual stages, dp), cp=1,
     dense models, rows of whole pairs (one sequence per row, or pairs packed: data.packing) from one
-    preference dataset, without evaluation; DPO from a precomputed reference."""
+    preference dataset, without evaluation; DPO's reference precomputed or live."""
     p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
     refusals = (("parallel.engine", p.engine != "megatron", f"engine={p.engine}"),
                 ("parallel.vpp", (p.vpp or 1) != 1, f"vpp={p.vpp}"),
@@ -225,9 +229,7 @@ def _check_preference_run(c: JobConfig) -> None:
                 ("parallel.ep", p.ep != 1 or c.model.num_experts is not None, "a mixture-of-experts model"),
                 ("data.reset_attention_mask", bool(d.reset_attention_mask), "reset_attention_mask (use "
                  "data.packing=true)"),
-                ("train.cuda_graph", t.cuda_graph is True, "cuda_graph=true"),
-                ("dpo.reference", objective == "dpo" and c.dpo.reference != "precomputed",
-                 f"dpo.reference={c.dpo.reference}"))
+                ("train.cuda_graph", t.cuda_graph is True, "cuda_graph=true"))
     for key, refused, what in refusals:
         if refused:
             raise ConfigError(key, f"train.objective={objective} does not run with {what} yet")

@@ -6,7 +6,8 @@ Preference training from the same import, in the same launches: DPO (precomputed
 the RPO term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards,
 log-probs and gradient norm equal transformers' forward of the HF model through TRL's losses
 (tests/trl_oracle.py); DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
-resumed DPO run reads its reference file and continues bit for bit; DPO and SimPO on pairs packed into
+resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
+(single process, pp=2) equals DPO from the precomputed one; DPO and SimPO on pairs packed into
 rows equal the same pairs unpacked, and packed DPO under pp=2 the single process."""
 from __future__ import annotations
 
@@ -37,7 +38,12 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                     PREF_STEPS),
                    ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS),
                    ("dpo_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.pp=2"], 2,
-                    PREF_STEPS)]
+                    PREF_STEPS),
+                   # the dpo run with a frozen reference model held alongside instead of the precomputed table
+                   ("dpo_live", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "dpo.reference=live"], 1,
+                    PREF_STEPS),
+                   ("dpo_live_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "dpo.reference=live",
+                                     "parallel.pp=2"], 2, PREF_STEPS)]
 PACKED_STEPS = 2
 # (objective, its overrides) trained on all pairs each step, unpacked and packed (packed_runs)
 PACKED_OBJECTIVES = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"]),
@@ -261,6 +267,21 @@ def test_dpo_layouts_equal_the_single_process(trained, name):
         for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
                     "logps_rejected", "nll_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("name", ["dpo_live", "dpo_live_pp2"])
+def test_live_reference_equals_the_precomputed_reference(trained, name):
+    """DPO with the frozen reference model forwarded each step (single process and pp=2) equals DPO from the
+    precomputed reference table over its steps; the live run writes no table."""
+    _, d, outputs = trained
+    assert "dpo: reference log-probs" not in outputs[name] and not (d / name / "reference_logps").exists()
+    precomputed, live = read_metrics(d / "dpo"), read_metrics(d / name)
+    assert len(precomputed) == len(live) == PREF_STEPS
+    tolerance = 1e-6 if name == "dpo_live" else 1e-5  # pp=2 against the single process: as the other layouts
+    for a, b in zip(precomputed, live):
+        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
+                    "logps_rejected", "nll_loss"):
+            assert b[key] == pytest.approx(a[key], rel=tolerance, abs=1e-6), (a["step"], key)
 
 
 def test_dpo_resume_reads_the_reference_and_continues_bit_exactly(trained):

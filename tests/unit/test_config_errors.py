@@ -112,7 +112,7 @@ CASES = [
     (["data.split=0/2"], "data.split", "no training documents"),
     (["data.split=98/2", "data.valid_prefixes=[x]"], "data.valid_prefixes", "either data.split or"),
     # preference objectives: their keys, then the layouts they run in (megatron, no vpp, cp=1, dense,
-    # pairs unpacked or packed, one preference dataset, no validation, DPO from a precomputed reference)
+    # pairs unpacked or packed, one preference dataset, no validation)
     (["train.objective=dpo"], "data.prefixes", "train.objective=dpo trains on one preference dataset"),
     ([*PREF, "train.objective=simpo", "parallel.engine=deepspeed"], "parallel.engine",
      "train.objective=simpo does not run with engine=deepspeed yet"),
@@ -122,8 +122,6 @@ CASES = [
     ([*PREF, "train.objective=dpo", "model=mixtral_tiny"], "parallel.ep", "does not run with a mixture-of-experts"),
     ([*PREF, "train.objective=dpo", "data.reset_attention_mask=true"], "data.reset_attention_mask",
      "does not run with reset_attention_mask (use data.packing=true) yet"),
-    ([*PREF, "train.objective=dpo", "dpo.reference=live"], "dpo.reference",
-     "does not run with dpo.reference=live yet"),
     ([*PREF, "train.objective=dpo", "data.prefixes=[a,b]"], "data.prefixes", "one preference dataset"),
     ([*PREF, "train.objective=dpo", "data.split=98/2"], "data.split", "has no validation loss yet"),
     ([*PREF, "train.objective=orpo", "train.micro_batch_size=3", "train.global_batch_size=6"],
@@ -348,3 +346,19 @@ def test_a_preference_objective_validates_and_runs_uncaptured(objective, tmp_pat
                             "train.global_batch_size=3", f"run.dir={tmp_path}")
     assert validate(packed, 1, "cpu").config.data.packing
     assert validate(compose_config(*PREF, f"run.dir={tmp_path}"), 1, "cuda").cuda_graph  # lm: auto captures
+
+
+def test_a_live_reference_does_not_resume(tmp_path, monkeypatch):
+    """dpo.reference=live keeps the initial weights in memory only: a resume past step 0 is refused."""
+    from launcher import checkpoint
+
+    saved = tmp_path / "checkpoints" / "iter_0000002"
+    saved.mkdir(parents=True)
+    # (an empty directory named like a step-2 checkpoint; its contents are not what this checks)
+    monkeypatch.setattr(checkpoint, "check_compatible", lambda *a: None)
+    monkeypatch.setattr(checkpoint, "check_engine", lambda *a: None)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(*PREF, "train.objective=dpo", "dpo.reference=live", f"checkpoint.load={saved}",
+                                f"run.dir={tmp_path}"), 1, "cpu")
+    assert err.value.key == "dpo.reference" and "resuming at step 2 cannot rebuild them" in err.value.reason
+    validate(compose_config(*PREF, "train.objective=dpo", "dpo.reference=live", f"run.dir={tmp_path}"), 1, "cpu")
