@@ -5,7 +5,8 @@ same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`m
 Preference training from the same import, in the same launches: DPO (precomputed reference, with
 the RPO term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards,
 log-probs and gradient norm equal transformers' forward of the HF model through TRL's losses
-(tests/trl_oracle.py); DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
+(tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
+TRL's loss; DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
 resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
 (single process, pp=2) equals DPO from the precomputed one; DPO and SimPO on pairs packed into
 rows equal the same pairs unpacked, and packed DPO under pp=2 the single process."""
@@ -26,6 +27,9 @@ SHAPE = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attent
          "num_query_groups": 2, "vocab_size": 4096}
 OVERRIDES = [f"model.{k}={v}" for k, v in SHAPE.items()] + [*FAST, "train.steps=1", "checkpoint.final_save=false"]
 PREF_STEPS = 3
+# One DPO optimizer step against torch's AdamW on the HF model (dpo_step): a constant lr, and an epsilon
+# near the gradients' size, so each update follows the gradient's value and not only its sign
+STEP_OPTIM = {"lr": 0.01, "eps": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "clip_grad": 1.0}
 # (run name, objective overrides, ranks, steps)
 PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 1, PREF_STEPS),
                    ("simpo", ["train.objective=simpo", "simpo.beta=2.0", "simpo.gamma=0.5",
@@ -39,6 +43,10 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                    ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS),
                    ("dpo_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.pp=2"], 2,
                     PREF_STEPS),
+                   # one step of the dpo run, saved (exported to HF by the same launch: STEP_EXPORT)
+                   ("dpo_step", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "checkpoint.final_save=true",
+                                 "optim.warmup_steps=0", "optim.decay_style=constant",
+                                 *[f"optim.{k}={v}" for k, v in STEP_OPTIM.items()]], 1, 1),
                    # the dpo run with a frozen reference model held alongside instead of the precomputed table
                    ("dpo_live", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "dpo.reference=live"], 1,
                     PREF_STEPS),
@@ -103,7 +111,8 @@ def packed_runs(prefix: Path) -> list[tuple[str, list[str], int, int]]:
 
 
 def _preference_overrides(d: Path, tokenizer: Path, extra: list[str], steps: int) -> list[str]:
-    keep = [o for o in OVERRIDES if o != "train.steps=1"]
+    own = {o.split("=")[0] for o in extra}  # the run's own value of a key wins
+    keep = [o for o in OVERRIDES if o != "train.steps=1" and o.split("=")[0] not in own]
     return ["launcher.train", *keep, f"train.steps={steps}", "data=indexed", f"data.prefixes=[{d / 'pairs'}]",
             f"data.tokenizer={tokenizer}", f"checkpoint.load={d / 'ckpt'}", *extra]
 
@@ -136,8 +145,9 @@ def trained(tmp_path_factory, cache_env):
     # resumes dpo_saved's run from its step-2 checkpoint in its own run.dir: reads the reference file
     resume = [o for o in preference["dpo_saved"] if not o.startswith("checkpoint.load=")] + [
         f"checkpoint.load={d / 'dpo_saved' / 'checkpoints' / 'iter_0000002'}"]
-    _, tp1, *pref1, resumed = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"],
-                                        train(1), *(preference[n] for n in single), resume])
+    export = ["launcher.convert", "export_hf", f"checkpoint={d / 'dpo_step' / 'checkpoints'}", f"out={d / 'dpo_step_hf'}"]
+    _, tp1, *pref1, resumed, _ = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"],
+                                           train(1), *(preference[n] for n in single), resume, export])
     [tp2, *pref2] = run_many([train(2), *(preference[n] for n in double)], nproc=2)
     return model, d, {"tp1": tp1, "tp2": tp2, **dict(zip(single, pref1)), **dict(zip(double, pref2)),
                       "resumed": resumed}
@@ -256,6 +266,40 @@ def test_first_preference_step_equals_transformers_and_trl(trained, name):
         compared.append(("reward_accuracy", "rewards/accuracies"))
     for ours, theirs in compared:
         assert first[ours] == pytest.approx(metrics[theirs], rel=1e-5, abs=1e-5), ours
+
+
+def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
+    """After one step from the imported model, the DPO run's weights (exported to HF by launcher.convert and
+    loaded by transformers) equal the HF model's after TRL's loss on the same batch, backward, gradient
+    clipping and torch's AdamW with the same hyperparameters (no weight decay on 1-D weights, as
+    megatron-core's optimizer) within 1e-5."""
+    import copy
+
+    import trl_oracle
+
+    model, d, _ = trained
+    policy = copy.deepcopy(model).train()
+    pairs, order = _first_batch(d)
+    with torch.no_grad():
+        reference = _hf_sums(policy, pairs, order).float().reshape(-1)
+    shell, logits = _hf_batch(policy, pairs, order)
+    batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
+    batch.reference = reference
+    loss, _ = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    loss.backward()
+    o = STEP_OPTIM
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), o["clip_grad"])
+    params = list(policy.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o["weight_decay"]},
+              {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
+    torch.optim.AdamW(groups, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"]).step()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(d / "dpo_step_hf", torch_dtype=torch.float32)
+    expected, got, before = policy.state_dict(), exported.state_dict(), model.state_dict()
+    assert set(got) == set(expected)
+    moved = max(float((expected[k] - before[k]).abs().max()) for k in expected)
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+    assert moved > 1e-3 and worst < 1e-5, (moved, worst)
+    assert read_metrics(d / "dpo_step")[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2"])
