@@ -25,7 +25,7 @@ TIERS = ("unit", "dist", "e2e")
 # order, so these start first and the quick in-process unit tier fills in at the end; xdist's own
 # order (most tests first) would start the unit tier first and leave a few long launches for last.
 LONGEST_FIRST = ("dist/test_parity.py", "e2e/test_deepspeed.py", "e2e/test_slurm.py", "dist/test_moe.py",
-                 "e2e/test_default_run.py", "e2e/test_signals.py", "dist/test_checkpoint_resilience.py",
+                 "e2e/test_default_run.py", "e2e/test_signals.py", "dist/test_checkpoint.py",
                  "e2e/test_hf_convert.py", "dist/test_precision_aware.py", "e2e/test_moe_hf.py",
                  "dist/test_compiled_layers.py", "dist/test_moe_options.py")
 

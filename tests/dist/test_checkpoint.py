@@ -1,50 +1,47 @@
-"""Checkpoint basics: save → load restores weights tensor by tensor and resumes at the saved
-step; a run resumed from a checkpoint continues the uninterrupted run's curve exactly."""
+"""Checkpoints users can trust: save → load restores weights tensor by tensor; a resumed run continues
+the uninterrupted run's curve exactly (in its own layout bit for bit, resharded into another within
+reduction order); an extended run follows the new schedule; keep_last pruning; a checkpoint of
+another model shape is caught up front. Every run of this module shares one launch per world size.
+Saves that survive SIGKILL and SIGTERM/SIGUSR1 are tests/e2e/test_signals.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, read_metrics, run_many
-
+from conftest import FAST, REPO, read_metrics, run_cli, run_many
 
 ROUNDTRIPS = [("single", 1, 1, 1), ("tp2", 2, 1, 2), ("pp2", 1, 2, 2)]  # name, tp, pp, ranks
+COMMON = [*FAST, "train.steps=5"]
+# Resumes of a tp=2 pp=2 checkpoint in each layout. cp2 also saves at step 4: a checkpoint written
+# under context parallelism (RNG streams per dp x cp rank).
+RESUMES = [("single", [], 1), ("dp2", [], 2), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"], 4),
+           ("cp2", ["parallel.cp=2", "checkpoint.save_every=1"], 2), ("cp2_tp2", ["parallel.cp=2", "parallel.tp=2"], 4)]
+
+
+def _train(run_dir: Path, overrides: list[str]) -> list[str]:
+    return ["launcher.train", *overrides, f"run.dir={run_dir}"]
 
 
 @pytest.fixture(scope="module")
-def roundtrips(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """tests/scripts/save_load_roundtrip.py in each layout (one launch per world size): its
-    checkpoint directories and outputs."""
-    base = tmp_path_factory.mktemp("roundtrip")
-    outputs = {}
-    for nproc in (1, 2):
-        names = [name for name, *_, n in ROUNDTRIPS if n == nproc]
-        outputs.update(zip(names, run_many([["tests.scripts.save_load_roundtrip", str(base / name), str(tp), str(pp)]
-                                            for name, tp, pp, n in ROUNDTRIPS if n == nproc], nproc=nproc)))
-    return base, outputs
+def base(tmp_path_factory, cache_env) -> Path:
+    """Every run and script of this module, in one launch per world size (4 ranks first: the
+    resumes start from its step-3 checkpoint). Each command's stdout goes to the path named beside it.
 
-
-@pytest.mark.parametrize("name", [x[0] for x in ROUNDTRIPS])
-def test_save_load_restores_weights_and_optimizer(roundtrips, name):
-    base, outputs = roundtrips
-    assert "ROUNDTRIP OK" in outputs[name]
-    assert (base / name / "latest").read_text().strip() == "iter_0000003"
-    assert not list((base / name).glob("*.tmp"))
-
-
-@pytest.fixture(scope="module")
-def resumes(tmp_path_factory, cache_env) -> Path:
-    """One launch: a 6-step run saving at step 3 and its resume from there into a fresh run dir; a
-    4-step run, then extended to 8 steps in its own run dir (checkpoint.load=auto, the default),
-    once more (nothing left to train), and from its step-4 checkpoint with the saved schedule kept;
-    a fresh 8-step run. Each run's stdout is <run dir>/stdout.<n>.txt."""
-    base = tmp_path_factory.mktemp("resumes")
-    short = base / "short"
-    runs = [
-        ("full", ["train.steps=6", "checkpoint.save_every=3", f"checkpoint.dir={base / 'full' / 'ckpt'}"]),
-        ("resumed", ["train.steps=6", f"checkpoint.dir={base / 'resumed' / 'ckpt'}",
-                     f"checkpoint.load={base / 'full' / 'ckpt' / 'iter_0000003'}"]),
+    - roundtrip/<name>: tests/scripts/save_load_roundtrip.py in each ROUNDTRIPS layout;
+    - resumes/: a 6-step run saving at step 3 and its resume from there into a fresh run dir; a
+      4-step run, then extended to 8 steps in its own run dir (checkpoint.load=auto, the default),
+      once more (nothing left to train), and from its step-4 checkpoint with the saved schedule
+      kept; a fresh 8-step run (stdout.<n>.txt, n the order of the runs);
+    - tp2pp2_saved: 5 steps under tp=2 pp=2 saving at step 3, and resume_<name> its resume in each
+      RESUMES layout; keep_last: 5 steps saving every step, keep_last=2; one_step: the default model."""
+    base = tmp_path_factory.mktemp("checkpoint")
+    resumes, short = base / "resumes", base / "resumes" / "short"
+    resume = ["checkpoint.final_save=false", f"checkpoint.load={base / 'tp2pp2_saved' / 'ckpt' / 'iter_0000003'}"]
+    resume_runs = [
+        ("full", ["train.steps=6", "checkpoint.save_every=3", f"checkpoint.dir={resumes / 'full' / 'ckpt'}"]),
+        ("resumed", ["train.steps=6", f"checkpoint.dir={resumes / 'resumed' / 'ckpt'}",
+                     f"checkpoint.load={resumes / 'full' / 'ckpt' / 'iter_0000003'}"]),
         ("short", ["train.steps=4"]),
         ("kept", ["train.steps=8", "checkpoint.keep_saved_schedule=true",
                   f"checkpoint.load={short / 'checkpoints' / 'iter_0000004'}"]),
@@ -52,10 +49,44 @@ def resumes(tmp_path_factory, cache_env) -> Path:
         ("short", ["train.steps=8"]),
         ("fresh8", ["train.steps=8"]),
     ]
-    outputs = run_many([["launcher.train", *FAST, *overrides, f"run.dir={base / name}"] for name, overrides in runs])
-    for n, ((name, _), text) in enumerate(zip(runs, outputs)):
-        (base / name / f"stdout.{n}.txt").write_text(text)
+    commands = [  # (ranks, stdout file, command)
+        (4, base / "tp2pp2_saved" / "stdout.txt",
+         _train(base / "tp2pp2_saved", [*COMMON, "parallel.tp=2", "parallel.pp=2", "checkpoint.save_every=3",
+                                        f"checkpoint.dir={base / 'tp2pp2_saved' / 'ckpt'}"])),
+        *[(n, base / "roundtrip" / f"{name}.txt",
+           ["tests.scripts.save_load_roundtrip", str(base / "roundtrip" / name), str(tp), str(pp)])
+          for name, tp, pp, n in ROUNDTRIPS],
+        *[(1, resumes / name / f"stdout.{i}.txt", _train(resumes / name, [*FAST, *overrides]))
+          for i, (name, overrides) in enumerate(resume_runs)],
+        *[(n, base / f"resume_{name}" / "stdout.txt", _train(base / f"resume_{name}", [*COMMON, *extra, *resume]))
+          for name, extra, n in RESUMES],
+        (1, base / "keep_last" / "stdout.txt",
+         _train(base / "keep_last", [*COMMON, "checkpoint.save_every=1", "checkpoint.keep_last=2"])),
+        (1, base / "one_step" / "stdout.txt", _train(base / "one_step", [*FAST, "train.steps=1"])),
+    ]
+    for nproc in dict.fromkeys(n for n, *_ in commands):
+        mine = [(path, command) for n, path, command in commands if n == nproc]
+        for (path, _), text in zip(mine, run_many([command for _, command in mine], nproc=nproc)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
     return base
+
+
+@pytest.fixture(scope="module")
+def roundtrips(base) -> Path:
+    return base / "roundtrip"
+
+
+@pytest.fixture(scope="module")
+def resumes(base) -> Path:
+    return base / "resumes"
+
+
+@pytest.mark.parametrize("name", [x[0] for x in ROUNDTRIPS])
+def test_save_load_restores_weights_and_optimizer(roundtrips, name):
+    assert "ROUNDTRIP OK" in (roundtrips / f"{name}.txt").read_text()
+    assert (roundtrips / name / "latest").read_text().strip() == "iter_0000003"
+    assert not list((roundtrips / name).glob("*.tmp"))
 
 
 def test_resume_continues_the_same_curve(resumes):
@@ -105,3 +136,34 @@ def test_the_start_up_disk_check_expects_the_size_a_checkpoint_has(resumes):
     saved = sum(p.stat().st_size for p in (resumes / "short" / "checkpoints" / "iter_0000008").rglob("*")
                 if p.is_file())
     assert preflight.checkpoint_bytes(args, 4) == pytest.approx(saved, rel=0.05)
+
+
+@pytest.mark.parametrize("name", [x[0] for x in RESUMES])
+def test_resume_in_another_layout_continues_the_curve(base, name):
+    original, resumed = read_metrics(base / "tp2pp2_saved")[3:], read_metrics(base / f"resume_{name}")
+    assert [m["step"] for m in resumed] == [4, 5]
+    if name == "cp2":
+        assert (base / "resume_cp2" / "checkpoints" / "iter_0000004" / "metadata.json").is_file()
+    if name == "tp2pp2":  # same layout: bit for bit, RNG streams included
+        assert [(m["loss"], m["grad_norm"], m["lr"]) for m in resumed] == \
+               [(m["loss"], m["grad_norm"], m["lr"]) for m in original]
+    else:  # weights and Adam moments resharded: same numbers up to reduction order
+        assert "layout changed" in (base / f"resume_{name}" / "stdout.txt").read_text()
+        for a, b in zip(original, resumed):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # as in test_parity
+            assert b["lr"] == a["lr"]
+
+
+def test_keep_last_prunes_after_each_complete_save(base):
+    ckpt = base / "keep_last" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000004", "iter_0000005", "latest"]
+
+
+def test_checkpoint_of_another_model_shape_is_one_clear_error(base, tmp_path):
+    saved = base / "one_step" / "checkpoints"
+    proc = run_cli("launcher.train", [*FAST, "model.num_layers=2", f"checkpoint.load={saved}",
+                                      f"run.dir={tmp_path / 'other'}"], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: checkpoint.load: ")
+    assert "num_layers: checkpoint 4 vs config 2" in proc.stderr
