@@ -28,12 +28,19 @@ def compute(engine: MegatronEngine, batches: PreferenceBatches, micro_batch_size
     table = torch.zeros(len(batches), 2, dtype=torch.float64, device=engine.device)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     reports = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    for i in range(batches.reference_count(micro_batch_size))[dp_rank::dp_size]:
-        # the last micro batch is filled up to a full one, whose extra pairs' values are not kept
-        batch, kept = batches.reference_microbatch(i, micro_batch_size)
-        logps = engine.sequence_logps([batch])
+    # the interleaved pipeline schedule (vpp) runs at least pp micro batches a pass
+    group = engine.layout.pp if engine.layout.vpp else 1
+    mine = list(range(batches.reference_count(micro_batch_size)))[dp_rank::dp_size]
+    for at in range(0, len(mine), group):
+        # the last micro batch is filled up to a full one, and the last group up to a whole group by
+        # repeating its last micro batch; values of what fills are not kept
+        loaded = [batches.reference_microbatch(i, micro_batch_size) for i in mine[at:at + group]]
+        loaded += [(loaded[-1][0], 0)] * (group - len(loaded))
+        logps = engine.sequence_logps([batch for batch, _ in loaded])
         if reports and logps is not None:
-            table[batch["pair_index"][:kept].to(table.device)] = logps.to(table).reshape(-1, 2)[:kept]
+            sizes = [2 * len(batch["pair_index"]) for batch, _ in loaded]
+            for (batch, kept), values in zip(loaded, logps.split(sizes)):
+                table[batch["pair_index"][:kept].to(table.device)] = values.to(table).reshape(-1, 2)[:kept]
     dist.all_reduce(table)
     return table.cpu().numpy()
 

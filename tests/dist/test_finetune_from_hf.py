@@ -8,7 +8,8 @@ log-probs and gradient norm equal transformers' forward of the HF model through 
 (tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
 TRL's loss; DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
 resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
-(single process, pp=2) equals DPO from the precomputed one; DPO and SimPO on pairs packed into
+(single process, pp=2) equals DPO from the precomputed one; DPO under pp=2 x vpp=2 (a 4-layer model)
+equals the single process with either reference; DPO and SimPO on pairs packed into
 rows equal the same pairs unpacked, and packed DPO under pp=2 the single process."""
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                    ("dpo_step", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "checkpoint.final_save=true",
                                  "optim.warmup_steps=0", "optim.decay_style=constant",
                                  *[f"optim.{k}={v}" for k, v in STEP_OPTIM.items()]], 1, 1),
+                   # a 4-layer model (random initial weights: the import has 2 layers) for the interleaved
+                   # pipeline (pp=2 x vpp=2), precomputed and live reference, against the single process
+                   *[(name, ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "model.num_layers=4",
+                             "checkpoint.load=null", *extra], nproc, PREF_STEPS)
+                     for name, extra, nproc in (("dpo4", [], 1),
+                                                ("dpo4_vpp", ["parallel.pp=2", "parallel.vpp=2"], 2),
+                                                ("dpo4_vpp_live", ["parallel.pp=2", "parallel.vpp=2",
+                                                                   "dpo.reference=live"], 2))],
                    # the dpo run with a frozen reference model held alongside instead of the precomputed table
                    ("dpo_live", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "dpo.reference=live"], 1,
                     PREF_STEPS),
@@ -113,8 +122,9 @@ def packed_runs(prefix: Path) -> list[tuple[str, list[str], int, int]]:
 def _preference_overrides(d: Path, tokenizer: Path, extra: list[str], steps: int) -> list[str]:
     own = {o.split("=")[0] for o in extra}  # the run's own value of a key wins
     keep = [o for o in OVERRIDES if o != "train.steps=1" and o.split("=")[0] not in own]
+    load = [] if "checkpoint.load" in own else [f"checkpoint.load={d / 'ckpt'}"]
     return ["launcher.train", *keep, f"train.steps={steps}", "data=indexed", f"data.prefixes=[{d / 'pairs'}]",
-            f"data.tokenizer={tokenizer}", f"checkpoint.load={d / 'ckpt'}", *extra]
+            f"data.tokenizer={tokenizer}", *load, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +303,7 @@ def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o["weight_decay"]},
               {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
     torch.optim.AdamW(groups, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"]).step()
-    exported = transformers.AutoModelForCausalLM.from_pretrained(d / "dpo_step_hf", torch_dtype=torch.float32)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(d / "dpo_step_hf", dtype=torch.float32)
     expected, got, before = policy.state_dict(), exported.state_dict(), model.state_dict()
     assert set(got) == set(expected)
     moved = max(float((expected[k] - before[k]).abs().max()) for k in expected)
@@ -326,6 +336,21 @@ def test_live_reference_equals_the_precomputed_reference(trained, name):
         for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
                     "logps_rejected", "nll_loss"):
             assert b[key] == pytest.approx(a[key], rel=tolerance, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("name", ["dpo4_vpp", "dpo4_vpp_live"])
+def test_dpo_under_the_interleaved_pipeline_equals_the_single_process(trained, name):
+    _, d, _ = trained
+    single, vpp = read_metrics(d / "dpo4"), read_metrics(d / name)
+    assert len(single) == len(vpp) == PREF_STEPS
+    for a, b in zip(single, vpp):
+        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
+                    "logps_rejected", "nll_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    if name == "dpo4_vpp":
+        [table] = (d / "dpo4" / "reference_logps").glob("*.npy")
+        [vpp_table] = (d / name / "reference_logps").glob("*.npy")
+        np.testing.assert_allclose(np.load(vpp_table), np.load(table), rtol=1e-6)
 
 
 def test_dpo_resume_reads_the_reference_and_continues_bit_exactly(trained):
