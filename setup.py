@@ -35,8 +35,9 @@ setup(
         # triton: the torch backend's GPU kernels also run on CPU in Triton's interpreter (tests).
         # trl: the oracle of the preference losses' unit tests, which call its trainers' loss code
         # (private methods, hence the one tested minor version: 1.16.0) without a model.
+        # peft: loads the LoRA adapters launcher.convert exports, in their tests (tested: 0.18.1).
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.45,<6", DEEPSPEED, "triton>=3.3",
-                "trl>=1.16,<1.17"],
+                "trl>=1.16,<1.17", "peft>=0.18,<0.19"],
         # parallel.engine=deepspeed (ZeRO-3 + offload). An sdist: its build needs no torch (ops
         # are JIT-built with ninja + a C++ compiler on first use, see README).
         "deepspeed": [DEEPSPEED],

@@ -26,6 +26,7 @@ from parallel.compat import UnverifiedMegatronVersion
 if TYPE_CHECKING:
     from launcher.data.split import Bookends
     from models.args import ModelArgs
+    from models.lora import LoraOptions
     from parallel.engine import Engine
     from parallel.layout import Layout
     from launcher.data.tokenizer import Tokenizer
@@ -240,14 +241,25 @@ def build_engine(cfg: JobConfig, args: ModelArgs, layout: Layout, device: torch.
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, device=device,
                           params_dtype=params_dtype, recompute=cfg.train.recompute,
                           # fp8 and the cp_mode attentions are the torch backend's
-                          backend="torch" if fp8 or layout.cp > 1 else default_backend(),
+                          backend="torch" if fp8 or layout.cp > 1 or cfg.train.peft != "none" else default_backend(),
                           cp_mode=cfg.parallel.cp_mode,
                           distributed_optimizer=cfg.parallel.distributed_optimizer,
                           overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                           compile=cfg.train.compile,
                           cuda_graph=graphed, fp8=fp8,
                           keep_saved_schedule=cfg.checkpoint.keep_saved_schedule,
-                          objective=objective_config(cfg))
+                          objective=objective_config(cfg), lora=lora_options(cfg))
+
+
+def lora_options(cfg: JobConfig) -> LoraOptions | None:
+    """train.peft=lora's adapters, or None."""
+    if cfg.train.peft != "lora":
+        return None
+    from models.lora import LoraOptions
+
+    lora = cfg.lora
+    return LoraOptions(rank=lora.rank, alpha=float(lora.alpha), dropout=float(lora.dropout),
+                       targets=tuple(lora.targets))
 
 
 
@@ -308,10 +320,18 @@ def run(composed: DictConfig) -> None:
             params = torch.tensor(engine.num_parameters())
             print(f"shardforge: model={args.name} layout[{layout}] device={device.type} dtype={params_dtype} "
                   f"params/rank(0)={params.item() / 1e6:.1f}M steps={start_step}->{cfg.train.steps} "
-                  f"run.dir={cfg.run.dir}{' cuda_graph=on' if graphed else ''}{_restart_note()}", flush=True)
+                  f"run.dir={cfg.run.dir}{' cuda_graph=on' if graphed else ''}{_lora_note(engine)}{_restart_note()}",
+                  flush=True)
         train(cfg, engine, data, args, start_step)
     finally:
         shutdown()
+
+
+def _lora_note(engine: Engine) -> str:
+    lora = getattr(engine, "lora", None)
+    if lora is None:
+        return ""
+    return f" peft=lora rank={lora.rank} trainable/rank(0)={engine.num_trainable_parameters() / 1e6:.3f}M"
 
 
 def _restart_note() -> str:

@@ -23,8 +23,11 @@ _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 def _init_global(key: str, shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
                  std: float, num_layers: int) -> torch.Tensor:
     leaf = key.rsplit(".", 1)[-1]
-    if leaf == "bias" or leaf.endswith("_bias"):
+    if leaf == "bias" or leaf.endswith("_bias") or leaf == "lora_b":  # (B = 0: a new adapter changes nothing)
         return torch.zeros(shape, device=device)
+    if leaf == "lora_a":  # PEFT's default: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(shape[-1])
+        return torch.empty(shape, device=device).uniform_(-bound, bound, generator=generator)
     if "norm" in key.rsplit(".", 2)[-2] or "layer_norm" in leaf:
         return torch.ones(shape, device=device)
     if key.endswith(_OUTPUT_PROJECTIONS):

@@ -14,7 +14,8 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
   rows masked per document); RoPE: on GPU RopeSelfAttention
   (models/rope_attention.py), elsewhere megatron's SelfAttention;
 - linears: megatron's, or with `fp8` the fp8 ones (models/kernels/fp8_linear.py; dense models),
-  told where their input is held anyway (`keep_input`);
+  told where their input is held anyway (`keep_input`); with `lora` the linears it targets carry an
+  adapter beside their frozen weight (models/kernels/lora_linear.py; dense models);
 - MLP: on GPU the Triton SwiGLU (models/swiglu_mlp.py), elsewhere megatron's; with `mlp_act`
   recompute (dense models) models/mlp_act_recompute.py; MoE experts: GroupedGemmExperts
   (models/kernels/grouped_experts.py); shared experts like the MLP;
@@ -47,7 +48,9 @@ from models.kernels.attention import SDPAttention
 from models.kernels.context_parallel_attention import MODES as CP_MODES, ContextParallelAttention
 from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.kernels.grouped_experts import GroupedGemmExperts
+from models.kernels.lora_linear import LoraColumnParallelLinear, LoraRowParallelLinear
 from models.kernels.norm import RMSNorm
+from models.lora import LoraOptions
 from models.mlp_act_recompute import ActivationRecomputeMLP, TritonActivationRecomputeMLP
 from models.norm_recompute import NormOutputCheckpoint
 from models.padded_vocab import PaddedVocabGPTModel
@@ -70,6 +73,7 @@ class KernelOptions:
     fp8: bool = False  # fp8 GEMMs in the dense layers' linears (torch backend)
     engine: str = "megatron"  # megatron | deepspeed
     cp_mode: str = "ring"  # context-parallel attention (cp > 1): ring | allgather
+    lora: LoraOptions | None = None  # LoRA adapters on the dense layers' linears it targets
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -166,6 +170,8 @@ def _fill_layer(spec: ModuleSpec, config: TransformerConfig, options: KernelOpti
             attention.linear_proj = _fp8(Fp8RowParallelLinear, keep_input=True)
             mlp.submodules.linear_fc1 = _fp8(Fp8ColumnParallelLinear, keep_input=norm_refilled)
             mlp.submodules.linear_fc2 = _fp8(Fp8RowParallelLinear, keep_input="mlp_act" in recompute)
+        if options.lora is not None and not moe_model:
+            _lora(attention, mlp.submodules, options.lora)
         return
     experts = mlp.submodules.experts  # a MoE layer
     if experts.module in (SequentialMLP, GroupedGemmExperts):
@@ -177,6 +183,17 @@ def _fill_layer(spec: ModuleSpec, config: TransformerConfig, options: KernelOpti
 
 def _fp8(linear: type, keep_input: bool) -> ModuleSpec:
     return ModuleSpec(module=linear, params={"keep_input": keep_input})
+
+
+def _lora(attention, mlp, lora: LoraOptions) -> None:
+    """The targeted linears of one dense layer as LoRA linears; fc1's B is stored as fc1's weight
+    ([gate; up], `swiglu`)."""
+    slots = {"qkv": (attention, "linear_qkv", LoraColumnParallelLinear), "proj": (attention, "linear_proj",
+                                                                                LoraRowParallelLinear),
+             "fc1": (mlp, "linear_fc1", LoraColumnParallelLinear), "fc2": (mlp, "linear_fc2", LoraRowParallelLinear)}
+    for target in lora.targets:
+        holder, slot, linear = slots[target]
+        setattr(holder, slot, ModuleSpec(module=linear, params={"lora": lora, "swiglu": target == "fc1"}))
 
 
 def slots(spec: ModuleSpec | TransformerBlockSubmodules, model: type[GPTModel]) -> dict[str, str]:
@@ -225,4 +242,6 @@ def _name(spec) -> str:
     params = getattr(spec, "params", None) or {}
     if params.get("keep_input"):
         return f"{name}(keep_input)"
+    if "lora" in params:
+        return f"{name}(rank={params['lora'].rank})"
     return f"{name}({params['mode']})" if "mode" in params else name

@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
 from models.init import init_weights
+from models.lora import LoraOptions, freeze_base, is_adapter
 from models.args import ModelArgs
 from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
@@ -43,7 +44,8 @@ from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import load_schedule, lr_scheduler
 from parallel.preference_loss import (PREFERENCE_METRICS, REPORT_KEY, ObjectiveConfig, logps_loss_func,
                                       preference_loss_func)
-from parallel import megatron_state
+from parallel import lora_checkpoint, megatron_state
+from parallel.lora_grads import with_partial_grad_sum
 from parallel import compat
 
 # What init_distributed started (CPU emulation of CUDA APIs, the process group), undone by
@@ -126,13 +128,15 @@ class MegatronEngine:
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
                  fp8: bool = False, cp_mode: str = "ring", keep_saved_schedule: bool = False,
-                 objective: ObjectiveConfig = ObjectiveConfig()):
+                 objective: ObjectiveConfig = ObjectiveConfig(), lora: LoraOptions | None = None):
         self.args, self.layout, self.device = args, layout, device
+        self.seed, self.lora = seed, lora
+        self.lora_base: str | None = None  # the checkpoint the adapters' frozen base came from (None: the seed's)
         self.objective = objective
         self._train_loss = self._preference_loss if objective.preference else _lm_loss
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         # models/kernel_provider.py picks every module class of the model from these
-        kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8, cp_mode=cp_mode)
+        kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8, cp_mode=cp_mode, lora=lora)
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep,
                                          cp=layout.cp)
@@ -150,6 +154,8 @@ class MegatronEngine:
             if device.type == "cuda":
                 chunk.cuda(device)
             init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
+            if lora is not None:  # (before DDP and the optimizer: they take only what trains)
+                freeze_base(chunk)
             if compile:
                 compile_layers(chunk)
             if params_dtype == torch.bfloat16:
@@ -187,6 +193,8 @@ class MegatronEngine:
             if FoldedGradScaling.applies(self.optimizer) else None
         self.config.finalize_model_grads_func = (self.grad_scaling.finalize_model_grads if self.grad_scaling
                                                  else finalize_model_grads)
+        if lora is not None and layout.tp > 1:
+            self.config.finalize_model_grads_func = with_partial_grad_sum(self.config.finalize_model_grads_func)
         self.scheduler = lr_scheduler(self.optimizer, optim, steps, keep_saved_schedule)
         self._forward_backward = get_forward_backward_func()
         self._forward_only = self._forward_backward  # evaluation: never the captured training graph
@@ -236,6 +244,9 @@ class MegatronEngine:
     def num_parameters(self) -> int:
         """Parameters held by this rank (its TP/PP shard)."""
         return sum(p.numel() for c in self.chunks for p in c.parameters())
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for c in self.chunks for p in c.parameters() if p.requires_grad)
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
         if self.device.type == "cuda":  # pinned: their copies to the GPU queue behind the running step
@@ -330,11 +341,17 @@ class MegatronEngine:
         dist.all_reduce(totals)
         return totals
 
-    def model_sharded_state_dict(self) -> dict[str, Any]:
-        """'model' (or 'model0', 'model1', ... per virtual pipeline chunk) -> sharded state dict."""
+    def model_sharded_state_dict(self, part: str = "trained") -> dict[str, Any]:
+        """'model' (or 'model0', 'model1', ... per virtual pipeline chunk) -> sharded state dict of the
+        weights that train (under LoRA the adapters only; `part="base"`: the frozen rest)."""
+        def select(state: dict[str, Any]) -> dict[str, Any]:
+            if self.lora is None:
+                return state
+            return {k: v for k, v in state.items() if is_adapter(k) == (part == "trained")}
+
         if len(self.chunks) == 1:
-            return {"model": self.chunks[0].module.sharded_state_dict()}
-        return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
+            return {"model": select(self.chunks[0].module.sharded_state_dict())}
+        return {f"model{i}": select(c.module.sharded_state_dict()) for i, c in enumerate(self.chunks)}
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
         model = self.model_sharded_state_dict()
@@ -354,10 +371,23 @@ class MegatronEngine:
         state.update(step=step, layout=megatron_state.layout(), model_args=asdict(self.args),
                      rng_state=megatron_state.rng_state(is_loading=False))
         dist_checkpointing.save(state, str(directory))
+        if self.lora is not None and dist.get_rank() == 0:
+            lora_checkpoint.write_reference(directory, lora_checkpoint.reference(self.lora_base, self.seed, self.lora,
+                                                                                 self.args))
 
     def load(self, directory: Path) -> int:
         """Load a dist checkpoint saved in any layout; returns the step to resume after. A model-only
-        checkpoint (no step) loads the weights and returns 0: fine-tuning starts fresh."""
+        checkpoint (no step) loads the weights and returns 0: fine-tuning starts fresh.
+        Under LoRA a checkpoint without adapters is the frozen base (step 0); a LoRA checkpoint's
+        base is loaded from its reference first (parallel/lora_checkpoint.py)."""
+        if self.lora is not None:
+            reference = lora_checkpoint.read_reference(directory)
+            base = str(Path(directory).resolve()) if reference is None else reference["base"]
+            if base is not None:
+                self._load_model(dist_checkpointing.load(self.model_sharded_state_dict("base"), base), "base")
+            self.lora_base = base
+            if reference is None:
+                return 0
         common = dist_checkpointing.load_common_state_dict(str(directory))
         if "step" not in common:
             # (the optimizer is left untouched: a never-stepped one cannot even describe its state)
@@ -398,12 +428,20 @@ class MegatronEngine:
                   f"weights and optimizer state resharded, RNG streams start fresh", flush=True)
         return step
 
-    def _load_model(self, loaded: dict[str, Any]) -> None:
+    def _load_model(self, loaded: dict[str, Any], part: str = "trained") -> None:
         for key, value in loaded.items():
             # 'model' -> chunk 0, 'model3' -> chunk 3 (virtual pipeline chunks); other keys are not the model's
             index = 0 if key == "model" else int(key[5:]) if key.startswith("model") and key[5:].isdigit() else None
             if index is not None:
-                self.chunks[index].module.load_state_dict(value)
+                module = self.chunks[index].module
+                if self.lora is None:
+                    module.load_state_dict(value)
+                    continue
+                # the base and the adapters come from different checkpoints: each load fills its part
+                missing, unexpected = module.load_state_dict(value, strict=False)
+                left = [k for k in missing if not k.endswith("._extra_state") and is_adapter(k) == (part == "trained")]
+                if left or unexpected:
+                    raise RuntimeError(f"checkpoint: model tensors missing {left[:3]} / unexpected {unexpected[:3]}")
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """Every model tensor whole, by checkpoint key, on every rank (collective; the whole model

@@ -98,6 +98,19 @@ class TrainConfig:
     # lm: next-token cross entropy (pretrain, SFT) | dpo | simpo | orpo: a preference loss over
     # preference pairs (models/objectives.py), refused by validation while no engine runs it
     objective: str = "lm"
+    # none: every parameter trains | lora: the base model frozen, low-rank adapters on lora.targets
+    # train (the lora section; megatron engine, dense models)
+    peft: str = "none"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """train.peft=lora: W + (alpha / rank) * B @ A on each targeted linear, W frozen, B starting at zero."""
+    rank: int = 16                   # inner dimension of the adapters
+    alpha: float = 32.0               # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0              # dropout on the adapters' input (training only)
+    # qkv (fused query/key/value) | proj (attention output) | fc1 (fused gate/up) | fc2 (MLP output)
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
 
 
 @dataclass(frozen=True)
@@ -223,6 +236,7 @@ class JobConfig:
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)

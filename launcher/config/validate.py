@@ -22,6 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 from launcher import run_dir
 from launcher.config.schema import JobConfig, ModelConfig
 from models.args import padded_vocab_size
+from models.lora import TARGETS as LORA_TARGETS
 from models.objectives import DPO_LOSSES, DPO_REFERENCES, OBJECTIVES, SMOOTHED_LOSSES
 from parallel import cuda_graph
 from parallel.layout import Layout
@@ -29,6 +30,9 @@ from parallel.layout import Layout
 # megatron-core's selective recompute submodules (TransformerConfig.recompute_modules), and
 # mlp_act: the dense MLP's activation output (models/mlp_act_recompute.py).
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts", "mlp_act")
+
+
+PEFT_METHODS = ("none", "lora")
 
 
 class ConfigError(ValueError):
@@ -122,6 +126,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
                        ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
                        ("train.global_batch_size", t.global_batch_size), ("train.seq_length", t.seq_length)):
         _positive(key, value)
+    _check_lora(c)
     _check_objective(c)
     moe = m.num_experts is not None
 
@@ -148,7 +153,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
         raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
                                            "(MoE routing sends a data-dependent number of tokens to each expert)")
     # (auto leaves a preference objective's steps uncaptured: its micro batches carry per-step scalars)
-    graphed = _check_cuda_graph(c, device_type, world_size) and t.objective == "lm"
+    graphed = _check_cuda_graph(c, device_type, world_size) and t.objective == "lm" and t.peft == "none"
     _check_precision_aware(c, device_type)
     if c.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {c.logging.wandb.mode!r}")
@@ -175,7 +180,9 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     _check_logging(c)
     load, resuming = _check_checkpoint(c, world_size, writes_run_dir)
     config = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, load=load))
-    start_step = _saved_step(load) if load else 0
+    # under LoRA a checkpoint without adapters is the base: the adapters start at step 0
+    continues = load is not None and (t.peft == "none" or _check_lora_checkpoint(c, load))
+    start_step = _saved_step(load) if continues else 0
     if t.objective == "dpo" and c.dpo.reference == "live" and start_step > 0:
         raise ConfigError("dpo.reference", f"live holds the initial weights in memory only: resuming at step "
                                            f"{start_step} cannot rebuild them (train with dpo.reference=precomputed "
@@ -216,6 +223,35 @@ def _check_objective(c: JobConfig) -> None:
             raise ConfigError(key, f"must be >= 0, got {value!r}")
     if objective != "lm":
         _check_preference_run(c)
+
+
+def _check_lora(c: JobConfig) -> None:
+    """train.peft and the lora section; LoRA runs on the megatron engine, on dense models, with
+    eager layers (auto leaves its steps uncaptured by CUDA graphs)."""
+    t, lora = c.train, c.lora
+    if t.peft not in PEFT_METHODS:
+        raise ConfigError("train.peft", f"must be one of {', '.join(PEFT_METHODS)}, got {t.peft!r}")
+    if t.peft == "none":
+        return
+    _positive("lora.rank", lora.rank)
+    if not lora.alpha > 0:
+        raise ConfigError("lora.alpha", f"must be > 0, got {lora.alpha!r}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError("lora.dropout", f"must be in [0, 1), got {lora.dropout!r}")
+    targets = list(lora.targets or [])
+    unknown = [x for x in targets if x not in LORA_TARGETS]
+    if not targets or unknown or len(set(targets)) != len(targets):
+        raise ConfigError("lora.targets", f"must be a non-empty list of distinct names out of "
+                                          f"{', '.join(LORA_TARGETS)}, got {targets}")
+    refusals = (("parallel.engine", c.parallel.engine != "megatron", f"parallel.engine={c.parallel.engine}"),
+                ("model.num_experts", c.model.num_experts is not None, f"a mixture-of-experts model ({c.model.name})"),
+                ("train.precision", t.precision == "fp8", "train.precision=fp8"),
+                ("train.compile", t.compile, "train.compile=true"),
+                ("train.cuda_graph", t.cuda_graph is True, "train.cuda_graph=true"),
+                ("train.objective", t.objective != "lm", f"train.objective={t.objective}"))
+    for key, refused, what in refusals:
+        if refused:
+            raise ConfigError(key, f"train.peft=lora does not run with {what} yet")
 
 
 def _check_preference_run(c: JobConfig) -> None:
@@ -472,6 +508,33 @@ def _check_checkpoint(c: JobConfig, world_size: int, writes_run_dir: bool = True
                 if auto else "")
         raise ConfigError("checkpoint.load", f"{err}{hint}") from err
     return load, resuming
+
+
+def _check_lora_checkpoint(c: JobConfig, load: str) -> bool:
+    """Whether checkpoint.load holds LoRA adapters (parallel/lora_checkpoint.py), which must be this
+    run's: its rank, alpha and targets, and the base they were trained on."""
+    from launcher.checkpoint import resolve
+    from parallel.lora_checkpoint import read_reference
+
+    directory = resolve(load)
+    saved = read_reference(directory)
+    if saved is None:
+        return False
+    if c.train.peft != "lora":
+        raise ConfigError("checkpoint.load", f"{directory} holds LoRA adapters: train them with train.peft=lora, or "
+                                             f"merge them first (python -m launcher.convert merge_lora "
+                                             f"checkpoint={load} out=<dir>)")
+    lora = c.lora
+    for key, ours, theirs in (("lora.rank", lora.rank, saved["rank"]), ("lora.alpha", lora.alpha, saved["alpha"]),
+                              ("lora.targets", list(lora.targets), saved["targets"])):
+        if ours != theirs:
+            raise ConfigError(key, f"{ours} differs from the adapters of checkpoint.load={load} ({theirs})")
+    if saved["base"] is None and saved["seed"] != c.train.seed:
+        raise ConfigError("train.seed", f"the adapters of checkpoint.load={load} were trained on the initial weights "
+                                        f"of seed {saved['seed']}: set train.seed={saved['seed']}")
+    if saved["base"] is not None and not Path(saved["base"]).is_dir():
+        raise ConfigError("checkpoint.load", f"the base checkpoint of its adapters, {saved['base']}, is missing")
+    return True
 
 
 def _saved_step(load: str) -> int:

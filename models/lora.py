@@ -1,0 +1,49 @@
+"""LoRA on the transformer layers' linears: what a run adapts, and the adapters' names and math.
+
+A LoRA linear (models/kernels/lora_linear.py) keeps its base weight W frozen and adds
+`scale * B @ A` to it, A [rank, in], B [out, rank], scale = alpha / rank (Hugging Face PEFT's
+convention, so exported adapters load there unchanged). B starts at zero, so a fresh adapter
+leaves the model as it was.
+
+`targets` name the linears: qkv (the fused query/key/value projection), proj (the attention
+output), fc1 (the fused gate/up projection), fc2 (the MLP output).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = ("qkv", "proj", "fc1", "fc2")
+# target -> the module path of its linear inside a transformer layer
+TARGET_MODULES = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
+                  "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
+ADAPTER_PARAMS = ("lora_a", "lora_b")
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name (module or checkpoint key) is a LoRA factor."""
+    return name.rsplit(".", 1)[-1] in ADAPTER_PARAMS
+
+
+def freeze_base(model: torch.nn.Module) -> None:
+    """Only the adapters train: every other parameter gets no gradient, and so no optimizer state."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter(name))
+
+
+def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, computed in fp32, in W's dtype."""
+    return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
