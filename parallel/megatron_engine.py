@@ -238,6 +238,15 @@ class MegatronEngine:
             return microbatches
         return [{**mb, "reference_logps": report["logps"]} for mb, report in zip(microbatches, reports)]
 
+    def _scale_moe_aux_loss(self, microbatches: list[dict[str, Any]]) -> None:
+        """The routers scale their aux / z losses by the tokens they route, for gradients divided by the
+        global loss-token count; a preference loss divides them by the global pair count P instead.
+        Scaling them by P / (tokens of the global batch's rows) keeps each micro batch's aux loss
+        weighted 1 / (micro batches in the global batch), as for the LM loss."""
+        rows = sum(int(mb["tokens"].shape[0]) for mb in microbatches) * ps.get_data_parallel_world_size()
+        pairs = int(microbatches[0]["pairs_global"])
+        compat.set_moe_aux_loss_factor(self.config, scale=pairs / (rows * self.seq_length))
+
     def _preference_loss(self, batch: dict[str, Any]) -> Callable:
         return partial(preference_loss_func, self.objective, batch)
 
@@ -259,6 +268,8 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         if self.reference_chunks:
             microbatches = self._with_live_reference(microbatches)
+        if self.objective.preference and self.moe_stats is not None:
+            self._scale_moe_aux_loss(microbatches)
         reports = self._schedule(self._forward_backward, microbatches, forward_only=False, loss_for=self._train_loss)
         # The scheduler sets the lr this step uses (step 1 of warmup is lr/warmup, never 0).
         self.scheduler.step(increment=1)

@@ -255,13 +255,12 @@ def _check_lora(c: JobConfig) -> None:
 
 
 def _check_preference_run(c: JobConfig) -> None:
-    """A preference objective trains on the megatron engine (tp, pp with or without virtual stages, dp), cp=1,
-    dense models, rows of whole pairs (one sequence per row, or pairs packed: data.packing) from one
+    """A preference objective trains on the megatron engine (tp, pp with or without virtual stages, dp,
+    ep), cp=1, rows of whole pairs (one sequence per row, or pairs packed: data.packing) from one
     preference dataset, without evaluation; DPO's reference precomputed or live."""
     p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
     refusals = (("parallel.engine", p.engine != "megatron", f"engine={p.engine}"),
                 ("parallel.cp", p.cp != 1, f"cp={p.cp}"),
-                ("parallel.ep", p.ep != 1 or c.model.num_experts is not None, "a mixture-of-experts model"),
                 ("data.reset_attention_mask", bool(d.reset_attention_mask), "reset_attention_mask (use "
                  "data.packing=true)"),
                 ("train.cuda_graph", t.cuda_graph is True, "cuda_graph=true"))

@@ -34,10 +34,11 @@ def apply_fixes() -> None:
     _patches = patches
 
 
-def set_moe_aux_loss_factor(config: Any) -> None:
-    """Scale the MoE aux / z-loss gradients of the model built from this TransformerConfig."""
+def set_moe_aux_loss_factor(config: Any, scale: float = 1.0) -> None:
+    """Scale the MoE aux / z-loss gradients of the model built from this TransformerConfig; `scale`
+    multiplies the factor (a loss normalised by another count than the loss tokens: the engine's)."""
     global _moe_aux_loss_factor
-    factor = 1
+    factor = scale
     if config.calculate_per_token_loss:
         if config.sequence_parallel:
             factor *= config.tensor_model_parallel_size

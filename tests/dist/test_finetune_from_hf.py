@@ -9,7 +9,8 @@ log-probs and gradient norm equal transformers' forward of the HF model through 
 TRL's loss; DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
 resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
 (single process, pp=2) equals DPO from the precomputed one; DPO under pp=2 x vpp=2 (a 4-layer model)
-equals the single process with either reference; DPO and SimPO on pairs packed into
+equals the single process with either reference; DPO from an imported Mixtral equals transformers + TRL
+(with megatron-core's load-balancing loss) and, under ep=2, the single process; DPO and SimPO on pairs packed into
 rows equal the same pairs unpacked, and packed DPO under pp=2 the single process."""
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ PACKED_STEPS = 2
 # (objective, its overrides) trained on all pairs each step, unpacked and packed (packed_runs)
 PACKED_OBJECTIVES = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"]),
                      ("simpo", ["train.objective=simpo", "simpo.beta=2.0", "simpo.gamma=0.5", "simpo.sft_weight=0.25"])]
+# a random transformers Mixtral for DPO with experts (moe_runs): 4 experts, top 2, a load-balancing loss
+MOE_CONFIG = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.1,
+                  sliding_window=None, tie_word_embeddings=False, max_position_embeddings=2048)
 WORDS = ("the quick brown fox jumps over a lazy dog while numbers add up to twelve thousand and the function "
          "returns a list of items sorted by key").split()
 
@@ -119,9 +124,18 @@ def packed_runs(prefix: Path) -> list[tuple[str, list[str], int, int]]:
     return [*runs, ("dpo_all_packed_pp2", [*dpo_packed[1], "parallel.pp=2"], 2, PACKED_STEPS)]
 
 
+def moe_runs(d: Path) -> list[tuple[str, list[str], int, int]]:
+    """DPO from the imported Mixtral (MOE_CONFIG, saved to <d>/hf_moe, imported to <d>/ckpt_moe), in one
+    process and under ep=2."""
+    dpo = ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", f"model={d / 'ckpt_moe'}",
+           f"checkpoint.load={d / 'ckpt_moe'}"]
+    return [("dpo_moe", dpo, 1, PREF_STEPS), ("dpo_moe_ep2", [*dpo, "parallel.ep=2"], 2, PREF_STEPS)]
+
+
 def _preference_overrides(d: Path, tokenizer: Path, extra: list[str], steps: int) -> list[str]:
     own = {o.split("=")[0] for o in extra}  # the run's own value of a key wins
-    keep = [o for o in OVERRIDES if o != "train.steps=1" and o.split("=")[0] not in own]
+    keep = [o for o in OVERRIDES if o != "train.steps=1" and o.split("=")[0] not in own
+            and not ("model" in own and o.startswith("model."))]  # model=<checkpoint>: its own shape
     load = [] if "checkpoint.load" in own else [f"checkpoint.load={d / 'ckpt'}"]
     return ["launcher.train", *keep, f"train.steps={steps}", "data=indexed", f"data.prefixes=[{d / 'pairs'}]",
             f"data.tokenizer={tokenizer}", *load, *extra]
@@ -145,8 +159,11 @@ def trained(tmp_path_factory, cache_env):
         return ["launcher.train", *shape, *[o for o in OVERRIDES if not o.startswith("model.")], f"parallel.tp={tp}",
                 f"checkpoint.load={d / 'ckpt'}", f"run.dir={d / f'tp{tp}'}"]
 
+    torch.manual_seed(1)
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(**MOE_CONFIG)).save_pretrained(d / "hf_moe")
+
     tokenizer = _default_tokenizer()
-    runs = [*PREFERENCE_RUNS, *packed_runs(_preference_data(d, tokenizer))]
+    runs = [*PREFERENCE_RUNS, *packed_runs(_preference_data(d, tokenizer)), *moe_runs(d)]
     preference = {n: [*_preference_overrides(d, tokenizer, extra, steps), f"run.dir={d / n}"]
                   for n, extra, _, steps in runs}
     ranks = {n: nproc for n, _, nproc, _ in runs}
@@ -156,8 +173,10 @@ def trained(tmp_path_factory, cache_env):
     resume = [o for o in preference["dpo_saved"] if not o.startswith("checkpoint.load=")] + [
         f"checkpoint.load={d / 'dpo_saved' / 'checkpoints' / 'iter_0000002'}"]
     export = ["launcher.convert", "export_hf", f"checkpoint={d / 'dpo_step' / 'checkpoints'}", f"out={d / 'dpo_step_hf'}"]
-    _, tp1, *pref1, resumed, _ = run_many([["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"],
-                                           train(1), *(preference[n] for n in single), resume, export])
+    _, _, tp1, *pref1, resumed, _ = run_many(
+        [["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"],
+         ["launcher.convert", "import_hf", f"hf_dir={d / 'hf_moe'}", f"out={d / 'ckpt_moe'}"],
+         train(1), *(preference[n] for n in single), resume, export])
     [tp2, *pref2] = run_many([train(2), *(preference[n] for n in double)], nproc=2)
     return model, d, {"tp1": tp1, "tp2": tp2, **dict(zip(single, pref1)), **dict(zip(double, pref2)),
                       "resumed": resumed}
@@ -310,6 +329,64 @@ def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
     assert moved > 1e-3 and worst < 1e-5, (moved, worst)
     assert read_metrics(d / "dpo_step")[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def _switch_aux_loss(router_logits: torch.Tensor, experts: int, topk: int, coeff: float) -> torch.Tensor:
+    """megatron-core's load-balancing loss of one layer over one micro batch's T tokens (Switch Transformer):
+    E·coeff / (topk·T²) · Σ_e (Σ_x p(x, e))·(tokens routed to e), p the softmax over all experts."""
+    probs = torch.softmax(router_logits.float(), -1)
+    routed = torch.zeros(experts).index_add_(0, probs.topk(topk).indices.reshape(-1), torch.ones(probs.shape[0] * topk))
+    tokens = probs.shape[0]
+    return experts * coeff / (topk * tokens * tokens) * (probs.sum(0) * routed).sum()
+
+
+def test_moe_dpo_first_step_equals_transformers_and_trl(trained):
+    """DPO from the imported Mixtral: the first step's loss equals TRL's loss of transformers' logits, and its
+    gradient norm that of TRL's loss plus the load-balancing loss of each micro batch (one pair: its two rows
+    padded to train.seq_length) and layer, from transformers' router logits, averaged over the micro batches."""
+    import trl_oracle
+    from launcher.data.tokenizer import fill_id, load_tokenizer
+
+    _, d, _ = trained
+    model = transformers.AutoModelForCausalLM.from_pretrained(d / "hf_moe", dtype=torch.float32)
+    pairs, order = _first_batch(d)
+    with torch.no_grad():
+        reference = _hf_sums(model, pairs, order).float().reshape(-1)
+    shell, logits = _hf_batch(model, pairs, order)
+    batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
+    batch.reference = reference
+    loss, _ = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    pad = fill_id(load_tokenizer(str(_default_tokenizer())))
+    aux = torch.zeros(())
+    for k in order:  # train.micro_batch_size=2: one pair a micro batch
+        pair = pairs.pair(k)
+        rows = torch.full((2, 128), pad, dtype=torch.long)
+        for r, ids in enumerate((pair.chosen_ids, pair.rejected_ids)):
+            rows[r, :len(ids)] = torch.from_numpy(ids)
+        for layer in model(rows, output_router_logits=True).router_logits:
+            aux = aux + _switch_aux_loss(layer, MOE_CONFIG["num_local_experts"], MOE_CONFIG["num_experts_per_tok"],
+                                         MOE_CONFIG["router_aux_loss_coef"])
+    aux = aux / len(order)
+
+    def norm() -> float:
+        return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+    loss.backward(retain_graph=True)
+    without_aux = norm()
+    aux.backward()
+    first = read_metrics(d / "dpo_moe")[0]
+    assert first["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(norm(), rel=1e-5)
+    assert abs(norm() - without_aux) > 1e-3 * without_aux  # the comparison sees the aux loss's weight
+
+
+def test_moe_dpo_under_expert_parallelism_equals_the_single_process(trained):
+    _, d, _ = trained
+    single, ep2 = read_metrics(d / "dpo_moe"), read_metrics(d / "dpo_moe_ep2")
+    assert len(single) == len(ep2) == PREF_STEPS
+    for a, b in zip(single, ep2):
+        for key in ("loss", "grad_norm", "reward_margin", "logps_chosen", "nll_loss", "moe_aux_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
 @pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2"])

@@ -130,6 +130,8 @@ def test_moe_aux_loss_scale_follows_sequence_parallel_tp_and_cp(upstream, patche
         assert aux_grad() == 1.0
         fixes.set_moe_aux_loss_factor(types.SimpleNamespace(**{**vars(config), "context_parallel_size": 2}))
         assert aux_grad() == 4.0
+        fixes.set_moe_aux_loss_factor(config, scale=0.25)  # a loss normalised by another count (pairs)
+        assert aux_grad() == 0.5
     finally:
         fixes._moe_aux_loss_factor = 1.0
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
