@@ -19,10 +19,10 @@ from megatron.core import parallel_state as ps
 
 from launcher.data import reference_logps
 from launcher.data.preference_batches import PreferenceBatches
-from parallel.megatron_engine import MegatronEngine
+from parallel.engine import Engine
 
 
-def compute(engine: MegatronEngine, batches: PreferenceBatches, micro_batch_size: int) -> np.ndarray:
+def compute(engine: Engine, batches: PreferenceBatches, micro_batch_size: int) -> np.ndarray:
     """Every usable pair's (chosen, rejected) summed response log-probs under the engine's weights,
     [pairs, 2] float64 on every rank (collective)."""
     table = torch.zeros(len(batches), 2, dtype=torch.float64, device=engine.device)
@@ -45,7 +45,7 @@ def compute(engine: MegatronEngine, batches: PreferenceBatches, micro_batch_size
     return table.cpu().numpy()
 
 
-def attach(engine: MegatronEngine, batches: PreferenceBatches, path: Path, *, micro_batch_size: int,
+def attach(engine: Engine, batches: PreferenceBatches, path: Path, *, micro_batch_size: int,
            fresh_start: bool) -> None:
     """Give `batches` the reference log-probs: computed and written to `path` at a fresh start, read
     from it on a resume (collective)."""

@@ -234,7 +234,8 @@ def build_engine(cfg: JobConfig, args: ModelArgs, layout: Layout, device: torch.
                                global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
                                device=device, params_dtype=params_dtype, recompute=cfg.train.recompute,
                                backend=default_backend(),
-                               keep_saved_schedule=cfg.checkpoint.keep_saved_schedule)
+                               keep_saved_schedule=cfg.checkpoint.keep_saved_schedule,
+                               objective=objective_config(cfg))
     from parallel.megatron_engine import MegatronEngine
 
     return MegatronEngine(args, layout, cfg.optim, steps=cfg.train.steps, seq_length=cfg.train.seq_length,

@@ -14,6 +14,10 @@ megatron engine). One `train_step` follows the megatron engine's semantics:
   no weight decay on biases and 1-D weights (megatron's default param groups);
 - AdamW: DeepSpeedCPUAdam when the optimizer state is offloaded, DeepSpeed's FusedAdam on
   GPU, torch AdamW on CPU otherwise.
+
+A preference objective (parallel/preference_loss.py) takes the megatron engine's loss function
+per micro batch, pre-scaled by the global batch's pair count instead of its loss tokens, and
+`sequence_logps` gives DPO's precomputed reference pass its forward.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ from parallel.layout import Layout
 from parallel.lr_schedule import load_schedule, lr_scheduler
 from parallel import megatron_state
 from parallel.engine import StepResult, prepare_batch
+from parallel.preference_loss import (PREFERENCE_METRICS, REPORT_KEY, ObjectiveConfig, logps_loss_func,
+                                      preference_loss_func)
 
 # In a checkpoint directory written by this engine (beside DeepSpeed's own ZeRO-3 files):
 # {"format": "deepspeed_zero3", "step", "layout", "model_args"}.
@@ -150,9 +156,9 @@ class DeepSpeedEngine:
                  seq_length: int,
                  micro_batch_size: int, global_batch_size: int, seed: int, device: torch.device,
                  params_dtype: torch.dtype, recompute: str | list[str] | None, backend: str,
-                 keep_saved_schedule: bool = False):
+                 keep_saved_schedule: bool = False, objective: ObjectiveConfig = ObjectiveConfig()):
         deepspeed = import_deepspeed(device)
-        self.args, self.device, self.dp = args, device, layout.dp
+        self.args, self.device, self.dp, self.layout, self.objective = args, device, layout.dp, layout, objective
         self.grad_accum = global_batch_size // (micro_batch_size * self.dp)
         offload_optimizer = zero.offload_optimizer != "none"
         self.ds_config = deepspeed_config(zero, micro_batch_size=micro_batch_size, grad_accum=self.grad_accum,
@@ -211,16 +217,22 @@ class DeepSpeedEngine:
         """Parameter elements held by this rank (its ZeRO-3 partition)."""
         return sum(p.ds_tensor.numel() for p in self.module.parameters())
 
-    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Per-token losses of one micro batch (the megatron engine's forward step)."""
+    def _token_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Masked per-token losses of one micro batch (the megatron engine's forward step), and the
+        micro batch on the device."""
         batch, packed = prepare_batch(batch, self.device)
         losses = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                              packed_seq_params=packed)
-        return losses.float() * batch["loss_mask"]
+        return losses.float() * batch["loss_mask"], batch
+
+    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self._token_losses(batch)[0]
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
         if len(microbatches) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro batches per step, got {len(microbatches)}")
+        if self.objective.preference:
+            return self._preference_step(microbatches)
         # Loss tokens of the whole global batch, known before any backward: every micro batch's
         # gradient is scaled by it, as megatron's calculate_per_token_loss does after the fact.
         counts = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in microbatches))], dtype=torch.float64,
@@ -241,6 +253,38 @@ class DeepSpeedEngine:
         values = torch.tensor([loss_sum.item(), num_tokens, float(grad_norm if grad_norm is not None else 0.0)],
                               dtype=torch.float64)
         return StepResult(values, lr=self.optimizer.param_groups[0]["lr"])
+
+    def _preference_step(self, microbatches: list[dict[str, Any]]) -> StepResult:
+        """One step of a preference objective: each micro batch's loss total (parallel/preference_loss.py)
+        pre-scaled by its global batch's pair count P, which every micro batch carries."""
+        scale = self.grad_accum * self.dp / int(microbatches[0]["pairs_global"])
+        self.scheduler.step(increment=1)
+        # loss total, pairs, then the PREFERENCE_METRICS sums
+        sums = torch.zeros(2 + len(PREFERENCE_METRICS), dtype=torch.float64, device=self.device)
+        for batch in microbatches:
+            losses, on_device = self._token_losses(batch)
+            total, pairs, report = preference_loss_func(self.objective, on_device, losses)
+            sums += torch.cat([total.detach().reshape(1), pairs.reshape(1).to(total), report[REPORT_KEY]]).to(sums)
+            self.engine.backward(total * scale)
+            self.engine.step()
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())  # TP ranks hold the same sums
+        grad_norm = self.engine.get_global_grad_norm()
+        norm = torch.full((1,), float(grad_norm if grad_norm is not None else 0.0), dtype=torch.float64,
+                          device=sums.device)
+        values = torch.cat([sums[:2], norm, sums[2:] / sums[1]])
+        return StepResult(values, lr=self.optimizer.param_groups[0]["lr"], metric_names=PREFERENCE_METRICS)
+
+    @torch.no_grad()
+    def sequence_logps(self, microbatches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """Forward only, in eval mode: each sequence's summed target log-probs, micro batches in order
+        (every rank calls it: ZeRO-3 gathers are collective)."""
+        self.engine.eval()
+        try:
+            logps = [logps_loss_func(batch, losses)[2]["logps"]
+                     for losses, batch in map(self._token_losses, microbatches)]
+        finally:
+            self.engine.train()
+        return torch.cat(logps)
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:

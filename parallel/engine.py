@@ -41,6 +41,12 @@ class Engine(Protocol):
         batches give the same numbers, bit for bit, every time."""
         ...
 
+    def sequence_logps(self, microbatches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """Forward only, in eval mode, weights untouched: each sequence's summed target log-probs
+        (preference micro batches: parallel/preference_loss.py), micro batches in order, on the ranks
+        that compute the loss (None elsewhere)."""
+        ...
+
     def num_parameters(self) -> int:
         """Parameter elements held by this rank."""
         ...

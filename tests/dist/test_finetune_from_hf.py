@@ -2,16 +2,17 @@
 loads the weights only (step 0) and the first step's loss equals transformers' loss on the
 same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`model=<its dir>`).
 
-Preference training from the same import, in the same launches: DPO (precomputed reference, with
-the RPO term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards,
-log-probs and gradient norm equal transformers' forward of the HF model through TRL's losses
+Preference training from the same import, in the same launches: DPO (precomputed reference, with the RPO
+term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards, log-probs
+and gradient norm equal transformers' forward of the HF model through TRL's losses
 (tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
-TRL's loss; DPO under tp=2, dp=2 and pp=2 equals the single process over its steps, and a
-resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
-(single process, pp=2) equals DPO from the precomputed one; DPO under pp=2 x vpp=2 (a 4-layer model)
-equals the single process with either reference; DPO from an imported Mixtral equals transformers + TRL
-(with megatron-core's load-balancing loss) and, under ep=2, the single process; DPO and SimPO on pairs packed into
-rows equal the same pairs unpacked, and packed DPO under pp=2 the single process."""
+TRL's loss; DPO under tp=2, dp=2, pp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process
+over its steps, and a resumed DPO run reads its reference file and continues bit for bit; DPO with a
+live reference model (single process, pp=2) equals DPO from the precomputed one; DPO under pp=2 x vpp=2
+(a 4-layer model) equals the single process with either reference; DPO from an imported Mixtral equals
+transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2, the single process; DPO
+and SimPO on pairs packed into rows equal the same pairs unpacked, and packed DPO under pp=2 the single
+process."""
 from __future__ import annotations
 
 import json
@@ -45,6 +46,8 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                    ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS),
                    ("dpo_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.pp=2"], 2,
                     PREF_STEPS),
+                   ("dpo_zero3", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
+                                  "parallel.engine=deepspeed"], 2, PREF_STEPS),  # ZeRO-3 over dp=2
                    # one step of the dpo run, saved (exported to HF by the same launch: STEP_EXPORT)
                    ("dpo_step", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "checkpoint.final_save=true",
                                  "optim.warmup_steps=0", "optim.decay_style=constant",
@@ -389,7 +392,7 @@ def test_moe_dpo_under_expert_parallelism_equals_the_single_process(trained):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
-@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2"])
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2", "dpo_zero3"])
 def test_dpo_layouts_equal_the_single_process(trained, name):
     _, d, _ = trained
     single, other = read_metrics(d / "dpo"), read_metrics(d / name)

@@ -114,8 +114,8 @@ CASES = [
     # preference objectives: their keys, then the layouts they run in (megatron, cp=1,
     # pairs unpacked or packed, one preference dataset, no validation)
     (["train.objective=dpo"], "data.prefixes", "train.objective=dpo trains on one preference dataset"),
-    ([*PREF, "train.objective=simpo", "parallel.engine=deepspeed"], "parallel.engine",
-     "train.objective=simpo does not run with engine=deepspeed yet"),
+    ([*PREF, "train.objective=dpo", "parallel.engine=deepspeed", "dpo.reference=live"], "dpo.reference",
+     "does not run with engine=deepspeed and dpo.reference=live"),
     ([*PREF, "train.objective=dpo", "parallel.cp=2"], "parallel.cp", "does not run with cp=2 yet"),
     ([*PREF, "train.objective=dpo", "data.reset_attention_mask=true"], "data.reset_attention_mask",
      "does not run with reset_attention_mask (use data.packing=true) yet"),

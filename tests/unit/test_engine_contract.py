@@ -20,7 +20,8 @@ CONTRACT = [name for name, member in vars(Engine).items() if inspect.isfunction(
 
 
 def test_contract_names_the_launcher_s_needs():
-    assert set(CONTRACT) == {"train_step", "eval_step", "num_parameters", "save", "load", "export_weights"}
+    assert set(CONTRACT) == {"train_step", "eval_step", "sequence_logps", "num_parameters", "save", "load",
+                             "export_weights"}
     assert set(Engine.__annotations__) == {"args", "device"}
 
 
