@@ -8,6 +8,8 @@ Qwen2-MoE, Qwen3-MoE), and DeepSpeed ZeRO-3 -> ShardForge.
                                [architecture=LlamaForCausalLM|MistralForCausalLM|Qwen2ForCausalLM|Qwen3ForCausalLM|
                                              MixtralForCausalLM|Qwen2MoeForCausalLM|Qwen3MoeForCausalLM]
                                [dtype=fp32|bf16|fp16] [max_shard_size_mb=2000]
+    python -m launcher.convert export_hf checkpoint=<LoRA checkpoint> out=<dir> peft=true [dtype=...]
+    python -m launcher.convert merge_lora checkpoint=<LoRA checkpoint dir or iter_* dir> out=<dir>
     python -m launcher.convert zero_to_megatron checkpoint=<ZeRO-3 checkpoint dir or iter_* dir> out=<dir>
     python -m launcher.convert <command> --help      (the command's keys and their defaults)
 
@@ -48,6 +50,12 @@ imported model's, else picks Qwen3 (qk-norm), Qwen2 (qkv bias) or Llama; for MoE
 (qk-norm), Qwen2-MoE (shared expert / qkv bias) or Mixtral. An MoE checkpoint of any expert-parallel
 layout exports the same: its expert tensors are stored whole (dist_checkpointing).
 
+LoRA checkpoints (train.peft=lora: adapters and a reference to their base, launcher/lora_convert.py):
+merge_lora writes the base with the adapters merged in (fp32) as a model-only checkpoint, which
+export_hf then exports as any other; export_hf peft=true writes the adapters alone as a Hugging Face
+PEFT adapter (adapter_config.json + adapter_model.safetensors, q/k/v and gate/up split) for the base's
+own export_hf.
+
 Bad input (unknown architecture, missing shard or tensor, checkpoint of another shape, ...) prints
 one line `convert: error: <key>: ...` and exits with status 2.
 """
@@ -76,6 +84,7 @@ from launcher.model_io import (build_model, check_checkpoint_matches, check_new_
                                write_model_checkpoint)
 from models import hf_mapping as hfm
 from models.args import ModelArgs
+from parallel.lora_checkpoint import REFERENCE
 
 warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
 
@@ -267,6 +276,9 @@ def export_hf(checkpoint: str, out: Path, *, tokenizer: str | None = None, model
             return export_hf(str(Path(tmp) / "megatron"), out, tokenizer=tokenizer, model=model,
                              architecture=architecture, dtype=dtype, max_shard_size_mb=max_shard_size_mb)
     directory = resolve_checkpoint(checkpoint)
+    if (directory / REFERENCE).is_file():
+        raise ConfigError("checkpoint", f"{directory} holds LoRA adapters: export them with peft=true, or merge them "
+                                        f"into their base first (merge_lora checkpoint={checkpoint} out=<dir>)")
     args = model_args_for(directory, model)
     base_file, generation_file = find(directory, HF_CONFIG), find(directory, HF_GENERATION_CONFIG)
     base_config = json.loads(base_file.read_text()) if base_file is not None else {}
@@ -399,6 +411,13 @@ class ExportHFConfig:
     architecture: Optional[str] = None  # HF architecture (default: the imported one, else from the shape)
     dtype: Optional[str] = None  # fp32 | bf16 | fp16 (default: the checkpoint's)
     max_shard_size_mb: float = 2000  # size of each safetensors shard
+    peft: bool = False  # a LoRA checkpoint's adapters as a Hugging Face PEFT adapter (dtype applies; no shards)
+
+
+@dataclass
+class MergeLoraConfig:
+    checkpoint: Optional[str] = None  # a train.peft=lora checkpoint root or iter_* directory (required)
+    out: Optional[str] = None  # the new checkpoint root (required; must not hold a checkpoint)
 
 
 @dataclass
@@ -422,9 +441,24 @@ def _run_import_hf(cfg: DictConfig) -> None:
 
 def _run_export_hf(cfg: DictConfig) -> None:
     _required(cfg, "checkpoint", "out")
+    if cfg.peft:
+        from launcher.lora_convert import export_peft
+
+        _check_choice("dtype", cfg.dtype, DTYPES)
+        export_peft(cfg.checkpoint, Path(cfg.out), DTYPES[cfg.dtype] if cfg.dtype else None)
+        print(f"convert: wrote {cfg.out} (a PEFT LoRA adapter: PeftModel.from_pretrained(<its base>, {cfg.out}))")
+        return
     export_hf(cfg.checkpoint, Path(cfg.out), tokenizer=cfg.tokenizer, model=cfg.model, architecture=cfg.architecture,
               dtype=cfg.dtype, max_shard_size_mb=cfg.max_shard_size_mb)
     print(f"convert: wrote {cfg.out}")
+
+
+def _run_merge_lora(cfg: DictConfig) -> None:
+    from launcher.lora_convert import merge_lora
+
+    _required(cfg, "checkpoint", "out")
+    path = merge_lora(cfg.checkpoint, Path(cfg.out))
+    print(f"convert: wrote {path} (train it with model={path.parent} checkpoint.load={path.parent}, or export_hf it)")
 
 
 def _run_zero_to_megatron(cfg: DictConfig) -> None:
@@ -439,6 +473,7 @@ COMMANDS: dict[str, tuple[type, Callable[[DictConfig], None]]] = {
     "import_hf": (ImportHFConfig, _run_import_hf),
     "export_hf": (ExportHFConfig, _run_export_hf),
     "zero_to_megatron": (ZeroToMegatronConfig, _run_zero_to_megatron),
+    "merge_lora": (MergeLoraConfig, _run_merge_lora),
 }
 for _name, (_schema, _) in COMMANDS.items():
     ConfigStore.instance().store(group="command", name=_name, node=_schema, package="_global_")

@@ -1,8 +1,8 @@
 """A LoRA checkpoint: the adapters (and their optimizer state) only, and a reference to their base.
 
 The engine saves `lora.json` beside the adapters' dist checkpoint: the base checkpoint the run
-started from (its iter_* directory, or null for the seed's initial weights, with that seed), the
-base model's shape and the adapters' rank, alpha and targets. Resuming loads the base from there,
+started from (its iter_* directory, or null for the seed's initial weights, with that seed and
+dtype), the base model's shape and the adapters' rank, alpha, dropout and targets. Resuming loads the base from there,
 then the adapters; `launcher.convert merge_lora` / `export_hf peft=true` read the same file.
 """
 from __future__ import annotations
@@ -12,15 +12,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.args import ModelArgs
 from models.lora import LoraOptions
 
 REFERENCE = "lora.json"
 
 
-def reference(base: str | None, seed: int, lora: LoraOptions, args: ModelArgs) -> dict[str, Any]:
-    return {"base": base, "seed": seed, "rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
-            "base_model": asdict(args)}
+def reference(base: str | None, seed: int, lora: LoraOptions, args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
+    """`dtype`: the training parameters' (a seed's initial weights are drawn in it)."""
+    return {"base": base, "seed": seed, "dtype": str(dtype).removeprefix("torch."), "rank": lora.rank,
+            "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets), "base_model": asdict(args)}
 
 
 def write_reference(directory: Path, content: dict[str, Any]) -> None:
@@ -35,4 +38,5 @@ def read_reference(directory: str | Path) -> dict[str, Any] | None:
 
 
 def options(content: dict[str, Any]) -> LoraOptions:
-    return LoraOptions(rank=content["rank"], alpha=content["alpha"], targets=tuple(content["targets"]))
+    return LoraOptions(rank=content["rank"], alpha=content["alpha"], dropout=content["dropout"],
+                       targets=tuple(content["targets"]))

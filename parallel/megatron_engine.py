@@ -383,8 +383,8 @@ class MegatronEngine:
                      rng_state=megatron_state.rng_state(is_loading=False))
         dist_checkpointing.save(state, str(directory))
         if self.lora is not None and dist.get_rank() == 0:
-            lora_checkpoint.write_reference(directory, lora_checkpoint.reference(self.lora_base, self.seed, self.lora,
-                                                                                 self.args))
+            lora_checkpoint.write_reference(directory, lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args,
+                                                                                 self.config.params_dtype))
 
     def load(self, directory: Path) -> int:
         """Load a dist checkpoint saved in any layout; returns the step to resume after. A model-only

@@ -181,7 +181,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     load, resuming = _check_checkpoint(c, world_size, writes_run_dir)
     config = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, load=load))
     # under LoRA a checkpoint without adapters is the base: the adapters start at step 0
-    continues = load is not None and (t.peft == "none" or _check_lora_checkpoint(c, load))
+    continues = load is not None and (_check_lora_checkpoint(c, load) or t.peft == "none")
     start_step = _saved_step(load) if continues else 0
     if t.objective == "dpo" and c.dpo.reference == "live" and start_step > 0:
         raise ConfigError("dpo.reference", f"live holds the initial weights in memory only: resuming at step "

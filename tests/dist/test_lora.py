@@ -1,5 +1,9 @@
-"""LoRA (train.peft=lora) trains the same adapters in every layout, on top of a frozen base it never
-changes. A full-parameter run first makes the base checkpoint; every LoRA run starts from it
+"""LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout on
+top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
+the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
+adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
+
+Random tiny HF models are imported (import_hf) and every LoRA run starts from the import
 (checkpoint.load), fp32 on CPU, lora.dropout=0 and a learning rate at which B is far from zero
 after the first step, so the adapters shape the later losses. One launch per world size."""
 from __future__ import annotations
@@ -7,10 +11,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from conftest import FAST, read_metrics, train_runs
+from conftest import FAST, read_metrics, run_many, tiny_hf_model, train_runs
 
 STEPS = 4
+SHAPE = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+             tie_word_embeddings=False)
+FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
 LORA = ["train.peft=lora", "lora.rank=4", "lora.alpha=8", "optim.lr=0.01", "optim.warmup_steps=1"]
 LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", []),
            ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"])]
@@ -19,16 +28,34 @@ LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", []),
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, cache_env):
     base = tmp_path_factory.mktemp("lora")
-    common = [*FAST, "checkpoint.save_every=0"]
-    start = f"checkpoint.load={base / 'pretrain' / 'checkpoints'}"
-    lora = [*common, *LORA, f"train.steps={STEPS}", start]
-    runs = [("pretrain", [*common, "train.steps=2"], 1),
-            ("single", [*lora, "checkpoint.save_every=2"], 1),
-            ("resumed", [*lora, f"checkpoint.load={base / 'single' / 'checkpoints' / 'iter_0000002'}"], 1),
-            *[(name, [*lora, *extra], 2) for name, extra in LAYOUTS]]
-    frozen = ["tests.scripts.lora_frozen_base", str(base / "frozen_tp2.json"), *lora, "train.steps=2",
-              "parallel.tp=2", f"run.dir={base / 'frozen_tp2'}"]
-    train_runs(base, runs, then=[("frozen_tp2", frozen, 2)])
+    for family, config in FAMILIES.items():
+        tiny_hf_model(f"lora-{family}", config, **SHAPE).save_pretrained(base / f"hf_{family}")
+
+    def start(family: str) -> list[str]:
+        return [*FAST, "checkpoint.save_every=0", f"model={base / family}", f"checkpoint.load={base / family}"]
+
+    def train(name: str, family: str, *extra: str) -> list[str]:
+        return ["launcher.train", *start(family), *LORA, f"train.steps={STEPS}", *extra, f"run.dir={base / name}"]
+
+    iter4 = base / "single" / "checkpoints" / "iter_0000004"
+    run_many([*(["launcher.convert", "import_hf", f"hf_dir={base / f'hf_{family}'}", f"out={base / family}"]
+                for family in FAMILIES),
+              ["launcher.train", *start("llama"), "train.steps=1", f"run.dir={base / 'full'}"],
+              train("single", "llama", "checkpoint.save_every=2"),
+              train("resumed", "llama", f"checkpoint.load={base / 'single' / 'checkpoints' / 'iter_0000002'}"),
+              ["launcher.convert", "merge_lora", f"checkpoint={iter4}", f"out={base / 'merged'}"],
+              ["launcher.convert", "export_hf", f"checkpoint={iter4}", f"out={base / 'peft_llama'}", "peft=true"],
+              ["launcher.convert", "export_hf", f"checkpoint={base / 'llama'}", f"out={base / 'export_llama'}"],
+              ["tests.scripts.lora_logits", str(base / "logits_llama.pt"), str(iter4), str(base / "merged")],
+              train("qwen2_lora", "qwen2", "train.steps=2"),
+              ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2_lora' / 'checkpoints'}",
+               f"out={base / 'peft_qwen2'}", "peft=true"],
+              ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2'}", f"out={base / 'export_qwen2'}"],
+              ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")]])
+    frozen = ["tests.scripts.lora_frozen_base", str(base / "frozen_tp2.json"), *start("llama"), *LORA,
+              "train.steps=2", "parallel.tp=2", f"run.dir={base / 'frozen_tp2'}"]
+    train_runs(base, [(name, train(name, "llama", *extra)[1:-1], 2) for name, extra in LAYOUTS],
+               then=[("frozen_tp2", frozen, 2)])
     return base
 
 
@@ -43,11 +70,10 @@ def test_layout_matches_single_process(base, name):
 
 
 def test_starts_from_the_base_checkpoint(base):
-    """B = 0 at the start: the first LoRA loss is the base's loss on that batch, which the
-    pretrain run's last step lowered below its own first."""
-    pretrain, lora = read_metrics(base / "pretrain"), read_metrics(base / "single")
-    assert lora[0]["loss"] < pretrain[0]["loss"] - 0.05
-    assert "peft=lora rank=4" in (base / "single" / "stdout.txt").read_text()
+    """B = 0 at the start: the first LoRA step's loss is the imported model's, as full fine-tuning sees it."""
+    full, lora = read_metrics(base / "full"), read_metrics(base / "single")
+    assert lora[0]["loss"] == full[0]["loss"]
+    assert lora[0]["grad_norm"] != full[0]["grad_norm"]  # (other parameters train)
 
 
 def test_resume_is_bit_exact(base):
@@ -58,15 +84,15 @@ def test_resume_is_bit_exact(base):
 
 
 def test_checkpoint_holds_the_adapters_and_a_reference_to_the_base(base):
-    from megatron.core import dist_checkpointing
     import torch.distributed as dist
+    from megatron.core import dist_checkpointing
 
     saved = base / "single" / "checkpoints" / "iter_0000004"
     reference = json.loads((saved / "lora.json").read_text())
-    pretrain = base / "pretrain" / "checkpoints" / "iter_0000002"
-    assert reference["base"] == str(pretrain.resolve())
+    imported = base / "llama" / "iter_0000000"
+    assert reference["base"] == str(imported.resolve())
     assert (reference["rank"], reference["alpha"], reference["targets"]) == (4, 8.0, ["qkv", "proj", "fc1", "fc2"])
-    assert reference["base_model"]["name"] == "tiny"
+    assert reference["base_model"]["num_layers"] == 4
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         keys = [k for k in dist_checkpointing.load_tensors_metadata(str(saved)) if not k.endswith("_extra_state")]
@@ -75,8 +101,8 @@ def test_checkpoint_holds_the_adapters_and_a_reference_to_the_base(base):
     model = [k for k in keys if not k.startswith("optimizer.")]
     assert sorted({k.rsplit(".", 1)[-1] for k in model}) == ["lora_a", "lora_b"], model
     size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
-    base_size = sum(f.stat().st_size for f in pretrain.rglob("*") if f.is_file())
-    assert size < base_size / 10
+    base_size = sum(f.stat().st_size for f in imported.rglob("*") if f.is_file())
+    assert size < base_size / 4, (size, base_size)
 
 
 def test_only_the_adapters_train(base):
@@ -90,3 +116,61 @@ def test_only_the_adapters_train(base):
     assert len(result["unchanged"]) == 9
     assert len(result["in_grad_buffers"]) == 4 * 4 * 2
     assert all(k.endswith((".lora_a", ".lora_b")) for k in result["in_grad_buffers"])
+
+
+def test_merged_checkpoint_computes_the_unmerged_model(base):
+    logits = torch.load(base / "logits_llama.pt")
+    scale = logits["unmerged"].abs().max().item()
+    assert (logits["merged"] - logits["unmerged"]).abs().max().item() <= 1e-6 * scale
+    assert (base / "merged" / "iter_0000000" / "hf_config.json").is_file()  # the base's files came along
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_peft_export_gives_shardforge_s_logits(base, family):
+    import peft
+    import transformers
+
+    logits = torch.load(base / f"logits_{family}.pt")
+    config = json.loads((base / f"peft_{family}" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(base / f"export_{family}", dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = model(logits["tokens"]).logits
+        lora = peft.PeftModel.from_pretrained(model, base / f"peft_{family}").eval()
+        ours = lora(logits["tokens"]).logits
+    assert (ours - logits["unmerged"]).abs().max().item() < 1e-5
+    assert (plain - logits["unmerged"]).abs().max().item() > 1e-3  # the adapters matter
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    ([], "checkpoint.load", "holds LoRA adapters: train them with train.peft=lora, or merge them first"),
+    ([*LORA, "lora.rank=8"], "lora.rank", "8 differs from the adapters of checkpoint.load"),
+    ([*LORA, "lora.targets=[qkv]"], "lora.targets", "['qkv'] differs from the adapters"),
+])
+def test_a_lora_checkpoint_that_does_not_fit_the_run_is_refused(base, tmp_path, overrides, key, words):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+    from launcher.config.validate import ConfigError, validate
+    from launcher.model_path import resolve_model_argv
+
+    argv = [f"model={base / 'llama'}", f"checkpoint.load={base / 'single' / 'checkpoints'}",
+            f"run.dir={tmp_path / 'run'}", *overrides]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=resolve_model_argv(argv))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1, "cpu")
+    assert err.value.key == key and words in err.value.reason, err.value
+
+
+def test_conversions_tell_lora_checkpoints_apart(base, tmp_path):
+    from launcher.config.validate import ConfigError
+    from launcher.convert import export_hf
+    from launcher.lora_convert import merge_lora
+
+    with pytest.raises(ConfigError, match="holds LoRA adapters: export them with peft=true"):
+        export_hf(str(base / "single" / "checkpoints"), tmp_path / "hf")
+    with pytest.raises(ConfigError, match="holds no LoRA adapters"):
+        merge_lora(str(base / "llama"), tmp_path / "merged")

@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 
 from launcher import checkpoint
 from launcher.config.validate import validate, world_size_from_env
+from launcher.model_path import resolve_model_argv
 from launcher.train import build_data, build_engine
 from models.args import ModelArgs
 from parallel.megatron_engine import init_distributed, shutdown
@@ -27,8 +28,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def main(out: str, overrides: list[str]) -> None:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        composed = compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):  # (model=<checkpoint> as launcher.train takes it)
+        composed = compose(config_name="config", overrides=resolve_model_argv(overrides))
     resolved = validate(composed, world_size_from_env(), "cpu", writes_run_dir=False)
     cfg, layout, t = resolved.config, resolved.layout, resolved.config.train
     data = build_data(cfg)

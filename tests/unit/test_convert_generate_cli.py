@@ -54,7 +54,7 @@ def test_no_command_is_one_error_line(capsys):
         convert.command_argv(["exprot_hf", "checkpoint=/c"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "convert: error: command: the first argument must be one of import_hf, export_hf, zero_to_megatron, "
+        "convert: error: command: the first argument must be one of import_hf, export_hf, zero_to_megatron, merge_lora, "
         "got 'exprot_hf' (python -m launcher.convert --help)"]
 
 
