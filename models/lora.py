@@ -47,3 +47,12 @@ def freeze_base(model: torch.nn.Module) -> None:
 def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """W + scale * B @ A, computed in fp32, in W's dtype."""
     return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
+def embeddings_require_grad(model: torch.nn.Module) -> None:
+    """Mark the embedding output (first pipeline stage) as requiring grad. With the whole base frozen
+    nothing before the first adapter does, and a reentrant recompute (a layer, or its MLP) whose
+    inputs need no gradient runs no backward: the adapters inside would get none."""
+    embedding = getattr(model, "embedding", None)
+    if embedding is not None:
+        embedding.register_forward_hook(lambda module, args, output: output.requires_grad_())

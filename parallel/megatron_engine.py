@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
 from models.init import init_weights
-from models.lora import LoraOptions, freeze_base, is_adapter
+from models.lora import LoraOptions, embeddings_require_grad, freeze_base, is_adapter
 from models.args import ModelArgs
 from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
@@ -156,6 +156,8 @@ class MegatronEngine:
             init_weights(chunk, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
             if lora is not None:  # (before DDP and the optimizer: they take only what trains)
                 freeze_base(chunk)
+                if self.config.recompute_granularity is not None:
+                    embeddings_require_grad(chunk)
             if compile:
                 compile_layers(chunk)
             if params_dtype == torch.bfloat16:

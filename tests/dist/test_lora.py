@@ -1,5 +1,5 @@
-"""LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout on
-top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
+"""LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout
+(tp, pp, vpp, dp, cp; with full recompute; over packed rows) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
 the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
 adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
 
@@ -22,7 +22,11 @@ SHAPE = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_
 FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
 LORA = ["train.peft=lora", "lora.rank=4", "lora.alpha=8", "optim.lr=0.01", "optim.warmup_steps=1"]
 LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", []),
-           ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"])]
+           ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"]), ("cp2", ["parallel.cp=2"]),
+           ("tp2_recompute_full", ["parallel.tp=2", "train.recompute=full"])]
+# Packed rows (documents end at each EOD: no attention across them, positions restart), against the
+# single process on the same rows.
+PACKED = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,7 @@ def base(tmp_path_factory, cache_env):
               ["launcher.train", *start("llama"), "train.steps=1", f"run.dir={base / 'full'}"],
               train("single", "llama", "checkpoint.save_every=2"),
               train("resumed", "llama", f"checkpoint.load={base / 'single' / 'checkpoints' / 'iter_0000002'}"),
+              train("single_packed", "llama", *PACKED),
               ["launcher.convert", "merge_lora", f"checkpoint={iter4}", f"out={base / 'merged'}"],
               ["launcher.convert", "export_hf", f"checkpoint={iter4}", f"out={base / 'peft_llama'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'llama'}", f"out={base / 'export_llama'}"],
@@ -54,14 +59,15 @@ def base(tmp_path_factory, cache_env):
               ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")]])
     frozen = ["tests.scripts.lora_frozen_base", str(base / "frozen_tp2.json"), *start("llama"), *LORA,
               "train.steps=2", "parallel.tp=2", f"run.dir={base / 'frozen_tp2'}"]
-    train_runs(base, [(name, train(name, "llama", *extra)[1:-1], 2) for name, extra in LAYOUTS],
+    train_runs(base, [*[(name, train(name, "llama", *extra)[1:-1], 2) for name, extra in LAYOUTS],
+                      ("tp2_packed", train("tp2_packed", "llama", *PACKED, "parallel.tp=2")[1:-1], 2)],
                then=[("frozen_tp2", frozen, 2)])
     return base
 
 
-@pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
-def test_layout_matches_single_process(base, name):
-    reference, got = read_metrics(base / "single"), read_metrics(base / name)
+@pytest.mark.parametrize("name,reference", [*[(x[0], "single") for x in LAYOUTS], ("tp2_packed", "single_packed")])
+def test_layout_matches_single_process(base, name, reference):
+    reference, got = read_metrics(base / reference), read_metrics(base / name)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for ref, m in zip(reference, got):
         assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5), m["step"]
