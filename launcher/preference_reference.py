@@ -3,7 +3,7 @@
 At a fresh start the pass runs after the engine is built (and a model-only checkpoint loaded),
 before the first step: DP rank r takes micro batches r, r + dp, ... of the pass's micro batches
 (the pairs in dataset order, or the packed rows in packing order: launcher/data/preference_batches.py),
-the last pipeline stage's TP rank 0 of each replica puts its pairs' summed log-probs in place, a
+the last pipeline stage's TP and CP rank 0 of each replica puts its pairs' summed log-probs in place, a
 sum over all ranks gives every rank the whole table, and rank 0 writes it
 (launcher/data/reference_logps.py). A resumed run reads the table the run's start wrote: its
 weights are no longer the initial ones.
@@ -27,7 +27,8 @@ def compute(engine: Engine, batches: PreferenceBatches, micro_batch_size: int) -
     [pairs, 2] float64 on every rank (collective)."""
     table = torch.zeros(len(batches), 2, dtype=torch.float64, device=engine.device)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    reports = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    reports = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+               and ps.get_context_parallel_rank() == 0)
     # the interleaved pipeline schedule (vpp) runs at least pp micro batches a pass
     group = engine.layout.pp if engine.layout.vpp else 1
     mine = list(range(batches.reference_count(micro_batch_size)))[dp_rank::dp_size]

@@ -136,7 +136,7 @@ def prepare_batch(batch: dict[str, Any], device: torch.device) -> tuple[dict[str
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     packed = packed_seq_params(batch) if "cu_seqlens" in batch else None
     if packed is not None:  # THD: the micro batch's rows become one stream of documents
-        batch = {**batch, **{k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}}
+        batch = {**batch, **{k: batch[k].reshape(1, -1) for k in (*TOKEN_KEYS, "sequence_ids") if k in batch}}
     return batch, packed
 
 
@@ -173,8 +173,9 @@ def context_parallel_split(batch: dict[str, Any],
     index, cu_padded = packed_split(packed.cu_seqlens_q, cp, ps.get_context_parallel_rank(),
                                     share_multiple=ps.get_tensor_model_parallel_world_size())
     real, source = index >= 0, index.clamp(min=0)
+    # (a packed preference batch's sequence ids too: its padding tokens carry no loss, whatever id they get)
     split = {k: torch.where(real, batch[k][:, source], torch.zeros((), dtype=batch[k].dtype, device=real.device))
-             for k in TOKEN_KEYS}
+             for k in (*TOKEN_KEYS, "sequence_ids") if k in batch}
     cu_padded = cu_padded.to(torch.int32)
     longest = int((cu_padded[1:] - cu_padded[:-1]).max())
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_padded, cu_seqlens_kv=cu_padded,

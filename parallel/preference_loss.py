@@ -16,6 +16,11 @@ and megatron-core's per-token loss mode (calculate_per_token_loss) divides the g
 pairs summed over micro batches and DP ranks, P: Σ total / P is the loss above. P and T come with
 the micro batch, so no extra collective is needed.
 
+Under context parallelism each CP rank holds two chunks of every sequence: its sums are completed
+with the other ranks' (added as constants, so each rank's backward covers its own tokens and the
+gradient reduction over dp x cp adds them up), every rank computes the whole loss, and only CP
+rank 0 counts the pairs and reports, so the global counts and sums are the unsplit batch's.
+
 Step metrics (`PREFERENCE_METRICS`) are sums over the micro batch's pairs, reduced like the loss
 and divided by P by the engine: rewards, reward accuracy and margin, and the log-probs the
 objective reports (sums for DPO, per-token means for SimPO and ORPO), and the chosen NLL per token.
@@ -25,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from models.objectives import PreferenceLoss, dpo_loss, orpo_loss, sequence_sums, simpo_loss, split_pairs
 
@@ -60,12 +67,29 @@ def row_ids(loss_mask: torch.Tensor) -> torch.Tensor:
 
 def sequence_logps(output: torch.Tensor, batch: dict[str, torch.Tensor | int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed target log-probs, target tokens) per sequence of the micro batch, from the model's
-    per-token losses: one sequence per row, or the packed rows' `sequence_ids` (2 per pair)."""
+    per-token losses: one sequence per row, or the packed rows' `sequence_ids` (2 per pair); whole
+    sequences under context parallelism (module docstring)."""
     loss_mask = batch["loss_mask"]
     ids = batch.get("sequence_ids")
     if not torch.is_tensor(ids):
-        return sequence_sums(-output.float(), loss_mask, row_ids(loss_mask), loss_mask.shape[0])
-    return sequence_sums(-output.float(), loss_mask, ids.to(output.device), 2 * len(batch["pair_index"]))
+        sums, counts = sequence_sums(-output.float(), loss_mask, row_ids(loss_mask), loss_mask.shape[0])
+    else:
+        sums, counts = sequence_sums(-output.float(), loss_mask, ids.to(output.device), 2 * len(batch["pair_index"]))
+    if _context_parallel_size() == 1:
+        return sums, counts
+    whole = torch.stack([sums.detach(), counts])
+    dist.all_reduce(whole, group=ps.get_context_parallel_group())
+    return sums + (whole[0] - sums.detach()), whole[1]
+
+
+def _context_parallel_size() -> int:
+    """The CP group's size; 1 outside megatron-core's process groups (the loss functions used in-process)."""
+    return ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+def _reports() -> bool:
+    """Whether this rank counts and reports its micro batches' pairs: CP rank 0 (every rank without CP)."""
+    return _context_parallel_size() == 1 or ps.get_context_parallel_rank() == 0
 
 
 def batch_loss(objective: ObjectiveConfig, sums: torch.Tensor, counts: torch.Tensor,
@@ -97,12 +121,14 @@ def preference_loss_func(objective: ObjectiveConfig, batch: dict[str, torch.Tens
     total = result.per_pair.sum()
     if result.sft_weight:
         total = total + result.sft_weight * result.nll_sum * (pairs_global / max(chosen_tokens_global, 1))
-    pairs = torch.tensor(result.per_pair.numel(), dtype=torch.int, device=total.device)
+    pairs = torch.tensor(result.per_pair.numel() if _reports() else 0, dtype=torch.int, device=total.device)
     # scaled like total's NLL term: divided by P (engine) it is the global batch's NLL per chosen token
     nll_per_token = result.nll_sum.detach() * (pairs_global / max(chosen_tokens_global, 1))
     parts = [result.metrics[k].float().sum() for k in _FROM_OBJECTIVES] + [nll_per_token]
     report = {"lm loss": torch.stack([total.detach(), pairs.detach().float()]),
               REPORT_KEY: torch.stack([p.detach().float() for p in parts])}
+    if not _reports():
+        report = {k: torch.zeros_like(v) for k, v in report.items()}
     return total, pairs, report
 
 

@@ -6,13 +6,13 @@ Preference training from the same import, in the same launches: DPO (precomputed
 term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards, log-probs
 and gradient norm equal transformers' forward of the HF model through TRL's losses
 (tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
-TRL's loss; DPO under tp=2, dp=2, pp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process
-over its steps, and a resumed DPO run reads its reference file and continues bit for bit; DPO with a
-live reference model (single process, pp=2) equals DPO from the precomputed one; DPO under pp=2 x vpp=2
-(a 4-layer model) equals the single process with either reference; DPO from an imported Mixtral equals
-transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2, the single process; DPO
-and SimPO on pairs packed into rows equal the same pairs unpacked, and packed DPO under pp=2 the single
-process."""
+TRL's loss; DPO under tp=2, dp=2, pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single
+process over its steps, and a resumed DPO run reads its reference file and continues bit for bit; DPO
+with a live reference model (single process, pp=2) equals DPO from the precomputed one; DPO under pp=2 x
+vpp=2 (a 4-layer model) equals the single process with either reference; DPO from an imported Mixtral
+equals transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2, the single
+process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and packed DPO under
+pp=2 the single process."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,8 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                     PREF_STEPS),
                    ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS),
                    ("dpo_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.pp=2"], 2,
+                    PREF_STEPS),
+                   ("dpo_cp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.cp=2"], 2,
                     PREF_STEPS),
                    ("dpo_zero3", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
                                   "parallel.engine=deepspeed"], 2, PREF_STEPS),  # ZeRO-3 over dp=2
@@ -109,7 +111,7 @@ def _preference_data(d: Path, tokenizer: Path) -> Path:
 def packed_runs(prefix: Path) -> list[tuple[str, list[str], int, int]]:
     """Each of PACKED_OBJECTIVES with every pair in every step's global batch: unpacked (`<name>_all`, one
     sequence per row) and packed (`<name>_all_packed`, the dataset's packed rows a step, one per micro
-    batch), so both runs train on the same pairs; and packed DPO under pp=2."""
+    batch), so both runs train on the same pairs; and packed DPO under pp=2 and cp=2."""
     from launcher.data.indexed import IndexedDataset
     from launcher.data.preference import PreferencePairs
     from launcher.data.preference_batches import PackedPreferenceBatches
@@ -124,7 +126,8 @@ def packed_runs(prefix: Path) -> list[tuple[str, list[str], int, int]]:
                  (f"{name}_all_packed", [*extra, "data.packing=true", f"train.global_batch_size={len(packed.rows)}",
                                          "train.micro_batch_size=1"], 1, PACKED_STEPS)]
     dpo_packed = runs[1]
-    return [*runs, ("dpo_all_packed_pp2", [*dpo_packed[1], "parallel.pp=2"], 2, PACKED_STEPS)]
+    return [*runs, *[(f"dpo_all_packed_{name}", [*dpo_packed[1], extra], 2, PACKED_STEPS)
+                     for name, extra in (("pp2", "parallel.pp=2"), ("cp2", "parallel.cp=2"))]]
 
 
 def moe_runs(d: Path) -> list[tuple[str, list[str], int, int]]:
@@ -392,7 +395,7 @@ def test_moe_dpo_under_expert_parallelism_equals_the_single_process(trained):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
-@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2", "dpo_zero3"])
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2", "dpo_cp2", "dpo_zero3"])
 def test_dpo_layouts_equal_the_single_process(trained, name):
     _, d, _ = trained
     single, other = read_metrics(d / "dpo"), read_metrics(d / name)
@@ -465,10 +468,11 @@ def test_packed_pairs_equal_unpacked(trained, name):
         np.testing.assert_allclose(np.load(packed_table), np.load(table), rtol=1e-6)
 
 
-def test_packed_dpo_under_pipeline_parallelism_equals_the_single_process(trained):
+@pytest.mark.parametrize("name", ["dpo_all_packed_pp2", "dpo_all_packed_cp2"])
+def test_packed_dpo_layouts_equal_the_single_process(trained, name):
     _, d, _ = trained
-    single, pp2 = read_metrics(d / "dpo_all_packed"), read_metrics(d / "dpo_all_packed_pp2")
-    assert len(single) == len(pp2) == PACKED_STEPS
-    for a, b in zip(single, pp2):
+    single, other = read_metrics(d / "dpo_all_packed"), read_metrics(d / name)
+    assert len(single) == len(other) == PACKED_STEPS
+    for a, b in zip(single, other):
         for key in ("loss", "grad_norm", "reward_margin", "logps_chosen", "nll_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)

@@ -111,12 +111,11 @@ CASES = [
     (["data.split=abc"], "data.split", "train,valid[,test] weights"),
     (["data.split=0/2"], "data.split", "no training documents"),
     (["data.split=98/2", "data.valid_prefixes=[x]"], "data.valid_prefixes", "either data.split or"),
-    # preference objectives: their keys, then the layouts they run in (megatron, cp=1,
+    # preference objectives: their keys, then the layouts they run in (megatron or ZeRO-3,
     # pairs unpacked or packed, one preference dataset, no validation)
     (["train.objective=dpo"], "data.prefixes", "train.objective=dpo trains on one preference dataset"),
     ([*PREF, "train.objective=dpo", "parallel.engine=deepspeed", "dpo.reference=live"], "dpo.reference",
      "does not run with engine=deepspeed and dpo.reference=live"),
-    ([*PREF, "train.objective=dpo", "parallel.cp=2"], "parallel.cp", "does not run with cp=2 yet"),
     ([*PREF, "train.objective=dpo", "data.reset_attention_mask=true"], "data.reset_attention_mask",
      "does not run with reset_attention_mask (use data.packing=true) yet"),
     ([*PREF, "train.objective=dpo", "data.prefixes=[a,b]"], "data.prefixes", "one preference dataset"),
@@ -341,6 +340,9 @@ def test_a_preference_objective_validates_and_runs_uncaptured(objective, tmp_pat
     moe = compose_config(*PREF, f"train.objective={objective}", "model=mixtral_tiny", "parallel.ep=2",
                          f"run.dir={tmp_path}")
     assert validate(moe, 2, "cpu").layout.ep == 2
+    cp = compose_config(*PREF, f"train.objective={objective}", "parallel.cp=2", "data.packing=true",
+                        f"run.dir={tmp_path}")
+    assert validate(cp, 2, "cpu").layout.cp == 2
     vpp = compose_config(*PREF, f"train.objective={objective}", "parallel.pp=2", "parallel.vpp=2", "model.num_layers=4",
                          f"run.dir={tmp_path}")
     assert validate(vpp, 2, "cpu").layout.vpp == 2
