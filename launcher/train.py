@@ -249,7 +249,8 @@ def build_engine(cfg: JobConfig, args: ModelArgs, layout: Layout, device: torch.
                           compile=cfg.train.compile,
                           cuda_graph=graphed, fp8=fp8,
                           keep_saved_schedule=cfg.checkpoint.keep_saved_schedule,
-                          objective=objective_config(cfg), lora=lora_options(cfg))
+                          objective=objective_config(cfg), lora=lora_options(cfg),
+                          offload_activations=cfg.train.offload_activations)
 
 
 def lora_options(cfg: JobConfig) -> LoraOptions | None:

@@ -99,14 +99,17 @@ def _lm_loss(batch: dict[str, Any]):
     return partial(_loss_func, batch["loss_mask"])
 
 
-def _forward_step(device: torch.device, loss_for: Callable[[dict[str, Any]], Callable], data_iterator, model):
-    """One micro batch through this stage; `loss_for(batch)` is the last stage's loss function of it."""
+def _forward_step(device: torch.device, loss_for: Callable[[dict[str, Any]], Callable], offload: bool,
+                  data_iterator, model):
+    """One micro batch through this stage; `loss_for(batch)` is the last stage's loss function of it.
+    `offload`: what the forward saves for the backward goes to host memory (torch's save_on_cpu)."""
     batch, packed = prepare_batch(next(data_iterator), device)
     # this CP rank's two chunks of each row or packed document (all of it at cp=1)
     batch, packed = context_parallel_split(batch, packed)
-    # Last stage returns per-token losses; earlier stages their hidden states.
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
-                   packed_seq_params=packed)
+    saved = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if offload else contextlib.nullcontext()
+    with saved:  # Last stage returns per-token losses; earlier stages their hidden states.
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       loss_mask=batch["loss_mask"], packed_seq_params=packed)
     return output, loss_for(batch)
 
 
@@ -128,8 +131,10 @@ class MegatronEngine:
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
                  fp8: bool = False, cp_mode: str = "ring", keep_saved_schedule: bool = False,
-                 objective: ObjectiveConfig = ObjectiveConfig(), lora: LoraOptions | None = None):
+                 objective: ObjectiveConfig = ObjectiveConfig(), lora: LoraOptions | None = None,
+                 offload_activations: bool = False):
         self.args, self.layout, self.device = args, layout, device
+        self.offload_activations = offload_activations
         self.seed, self.lora = seed, lora
         self.lora_base: str | None = None  # the checkpoint the adapters' frozen base came from (None: the seed's)
         self.objective = objective
@@ -333,7 +338,8 @@ class MegatronEngine:
         # micro batch is one THD stream.
         packed = "cu_seqlens" in microbatches[0]
         seq_length = self.seq_length
-        return schedule(forward_step_func=partial(_forward_step, self.device, loss_for), data_iterator=data,
+        offload = self.offload_activations and not forward_only
+        return schedule(forward_step_func=partial(_forward_step, self.device, loss_for, offload), data_iterator=data,
                         model=model,
                         num_microbatches=len(microbatches),
                         seq_length=seq_length * self.micro_batch_size if packed else seq_length,

@@ -93,6 +93,9 @@ class TrainConfig:
     # auto | true | false: replay forward+backward as one CUDA graph (CUDA, megatron, dense,
     # unpacked, pp=1; auto: one process)
     cuda_graph: Any = "auto"
+    # the tensors the forward saves for the backward (with recompute=full: each layer's input)
+    # held in host memory, pinned, until the backward needs them (engine=megatron)
+    offload_activations: bool = False
     compile: bool = False             # torch.compile each transformer layer (engine=megatron, dense models)
     log_every: int = 1                # metrics.jsonl gets every N-th step (and the last)
     # lm: next-token cross entropy (pretrain, SFT) | dpo | simpo | orpo: a preference loss over

@@ -153,7 +153,14 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
         raise ConfigError("train.compile", f"model={m.name} is a mixture of experts; compiled layers are dense only "
                                            "(MoE routing sends a data-dependent number of tokens to each expert)")
     # (auto leaves a preference objective's steps uncaptured: its micro batches carry per-step scalars)
-    graphed = _check_cuda_graph(c, device_type, world_size) and t.objective == "lm" and t.peft == "none"
+    if t.offload_activations and p.engine != "megatron":
+        raise ConfigError("train.offload_activations", "offloads megatron-core's saved activations: needs "
+                                                       "parallel.engine=megatron (DeepSpeed has its own)")
+    if t.offload_activations and t.cuda_graph is True:
+        raise ConfigError("train.offload_activations", "host copies are not captured by a CUDA graph: "
+                                                       "set train.cuda_graph=false or auto")
+    graphed = (_check_cuda_graph(c, device_type, world_size) and t.objective == "lm" and t.peft == "none"
+               and not t.offload_activations)
     _check_precision_aware(c, device_type)
     if c.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {c.logging.wandb.mode!r}")

@@ -26,6 +26,8 @@ LAYOUTS = [
     ("recompute_selective_tp2", ["train.recompute=selective", "parallel.tp=2"], 2),
     ("recompute_mlp_layernorm", ["train.recompute=[mlp,layernorm]"], 1),
     ("recompute_mlp_act_tp2", ["train.recompute=[mlp_act,layernorm]", "parallel.tp=2"], 2),
+    # Saved activations in host memory (the layer inputs, under full recompute), through the pipeline.
+    ("offload_recompute_full_pp2", ["train.offload_activations=true", "train.recompute=full", "parallel.pp=2"], 2),
     # Context parallelism: each row split over the CP ranks, attention by passing K/V blocks around
     # the ring or by gathering them.
     ("cp2_ring", ["parallel.cp=2", "parallel.cp_mode=ring"], 2),
