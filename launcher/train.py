@@ -311,7 +311,7 @@ def run(composed: DictConfig) -> None:
     try:
         engine = build_engine(cfg, args, layout, device, graphed=graphed)
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
-        if live:
+        if live and start_step == 0:  # (a resume reads the reference from its checkpoint)
             engine.freeze_reference()  # type: ignore[attr-defined]
         if reference is not None:
             from launcher import preference_reference

@@ -48,6 +48,9 @@ from parallel import lora_checkpoint, megatron_state
 from parallel.lora_grads import with_partial_grad_sum
 from parallel import compat
 
+# Checkpoint keys of DPO's live reference chunks: this prefix + the model's own keys.
+REFERENCE_PREFIX = "reference."
+
 # What init_distributed started (CPU emulation of CUDA APIs, the process group), undone by
 # shutdown(). A process group that already existed (a test session running several trainings
 # under one torchrun) belongs to its creator and stays up.
@@ -384,11 +387,19 @@ class MegatronEngine:
             metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True})
         return {**model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
+    def _reference_sharded_state_dict(self) -> dict[str, Any]:
+        """DPO's live reference chunks under keys of their own (REFERENCE_PREFIX + the model's)."""
+        return {f"reference{i}": c.sharded_state_dict(prefix=REFERENCE_PREFIX)
+                for i, c in enumerate(self.reference_chunks)}
+
     def save(self, directory: Path, step: int) -> None:
-        """A dist checkpoint of model, optimizer, scheduler, step, layout, shape and RNG streams."""
+        """A dist checkpoint of model, optimizer, scheduler, step, layout, shape and RNG streams (and DPO's
+        live reference, which a resume cannot rebuild from the trained weights)."""
         state = self.sharded_state_dict()
         state.update(step=step, layout=megatron_state.layout(), model_args=asdict(self.args),
                      rng_state=megatron_state.rng_state(is_loading=False))
+        if self.reference_chunks:
+            state.update(self._reference_sharded_state_dict(), live_reference=True)
         dist_checkpointing.save(state, str(directory))
         if self.lora is not None and dist.get_rank() == 0:
             lora_checkpoint.write_reference(directory, lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args,
@@ -417,12 +428,20 @@ class MegatronEngine:
             # optimizer; give it states to overwrite.
             chained._init_optimizer_states_with_dummy_values()
         state = self.sharded_state_dict(is_loading=True)
+        if self.reference_chunks:
+            if not common.get("live_reference"):
+                raise ValueError(f"{directory} holds no live DPO reference (it was saved with another "
+                                 f"dpo.reference): resume it with that one")
+            state.update(self._reference_sharded_state_dict())
         # RNG streams are per rank: restore them only into the layout that saved them.
         same_layout = megatron_state.saved_layout(common) == megatron_state.layout()
         if same_layout:
             state["rng_state"] = megatron_state.rng_state(is_loading=True)
         loaded = dist_checkpointing.load(state, str(directory))
         self._load_model(loaded)
+        for i, reference in enumerate(self.reference_chunks):
+            saved = loaded[f"reference{i}"]
+            reference.load_state_dict({k[len(REFERENCE_PREFIX):]: v for k, v in saved.items()})
         # Non-tensor optimizer state (param groups: lr, wd, ... which the scheduler sets again every
         # step) is this layout's own; tensors (main params, Adam moments) come from the checkpoint.
         optimizer_state = (loaded["optimizer"] if same_layout

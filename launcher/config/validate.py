@@ -190,10 +190,6 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     # under LoRA a checkpoint without adapters is the base: the adapters start at step 0
     continues = load is not None and (_check_lora_checkpoint(c, load) or t.peft == "none")
     start_step = _saved_step(load) if continues else 0
-    if t.objective == "dpo" and c.dpo.reference == "live" and start_step > 0:
-        raise ConfigError("dpo.reference", f"live holds the initial weights in memory only: resuming at step "
-                                           f"{start_step} cannot rebuild them (train with dpo.reference=precomputed "
-                                           f"to resume)")
     return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed, resuming=resuming, start_step=start_step)
 
 

@@ -6,13 +6,13 @@ Preference training from the same import, in the same launches: DPO (precomputed
 term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards, log-probs
 and gradient norm equal transformers' forward of the HF model through TRL's losses
 (tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
-TRL's loss; DPO under tp=2, dp=2, pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single
-process over its steps, and a resumed DPO run reads its reference file and continues bit for bit; DPO
-with a live reference model (single process, pp=2) equals DPO from the precomputed one; DPO under pp=2 x
-vpp=2 (a 4-layer model) equals the single process with either reference; DPO from an imported Mixtral
-equals transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2, the single
-process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and packed DPO under
-pp=2 the single process."""
+TRL's loss; DPO under tp=2, dp=2 (with full recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2)
+equals the single process over its steps, and a resumed DPO run reads its reference file and continues
+bit for bit; DPO with a live reference model (single process, pp=2) equals DPO from the precomputed one
+and resumes bit for bit; DPO under pp=2 x vpp=2 (a 4-layer model) equals the single process with either
+reference; DPO from an imported Mixtral equals transformers + TRL (with megatron-core's load-balancing
+loss) and, under ep=2, the single process; DPO and SimPO on pairs packed into rows equal the same pairs
+unpacked, and packed DPO under pp=2 and cp=2 the single process."""
 from __future__ import annotations
 
 import json
@@ -43,7 +43,8 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                                   "checkpoint.save_every=2"], 1, PREF_STEPS),
                    ("dpo_tp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.tp=2"], 2,
                     PREF_STEPS),
-                   ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"], 2, PREF_STEPS),
+                   ("dpo_dp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "train.recompute=full"],
+                    2, PREF_STEPS),
                    ("dpo_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.pp=2"], 2,
                     PREF_STEPS),
                    ("dpo_cp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "parallel.cp=2"], 2,
@@ -65,6 +66,9 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                    # the dpo run with a frozen reference model held alongside instead of the precomputed table
                    ("dpo_live", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "dpo.reference=live"], 1,
                     PREF_STEPS),
+                   # the dpo_live run again, saving after step 2 (its reference too); then resumed from there
+                   ("dpo_live_saved", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
+                                       "dpo.reference=live", "checkpoint.save_every=2"], 1, PREF_STEPS),
                    ("dpo_live_pp2", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "dpo.reference=live",
                                      "parallel.pp=2"], 2, PREF_STEPS)]
 PACKED_STEPS = 2
@@ -175,17 +179,19 @@ def trained(tmp_path_factory, cache_env):
     ranks = {n: nproc for n, _, nproc, _ in runs}
     single = [n for n in preference if ranks[n] == 1]
     double = [n for n in preference if ranks[n] == 2]
-    # resumes dpo_saved's run from its step-2 checkpoint in its own run.dir: reads the reference file
-    resume = [o for o in preference["dpo_saved"] if not o.startswith("checkpoint.load=")] + [
-        f"checkpoint.load={d / 'dpo_saved' / 'checkpoints' / 'iter_0000002'}"]
+    def resume(name: str) -> list[str]:
+        """`name`'s run resumed from its step-2 checkpoint in its own run.dir."""
+        return [o for o in preference[name] if not o.startswith("checkpoint.load=")] + [
+            f"checkpoint.load={d / name / 'checkpoints' / 'iter_0000002'}"]
+
     export = ["launcher.convert", "export_hf", f"checkpoint={d / 'dpo_step' / 'checkpoints'}", f"out={d / 'dpo_step_hf'}"]
-    _, _, tp1, *pref1, resumed, _ = run_many(
+    _, _, tp1, *pref1, resumed, resumed_live, _ = run_many(
         [["launcher.convert", "import_hf", f"hf_dir={d / 'hf'}", f"out={d / 'ckpt'}"],
          ["launcher.convert", "import_hf", f"hf_dir={d / 'hf_moe'}", f"out={d / 'ckpt_moe'}"],
-         train(1), *(preference[n] for n in single), resume, export])
+         train(1), *(preference[n] for n in single), resume("dpo_saved"), resume("dpo_live_saved"), export])
     [tp2, *pref2] = run_many([train(2), *(preference[n] for n in double)], nproc=2)
     return model, d, {"tp1": tp1, "tp2": tp2, **dict(zip(single, pref1)), **dict(zip(double, pref2)),
-                      "resumed": resumed}
+                      "resumed": resumed, "resumed_live": resumed_live}
 
 
 def _reference_loss(model) -> float:
@@ -476,3 +482,14 @@ def test_packed_dpo_layouts_equal_the_single_process(trained, name):
     for a, b in zip(single, other):
         for key in ("loss", "grad_norm", "reward_margin", "logps_chosen", "nll_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_live_reference_resume_continues_bit_exactly(trained):
+    """dpo_live_saved, resumed after step 2, reads the frozen reference from its checkpoint (the weights it
+    trains are no longer the initial ones) and its step 3 is the uninterrupted dpo_live run's, bit for bit."""
+    _, d, outputs = trained
+    assert "steps=2->3" in outputs["resumed_live"]
+    resumed, straight = read_metrics(d / "dpo_live_saved"), read_metrics(d / "dpo_live")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "reward_chosen", "reward_margin", "logps_chosen", "nll_loss"):
+        assert resumed[2][key] == straight[2][key], key

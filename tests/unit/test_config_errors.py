@@ -355,18 +355,3 @@ def test_a_preference_objective_validates_and_runs_uncaptured(objective, tmp_pat
     assert validate(packed, 1, "cpu").config.data.packing
     assert validate(compose_config(*PREF, f"run.dir={tmp_path}"), 1, "cuda").cuda_graph  # lm: auto captures
 
-
-def test_a_live_reference_does_not_resume(tmp_path, monkeypatch):
-    """dpo.reference=live keeps the initial weights in memory only: a resume past step 0 is refused."""
-    from launcher import checkpoint
-
-    saved = tmp_path / "checkpoints" / "iter_0000002"
-    saved.mkdir(parents=True)
-    # (an empty directory named like a step-2 checkpoint; its contents are not what this checks)
-    monkeypatch.setattr(checkpoint, "check_compatible", lambda *a: None)
-    monkeypatch.setattr(checkpoint, "check_engine", lambda *a: None)
-    with pytest.raises(ConfigError) as err:
-        validate(compose_config(*PREF, "train.objective=dpo", "dpo.reference=live", f"checkpoint.load={saved}",
-                                f"run.dir={tmp_path}"), 1, "cpu")
-    assert err.value.key == "dpo.reference" and "resuming at step 2 cannot rebuild them" in err.value.reason
-    validate(compose_config(*PREF, "train.objective=dpo", "dpo.reference=live", f"run.dir={tmp_path}"), 1, "cpu")
