@@ -1,10 +1,10 @@
 """LoRA checkpoints (parallel/lora_checkpoint.py) out of ShardForge: merged into their base, or as a
 Hugging Face PEFT adapter. Used by `launcher.convert merge_lora` and `export_hf ... peft=true`.
 
-merge_lora: the base (its checkpoint, or the seed's initial weights) built whole in one process,
-each targeted weight replaced by W + (alpha / rank) B A computed in fp32, written as a model-only
-checkpoint with the base's files (shape, HF config, tokenizer): it trains, generates and exports like
-any import.
+merge_lora: the LoRA model built whole in one process (its base from the base checkpoint, or drawn
+from the seed; its adapters from the LoRA checkpoint), each adapted weight replaced by
+W + (alpha / rank) B A computed in fp32, the result written as a plain model-only checkpoint with the
+base's files (shape, HF config, tokenizer): it trains, generates and exports like any import.
 
 PEFT export: adapter_config.json (LORA, r, lora_alpha, lora_dropout, target_modules) and
 adapter_model.safetensors, named as PEFT saves them
@@ -24,11 +24,10 @@ from typing import Any
 import torch
 
 from launcher.config.validate import ConfigError
-from launcher.model_io import (build_model, check_new_root, init_world_of_one, load_model_weights,
-                               resolve_checkpoint, write_model_checkpoint)
+from launcher.model_io import build_model, check_new_root, init_world_of_one, resolve_checkpoint, write_model_checkpoint
 from models import hf_mapping as hfm
 from models.args import ModelArgs
-from models.lora import TARGET_MODULES, merged
+from models.lora import DENSE_TARGETS, TARGET_MODULES, is_adapter, merge_into_base
 from parallel.lora_checkpoint import options, read_reference
 
 # target -> the HF projections its factors become, and how its B splits into their rows
@@ -79,29 +78,20 @@ def merge_lora(checkpoint: str, out: Path) -> Path:
     """Write the LoRA checkpoint's adapters merged into its base as a model-only checkpoint; returns
     <out>/iter_0000000."""
     from launcher.checkpoint_files import HF_CONFIG, HF_GENERATION_CONFIG, find, tokenizer_files
-    from models.init import init_weights
     from parallel.megatron_engine import shutdown
 
     directory, reference = lora_reference(checkpoint)
     check_new_root(out)
     args = ModelArgs.from_config(reference["base_model"])
-    scale = options(reference).scale
     base = Path(reference["base"]) if reference["base"] is not None else None
     init_world_of_one(reference["seed"])
     try:
-        if base is not None:
-            from megatron.core import dist_checkpointing
-
-            dtype = dist_checkpointing.load_tensors_metadata(str(base))["embedding.word_embeddings.weight"].dtype
-            model = build_model(args, params_dtype=dtype)
-            load_model_weights(model, base, args)
-        else:
-            model = build_model(args, params_dtype=getattr(torch, reference["dtype"]))
-            init_weights(model, seed=reference["seed"], std=args.init_method_std, num_layers=args.num_layers)
-        with torch.no_grad():
-            for (target, layer), (a, b) in read_adapters(directory, args.num_layers).items():
-                linear = model.decoder.layers[layer].get_submodule(TARGET_MODULES[target])
-                linear.weight.copy_(merged(linear.weight, a, b, scale))
+        dtype = _base_dtype(base) if base is not None else getattr(torch, reference["dtype"])
+        lora_model = build_model(args, params_dtype=dtype, lora=options(reference))
+        load_base_and_adapters(lora_model, directory, base, reference["seed"], args)
+        merge_into_base(lora_model)
+        model = build_model(args, params_dtype=dtype)
+        model.load_state_dict({k: v for k, v in lora_model.state_dict().items() if not is_adapter(k)})
         files: dict[str, Any] = {}
         if base is not None:  # the base's HF config and tokenizer (its shape is written anew)
             files = {name: path for name in (HF_CONFIG, HF_GENERATION_CONFIG) if (path := find(base, name)) is not None}
@@ -111,6 +101,35 @@ def merge_lora(checkpoint: str, out: Path) -> Path:
         shutdown()
 
 
+def load_base_and_adapters(model: torch.nn.Module, directory: Path, base: Path | None, seed: int,
+                           args: ModelArgs) -> None:
+    """A LoRA model (one whole chunk) as training left it: the frozen base from its checkpoint, or
+    drawn from the seed, and the adapters from the LoRA checkpoint `directory`."""
+    from megatron.core import dist_checkpointing
+
+    from models.init import init_weights
+
+    if base is None:
+        init_weights(model, seed=seed, std=args.init_method_std, num_layers=args.num_layers)
+    state = model.sharded_state_dict()
+    for source, adapters in ((base, False), (directory, True)):
+        if source is None:
+            continue
+        part = {k: v for k, v in state.items() if is_adapter(k) == adapters}
+        loaded = dist_checkpointing.load(part, str(source))  # (also the checkpoint's common entries)
+        missing, unexpected = model.load_state_dict({k: loaded[k] for k in part}, strict=False)
+        left = [k for k in missing if is_adapter(k) == adapters and not k.endswith("_extra_state")]
+        if left or unexpected:
+            raise ConfigError("checkpoint", f"{source} does not hold this model's tensors: missing {left[:3]}, "
+                                            f"unexpected {unexpected[:3]}")
+
+
+def _base_dtype(base: Path) -> torch.dtype:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_tensors_metadata(str(base))["embedding.word_embeddings.weight"].dtype
+
+
 def export_peft(checkpoint: str, out: Path, dtype: torch.dtype | None = None) -> None:
     """Write a Hugging Face PEFT LoRA adapter directory `out` from a LoRA checkpoint."""
     import torch.distributed as dist
@@ -118,8 +137,8 @@ def export_peft(checkpoint: str, out: Path, dtype: torch.dtype | None = None) ->
 
     directory, reference = lora_reference(checkpoint)
     args = ModelArgs.from_config(reference["base_model"])
-    if args.is_moe:
-        raise ConfigError("checkpoint", "PEFT export covers dense models")
+    if args.is_moe or not set(reference["targets"]) <= set(DENSE_TARGETS):
+        raise ConfigError("checkpoint", "PEFT export covers the adapters of dense models; merge_lora merges any")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("out", f"{out} exists and is not empty")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

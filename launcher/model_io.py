@@ -21,6 +21,7 @@ from models.args import ModelArgs
 
 if TYPE_CHECKING:
     from launcher.checkpoint import FileSource
+    from models.lora import LoraOptions
 
 
 def init_world_of_one(seed: int = 0) -> None:
@@ -31,13 +32,17 @@ def init_world_of_one(seed: int = 0) -> None:
     init_distributed(Layout(world_size=1), torch.device("cpu"), seed)
 
 
-def build_model(args: ModelArgs, *, tp: int = 1, ep: int = 1, params_dtype: torch.dtype = torch.float32):
-    """One whole-model GPTModel chunk (pp=1) on CPU; parallel state must be initialized."""
+def build_model(args: ModelArgs, *, tp: int = 1, ep: int = 1, params_dtype: torch.dtype = torch.float32,
+                lora: LoraOptions | None = None):
+    """One whole-model GPTModel chunk (pp=1) on CPU, with `lora`'s adapters if given; parallel state
+    must be initialized."""
+    from models.kernel_provider import KernelOptions
     from models.llama import build_llama, transformer_config
 
     config = transformer_config(args, tp=tp, pp=1, vpp=None, params_dtype=params_dtype, on_cpu=True, recompute=None,
                                 ep=ep)
-    return build_llama(args, config, pre_process=True, post_process=True)  # (CPU, torch backend)
+    return build_llama(args, config, KernelOptions(lora=lora), pre_process=True,
+                       post_process=True)  # (CPU, torch backend)
 
 
 def resolve_any(path: str | os.PathLike, key: str) -> Path:

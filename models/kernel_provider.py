@@ -15,7 +15,8 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
   (models/rope_attention.py), elsewhere megatron's SelfAttention;
 - linears: megatron's, or with `fp8` the fp8 ones (models/kernels/fp8_linear.py; dense models),
   told where their input is held anyway (`keep_input`); with `lora` the linears it targets carry an
-  adapter beside their frozen weight (models/kernels/lora_linear.py; dense models);
+  adapter beside their frozen weight (models/kernels/lora_linear.py; routed experts with adapters
+  run as megatron's SequentialMLP);
 - MLP: on GPU the Triton SwiGLU (models/swiglu_mlp.py), elsewhere megatron's; with `mlp_act`
   recompute (dense models) models/mlp_act_recompute.py; MoE experts: GroupedGemmExperts
   (models/kernels/grouped_experts.py); shared experts like the MLP;
@@ -170,30 +171,39 @@ def _fill_layer(spec: ModuleSpec, config: TransformerConfig, options: KernelOpti
             attention.linear_proj = _fp8(Fp8RowParallelLinear, keep_input=True)
             mlp.submodules.linear_fc1 = _fp8(Fp8ColumnParallelLinear, keep_input=norm_refilled)
             mlp.submodules.linear_fc2 = _fp8(Fp8RowParallelLinear, keep_input="mlp_act" in recompute)
-        if options.lora is not None and not moe_model:
-            _lora(attention, mlp.submodules, options.lora)
+        if options.lora is not None:
+            _lora(options.lora, attention, mlp.submodules)
         return
     experts = mlp.submodules.experts  # a MoE layer
     if experts.module in (SequentialMLP, GroupedGemmExperts):
-        experts.module = GroupedGemmExperts
+        # (the grouped GEMM reads the expert weights alone: adapted experts run one by one)
+        lora_experts = options.lora is not None and "experts" in options.lora.targets
+        experts.module = SequentialMLP if lora_experts else GroupedGemmExperts
     shared = mlp.submodules.shared_experts
     if shared is not None and shared.module in (SharedExpertMLP, TritonSwiGLUSharedExpertMLP):
         shared.module = TritonSwiGLUSharedExpertMLP if gpu else SharedExpertMLP
+    if options.lora is not None:
+        _lora(options.lora, attention, shared.submodules if shared is not None else None, experts.submodules)
 
 
 def _fp8(linear: type, keep_input: bool) -> ModuleSpec:
     return ModuleSpec(module=linear, params={"keep_input": keep_input})
 
 
-def _lora(attention, mlp, lora: LoraOptions) -> None:
-    """The targeted linears of one dense layer as LoRA linears; fc1's B is stored as fc1's weight
-    ([gate; up], `swiglu`)."""
-    slots = {"qkv": (attention, "linear_qkv", LoraColumnParallelLinear), "proj": (attention, "linear_proj",
-                                                                                LoraRowParallelLinear),
-             "fc1": (mlp, "linear_fc1", LoraColumnParallelLinear), "fc2": (mlp, "linear_fc2", LoraRowParallelLinear)}
+def _lora(lora: LoraOptions, attention, mlp, experts=None) -> None:
+    """The targeted linears of one layer as LoRA linears: qkv/proj of its attention, fc1/fc2 of its
+    dense MLP or shared expert (`mlp`), both linears of every routed expert (`experts`). fc1's B is
+    stored as fc1's weight ([gate; up], `swiglu`)."""
+    slots = {"qkv": [(attention, "linear_qkv", LoraColumnParallelLinear)],
+             "proj": [(attention, "linear_proj", LoraRowParallelLinear)],
+             "fc1": [(mlp, "linear_fc1", LoraColumnParallelLinear)], "fc2": [(mlp, "linear_fc2", LoraRowParallelLinear)],
+             "experts": [(experts, "linear_fc1", LoraColumnParallelLinear),
+                         (experts, "linear_fc2", LoraRowParallelLinear)]}
     for target in lora.targets:
-        holder, slot, linear = slots[target]
-        setattr(holder, slot, ModuleSpec(module=linear, params={"lora": lora, "swiglu": target == "fc1"}))
+        for holder, slot, linear in slots[target]:
+            if holder is not None:
+                spec = ModuleSpec(module=linear, params={"lora": lora, "swiglu": slot == "linear_fc1"})
+                setattr(holder, slot, spec)
 
 
 def slots(spec: ModuleSpec | TransformerBlockSubmodules, model: type[GPTModel]) -> dict[str, str]:

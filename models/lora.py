@@ -6,7 +6,8 @@ convention, so exported adapters load there unchanged). B starts at zero, so a f
 leaves the model as it was.
 
 `targets` name the linears: qkv (the fused query/key/value projection), proj (the attention
-output), fc1 (the fused gate/up projection), fc2 (the MLP output).
+output), fc1 (the fused gate/up projection), fc2 (the MLP output) of dense MLPs and shared experts,
+experts (both linears of every routed expert of a mixture-of-experts layer).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-TARGETS = ("qkv", "proj", "fc1", "fc2")
-# target -> the module path of its linear inside a transformer layer
+TARGETS = ("qkv", "proj", "fc1", "fc2", "experts")
+DENSE_TARGETS = TARGETS[:4]
+# target -> the module path of its linear inside a dense transformer layer
 TARGET_MODULES = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
                   "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
 ADAPTER_PARAMS = ("lora_a", "lora_b")
@@ -42,6 +44,16 @@ def freeze_base(model: torch.nn.Module) -> None:
     """Only the adapters train: every other parameter gets no gradient, and so no optimizer state."""
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
+
+
+def merge_into_base(model: torch.nn.Module) -> None:
+    """Every LoRA linear of `model` with its adapter merged into its weight (`merged`); the adapters
+    are left as they are."""
+    with torch.no_grad():
+        for module in model.modules():
+            lora = getattr(module, "lora", None)
+            if isinstance(lora, LoraOptions):
+                module.weight.copy_(merged(module.weight, module.lora_a, module.lora_b, lora.scale))
 
 
 def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

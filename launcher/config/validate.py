@@ -229,8 +229,8 @@ def _check_objective(c: JobConfig) -> None:
 
 
 def _check_lora(c: JobConfig) -> None:
-    """train.peft and the lora section; LoRA runs on the megatron engine, on dense models, with
-    eager layers (auto leaves its steps uncaptured by CUDA graphs)."""
+    """train.peft and the lora section; LoRA runs on the megatron engine with eager layers (auto leaves
+    its steps uncaptured by CUDA graphs)."""
     t, lora = c.train, c.lora
     if t.peft not in PEFT_METHODS:
         raise ConfigError("train.peft", f"must be one of {', '.join(PEFT_METHODS)}, got {t.peft!r}")
@@ -246,8 +246,10 @@ def _check_lora(c: JobConfig) -> None:
     if not targets or unknown or len(set(targets)) != len(targets):
         raise ConfigError("lora.targets", f"must be a non-empty list of distinct names out of "
                                           f"{', '.join(LORA_TARGETS)}, got {targets}")
+    if "experts" in targets and c.model.num_experts is None:
+        raise ConfigError("lora.targets", f"experts (the routed experts' linears) needs a mixture-of-experts model; "
+                                          f"model={c.model.name} is dense")
     refusals = (("parallel.engine", c.parallel.engine != "megatron", f"parallel.engine={c.parallel.engine}"),
-                ("model.num_experts", c.model.num_experts is not None, f"a mixture-of-experts model ({c.model.name})"),
                 ("train.precision", t.precision == "fp8", "train.precision=fp8"),
                 ("train.compile", t.compile, "train.compile=true"),
                 ("train.cuda_graph", t.cuda_graph is True, "train.cuda_graph=true"),

@@ -49,6 +49,8 @@ class _Lora:
         self.lora_b = torch.nn.Parameter(torch.zeros(b_shape, dtype=self.weight.dtype, device=self.weight.device))
         for name in ("lora_a", "lora_b"):
             param = getattr(self, name)
+            # an expert's factors are reduced over the expert-data-parallel ranks, as its weight is
+            param.allreduce = getattr(self.weight, "allreduce", True)
             if name in self._TP_AXES:
                 set_tensor_model_parallel_attributes(param, True, self._TP_AXES[name], 1)
             else:

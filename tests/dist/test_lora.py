@@ -1,5 +1,6 @@
 """LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout
-(tp, pp, vpp, dp, cp; with full recompute; over packed rows) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
+(tp, pp, vpp, dp, cp; with full recompute; over packed rows; ep and tp for a mixture-of-experts model
+with adapters on its experts) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
 the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
 adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
 
@@ -27,6 +28,10 @@ LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", []),
 # Packed rows (documents end at each EOD: no attention across them, positions restart), against the
 # single process on the same rows.
 PACKED = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
+# A mixture-of-experts model with a shared expert from the seed's initial weights (no base checkpoint):
+# adapters on attention, the shared expert and every routed expert.
+MOE = ["model=qwen_moe_tiny", "lora.targets=[qkv,proj,fc1,fc2,experts]"]
+MOE_LAYOUTS = [("moe_ep2", ["parallel.ep=2"]), ("moe_tp2", ["parallel.tp=2"])]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +40,12 @@ def base(tmp_path_factory, cache_env):
     for family, config in FAMILIES.items():
         tiny_hf_model(f"lora-{family}", config, **SHAPE).save_pretrained(base / f"hf_{family}")
 
-    def start(family: str) -> list[str]:
-        return [*FAST, "checkpoint.save_every=0", f"model={base / family}", f"checkpoint.load={base / family}"]
+    def start(family: str | None) -> list[str]:
+        """From the import of `family`, or (None) from the seed's initial weights of the model `extra` names."""
+        own = [f"model={base / family}", f"checkpoint.load={base / family}"] if family else []
+        return [*FAST, "checkpoint.save_every=0", *own]
 
-    def train(name: str, family: str, *extra: str) -> list[str]:
+    def train(name: str, family: str | None, *extra: str) -> list[str]:
         return ["launcher.train", *start(family), *LORA, f"train.steps={STEPS}", *extra, f"run.dir={base / name}"]
 
     iter4 = base / "single" / "checkpoints" / "iter_0000004"
@@ -56,16 +63,23 @@ def base(tmp_path_factory, cache_env):
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2_lora' / 'checkpoints'}",
                f"out={base / 'peft_qwen2'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2'}", f"out={base / 'export_qwen2'}"],
-              ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")]])
+              ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")],
+              train("moe_single", None, *MOE),
+              ["launcher.convert", "merge_lora", f"checkpoint={base / 'moe_single' / 'checkpoints'}",
+               f"out={base / 'moe_merged'}"],
+              ["tests.scripts.lora_logits", str(base / "logits_moe.pt"), str(base / "moe_single" / "checkpoints"),
+               str(base / "moe_merged")]])
     frozen = ["tests.scripts.lora_frozen_base", str(base / "frozen_tp2.json"), *start("llama"), *LORA,
               "train.steps=2", "parallel.tp=2", f"run.dir={base / 'frozen_tp2'}"]
     train_runs(base, [*[(name, train(name, "llama", *extra)[1:-1], 2) for name, extra in LAYOUTS],
-                      ("tp2_packed", train("tp2_packed", "llama", *PACKED, "parallel.tp=2")[1:-1], 2)],
+                      ("tp2_packed", train("tp2_packed", "llama", *PACKED, "parallel.tp=2")[1:-1], 2),
+                      *[(name, train(name, None, *MOE, *extra)[1:-1], 2) for name, extra in MOE_LAYOUTS]],
                then=[("frozen_tp2", frozen, 2)])
     return base
 
 
-@pytest.mark.parametrize("name,reference", [*[(x[0], "single") for x in LAYOUTS], ("tp2_packed", "single_packed")])
+@pytest.mark.parametrize("name,reference", [*[(x[0], "single") for x in LAYOUTS], ("tp2_packed", "single_packed"),
+                                            *[(x[0], "moe_single") for x in MOE_LAYOUTS]])
 def test_layout_matches_single_process(base, name, reference):
     reference, got = read_metrics(base / reference), read_metrics(base / name)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
@@ -124,11 +138,14 @@ def test_only_the_adapters_train(base):
     assert all(k.endswith((".lora_a", ".lora_b")) for k in result["in_grad_buffers"])
 
 
-def test_merged_checkpoint_computes_the_unmerged_model(base):
-    logits = torch.load(base / "logits_llama.pt")
+@pytest.mark.parametrize("name", ["llama", "moe"])
+def test_merged_checkpoint_computes_the_unmerged_model(base, name):
+    """Also for the MoE model, whose base is the seed's initial weights and whose experts carry adapters."""
+    logits = torch.load(base / f"logits_{name}.pt")
     scale = logits["unmerged"].abs().max().item()
     assert (logits["merged"] - logits["unmerged"]).abs().max().item() <= 1e-6 * scale
-    assert (base / "merged" / "iter_0000000" / "hf_config.json").is_file()  # the base's files came along
+    if name == "llama":
+        assert (base / "merged" / "iter_0000000" / "hf_config.json").is_file()  # the base's files came along
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

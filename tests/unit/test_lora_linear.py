@@ -37,6 +37,20 @@ def _model(lora: LoraOptions):
     return model
 
 
+def test_provider_serves_lora_linears_to_every_expert(world):
+    args = ModelArgs.from_config(OmegaConf.load(REPO / "conf/model/qwen_moe_tiny.yaml"))
+    config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=torch.float32, on_cpu=True, recompute=None)
+    lora = LoraOptions(rank=2, alpha=2, targets=("fc1", "experts"))
+    model = build_llama(args, config, kp.KernelOptions(device="cuda", lora=lora), pre_process=True, post_process=True)
+    mlp = model.decoder.layers[0].mlp
+    assert type(mlp.experts).__name__ == "SequentialMLP"  # (not the grouped GEMM, which reads weights alone)
+    assert {type(e.linear_fc1).__name__ for e in mlp.experts.local_experts} == {"LoraColumnParallelLinear"}
+    assert {type(e.linear_fc2).__name__ for e in mlp.experts.local_experts} == {"LoraRowParallelLinear"}
+    assert type(mlp.shared_experts.linear_fc1).__name__ == "LoraColumnParallelLinear"
+    assert type(mlp.shared_experts.linear_fc2).__name__ == "RowParallelLinear"
+    assert type(model.decoder.layers[0].self_attention.linear_qkv).__name__ == "ColumnParallelLinear"
+
+
 def test_provider_serves_lora_linears_on_the_targets_only(world):
     layer = _model(LoraOptions(rank=4, alpha=8, targets=("qkv", "fc2"))).decoder.layers[0]
     names = [type(m).__name__ for m in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
@@ -102,9 +116,9 @@ def _error(*overrides: str) -> ConfigError:
     (["lora.rank=0"], "lora.rank", "positive integer"),
     (["lora.alpha=0"], "lora.alpha", "> 0"),
     (["lora.dropout=1.0"], "lora.dropout", "[0, 1)"),
-    (["lora.targets=[qkv,gate]"], "lora.targets", "qkv, proj, fc1, fc2"),
+    (["lora.targets=[qkv,gate]"], "lora.targets", "qkv, proj, fc1, fc2, experts"),
     (["lora.targets=[]"], "lora.targets", "non-empty"),
-    (["model=mixtral_tiny"], "model.num_experts", "mixture-of-experts"),
+    (["lora.targets=[qkv,experts]"], "lora.targets", "needs a mixture-of-experts model"),
     (["train.precision=fp8"], "train.precision", "fp8"),
     (["train.compile=true"], "train.compile", "compile"),
     (["train.objective=orpo"], "train.objective", "orpo"),
