@@ -39,13 +39,15 @@ class TrainData:
     micro batches of that step; `step_stats(step=, global_batch_size=)` -> that step's data metrics
     over its whole global batch (padding fraction ...), {} where there are none; `tokenizer` the data's tokenizer,
     saved with every checkpoint; `valid`, when the run evaluates, the validation batches in the same
-    form (step = eval batch); `preference`, under a preference objective, the pairs' batcher
-    (launcher/data/preference_batches.py), which DPO's reference log-probs are attached to."""
+    form (step = eval batch); `preference` and `valid_preference`, under a preference objective, the
+    training and validation pairs' batchers (launcher/data/preference_batches.py), which DPO's
+    reference log-probs are attached to."""
     batches: Callable[..., list[dict[str, Any]]]
     step_stats: Callable[..., dict[str, float]] = _no_stats
     tokenizer: Tokenizer | None = None
     valid: Callable[..., list[dict[str, Any]]] | None = None
     preference: Any = None
+    valid_preference: Any = None
 
 
 def evaluate(engine: Engine, valid: Callable[..., list[dict[str, Any]]], *, iters: int, micro_batch_size: int,

@@ -76,27 +76,52 @@ def build_data(cfg: JobConfig) -> TrainData:
 
 
 def _preference_data(cfg: JobConfig, prefix: str, tokenizer: Tokenizer) -> TrainData:
-    """Whole pairs of a preference dataset per micro batch (launcher/data/preference_batches.py)."""
+    """Whole pairs of a preference dataset per micro batch (launcher/data/preference_batches.py), and the
+    validation pairs (data.split's held-out part or data.valid_prefixes) when the run evaluates."""
+    from launcher.data.indexed import IndexedDataset
+    from launcher.data.split import document_range
+    from launcher.loop import TrainData
+
+    d, e = cfg.data, cfg.eval
+    train_part, valid_part = validation_bookends(cfg)
+    pairs = len(IndexedDataset(prefix)) // 2 if d.split is not None else 0
+    batches = _pair_batches(cfg, prefix, tokenizer, "data.prefixes",
+                            document_range(train_part, pairs) if train_part is not None else None)
+    valid = None
+    if (e.every or e.at_end) and (d.valid_prefixes or valid_part is not None):
+        if d.valid_prefixes:
+            _check_files(list(d.valid_prefixes), "data.valid_prefixes")
+            valid = _pair_batches(cfg, d.valid_prefixes[0], tokenizer, "data.valid_prefixes", None)
+        else:
+            valid = _pair_batches(cfg, prefix, tokenizer, "data.split", document_range(valid_part, pairs))
+        units, have = ("rows", len(valid.rows)) if d.packing else ("pairs", len(valid))
+        need = e.iters * (cfg.train.global_batch_size if d.packing else cfg.train.global_batch_size // 2)
+        if need > have:
+            raise ConfigError("eval.iters", f"{e.iters} batches of {cfg.train.global_batch_size} rows need {need} "
+                                            f"held-out {units}; the validation pairs hold {have}")
+    return TrainData(batches.microbatches, batches.step_stats, tokenizer, valid.microbatches if valid else None,
+                     preference=batches, valid_preference=valid)
+
+
+def _pair_batches(cfg: JobConfig, prefix: str, tokenizer: Tokenizer, key: str, documents: range | None):
+    """The batcher of the usable pairs of dataset `prefix` (those of `documents`); `key` names the data in errors."""
     from launcher.data.indexed import IndexedDataset
     from launcher.data.preference import PreferencePairs
     from launcher.data.preference_batches import PackedPreferenceBatches, PreferenceBatches
     from launcher.data.tokenizer import fill_id
-    from launcher.loop import TrainData
 
     packed = bool(cfg.data.packing)
     try:
-        pairs = PreferencePairs(IndexedDataset(prefix), cfg.train.seq_length, packed=packed)
+        pairs = PreferencePairs(IndexedDataset(prefix), cfg.train.seq_length, packed=packed, documents=documents)
     except ValueError as err:
-        raise ConfigError("data.prefixes", str(err)) from err
+        raise ConfigError(key, str(err)) from err
     if int(pairs.dataset.tokens.max(initial=0)) >= tokenizer.vocab_size:
-        raise ConfigError("data.prefixes", f"{prefix} holds token ids outside tokenizer {tokenizer.path}'s "
-                                           f"vocabulary of {tokenizer.vocab_size}")
+        raise ConfigError(key, f"{prefix} holds token ids outside tokenizer {tokenizer.path}'s "
+                               f"vocabulary of {tokenizer.vocab_size}")
     if packed:
-        batches = PackedPreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer),
-                                          cfg.data.packing_algorithm)
-    else:
-        batches = PreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer))
-    return TrainData(batches.microbatches, batches.step_stats, tokenizer, None, preference=batches)
+        return PackedPreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer),
+                                       cfg.data.packing_algorithm)
+    return PreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer))
 
 
 def objective_config(cfg: JobConfig) -> ObjectiveConfig:
@@ -117,11 +142,14 @@ def objective_config(cfg: JobConfig) -> ObjectiveConfig:
     return ObjectiveConfig(name)
 
 
-def reference_file(cfg: JobConfig) -> Path:
-    """Where a dpo.reference=precomputed run keeps its reference log-probs (launcher/data/reference_logps.py)."""
+def reference_file(cfg: JobConfig, batches) -> Path:
+    """Where a dpo.reference=precomputed run keeps the reference log-probs of a batcher's pairs
+    (launcher/data/reference_logps.py)."""
     from launcher.data.reference_logps import reference_path
 
-    return reference_path(cfg.run.dir, cfg.data.prefixes[0], cfg.train.seq_length, packed=bool(cfg.data.packing))
+    pairs = batches.pairs
+    return reference_path(cfg.run.dir, pairs.dataset.prefix, cfg.train.seq_length, packed=bool(cfg.data.packing),
+                          documents=pairs.documents)
 
 
 def build_eval_data(cfg: JobConfig, sources: tuple[list[str], Tokenizer, list[int] | None] | None = None
@@ -294,10 +322,13 @@ def run(composed: DictConfig) -> None:
 
     data = build_data(cfg)
     live = cfg.train.objective == "dpo" and cfg.dpo.reference == "live"
-    reference = reference_file(cfg) if cfg.train.objective == "dpo" and not live else None
-    if reference is not None and resolved.start_step > 0 and not reference.is_file():
-        raise ConfigError("dpo.reference", f"resuming at step {resolved.start_step} needs {reference}, which this "
-                                           f"run's start computes from its initial weights; it is missing")
+    # DPO's precomputed reference: a table for the training pairs and one for the validation pairs
+    references = [(b, reference_file(cfg, b)) for b in (data.preference, data.valid_preference)
+                  if b is not None] if cfg.train.objective == "dpo" and not live else []
+    for _, reference in references:
+        if resolved.start_step > 0 and not reference.is_file():
+            raise ConfigError("dpo.reference", f"resuming at step {resolved.start_step} needs {reference}, which "
+                                               f"this run's start computes from its initial weights; it is missing")
 
     from launcher import checkpoint
     from launcher.loop import train
@@ -313,11 +344,11 @@ def run(composed: DictConfig) -> None:
         start_step = checkpoint.load(engine, cfg.checkpoint.load) if cfg.checkpoint.load else 0
         if live and start_step == 0:  # (a resume reads the reference from its checkpoint)
             engine.freeze_reference()  # type: ignore[attr-defined]
-        if reference is not None:
+        for batches, reference in references:
             from launcher import preference_reference
 
-            preference_reference.attach(engine, data.preference, reference,  # type: ignore[arg-type]
-                                        micro_batch_size=cfg.train.micro_batch_size, fresh_start=start_step == 0)
+            preference_reference.attach(engine, batches, reference, micro_batch_size=cfg.train.micro_batch_size,
+                                        fresh_start=start_step == 0)
         if dist.get_rank() == 0:
             params = torch.tensor(engine.num_parameters())
             print(f"shardforge: model={args.name} layout[{layout}] device={device.type} dtype={params_dtype} "

@@ -288,12 +288,17 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
-        """The training forward's token losses without backward or step, in eval mode, summed over
-        the DP group (TP ranks hold the same sums)."""
+        """The training forward's token losses (a preference objective's loss totals and pairs) without
+        backward or step, in eval mode, summed over the DP group (TP ranks hold the same sums)."""
         self.engine.eval()
         try:
             totals = torch.zeros(2, dtype=torch.float64, device=self.device)
             for batch in microbatches:
+                if self.objective.preference:  # (loss total, pairs) as the training step counts them
+                    losses, on_device = self._token_losses(batch)
+                    total, pairs, _ = preference_loss_func(self.objective, on_device, losses)
+                    totals += torch.stack([total.detach().to(totals), pairs.to(totals)])
+                    continue
                 totals[0] += self._forward(batch).sum().to(totals)
                 totals[1] += float(batch["loss_mask"].sum())
         finally:

@@ -319,10 +319,12 @@ class MegatronEngine:
         """The training forward (same schedule, loss and reduction) without backward or step, in
         eval mode: no dropout, and MoE routers neither add aux losses nor count tokens for the
         expert bias or the step's MoE metrics (both only with gradients enabled)."""
+        if self.reference_chunks:
+            microbatches = self._with_live_reference(microbatches)
         for chunk in self.chunks:
             chunk.eval()
         try:
-            reports = self._schedule(self._forward_only, microbatches, forward_only=True)
+            reports = self._schedule(self._forward_only, microbatches, forward_only=True, loss_for=self._train_loss)
         finally:
             for chunk in self.chunks:
                 chunk.train()

@@ -262,8 +262,8 @@ def _check_lora(c: JobConfig) -> None:
 def _check_preference_run(c: JobConfig) -> None:
     """A preference objective trains on the megatron engine (tp, pp with or without virtual stages, dp,
     ep, cp) or ZeRO-3 (tp, dp), rows of whole pairs (one sequence per row, or pairs packed:
-    data.packing) from one preference dataset, without evaluation; DPO's reference precomputed, or
-    live under the megatron engine."""
+    data.packing) from one preference dataset (and evaluates on one, or on data.split's held-out
+    pairs); DPO's reference precomputed, or live under the megatron engine."""
     p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
     refusals = (("dpo.reference", p.engine == "deepspeed" and objective == "dpo" and c.dpo.reference == "live",
                  "engine=deepspeed and dpo.reference=live (a second, unpartitioned copy of the model)"),
@@ -277,9 +277,8 @@ def _check_preference_run(c: JobConfig) -> None:
         raise ConfigError("data.prefixes", f"train.objective={objective} trains on one preference dataset "
                                            f"(data=indexed data.prefixes=[<prefix>], from launcher.preprocess "
                                            f"format=preference)")
-    if d.split is not None or d.valid_prefixes:
-        key = "data.split" if d.split is not None else "data.valid_prefixes"
-        raise ConfigError(key, f"train.objective={objective} has no validation loss yet: drop {key}")
+    if d.valid_prefixes and len(d.valid_prefixes) != 1:
+        raise ConfigError("data.valid_prefixes", f"train.objective={objective} evaluates on one preference dataset")
     for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size",
                                                                         t.global_batch_size)):
         if value % 2 and not d.packing:  # packed rows hold whole pairs each

@@ -141,10 +141,12 @@ class PreferencePairs:
 
     A pair is usable when each side fits seq_length whole (`packed`: both sides together, as packed
     rows keep a pair in one row) and has a target token after its first (a target is predicted from
-    the token before it). `pair(k)` is the k-th usable pair.
+    the token before it). `pair(k)` is the k-th usable pair; `documents` limits them to those pair
+    indices (a part of data.split: a pair is one document).
     """
 
-    def __init__(self, dataset: IndexedDataset, seq_length: int | None = None, packed: bool = False) -> None:
+    def __init__(self, dataset: IndexedDataset, seq_length: int | None = None, packed: bool = False,
+                 documents: range | None = None) -> None:
         n = len(dataset)
         if not dataset.has_mask or n % 2 or not np.array_equal(dataset.document_indices,
                                                                np.arange(0, n + 1, 2)):
@@ -152,15 +154,18 @@ class PreferencePairs:
                              f"python -m launcher.preprocess format=preference)")
         self.dataset = dataset
         self.seq_length = seq_length
+        self.documents = documents
         lengths = dataset.lengths.astype(np.int64).reshape(-1, 2)
-        keep = np.ones(len(lengths), dtype=bool)
+        inside = np.zeros(len(lengths), dtype=bool)
+        inside[documents if documents is not None else slice(None)] = True
+        keep = inside.copy()
         if seq_length is not None:
             keep &= (lengths.sum(axis=1) if packed else lengths.max(axis=1)) <= seq_length
         for k in np.flatnonzero(keep):
             keep[k] = all(bool(dataset.mask(int(i))[1:].any()) for i in (2 * k, 2 * k + 1))
         self.indices = np.flatnonzero(keep)
         self.lengths = lengths[keep]  # [pairs, 2]: chosen, rejected
-        self.dropped = int((~keep).sum())
+        self.dropped = int((inside & ~keep).sum())
         if len(self.indices) == 0:
             raise ValueError(f"{dataset.prefix}: no usable pair" + (f" at seq_length {seq_length}" if seq_length else "")
                              + f" ({self.dropped} dropped)")

@@ -21,10 +21,11 @@ import numpy as np
 DIRECTORY = "reference_logps"
 
 
-def fingerprint(prefix: str | Path, seq_length: int, packed: bool = False) -> str:
+def fingerprint(prefix: str | Path, seq_length: int, packed: bool = False, documents: range | None = None) -> str:
     """A short hash of the dataset at `prefix` (its .idx and .mask.bin contents, its .bin size), the row
-    length and packing."""
-    digest = hashlib.sha256(f"seq_length={seq_length}{' packed' if packed else ''}".encode())
+    length, packing and the part of its pairs used (data.split)."""
+    part = f" documents={documents.start}:{documents.stop}" if documents is not None else ""
+    digest = hashlib.sha256(f"seq_length={seq_length}{' packed' if packed else ''}{part}".encode())
     for suffix in (".idx", ".mask.bin"):
         path = Path(f"{prefix}{suffix}")
         if path.is_file():
@@ -35,9 +36,12 @@ def fingerprint(prefix: str | Path, seq_length: int, packed: bool = False) -> st
     return digest.hexdigest()[:16]
 
 
-def reference_path(run_dir: str | Path, prefix: str | Path, seq_length: int, packed: bool = False) -> Path:
-    """Where a run keeps the reference log-probs of dataset `prefix` at rows of `seq_length` (packed or not)."""
-    return Path(run_dir) / DIRECTORY / f"{Path(prefix).name}-{fingerprint(prefix, seq_length, packed)}.npy"
+def reference_path(run_dir: str | Path, prefix: str | Path, seq_length: int, packed: bool = False,
+                   documents: range | None = None) -> Path:
+    """Where a run keeps the reference log-probs of dataset `prefix` (its pairs `documents`, all by default)
+    at rows of `seq_length` (packed or not)."""
+    name = f"{Path(prefix).name}-{fingerprint(prefix, seq_length, packed, documents)}.npy"
+    return Path(run_dir) / DIRECTORY / name
 
 
 def save(path: Path, logps: np.ndarray) -> None:

@@ -6,13 +6,14 @@ Preference training from the same import, in the same launches: DPO (precomputed
 term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards, log-probs
 and gradient norm equal transformers' forward of the HF model through TRL's losses
 (tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
-TRL's loss; DPO under tp=2, dp=2 (with full recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2)
-equals the single process over its steps, and a resumed DPO run reads its reference file and continues
-bit for bit; DPO with a live reference model (single process, pp=2) equals DPO from the precomputed one
-and resumes bit for bit; DPO under pp=2 x vpp=2 (a 4-layer model) equals the single process with either
-reference; DPO from an imported Mixtral equals transformers + TRL (with megatron-core's load-balancing
-loss) and, under ep=2, the single process; DPO and SimPO on pairs packed into rows equal the same pairs
-unpacked, and packed DPO under pp=2 and cp=2 the single process."""
+TRL's loss, its validation loss TRL's loss of that stepped model; DPO under tp=2, dp=2 (with full
+recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process over its steps, and
+a resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
+(single process, pp=2) equals DPO from the precomputed one and resumes bit for bit; DPO under pp=2 x
+vpp=2 (a 4-layer model) equals the single process with either reference; DPO from an imported Mixtral
+equals transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2, the single
+process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and packed DPO under
+pp=2 and cp=2 the single process."""
 from __future__ import annotations
 
 import json
@@ -51,10 +52,6 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                     PREF_STEPS),
                    ("dpo_zero3", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
                                   "parallel.engine=deepspeed"], 2, PREF_STEPS),  # ZeRO-3 over dp=2
-                   # one step of the dpo run, saved (exported to HF by the same launch: STEP_EXPORT)
-                   ("dpo_step", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "checkpoint.final_save=true",
-                                 "optim.warmup_steps=0", "optim.decay_style=constant",
-                                 *[f"optim.{k}={v}" for k, v in STEP_OPTIM.items()]], 1, 1),
                    # a 4-layer model (random initial weights: the import has 2 layers) for the interleaved
                    # pipeline (pp=2 x vpp=2), precomputed and live reference, against the single process
                    *[(name, ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "model.num_layers=4",
@@ -94,22 +91,31 @@ def _default_tokenizer() -> Path:
                                   cfg.data.max_corpus_bytes)[0]
 
 
-def _preference_data(d: Path, tokenizer: Path) -> Path:
+def _preference_data(d: Path, tokenizer: Path, name: str = "pairs", seed: int = 0) -> Path:
     """A small preference dataset of plain-text pairs (launcher.preprocess format=preference, in-process)."""
     from launcher.preprocess import Options, preprocess
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def text(lo: int, hi: int) -> str:
         return " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))
 
-    src = d / "pairs.jsonl"
+    src = d / f"{name}.jsonl"
     src.write_text("\n".join(json.dumps({"prompt": f"Question {k}: {text(2, 12)}? ", "chosen": text(1, 14),
                                          "rejected": text(1, 14)}) for k in range(12)))
     options = Options(tokenizer=str(tokenizer), format="preference", text_key="text", messages_key="messages",
                       chat_template="chatml", append_eod=True, add_bos=False, seq_length=128)
-    preprocess([src], d / "pairs", options)
-    return d / "pairs"
+    preprocess([src], d / name, options)
+    return d / name
+
+
+def step_run(d: Path) -> tuple[str, list[str], int, int]:
+    """One step of the dpo run, saved (exported to HF by the same launch), then evaluated on the first
+    batch of another preference dataset (<d>/pairs_valid)."""
+    return ("dpo_step", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "checkpoint.final_save=true",
+                         "optim.warmup_steps=0", "optim.decay_style=constant",
+                         *[f"optim.{k}={v}" for k, v in STEP_OPTIM.items()],
+                         f"data.valid_prefixes=[{d / 'pairs_valid'}]", "eval.every=1", "eval.iters=1"], 1, 1)
 
 
 def packed_runs(prefix: Path) -> list[tuple[str, list[str], int, int]]:
@@ -173,7 +179,8 @@ def trained(tmp_path_factory, cache_env):
     transformers.MixtralForCausalLM(transformers.MixtralConfig(**MOE_CONFIG)).save_pretrained(d / "hf_moe")
 
     tokenizer = _default_tokenizer()
-    runs = [*PREFERENCE_RUNS, *packed_runs(_preference_data(d, tokenizer)), *moe_runs(d)]
+    _preference_data(d, tokenizer, "pairs_valid", seed=1)
+    runs = [*PREFERENCE_RUNS, step_run(d), *packed_runs(_preference_data(d, tokenizer)), *moe_runs(d)]
     preference = {n: [*_preference_overrides(d, tokenizer, extra, steps), f"run.dir={d / n}"]
                   for n, extra, _, steps in runs}
     ranks = {n: nproc for n, _, nproc, _ in runs}
@@ -219,13 +226,14 @@ def test_first_step_loss_equals_transformers(trained, name):
     assert read_metrics(d / name)[0]["loss"] == pytest.approx(_reference_loss(model), rel=1e-5)
 
 
-def _first_batch(d: Path):
-    """Step 0's global batch of pairs as ShardForge reads it (dataset order: 2k chosen, 2k + 1 rejected)."""
+def _first_batch(d: Path, name: str = "pairs"):
+    """Step 0's global batch of pairs of dataset <d>/<name> as ShardForge reads it (dataset order: 2k chosen,
+    2k + 1 rejected)."""
     from launcher.data.indexed import IndexedDataset
     from launcher.data.preference import PreferencePairs
     from launcher.data.preference_batches import PreferenceBatches
 
-    batches = PreferenceBatches(PreferencePairs(IndexedDataset(str(d / "pairs")), 128), 128, seed=1234, pad_id=0)
+    batches = PreferenceBatches(PreferencePairs(IndexedDataset(str(d / name)), 128), 128, seed=1234, pad_id=0)
     order = [batches.pair_at(j) for j in range(4)]  # train.global_batch_size=8 rows: 4 pairs
     return batches.pairs, order
 
@@ -313,7 +321,8 @@ def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
     """After one step from the imported model, the DPO run's weights (exported to HF by launcher.convert and
     loaded by transformers) equal the HF model's after TRL's loss on the same batch, backward, gradient
     clipping and torch's AdamW with the same hyperparameters (no weight decay on 1-D weights, as
-    megatron-core's optimizer) within 1e-5."""
+    megatron-core's optimizer) within 1e-5; its evaluation on another dataset's pairs equals TRL's loss of
+    that stepped model."""
     import copy
 
     import trl_oracle
@@ -341,6 +350,20 @@ def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
     assert moved > 1e-3 and worst < 1e-5, (moved, worst)
     assert read_metrics(d / "dpo_step")[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+    # the evaluation after that step: TRL's loss of the stepped model on the validation dataset's first batch,
+    # the initial model its reference
+    pairs, order = _first_batch(d, "pairs_valid")
+    with torch.no_grad():
+        reference = _hf_sums(model, pairs, order).float().reshape(-1)
+        shell, logits = _hf_batch(policy, pairs, order)
+        batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
+        batch.reference = reference
+        valid_loss, _ = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"],
+                                                loss_weights=[1.0, 0.5])
+    [evaluation] = read_metrics(d / "dpo_step", type="eval")
+    assert (evaluation["step"], evaluation["eval_tokens"]) == (1, len(order))  # eval_tokens: pairs
+    assert evaluation["eval_loss"] == pytest.approx(float(valid_loss), rel=1e-5)
 
 
 def _switch_aux_loss(router_logits: torch.Tensor, experts: int, topk: int, coeff: float) -> torch.Tensor:

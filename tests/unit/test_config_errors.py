@@ -115,14 +115,15 @@ CASES = [
     (["data.split=0/2"], "data.split", "no training documents"),
     (["data.split=98/2", "data.valid_prefixes=[x]"], "data.valid_prefixes", "either data.split or"),
     # preference objectives: their keys, then the layouts they run in (megatron or ZeRO-3,
-    # pairs unpacked or packed, one preference dataset, no validation)
+    # pairs unpacked or packed, one preference dataset and at most one to evaluate on)
     (["train.objective=dpo"], "data.prefixes", "train.objective=dpo trains on one preference dataset"),
     ([*PREF, "train.objective=dpo", "parallel.engine=deepspeed", "dpo.reference=live"], "dpo.reference",
      "does not run with engine=deepspeed and dpo.reference=live"),
     ([*PREF, "train.objective=dpo", "data.reset_attention_mask=true"], "data.reset_attention_mask",
      "does not run with reset_attention_mask (use data.packing=true) yet"),
     ([*PREF, "train.objective=dpo", "data.prefixes=[a,b]"], "data.prefixes", "one preference dataset"),
-    ([*PREF, "train.objective=dpo", "data.split=98/2"], "data.split", "has no validation loss yet"),
+    ([*PREF, "train.objective=dpo", "data.valid_prefixes=[a,b]"], "data.valid_prefixes",
+     "evaluates on one preference dataset"),
     ([*PREF, "train.objective=orpo", "train.micro_batch_size=3", "train.global_batch_size=6"],
      "train.micro_batch_size", "must be even"),
     (["train.objective=ppo"], "train.objective", "must be one of lm, dpo, simpo, orpo, got 'ppo'"),

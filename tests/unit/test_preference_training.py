@@ -203,6 +203,8 @@ def test_reference_file_round_trip_and_fingerprint(dataset, tmp_path):
     # the row length and packing decide which pairs are usable: another length, another file
     assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ + 1) != path
     assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ, packed=True) != path  # so does packing
+    # and the part of the pairs (data.split)
+    assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ, documents=range(0, 8)) != path
     assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ) == path
     table = np.random.default_rng(0).normal(size=(11, 2))
     reference_logps.save(path, table)
@@ -266,3 +268,11 @@ def test_packed_micro_batches_give_the_unpacked_loss_and_gradient(dataset, objec
     assert total / pairs == pytest.approx(float(loss / n), rel=1e-6)
     torch.testing.assert_close(sums / pairs, report[REPORT_KEY].double() / len(order), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(out.grad, expected_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_a_part_of_the_pairs(dataset):
+    """data.split's parts: the usable pairs among documents [start, stop), the dropped ones counted there."""
+    whole = PreferencePairs(IndexedDataset(str(dataset)), SEQ)
+    part = PreferencePairs(IndexedDataset(str(dataset)), SEQ, documents=range(3, 9))
+    assert part.indices.tolist() == [k for k in whole.indices.tolist() if 3 <= k < 9]
+    assert part.dropped == 6 - len(part)
