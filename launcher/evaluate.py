@@ -35,6 +35,10 @@ def run(composed: DictConfig) -> dict:
     if not cfg.checkpoint.load:
         raise ConfigError("checkpoint.load", "required: the checkpoint to evaluate (a checkpoint dir or an iter_* "
                                              "dir; auto: run.dir's own newest)")
+    if cfg.train.objective != "lm":
+        raise ConfigError("train.objective", f"launcher.evaluate reads LM data; a train.objective="
+                                             f"{cfg.train.objective} run evaluates its pairs itself (eval.every, "
+                                             f"eval.at_end)")
     check_fp8_device(cfg.train.precision, device)
     valid = build_eval_data(cfg)
 

@@ -356,3 +356,18 @@ def test_a_preference_objective_validates_and_runs_uncaptured(objective, tmp_pat
     assert validate(packed, 1, "cpu").config.data.packing
     assert validate(compose_config(*PREF, f"run.dir={tmp_path}"), 1, "cuda").cuda_graph  # lm: auto captures
 
+
+
+def test_launcher_evaluate_refuses_a_preference_objective(tmp_path, monkeypatch):
+    """launcher.evaluate reads LM data: a preference run's validation loss is the run's own (eval.every)."""
+    from launcher import checkpoint, evaluate
+
+    saved = tmp_path / "checkpoints" / "iter_0000002"
+    saved.mkdir(parents=True)
+    (saved / "metadata.json").write_text("{}")
+    # (a directory that looks like a checkpoint; its contents are not what this checks)
+    monkeypatch.setattr(checkpoint, "check_compatible", lambda *a: None)
+    monkeypatch.setattr(checkpoint, "check_engine", lambda *a: None)
+    with pytest.raises(ConfigError) as err:
+        evaluate.run(compose_config(*PREF, "train.objective=simpo", f"checkpoint.load={saved}", f"run.dir={tmp_path}"))
+    assert err.value.key == "train.objective" and "evaluates its pairs itself" in err.value.reason
