@@ -253,7 +253,7 @@ def _check_lora(c: JobConfig) -> None:
                 ("train.precision", t.precision == "fp8", "train.precision=fp8"),
                 ("train.compile", t.compile, "train.compile=true"),
                 ("train.cuda_graph", t.cuda_graph is True, "train.cuda_graph=true"),
-                ("train.objective", t.objective != "lm", f"train.objective={t.objective}"))
+                ("dpo.reference", t.objective == "dpo" and c.dpo.reference == "live", "dpo.reference=live"))
     for key, refused, what in refusals:
         if refused:
             raise ConfigError(key, f"train.peft=lora does not run with {what} yet")

@@ -1,6 +1,6 @@
 """LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout
 (tp, pp, vpp, dp, cp; with full recompute; over packed rows; ep and tp for a mixture-of-experts model
-with adapters on its experts) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
+with adapters on its experts; DPO) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
 the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
 adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
 
@@ -10,6 +10,8 @@ after the first step, so the adapters shape the later losses. One launch per wor
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,35 @@ PACKED = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
 # adapters on attention, the shared expert and every routed expert.
 MOE = ["model=qwen_moe_tiny", "lora.targets=[qkv,proj,fc1,fc2,experts]"]
 MOE_LAYOUTS = [("moe_ep2", ["parallel.ep=2"]), ("moe_tp2", ["parallel.tp=2"])]
+WORDS = "the quick brown fox jumps over a lazy dog while numbers add up and the function returns a list".split()
+
+
+def _preference_data(d, cfg_overrides: list[str]) -> list[str]:
+    """A small preference dataset (launcher.preprocess format=preference, in-process) in the default
+    corpus's tokenizer; the overrides that train DPO on it."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+    from launcher.data.pretrain import prepare_default_corpus
+    from launcher.preprocess import Options, preprocess
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        data = compose("config", overrides=cfg_overrides).data
+    tokenizer = prepare_default_corpus(Path(data.cache_dir), data.tokenizer_vocab_size, data.max_corpus_bytes)[0]
+    rng = np.random.default_rng(0)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))
+
+    (d / "pairs.jsonl").write_text("\n".join(json.dumps({"prompt": f"Question {k}: {text(2, 10)}? ",
+                                                         "chosen": text(1, 12), "rejected": text(1, 12)})
+                                             for k in range(16)))
+    options = Options(tokenizer=str(tokenizer), format="preference", text_key="text", messages_key="messages",
+                      chat_template="chatml", append_eod=True, add_bos=False, seq_length=128)
+    preprocess([d / "pairs.jsonl"], d / "pairs", options)
+    return ["data=indexed", f"data.prefixes=[{d / 'pairs'}]", f"data.tokenizer={tokenizer}", "train.objective=dpo",
+            "dpo.beta=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +79,7 @@ def base(tmp_path_factory, cache_env):
     def train(name: str, family: str | None, *extra: str) -> list[str]:
         return ["launcher.train", *start(family), *LORA, f"train.steps={STEPS}", *extra, f"run.dir={base / name}"]
 
+    dpo = _preference_data(base, FAST)
     iter4 = base / "single" / "checkpoints" / "iter_0000004"
     run_many([*(["launcher.convert", "import_hf", f"hf_dir={base / f'hf_{family}'}", f"out={base / family}"]
                 for family in FAMILIES),
@@ -64,6 +96,7 @@ def base(tmp_path_factory, cache_env):
                f"out={base / 'peft_qwen2'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2'}", f"out={base / 'export_qwen2'}"],
               ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")],
+              train("dpo_single", "llama", *dpo),
               train("moe_single", None, *MOE),
               ["launcher.convert", "merge_lora", f"checkpoint={base / 'moe_single' / 'checkpoints'}",
                f"out={base / 'moe_merged'}"],
@@ -73,13 +106,14 @@ def base(tmp_path_factory, cache_env):
               "train.steps=2", "parallel.tp=2", f"run.dir={base / 'frozen_tp2'}"]
     train_runs(base, [*[(name, train(name, "llama", *extra)[1:-1], 2) for name, extra in LAYOUTS],
                       ("tp2_packed", train("tp2_packed", "llama", *PACKED, "parallel.tp=2")[1:-1], 2),
-                      *[(name, train(name, None, *MOE, *extra)[1:-1], 2) for name, extra in MOE_LAYOUTS]],
+                      *[(name, train(name, None, *MOE, *extra)[1:-1], 2) for name, extra in MOE_LAYOUTS],
+                      ("dpo_tp2", train("dpo_tp2", "llama", *dpo, "parallel.tp=2")[1:-1], 2)],
                then=[("frozen_tp2", frozen, 2)])
     return base
 
 
 @pytest.mark.parametrize("name,reference", [*[(x[0], "single") for x in LAYOUTS], ("tp2_packed", "single_packed"),
-                                            *[(x[0], "moe_single") for x in MOE_LAYOUTS]])
+                                            *[(x[0], "moe_single") for x in MOE_LAYOUTS], ("dpo_tp2", "dpo_single")])
 def test_layout_matches_single_process(base, name, reference):
     reference, got = read_metrics(base / reference), read_metrics(base / name)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
@@ -94,6 +128,14 @@ def test_starts_from_the_base_checkpoint(base):
     full, lora = read_metrics(base / "full"), read_metrics(base / "single")
     assert lora[0]["loss"] == full[0]["loss"]
     assert lora[0]["grad_norm"] != full[0]["grad_norm"]  # (other parameters train)
+
+
+def test_dpo_trains_the_adapters_against_the_base(base):
+    """DPO's reference log-probs come from the initial weights, the base itself (B = 0): at the first
+    step the policy equals its reference, so the loss is -log sigmoid(0) = log 2; then it moves."""
+    steps = read_metrics(base / "dpo_single")
+    assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert steps[-1]["loss"] < math.log(2) - 1e-4  # the adapters learn the preference
 
 
 def test_resume_is_bit_exact(base):

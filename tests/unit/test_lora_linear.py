@@ -121,7 +121,7 @@ def _error(*overrides: str) -> ConfigError:
     (["lora.targets=[qkv,experts]"], "lora.targets", "needs a mixture-of-experts model"),
     (["train.precision=fp8"], "train.precision", "fp8"),
     (["train.compile=true"], "train.compile", "compile"),
-    (["train.objective=orpo"], "train.objective", "orpo"),
+    (["train.objective=dpo", "dpo.reference=live"], "dpo.reference", "dpo.reference=live"),
 ])
 def test_bad_lora_config_names_the_key(overrides, key, words):
     err = _error(*overrides)
