@@ -49,7 +49,8 @@ from models.kernels.attention import SDPAttention
 from models.kernels.context_parallel_attention import MODES as CP_MODES, ContextParallelAttention
 from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.kernels.grouped_experts import GroupedGemmExperts
-from models.kernels.lora_linear import LoraColumnParallelLinear, LoraRowParallelLinear
+from models.kernels.lora_linear import (LoraColumnParallelLinear, LoraFp8ColumnParallelLinear,
+                                       LoraFp8RowParallelLinear, LoraRowParallelLinear)
 from models.kernels.norm import RMSNorm
 from models.lora import LoraOptions
 from models.mlp_act_recompute import ActivationRecomputeMLP, TritonActivationRecomputeMLP
@@ -193,17 +194,22 @@ def _fp8(linear: type, keep_input: bool) -> ModuleSpec:
 def _lora(lora: LoraOptions, attention, mlp, experts=None) -> None:
     """The targeted linears of one layer as LoRA linears: qkv/proj of its attention, fc1/fc2 of its
     dense MLP or shared expert (`mlp`), both linears of every routed expert (`experts`). fc1's B is
-    stored as fc1's weight ([gate; up], `swiglu`)."""
-    slots = {"qkv": [(attention, "linear_qkv", LoraColumnParallelLinear)],
-             "proj": [(attention, "linear_proj", LoraRowParallelLinear)],
-             "fc1": [(mlp, "linear_fc1", LoraColumnParallelLinear)], "fc2": [(mlp, "linear_fc2", LoraRowParallelLinear)],
-             "experts": [(experts, "linear_fc1", LoraColumnParallelLinear),
-                         (experts, "linear_fc2", LoraRowParallelLinear)]}
+    stored as fc1's weight ([gate; up], `swiglu`). A slot the fp8 linears serve gets the fp8 LoRA
+    linear, with the same `keep_input`."""
+    column, row = (LoraColumnParallelLinear, LoraFp8ColumnParallelLinear), (LoraRowParallelLinear,
+                                                                             LoraFp8RowParallelLinear)
+    slots = {"qkv": [(attention, "linear_qkv", column)], "proj": [(attention, "linear_proj", row)],
+             "fc1": [(mlp, "linear_fc1", column)], "fc2": [(mlp, "linear_fc2", row)],
+             "experts": [(experts, "linear_fc1", column), (experts, "linear_fc2", row)]}
     for target in lora.targets:
-        for holder, slot, linear in slots[target]:
-            if holder is not None:
-                spec = ModuleSpec(module=linear, params={"lora": lora, "swiglu": slot == "linear_fc1"})
-                setattr(holder, slot, spec)
+        for holder, slot, (plain, fp8) in slots[target]:
+            if holder is None:
+                continue
+            current = getattr(holder, slot)
+            params = dict(getattr(current, "params", None) or {})
+            linear = fp8 if getattr(current, "module", None) in (Fp8ColumnParallelLinear, Fp8RowParallelLinear) else plain
+            setattr(holder, slot, ModuleSpec(module=linear, params={**params, "lora": lora,
+                                                                    "swiglu": slot == "linear_fc1"}))
 
 
 def slots(spec: ModuleSpec | TransformerBlockSubmodules, model: type[GPTModel]) -> dict[str, str]:

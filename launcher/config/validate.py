@@ -250,7 +250,6 @@ def _check_lora(c: JobConfig) -> None:
         raise ConfigError("lora.targets", f"experts (the routed experts' linears) needs a mixture-of-experts model; "
                                           f"model={c.model.name} is dense")
     refusals = (("parallel.engine", c.parallel.engine != "megatron", f"parallel.engine={c.parallel.engine}"),
-                ("train.precision", t.precision == "fp8", "train.precision=fp8"),
                 ("train.compile", t.compile, "train.compile=true"),
                 ("train.cuda_graph", t.cuda_graph is True, "train.cuda_graph=true"),
                 ("dpo.reference", t.objective == "dpo" and c.dpo.reference == "live", "dpo.reference=live"))

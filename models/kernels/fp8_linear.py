@@ -166,22 +166,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gradient_accumulation_fusi
     return _Fp8Linear.apply(x, weight, main_grad, keep_input)
 
 
-def _fp8_applies(x: torch.Tensor, weight: torch.Tensor, kw: dict) -> bool:
+def _fp8_applies(x: torch.Tensor, weight: torch.Tensor, kw: dict, frozen: bool = False) -> bool:
+    """`frozen`: a weight that gets no gradient (a LoRA base) runs fp8 GEMMs too."""
     return (kw.get("bias") is None and not kw.get("sequence_parallel") and not kw.get("allreduce_dgrad")
             and kw.get("grad_output_buffer") is None and x.dtype == weight.dtype == torch.bfloat16
-            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and weight.requires_grad)
+            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and (weight.requires_grad or frozen))
 
 
 class _Fp8Forward:
     """megatron's linear forward with the fp8 GEMM where `_fp8_applies`, its own elsewhere.
-    `keep_input` (a spec param): the input is held anyway, by another consumer or a recompute."""
+    `keep_input` (a spec param): the input is held anyway, by another consumer or a recompute.
+    `frozen_fp8`: also when the weight is frozen (forward and input-gradient GEMMs only)."""
+
+    frozen_fp8 = False
 
     def __init__(self, *args, keep_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_input = keep_input
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if args or not _fp8_applies(input, weight, kwargs):
+        if args or not _fp8_applies(input, weight, kwargs, self.frozen_fp8):
             return super()._forward_impl(input, weight, *args, **kwargs)
         return fp8_linear(input, weight, kwargs.get("gradient_accumulation_fusion", False), self.keep_input)
 

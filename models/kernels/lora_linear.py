@@ -14,6 +14,8 @@ Each rank's gradient of its replicated factor (A of a column linear, B of a row 
 sum over the tensor-parallel ranks; the parameter carries TP_PARTIAL_GRAD and
 parallel/lora_grads.py sums those gradients once per step (their size, not the activations').
 
+With `train.precision=fp8` the base runs through the fp8 linears' GEMMs (the Fp8 variants).
+
 Checkpoint keys are `<linear>.lora_a` / `<linear>.lora_b`, split like the base weight along the
 same axis; fc1's B (`swiglu`) is stored as [gate rows; up rows] like fc1's weight, so every layout
 saves the same global tensors.
@@ -30,6 +32,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.lora import LoraOptions
 
 TP_PARTIAL_GRAD = "lora_tp_partial_grad"  # a replicated factor whose gradient is summed over TP ranks
@@ -79,7 +82,7 @@ class _Lora:
         return out
 
 
-class LoraColumnParallelLinear(_Lora, ColumnParallelLinear):
+class _LoraColumn(_Lora):
     _TP_AXES = {"weight": 0, "bias": 0, "lora_b": 0}
 
     def _factor_shapes(self, rank):
@@ -95,7 +98,7 @@ class LoraColumnParallelLinear(_Lora, ColumnParallelLinear):
         return super()._forward_impl(input=input, weight=weight, **kwargs) + self._delta(input, False)
 
 
-class LoraRowParallelLinear(_Lora, RowParallelLinear):
+class _LoraRow(_Lora):
     _TP_AXES = {"weight": 1, "lora_a": 1}
 
     def _factor_shapes(self, rank):
@@ -104,3 +107,20 @@ class LoraRowParallelLinear(_Lora, RowParallelLinear):
     def _forward_impl(self, input, weight, **kwargs):
         # a partial sum like the base's output: the caller reduces both at once
         return super()._forward_impl(input=input, weight=weight, **kwargs) + self._delta(input, True)
+
+
+class LoraColumnParallelLinear(_LoraColumn, ColumnParallelLinear):
+    pass
+
+
+class LoraRowParallelLinear(_LoraRow, RowParallelLinear):
+    pass
+
+
+class LoraFp8ColumnParallelLinear(_LoraColumn, Fp8ColumnParallelLinear):
+    """The frozen base through fp8 GEMMs (models/kernels/fp8_linear.py), the adapter in the input's dtype."""
+    frozen_fp8 = True
+
+
+class LoraFp8RowParallelLinear(_LoraRow, Fp8RowParallelLinear):
+    frozen_fp8 = True

@@ -1,6 +1,6 @@
 """LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout
 (tp, pp, vpp, dp, cp; with full recompute; over packed rows; ep and tp for a mixture-of-experts model
-with adapters on its experts; DPO) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
+with adapters on its experts; DPO; over an fp8 base) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
 the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
 adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
 
@@ -98,6 +98,7 @@ def base(tmp_path_factory, cache_env):
               ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")],
               train("dpo_single", "llama", *dpo),
               train("moe_single", None, *MOE),
+              *(train(name, None, f"train.precision={name}") for name in ("bf16", "fp8")),
               ["launcher.convert", "merge_lora", f"checkpoint={base / 'moe_single' / 'checkpoints'}",
                f"out={base / 'moe_merged'}"],
               ["tests.scripts.lora_logits", str(base / "logits_moe.pt"), str(base / "moe_single" / "checkpoints"),
@@ -136,6 +137,13 @@ def test_dpo_trains_the_adapters_against_the_base(base):
     steps = read_metrics(base / "dpo_single")
     assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert steps[-1]["loss"] < math.log(2) - 1e-4  # the adapters learn the preference
+
+
+def test_fp8_base_tracks_the_bf16_base(base):
+    """The embedded default model from its seed: LoRA over fp8 GEMMs of the frozen base against bf16 ones."""
+    bf16, fp8 = ([m["loss"] for m in read_metrics(base / name)] for name in ("bf16", "fp8"))
+    assert fp8 != bf16  # the fp8 GEMMs did run
+    assert fp8 == pytest.approx(bf16, rel=5e-3)
 
 
 def test_resume_is_bit_exact(base):

@@ -28,10 +28,10 @@ def world():
     shutdown()
 
 
-def _model(lora: LoraOptions):
+def _model(lora: LoraOptions, dtype: torch.dtype = torch.float32, fp8: bool = False):
     args = ModelArgs.from_config(OmegaConf.load(REPO / "conf/model/tiny.yaml"))
-    config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=torch.float32, on_cpu=True, recompute=None)
-    model = build_llama(args, config, kp.KernelOptions(lora=lora), pre_process=True, post_process=True)
+    config = transformer_config(args, tp=1, pp=1, vpp=None, params_dtype=dtype, on_cpu=True, recompute=None)
+    model = build_llama(args, config, kp.KernelOptions(lora=lora, fp8=fp8), pre_process=True, post_process=True)
     init_weights(model, seed=3, std=args.init_method_std, num_layers=args.num_layers)
     freeze_base(model)
     return model
@@ -85,6 +85,32 @@ def test_output_and_gradients_are_the_low_rank_update(world, slot):
     torch.testing.assert_close(linear.lora_b.grad, b.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("slot", ["qkv", "fc2"])
+def test_fp8_base_runs_fp8_gemms_beside_the_adapter(world, slot):
+    """train.precision=fp8: the frozen base through the fp8 linear's GEMMs (fp8_linear, checked in
+    test_fp8_linear.py), plus the adapter in bf16; gradients for the input and the adapters only."""
+    from models.kernels.fp8_linear import fp8_linear
+
+    layer = _model(LoraOptions(rank=4, alpha=8), dtype=torch.bfloat16, fp8=True).decoder.layers[0]
+    linear = layer.self_attention.linear_qkv if slot == "qkv" else layer.mlp.linear_fc2
+    assert type(linear).__name__ == ("LoraFp8ColumnParallelLinear" if slot == "qkv" else "LoraFp8RowParallelLinear")
+    with torch.no_grad():
+        linear.lora_b.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(8, 2, linear.weight.shape[1], generator=torch.Generator().manual_seed(2)).bfloat16()
+    x.requires_grad_()
+    out, _ = linear(x)
+    xr, a, b = (t.detach().clone().requires_grad_() for t in (x, linear.lora_a, linear.lora_b))
+    expected = fp8_linear(xr, linear.weight.detach()) + (xr @ a.T) @ b.T * 2.0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not torch.equal(out, (x @ linear.weight.T + (x @ a.T) @ b.T * 2.0).detach())  # (not bf16 GEMMs)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (expected * grad).sum().backward()
+    assert linear.weight.grad is None
+    for ours, theirs in ((x.grad, xr.grad), (linear.lora_a.grad, a.grad), (linear.lora_b.grad, b.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_only_adapters_require_grad(world):
     model = _model(LoraOptions(rank=2, alpha=2, targets=("proj",)))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -119,7 +145,6 @@ def _error(*overrides: str) -> ConfigError:
     (["lora.targets=[qkv,gate]"], "lora.targets", "qkv, proj, fc1, fc2, experts"),
     (["lora.targets=[]"], "lora.targets", "non-empty"),
     (["lora.targets=[qkv,experts]"], "lora.targets", "needs a mixture-of-experts model"),
-    (["train.precision=fp8"], "train.precision", "fp8"),
     (["train.compile=true"], "train.compile", "compile"),
     (["train.objective=dpo", "dpo.reference=live"], "dpo.reference", "dpo.reference=live"),
 ])
