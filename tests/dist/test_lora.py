@@ -90,6 +90,7 @@ def base(tmp_path_factory, cache_env):
               ["launcher.convert", "merge_lora", f"checkpoint={iter4}", f"out={base / 'merged'}"],
               ["launcher.convert", "export_hf", f"checkpoint={iter4}", f"out={base / 'peft_llama'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'llama'}", f"out={base / 'export_llama'}"],
+              ["launcher.convert", "export_hf", f"checkpoint={base / 'merged'}", f"out={base / 'export_merged'}"],
               ["tests.scripts.lora_logits", str(base / "logits_llama.pt"), str(iter4), str(base / "merged")],
               train("qwen2_lora", "qwen2", "train.steps=2"),
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2_lora' / 'checkpoints'}",
@@ -148,6 +149,9 @@ def test_fp8_base_tracks_the_bf16_base(base):
 
 def test_resume_is_bit_exact(base):
     full, resumed = read_metrics(base / "single"), read_metrics(base / "resumed")
+    # the resumed run's own checkpoint still names the import as its base
+    saved = json.loads((base / "resumed" / "checkpoints" / "iter_0000004" / "lora.json").read_text())
+    assert saved["base"] == str((base / "llama" / "iter_0000000").resolve())
     assert [m["step"] for m in resumed] == [3, 4]
     for ref, m in zip(full[2:], resumed):
         assert (m["loss"], m["grad_norm"], m["lr"]) == (ref["loss"], ref["grad_norm"], ref["lr"])
@@ -196,6 +200,17 @@ def test_merged_checkpoint_computes_the_unmerged_model(base, name):
     assert (logits["merged"] - logits["unmerged"]).abs().max().item() <= 1e-6 * scale
     if name == "llama":
         assert (base / "merged" / "iter_0000000" / "hf_config.json").is_file()  # the base's files came along
+
+
+def test_merged_checkpoint_exports_to_transformers(base):
+    """export_hf of the merged checkpoint, loaded by transformers alone, gives the LoRA model's logits."""
+    import transformers
+
+    logits = torch.load(base / "logits_llama.pt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base / "export_merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = model(logits["tokens"]).logits
+    assert (ours - logits["unmerged"]).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
