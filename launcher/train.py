@@ -65,7 +65,7 @@ def build_data(cfg: JobConfig) -> TrainData:
     d = cfg.data
     prefixes, tokenizer, source_seeds = _sources(cfg)
     if cfg.train.objective != "lm":
-        return _preference_data(cfg, prefixes[0], tokenizer)
+        return _preference_data(cfg, prefixes, tokenizer)
     train_part, valid_part = validation_bookends(cfg)
     stream = _stream(cfg, prefixes, tokenizer, source_seeds, train_part, "data")
     valid = None
@@ -75,25 +75,21 @@ def build_data(cfg: JobConfig) -> TrainData:
                      valid.microbatches if valid is not None else None)
 
 
-def _preference_data(cfg: JobConfig, prefix: str, tokenizer: Tokenizer) -> TrainData:
-    """Whole pairs of a preference dataset per micro batch (launcher/data/preference_batches.py), and the
-    validation pairs (data.split's held-out part or data.valid_prefixes) when the run evaluates."""
-    from launcher.data.indexed import IndexedDataset
-    from launcher.data.split import document_range
+def _preference_data(cfg: JobConfig, prefixes: list[str], tokenizer: Tokenizer) -> TrainData:
+    """Whole pairs of the preference datasets per micro batch (launcher/data/preference_batches.py), and
+    the validation pairs (data.split's held-out part or data.valid_prefixes) when the run evaluates."""
     from launcher.loop import TrainData
 
     d, e = cfg.data, cfg.eval
     train_part, valid_part = validation_bookends(cfg)
-    pairs = len(IndexedDataset(prefix)) // 2 if d.split is not None else 0
-    batches = _pair_batches(cfg, prefix, tokenizer, "data.prefixes",
-                            document_range(train_part, pairs) if train_part is not None else None)
+    batches = _pair_batches(cfg, prefixes, tokenizer, "data.prefixes", train_part)
     valid = None
     if (e.every or e.at_end) and (d.valid_prefixes or valid_part is not None):
         if d.valid_prefixes:
             _check_files(list(d.valid_prefixes), "data.valid_prefixes")
-            valid = _pair_batches(cfg, d.valid_prefixes[0], tokenizer, "data.valid_prefixes", None)
+            valid = _pair_batches(cfg, list(d.valid_prefixes), tokenizer, "data.valid_prefixes", None)
         else:
-            valid = _pair_batches(cfg, prefix, tokenizer, "data.split", document_range(valid_part, pairs))
+            valid = _pair_batches(cfg, prefixes, tokenizer, "data.split", valid_part)
         units, have = ("rows", len(valid.rows)) if d.packing else ("pairs", len(valid))
         need = e.iters * (cfg.train.global_batch_size if d.packing else cfg.train.global_batch_size // 2)
         if need > have:
@@ -103,21 +99,28 @@ def _preference_data(cfg: JobConfig, prefix: str, tokenizer: Tokenizer) -> Train
                      preference=batches, valid_preference=valid)
 
 
-def _pair_batches(cfg: JobConfig, prefix: str, tokenizer: Tokenizer, key: str, documents: range | None):
-    """The batcher of the usable pairs of dataset `prefix` (those of `documents`); `key` names the data in errors."""
+def _pair_batches(cfg: JobConfig, prefixes: list[str], tokenizer: Tokenizer, key: str, part: Bookends | None):
+    """The batcher of the usable pairs of datasets `prefixes` (one after the other; of each its data.split
+    `part`, all by default); `key` names the data in errors."""
     from launcher.data.indexed import IndexedDataset
-    from launcher.data.preference import PreferencePairs
+    from launcher.data.preference import ConcatenatedPairs, PreferencePairs
     from launcher.data.preference_batches import PackedPreferenceBatches, PreferenceBatches
+    from launcher.data.split import document_range
     from launcher.data.tokenizer import fill_id
 
     packed = bool(cfg.data.packing)
-    try:
-        pairs = PreferencePairs(IndexedDataset(prefix), cfg.train.seq_length, packed=packed, documents=documents)
-    except ValueError as err:
-        raise ConfigError(key, str(err)) from err
-    if int(pairs.dataset.tokens.max(initial=0)) >= tokenizer.vocab_size:
-        raise ConfigError(key, f"{prefix} holds token ids outside tokenizer {tokenizer.path}'s "
-                               f"vocabulary of {tokenizer.vocab_size}")
+    parts = []
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix)
+        documents = document_range(part, len(dataset) // 2) if part is not None else None  # a pair: a document
+        try:
+            parts.append(PreferencePairs(dataset, cfg.train.seq_length, packed=packed, documents=documents))
+        except ValueError as err:
+            raise ConfigError(key, str(err)) from err
+        if int(dataset.tokens.max(initial=0)) >= tokenizer.vocab_size:
+            raise ConfigError(key, f"{prefix} holds token ids outside tokenizer {tokenizer.path}'s "
+                                   f"vocabulary of {tokenizer.vocab_size}")
+    pairs = parts[0] if len(parts) == 1 else ConcatenatedPairs(parts)
     if packed:
         return PackedPreferenceBatches(pairs, cfg.train.seq_length, cfg.train.seed, fill_id(tokenizer),
                                        cfg.data.packing_algorithm)
@@ -147,9 +150,7 @@ def reference_file(cfg: JobConfig, batches) -> Path:
     (launcher/data/reference_logps.py)."""
     from launcher.data.reference_logps import reference_path
 
-    pairs = batches.pairs
-    return reference_path(cfg.run.dir, pairs.dataset.prefix, cfg.train.seq_length, packed=bool(cfg.data.packing),
-                          documents=pairs.documents)
+    return reference_path(cfg.run.dir, batches.pairs.sources(), cfg.train.seq_length, packed=bool(cfg.data.packing))
 
 
 def build_eval_data(cfg: JobConfig, sources: tuple[list[str], Tokenizer, list[int] | None] | None = None

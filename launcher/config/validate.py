@@ -261,8 +261,8 @@ def _check_lora(c: JobConfig) -> None:
 def _check_preference_run(c: JobConfig) -> None:
     """A preference objective trains on the megatron engine (tp, pp with or without virtual stages, dp,
     ep, cp) or ZeRO-3 (tp, dp), rows of whole pairs (one sequence per row, or pairs packed:
-    data.packing) from one preference dataset (and evaluates on one, or on data.split's held-out
-    pairs); DPO's reference precomputed, or live under the megatron engine."""
+    data.packing) from preference datasets read together (and evaluates on others, or on data.split's
+    held-out pairs); DPO's reference precomputed, or live under the megatron engine."""
     p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
     refusals = (("dpo.reference", p.engine == "deepspeed" and objective == "dpo" and c.dpo.reference == "live",
                  "engine=deepspeed and dpo.reference=live (a second, unpartitioned copy of the model)"),
@@ -272,12 +272,13 @@ def _check_preference_run(c: JobConfig) -> None:
     for key, refused, what in refusals:
         if refused:
             raise ConfigError(key, f"train.objective={objective} does not run with {what} yet")
-    if d.name == "stdlib_docs" or len(getattr(d, "prefixes", []) or []) != 1:
-        raise ConfigError("data.prefixes", f"train.objective={objective} trains on one preference dataset "
-                                           f"(data=indexed data.prefixes=[<prefix>], from launcher.preprocess "
+    if d.name == "stdlib_docs" or not (getattr(d, "prefixes", []) or []):
+        raise ConfigError("data.prefixes", f"train.objective={objective} trains on preference datasets "
+                                           f"(data=indexed data.prefixes=[<prefix>, ...], from launcher.preprocess "
                                            f"format=preference)")
-    if d.valid_prefixes and len(d.valid_prefixes) != 1:
-        raise ConfigError("data.valid_prefixes", f"train.objective={objective} evaluates on one preference dataset")
+    if d.weights is not None and len(d.prefixes) > 1:
+        raise ConfigError("data.weights", f"train.objective={objective} reads its datasets' pairs together (every "
+                                          f"pair once an epoch), unweighted: drop data.weights")
     for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size",
                                                                         t.global_batch_size)):
         if value % 2 and not d.packing:  # packed rows hold whole pairs each

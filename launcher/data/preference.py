@@ -173,11 +173,46 @@ class PreferencePairs:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def chosen_targets(self) -> np.ndarray:
+        """Target tokens of each usable pair's chosen side (a target is predicted from the token before it)."""
+        return np.array([int(self.dataset.mask(2 * int(d))[1:].sum()) for d in self.indices], dtype=np.int64)
+
+    def sources(self) -> list[tuple[str, range | None]]:
+        """(dataset prefix, its part of the pairs) of these pairs."""
+        return [(str(self.dataset.prefix), self.documents)]
+
     def pair(self, k: int) -> Pair:
         doc = int(self.indices[k])
         c, r = 2 * doc, 2 * doc + 1
         return Pair(self.dataset[c].astype(np.int64), self.dataset.mask(c), self.dataset[r].astype(np.int64),
                     self.dataset.mask(r))
+
+    def __iter__(self) -> Iterator[Pair]:
+        return (self.pair(k) for k in range(len(self)))
+
+
+class ConcatenatedPairs:
+    """The usable pairs of several preference datasets, one dataset after the other: pair k of the whole is
+    the first dataset's pair k, past its end the second's, and so on (PreferencePairs' interface)."""
+
+    def __init__(self, parts: list[PreferencePairs]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.lengths = np.concatenate([p.lengths for p in parts])  # [pairs, 2]: chosen, rejected
+        self.dropped = sum(p.dropped for p in parts)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def chosen_targets(self) -> np.ndarray:
+        return np.concatenate([p.chosen_targets() for p in self.parts])
+
+    def sources(self) -> list[tuple[str, range | None]]:
+        return [source for p in self.parts for source in p.sources()]
+
+    def pair(self, k: int) -> Pair:
+        part = int(np.searchsorted(self.offsets, k, side="right")) - 1
+        return self.parts[part].pair(k - int(self.offsets[part]))
 
     def __iter__(self) -> Iterator[Pair]:
         return (self.pair(k) for k in range(len(self)))

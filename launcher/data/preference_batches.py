@@ -1,7 +1,7 @@
 """Preference pairs as training micro batches: whole pairs, one sequence per row.
 
-The pairs of a preference dataset (launcher/data/preference.py) are read in a seeded order,
-reshuffled each epoch. Step s's global batch is pairs [s·P, (s+1)·P) of that order, with
+The pairs of a preference dataset, or of several together (launcher/data/preference.py), are read
+in a seeded order, reshuffled each epoch. Step s's global batch is pairs [s·P, (s+1)·P) of that order, with
 P = global_batch_size / 2 (train.global_batch_size counts rows, two per pair); DP rank r takes
 its contiguous share and cuts it into micro batches of micro_batch_size / 2 pairs. Row 2i of a
 micro batch is its pair i's chosen side, row 2i + 1 the rejected side, so every loss term of a
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from launcher.data.packing import build_row, check_batch_shapes, collate, pack
-from launcher.data.preference import PreferencePairs
+from launcher.data.preference import ConcatenatedPairs, PreferencePairs
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -47,14 +47,13 @@ def check_pair_batch_shapes(dp_size: int, micro_batch_size: int, global_batch_si
 class PreferenceBatches:
     """Micro batches of whole pairs (layout in the module docstring); a pure function of (seed, step)."""
 
-    def __init__(self, pairs: PreferencePairs, seq_length: int, seed: int, pad_id: int) -> None:
+    def __init__(self, pairs: PreferencePairs | ConcatenatedPairs, seq_length: int, seed: int, pad_id: int) -> None:
         self.pairs, self.seq_length, self.seed, self.pad_id = pairs, seq_length, seed, pad_id
         self.reference: np.ndarray | None = None  # [pairs, 2] float64: chosen, rejected (attach_reference)
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
         # target tokens of each pair's chosen side (a target is predicted from the token before it)
-        self.chosen_targets = np.array([int(pairs.dataset.mask(2 * int(d))[1:].sum()) for d in pairs.indices],
-                                       dtype=np.int64)
+        self.chosen_targets = pairs.chosen_targets()
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -126,7 +125,7 @@ class PreferenceBatches:
 class PackedPreferenceBatches(PreferenceBatches):
     """Micro batches of rows of packed pairs (layout in the module docstring); a pure function of (seed, step)."""
 
-    def __init__(self, pairs: PreferencePairs, seq_length: int, seed: int, pad_id: int,
+    def __init__(self, pairs: PreferencePairs | ConcatenatedPairs, seq_length: int, seed: int, pad_id: int,
                  algorithm: str = "bfd") -> None:
         super().__init__(pairs, seq_length, seed, pad_id)
         self.rows = pack(pairs.lengths.sum(axis=1), seq_length, algorithm)  # rows as lists of pair indices

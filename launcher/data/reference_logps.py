@@ -1,12 +1,14 @@
-"""The DPO reference's log-probs on disk: one .npy per (run, dataset, row length).
+"""The DPO reference's log-probs on disk: one .npy per (run, datasets, row length).
 
 A run with `train.objective=dpo dpo.reference=precomputed` computes, at its start, the summed
 response log-probs of every usable pair under its initial weights (launcher/preference_reference.py)
-and keeps them in `<run.dir>/reference_logps/<dataset name>-<fingerprint>.npy`: float64
-[pairs, 2] (chosen, rejected), indexed like PreferencePairs' usable pairs. The run directory
-fixes the initial weights (a fresh start always recomputes the file; every resume reads it);
-the fingerprint fixes the data: the contents of the dataset's index and mask files, the size of
-its token file, the row length and whether rows are packed (which decide which pairs are usable).
+and keeps them in `<run.dir>/reference_logps/<dataset name>[+<more datasets>]-<fingerprint>.npy`:
+float64 [pairs, 2] (chosen, rejected), indexed like the usable pairs (launcher/data/preference.py:
+one dataset's, or several datasets' one after the other). The run directory fixes the initial
+weights (a fresh start always recomputes the file; every resume reads it); the fingerprint fixes
+the data: the contents of each dataset's index and mask files, the size of its token file, the part
+of its pairs read (data.split), the row length and whether rows are packed (which decide which pairs
+are usable).
 The file is written to a temporary name in the same directory and renamed into place, so a
 reader sees a whole file or none.
 """
@@ -21,26 +23,31 @@ import numpy as np
 DIRECTORY = "reference_logps"
 
 
-def fingerprint(prefix: str | Path, seq_length: int, packed: bool = False, documents: range | None = None) -> str:
-    """A short hash of the dataset at `prefix` (its .idx and .mask.bin contents, its .bin size), the row
-    length, packing and the part of its pairs used (data.split)."""
-    part = f" documents={documents.start}:{documents.stop}" if documents is not None else ""
-    digest = hashlib.sha256(f"seq_length={seq_length}{' packed' if packed else ''}{part}".encode())
-    for suffix in (".idx", ".mask.bin"):
-        path = Path(f"{prefix}{suffix}")
-        if path.is_file():
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    digest.update(str(Path(f"{prefix}.bin").stat().st_size).encode())
+Sources = list[tuple[str | Path, range | None]]  # (dataset prefix, its part of the pairs or None: all)
+
+
+def fingerprint(sources: Sources, seq_length: int, packed: bool = False) -> str:
+    """A short hash of the datasets (each one's .idx and .mask.bin contents, its .bin size, the part of its
+    pairs used: data.split), the row length and packing."""
+    digest = hashlib.sha256(f"seq_length={seq_length}{' packed' if packed else ''}".encode())
+    for prefix, documents in sources:
+        if documents is not None:
+            digest.update(f"documents={documents.start}:{documents.stop}".encode())
+        for suffix in (".idx", ".mask.bin"):
+            path = Path(f"{prefix}{suffix}")
+            if path.is_file():
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+        digest.update(str(Path(f"{prefix}.bin").stat().st_size).encode())
     return digest.hexdigest()[:16]
 
 
-def reference_path(run_dir: str | Path, prefix: str | Path, seq_length: int, packed: bool = False,
-                   documents: range | None = None) -> Path:
-    """Where a run keeps the reference log-probs of dataset `prefix` (its pairs `documents`, all by default)
-    at rows of `seq_length` (packed or not)."""
-    name = f"{Path(prefix).name}-{fingerprint(prefix, seq_length, packed, documents)}.npy"
+def reference_path(run_dir: str | Path, sources: Sources, seq_length: int, packed: bool = False) -> Path:
+    """Where a run keeps the reference log-probs of these datasets' pairs, read one dataset after the
+    other, at rows of `seq_length` (packed or not)."""
+    more = f"+{len(sources) - 1}" if len(sources) > 1 else ""
+    name = f"{Path(sources[0][0]).name}{more}-{fingerprint(sources, seq_length, packed)}.npy"
     return Path(run_dir) / DIRECTORY / name
 
 

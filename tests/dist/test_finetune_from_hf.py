@@ -3,17 +3,17 @@ loads the weights only (step 0) and the first step's loss equals transformers' l
 same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`model=<its dir>`).
 
 Preference training from the same import, in the same launches: DPO (precomputed reference, with the RPO
-term), SimPO and ORPO train on pairs; the reference file and the first step's loss, rewards, log-probs
-and gradient norm equal transformers' forward of the HF model through TRL's losses
-(tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
-TRL's loss, its validation loss TRL's loss of that stepped model; DPO under tp=2, dp=2 (with full
-recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process over its steps, and
-a resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
-(single process, pp=2) equals DPO from the precomputed one and resumes bit for bit; DPO under pp=2 x
-vpp=2 (a 4-layer model) equals the single process with either reference; DPO from an imported Mixtral
-equals transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2, the single
-process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and packed DPO under
-pp=2 and cp=2 the single process."""
+term), SimPO and ORPO train on pairs (DPO also on two datasets read together); the reference file and
+the first step's loss, rewards, log-probs and gradient norm equal transformers' forward of the HF model
+through TRL's losses (tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal
+torch's AdamW step on TRL's loss, its validation loss TRL's loss of that stepped model; DPO under tp=2,
+dp=2 (with full recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process
+over its steps, and a resumed DPO run reads its reference file and continues bit for bit; DPO with a
+live reference model (single process, pp=2) equals DPO from the precomputed one and resumes bit for bit;
+DPO under pp=2 x vpp=2 (a 4-layer model) equals the single process with either reference; DPO from an
+imported Mixtral equals transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2,
+the single process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and packed
+DPO under pp=2 and cp=2 the single process."""
 from __future__ import annotations
 
 import json
@@ -72,6 +72,8 @@ PACKED_STEPS = 2
 # (objective, its overrides) trained on all pairs each step, unpacked and packed (packed_runs)
 PACKED_OBJECTIVES = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5"]),
                      ("simpo", ["train.objective=simpo", "simpo.beta=2.0", "simpo.gamma=0.5", "simpo.sft_weight=0.25"])]
+# the preference datasets a run reads, where it reads others than `pairs`
+DATASETS = {"dpo_two": ("pairs", "pairs_valid")}
 # a random transformers Mixtral for DPO with experts (moe_runs): 4 experts, top 2, a load-balancing loss
 MOE_CONFIG = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.1,
@@ -107,6 +109,12 @@ def _preference_data(d: Path, tokenizer: Path, name: str = "pairs", seed: int = 
                       chat_template="chatml", append_eod=True, add_bos=False, seq_length=128)
     preprocess([src], d / name, options)
     return d / name
+
+
+def two_datasets_run(d: Path) -> tuple[str, list[str], int, int]:
+    """The dpo run's first step on two preference datasets read together (DATASETS)."""
+    return ("dpo_two", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
+                        f"data.prefixes=[{','.join(str(d / n) for n in DATASETS['dpo_two'])}]"], 1, 1)
 
 
 def step_run(d: Path) -> tuple[str, list[str], int, int]:
@@ -153,8 +161,9 @@ def _preference_overrides(d: Path, tokenizer: Path, extra: list[str], steps: int
     keep = [o for o in OVERRIDES if o != "train.steps=1" and o.split("=")[0] not in own
             and not ("model" in own and o.startswith("model."))]  # model=<checkpoint>: its own shape
     load = [] if "checkpoint.load" in own else [f"checkpoint.load={d / 'ckpt'}"]
-    return ["launcher.train", *keep, f"train.steps={steps}", "data=indexed", f"data.prefixes=[{d / 'pairs'}]",
-            f"data.tokenizer={tokenizer}", *load, *extra]
+    data = [] if "data.prefixes" in own else [f"data.prefixes=[{d / 'pairs'}]"]
+    return ["launcher.train", *keep, f"train.steps={steps}", "data=indexed", *data, f"data.tokenizer={tokenizer}",
+            *load, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +189,8 @@ def trained(tmp_path_factory, cache_env):
 
     tokenizer = _default_tokenizer()
     _preference_data(d, tokenizer, "pairs_valid", seed=1)
-    runs = [*PREFERENCE_RUNS, step_run(d), *packed_runs(_preference_data(d, tokenizer)), *moe_runs(d)]
+    runs = [*PREFERENCE_RUNS, step_run(d), two_datasets_run(d), *packed_runs(_preference_data(d, tokenizer)),
+            *moe_runs(d)]
     preference = {n: [*_preference_overrides(d, tokenizer, extra, steps), f"run.dir={d / n}"]
                   for n, extra, _, steps in runs}
     ranks = {n: nproc for n, _, nproc, _ in runs}
@@ -226,14 +236,16 @@ def test_first_step_loss_equals_transformers(trained, name):
     assert read_metrics(d / name)[0]["loss"] == pytest.approx(_reference_loss(model), rel=1e-5)
 
 
-def _first_batch(d: Path, name: str = "pairs"):
-    """Step 0's global batch of pairs of dataset <d>/<name> as ShardForge reads it (dataset order: 2k chosen,
-    2k + 1 rejected)."""
+def _first_batch(d: Path, *names: str):
+    """Step 0's global batch of pairs of datasets <d>/<name> (`pairs` by default; several: one after the
+    other) as ShardForge reads it (dataset order: 2k chosen, 2k + 1 rejected)."""
     from launcher.data.indexed import IndexedDataset
-    from launcher.data.preference import PreferencePairs
+    from launcher.data.preference import ConcatenatedPairs, PreferencePairs
     from launcher.data.preference_batches import PreferenceBatches
 
-    batches = PreferenceBatches(PreferencePairs(IndexedDataset(str(d / name)), 128), 128, seed=1234, pad_id=0)
+    parts = [PreferencePairs(IndexedDataset(str(d / name)), 128) for name in names or ("pairs",)]
+    pairs = parts[0] if len(parts) == 1 else ConcatenatedPairs(parts)
+    batches = PreferenceBatches(pairs, 128, seed=1234, pad_id=0)
     order = [batches.pair_at(j) for j in range(4)]  # train.global_batch_size=8 rows: 4 pairs
     return batches.pairs, order
 
@@ -277,11 +289,11 @@ def _trl_first_step(model, d: Path, name: str) -> tuple[float, dict[str, float],
     over the HF model's parameters."""
     import trl_oracle
 
-    pairs, order = _first_batch(d)
+    pairs, order = _first_batch(d, *DATASETS.get(name, ()))
     model.zero_grad()
     shell, logits = _hf_batch(model, pairs, order)
     batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
-    if name == "dpo":
+    if name.startswith("dpo"):
         with torch.no_grad():
             ref = _hf_sums(model, pairs, order).float()
         batch.reference = ref.reshape(-1)
@@ -296,7 +308,7 @@ def _trl_first_step(model, d: Path, name: str) -> tuple[float, dict[str, float],
     return float(loss), {k: float(v) for k, v in metrics.items()}, float(norm)
 
 
-@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo", "dpo_two"])
 def test_first_preference_step_equals_transformers_and_trl(trained, name):
     model, d, _ = trained
     first = read_metrics(d / name)[0]
@@ -311,7 +323,7 @@ def test_first_preference_step_equals_transformers_and_trl(trained, name):
     compared = [("reward_chosen", "rewards/chosen"), ("reward_rejected", "rewards/rejected"),
                 ("reward_margin", "rewards/margins"), ("logps_chosen", "logps/chosen"),
                 ("logps_rejected", "logps/rejected")]
-    if name != "dpo":  # DPO's step-0 rewards are zero up to rounding, which decides its accuracy
+    if not name.startswith("dpo"):  # DPO's step-0 rewards are zero up to rounding, which decides its accuracy
         compared.append(("reward_accuracy", "rewards/accuracies"))
     for ours, theirs in compared:
         assert first[ours] == pytest.approx(metrics[theirs], rel=1e-5, abs=1e-5), ours

@@ -13,7 +13,7 @@ import torch
 from tiny_tokenizers import train_sp
 
 from launcher.data.indexed import IndexedDataset
-from launcher.data.preference import PreferencePairs
+from launcher.data.preference import ConcatenatedPairs, PreferencePairs
 from launcher.data.preference_batches import PackedPreferenceBatches, PreferenceBatches
 from launcher.data import reference_logps
 from launcher.preprocess import Options, preprocess
@@ -198,14 +198,17 @@ def test_micro_batch_loss_gradient_is_the_global_loss_gradient(dataset):
 
 
 def test_reference_file_round_trip_and_fingerprint(dataset, tmp_path):
-    path = reference_logps.reference_path(tmp_path / "run", dataset, SEQ)
+    whole = [(dataset, None)]
+    path = reference_logps.reference_path(tmp_path / "run", whole, SEQ)
     assert path.parent == tmp_path / "run" / reference_logps.DIRECTORY and path.name.startswith("pairs-")
     # the row length and packing decide which pairs are usable: another length, another file
-    assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ + 1) != path
-    assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ, packed=True) != path  # so does packing
-    # and the part of the pairs (data.split)
-    assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ, documents=range(0, 8)) != path
-    assert reference_logps.reference_path(tmp_path / "run", dataset, SEQ) == path
+    assert reference_logps.reference_path(tmp_path / "run", whole, SEQ + 1) != path
+    assert reference_logps.reference_path(tmp_path / "run", whole, SEQ, packed=True) != path  # so does packing
+    # and the part of the pairs (data.split), and the datasets read together
+    assert reference_logps.reference_path(tmp_path / "run", [(dataset, range(0, 8))], SEQ) != path
+    both = reference_logps.reference_path(tmp_path / "run", [*whole, (dataset, range(0, 8))], SEQ)
+    assert both != path and both.name.startswith("pairs+1-")
+    assert reference_logps.reference_path(tmp_path / "run", whole, SEQ) == path
     table = np.random.default_rng(0).normal(size=(11, 2))
     reference_logps.save(path, table)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # the temporary file was renamed
@@ -221,7 +224,7 @@ def test_a_resume_reads_the_reference_its_start_wrote(dataset, tmp_path):
     from launcher import preference_reference
 
     b = batches_of(dataset)
-    path = reference_logps.reference_path(tmp_path, dataset, SEQ)
+    path = reference_logps.reference_path(tmp_path, [(dataset, None)], SEQ)
     table = -np.random.default_rng(1).uniform(10, 50, size=(len(b), 2))
     reference_logps.save(path, table)
     before = path.stat().st_mtime_ns
@@ -276,3 +279,17 @@ def test_a_part_of_the_pairs(dataset):
     part = PreferencePairs(IndexedDataset(str(dataset)), SEQ, documents=range(3, 9))
     assert part.indices.tolist() == [k for k in whole.indices.tolist() if 3 <= k < 9]
     assert part.dropped == 6 - len(part)
+
+
+def test_several_datasets_are_read_one_after_the_other(dataset):
+    """ConcatenatedPairs: pair k of the whole is the first part's pair k, then the second part's pairs."""
+    first = PreferencePairs(IndexedDataset(str(dataset)), SEQ, documents=range(0, 5))
+    second = PreferencePairs(IndexedDataset(str(dataset)), SEQ, documents=range(5, 11))
+    both = ConcatenatedPairs([first, second])
+    whole = PreferencePairs(IndexedDataset(str(dataset)), SEQ)
+    assert len(both) == len(whole) and both.dropped == whole.dropped
+    assert np.array_equal(both.chosen_targets(), whole.chosen_targets())
+    for k in range(len(whole)):
+        a, b = both.pair(k), whole.pair(k)
+        assert np.array_equal(a.chosen_ids, b.chosen_ids) and np.array_equal(a.rejected_mask, b.rejected_mask)
+    assert both.sources() == [(str(dataset), range(0, 5)), (str(dataset), range(5, 11))]
