@@ -290,7 +290,7 @@ def lora_options(cfg: JobConfig) -> LoraOptions | None:
 
     lora = cfg.lora
     return LoraOptions(rank=lora.rank, alpha=float(lora.alpha), dropout=float(lora.dropout),
-                       targets=tuple(lora.targets))
+                       targets=tuple(lora.targets), base_fp8=lora.base_fp8)
 
 
 

@@ -29,6 +29,7 @@ class LoraOptions:
     alpha: float
     dropout: float = 0.0
     targets: tuple[str, ...] = TARGETS
+    base_fp8: bool = False  # the adapted linears' frozen weights held in fp8, dequantised in each GEMM
 
     @property
     def scale(self) -> float:

@@ -2,7 +2,8 @@
 
 The engine saves `lora.json` beside the adapters' dist checkpoint: the base checkpoint the run
 started from (its iter_* directory, or null for the seed's initial weights, with that seed and
-dtype), the base model's shape and the adapters' rank, alpha, dropout and targets. Resuming loads the base from there,
+dtype), the base model's shape and the adapters' rank, alpha, dropout, targets and whether they
+trained against a base held in fp8 (`base_fp8`). Resuming loads the base from there,
 then the adapters; `launcher.convert merge_lora` / `export_hf peft=true` read the same file.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ REFERENCE = "lora.json"
 def reference(base: str | None, seed: int, lora: LoraOptions, args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
     """`dtype`: the training parameters' (a seed's initial weights are drawn in it)."""
     return {"base": base, "seed": seed, "dtype": str(dtype).removeprefix("torch."), "rank": lora.rank,
-            "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets), "base_model": asdict(args)}
+            "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets), "base_fp8": lora.base_fp8,
+            "base_model": asdict(args)}
 
 
 def write_reference(directory: Path, content: dict[str, Any]) -> None:
@@ -39,4 +41,4 @@ def read_reference(directory: str | Path) -> dict[str, Any] | None:
 
 def options(content: dict[str, Any]) -> LoraOptions:
     return LoraOptions(rank=content["rank"], alpha=content["alpha"], dropout=content["dropout"],
-                       targets=tuple(content["targets"]))
+                       targets=tuple(content["targets"]), base_fp8=content["base_fp8"])

@@ -114,6 +114,9 @@ class LoraConfig:
     dropout: float = 0.0              # dropout on the adapters' input (training only)
     # qkv (fused query/key/value) | proj (attention output) | fc1 (fused gate/up) | fc2 (MLP output)
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    # QLoRA-style memory saving: the adapted linears' frozen weights held in fp8 (e4m3, a scale per
+    # output row) and dequantised in each GEMM; the adapters train against that quantised base
+    base_fp8: bool = False
 
 
 @dataclass(frozen=True)

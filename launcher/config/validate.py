@@ -250,6 +250,7 @@ def _check_lora(c: JobConfig) -> None:
         raise ConfigError("lora.targets", f"experts (the routed experts' linears) needs a mixture-of-experts model; "
                                           f"model={c.model.name} is dense")
     refusals = (("parallel.engine", c.parallel.engine != "megatron", f"parallel.engine={c.parallel.engine}"),
+                ("lora.base_fp8", lora.base_fp8 and t.precision == "fp8", "lora.base_fp8 and train.precision=fp8"),
                 ("train.compile", t.compile, "train.compile=true"),
                 ("train.cuda_graph", t.cuda_graph is True, "train.cuda_graph=true"),
                 ("dpo.reference", t.objective == "dpo" and c.dpo.reference == "live", "dpo.reference=live"))
@@ -530,7 +531,8 @@ def _check_lora_checkpoint(c: JobConfig, load: str) -> bool:
                                              f"checkpoint={load} out=<dir>)")
     lora = c.lora
     for key, ours, theirs in (("lora.rank", lora.rank, saved["rank"]), ("lora.alpha", lora.alpha, saved["alpha"]),
-                              ("lora.targets", list(lora.targets), saved["targets"])):
+                              ("lora.targets", list(lora.targets), saved["targets"]),
+                              ("lora.base_fp8", lora.base_fp8, saved["base_fp8"])):
         if ours != theirs:
             raise ConfigError(key, f"{ours} differs from the adapters of checkpoint.load={load} ({theirs})")
     if saved["base"] is None and saved["seed"] != c.train.seed:

@@ -14,7 +14,8 @@ Each rank's gradient of its replicated factor (A of a column linear, B of a row 
 sum over the tensor-parallel ranks; the parameter carries TP_PARTIAL_GRAD and
 parallel/lora_grads.py sums those gradients once per step (their size, not the activations').
 
-With `train.precision=fp8` the base runs through the fp8 linears' GEMMs (the Fp8 variants).
+With `train.precision=fp8` the base runs through the fp8 linears' GEMMs (the Fp8 variants). With
+`base_fp8` the frozen weight is held in fp8 and dequantised in each GEMM (models/kernels/fp8_weight.py).
 
 Checkpoint keys are `<linear>.lora_a` / `<linear>.lora_b`, split like the base weight along the
 same axis; fc1's B (`swiglu`) is stored as [gate rows; up rows] like fc1's weight, so every layout
@@ -33,6 +34,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
+from models.kernels.fp8_weight import E4M3, dequantized_linear, quantize_rows
 from models.lora import LoraOptions
 
 TP_PARTIAL_GRAD = "lora_tp_partial_grad"  # a replicated factor whose gradient is summed over TP ranks
@@ -61,6 +63,25 @@ class _Lora:
 
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
         raise NotImplementedError
+
+    def _base(self, input: torch.Tensor, weight: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The frozen base linear's output: megatron's (or the fp8 one's), or with `base_fp8` the
+        dequantising GEMM of the weight held in fp8 (quantised at the first forward: after the base
+        weights are loaded)."""
+        if not self.lora.base_fp8:
+            return super()._forward_impl(input=input, weight=weight, **kwargs)
+        if self.weight.dtype != E4M3:
+            self._hold_weight_in_fp8()
+        out = dequantized_linear(input, self.weight, self.weight_scale)
+        return out if kwargs.get("bias") is None else out + kwargs["bias"]
+
+    @torch.no_grad()
+    def _hold_weight_in_fp8(self) -> None:
+        amax = self.weight.abs().amax(dim=1).float()
+        if self._TP_AXES["weight"] == 1:  # (a row split over TP ranks: its scale from the whole row)
+            torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=self.tp_group)
+        self.weight.data, scale = quantize_rows(self.weight, amax)
+        self.register_buffer("weight_scale", scale, persistent=False)
 
     def _delta(self, x: torch.Tensor, parallel_input: bool) -> torch.Tensor:
         """scale * dropout(x) A^T B^T; `parallel_input`: x differs between TP ranks (its dropout mask must too)."""
@@ -95,7 +116,7 @@ class _LoraColumn(_Lora):
         elif kwargs.get("allreduce_dgrad"):
             input = copy_to_tensor_model_parallel_region(input, group=self.tp_group)
         kwargs.update(sequence_parallel=False, allreduce_dgrad=False)
-        return super()._forward_impl(input=input, weight=weight, **kwargs) + self._delta(input, False)
+        return self._base(input, weight, kwargs) + self._delta(input, False)
 
 
 class _LoraRow(_Lora):
@@ -106,7 +127,7 @@ class _LoraRow(_Lora):
 
     def _forward_impl(self, input, weight, **kwargs):
         # a partial sum like the base's output: the caller reduces both at once
-        return super()._forward_impl(input=input, weight=weight, **kwargs) + self._delta(input, True)
+        return self._base(input, weight, kwargs) + self._delta(input, True)
 
 
 class LoraColumnParallelLinear(_LoraColumn, ColumnParallelLinear):

@@ -1,6 +1,7 @@
 """LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout
 (tp, pp, vpp, dp, cp; with full recompute; over packed rows; ep and tp for a mixture-of-experts model
-with adapters on its experts; DPO; over an fp8 base) on top of a frozen base it never changes; adapter-only checkpoints that resume bit for bit; merged into
+with adapters on its experts; DPO; over an fp8 base; with the base held in fp8) on top of a frozen base it
+never changes; adapter-only checkpoints that resume bit for bit; merged into
 the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
 adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
 
@@ -87,6 +88,7 @@ def base(tmp_path_factory, cache_env):
               train("single", "llama", "checkpoint.save_every=2"),
               train("resumed", "llama", f"checkpoint.load={base / 'single' / 'checkpoints' / 'iter_0000002'}"),
               train("single_packed", "llama", *PACKED),
+              train("single_base_fp8", "llama", "lora.base_fp8=true"),
               ["launcher.convert", "merge_lora", f"checkpoint={iter4}", f"out={base / 'merged'}"],
               ["launcher.convert", "export_hf", f"checkpoint={iter4}", f"out={base / 'peft_llama'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'llama'}", f"out={base / 'export_llama'}"],
@@ -109,13 +111,15 @@ def base(tmp_path_factory, cache_env):
     train_runs(base, [*[(name, train(name, "llama", *extra)[1:-1], 2) for name, extra in LAYOUTS],
                       ("tp2_packed", train("tp2_packed", "llama", *PACKED, "parallel.tp=2")[1:-1], 2),
                       *[(name, train(name, None, *MOE, *extra)[1:-1], 2) for name, extra in MOE_LAYOUTS],
-                      ("dpo_tp2", train("dpo_tp2", "llama", *dpo, "parallel.tp=2")[1:-1], 2)],
+                      ("dpo_tp2", train("dpo_tp2", "llama", *dpo, "parallel.tp=2")[1:-1], 2),
+                      ("tp2_base_fp8", train("tp2_base_fp8", "llama", "lora.base_fp8=true", "parallel.tp=2")[1:-1], 2)],
                then=[("frozen_tp2", frozen, 2)])
     return base
 
 
 @pytest.mark.parametrize("name,reference", [*[(x[0], "single") for x in LAYOUTS], ("tp2_packed", "single_packed"),
-                                            *[(x[0], "moe_single") for x in MOE_LAYOUTS], ("dpo_tp2", "dpo_single")])
+                                            *[(x[0], "moe_single") for x in MOE_LAYOUTS], ("dpo_tp2", "dpo_single"),
+                                            ("tp2_base_fp8", "single_base_fp8")])
 def test_layout_matches_single_process(base, name, reference):
     reference, got = read_metrics(base / reference), read_metrics(base / name)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
@@ -145,6 +149,12 @@ def test_fp8_base_tracks_the_bf16_base(base):
     bf16, fp8 = ([m["loss"] for m in read_metrics(base / name)] for name in ("bf16", "fp8"))
     assert fp8 != bf16  # the fp8 GEMMs did run
     assert fp8 == pytest.approx(bf16, rel=5e-3)
+
+
+def test_base_held_in_fp8_approximates_the_base(base):
+    """lora.base_fp8: the first loss is the quantised base's, near the base's own (and not equal)."""
+    quantised, full = read_metrics(base / "single_base_fp8")[0]["loss"], read_metrics(base / "single")[0]["loss"]
+    assert quantised != full and quantised == pytest.approx(full, rel=1e-3)
 
 
 def test_resume_is_bit_exact(base):

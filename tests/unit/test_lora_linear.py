@@ -111,6 +111,35 @@ def test_fp8_base_runs_fp8_gemms_beside_the_adapter(world, slot):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("slot", ["fc1", "proj"])
+def test_base_held_in_fp8_is_dequantised_in_the_gemm(world, slot):
+    """lora.base_fp8: after the first forward the weight is one byte a value (e4m3) with a scale per
+    output row; the output is x times that weight dequantised (computed here from the original weight:
+    rows scaled to a largest magnitude of 448, rounded to e4m3, scaled back) plus the adapter, and so
+    are the input and adapter gradients; the weight gets none."""
+    layer = _model(LoraOptions(rank=4, alpha=8, base_fp8=True)).decoder.layers[0]
+    linear = layer.mlp.linear_fc1 if slot == "fc1" else layer.self_attention.linear_proj
+    w = linear.weight.detach().clone()
+    with torch.no_grad():
+        linear.lora_b.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(6, 2, w.shape[1], generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out, _ = linear(x)
+    assert linear.weight.dtype == torch.float8_e4m3fn and linear.weight.element_size() == 1
+    scale = w.abs().amax(dim=1, keepdim=True) / 448
+    dequantized = (w / scale).to(torch.float8_e4m3fn).float() * scale
+    assert (dequantized - w).abs().max() <= w.abs().max() / 8  # (e4m3: 3 mantissa bits)
+    assert not torch.equal(dequantized, w)
+    xr, a, b = (t.detach().clone().requires_grad_() for t in (x, linear.lora_a, linear.lora_b))
+    expected = xr @ dequantized.T + 2.0 * (xr @ a.T) @ b.T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (expected * grad).sum().backward()
+    assert linear.weight.grad is None
+    for ours, theirs in ((x.grad, xr.grad), (linear.lora_a.grad, a.grad), (linear.lora_b.grad, b.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_only_adapters_require_grad(world):
     model = _model(LoraOptions(rank=2, alpha=2, targets=("proj",)))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -147,6 +176,7 @@ def _error(*overrides: str) -> ConfigError:
     (["lora.targets=[qkv,experts]"], "lora.targets", "needs a mixture-of-experts model"),
     (["train.compile=true"], "train.compile", "compile"),
     (["train.objective=dpo", "dpo.reference=live"], "dpo.reference", "dpo.reference=live"),
+    (["lora.base_fp8=true", "train.precision=fp8"], "lora.base_fp8", "train.precision=fp8"),
 ])
 def test_bad_lora_config_names_the_key(overrides, key, words):
     err = _error(*overrides)
