@@ -112,7 +112,8 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
         loss_sum, num_tokens = evaluate(engine, data.valid, iters=cfg.eval.iters, micro_batch_size=t.micro_batch_size,
                                         global_batch_size=t.global_batch_size)
         if logger is not None:
-            logger.log_eval(eval_record(done, loss_sum=loss_sum, num_tokens=num_tokens))
+            logger.log_eval(eval_record(done, loss_sum=loss_sum, num_tokens=num_tokens,
+                                        perplexity=cfg.train.objective == "lm"))
         timer.restart()  # keep evaluation time out of the next step's throughput
 
     # A step is reported once the next one is queued: the GPU never waits for the host to read

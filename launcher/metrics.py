@@ -8,7 +8,8 @@ is one optimizer step:
     (max/mean expert load), moe_imbalance_worst_layer, moe_aux_loss (or moe_seq_aux_loss),
     moe_z_loss when enabled and moe_dropped_fraction with a capacity factor.
 An eval record is one evaluation on the validation data after `step` optimizer steps:
-    type: "eval", step, eval_loss (token-weighted, as the train loss), eval_tokens, eval_ppl
+    type: "eval", step, eval_loss (token-weighted, as the train loss), eval_tokens, eval_ppl (not
+    under a preference objective, whose eval_loss is a mean over pairs and eval_tokens counts them)
 `read_metrics` reads either kind.
 """
 from __future__ import annotations
@@ -93,11 +94,14 @@ class MetricsLogger:
             self._tb.close()
 
 
-def eval_record(step: int, *, loss_sum: float, num_tokens: int) -> dict[str, Any]:
-    """The metrics.jsonl record of one evaluation after `step` optimizer steps."""
+def eval_record(step: int, *, loss_sum: float, num_tokens: int, perplexity: bool = True) -> dict[str, Any]:
+    """The metrics.jsonl record of one evaluation after `step` optimizer steps; `perplexity`: the loss is a
+    mean token cross entropy, whose exp is one."""
     loss = loss_sum / max(num_tokens, 1)
-    return {"type": "eval", "step": step, "eval_loss": loss, "eval_tokens": int(num_tokens),
-            "eval_ppl": math.exp(min(loss, 700.0))}  # (exp overflows a float past ~709)
+    record = {"type": "eval", "step": step, "eval_loss": loss, "eval_tokens": int(num_tokens)}
+    if perplexity:
+        record["eval_ppl"] = math.exp(min(loss, 700.0))  # (exp overflows a float past ~709)
+    return record
 
 
 def read_metrics(run_dir: str | os.PathLike, type: str = "train") -> list[dict[str, Any]]:

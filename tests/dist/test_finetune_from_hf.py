@@ -375,6 +375,7 @@ def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
                                                 loss_weights=[1.0, 0.5])
     [evaluation] = read_metrics(d / "dpo_step", type="eval")
     assert (evaluation["step"], evaluation["eval_tokens"]) == (1, len(order))  # eval_tokens: pairs
+    assert "eval_ppl" not in evaluation  # (a mean over pairs has no perplexity)
     assert evaluation["eval_loss"] == pytest.approx(float(valid_loss), rel=1e-5)
 
 

@@ -30,6 +30,9 @@ def _logged(run_dir, steps=6, every=3) -> None:
 def test_eval_record_is_token_weighted():
     rec = eval_record(7, loss_sum=12.0, num_tokens=4)
     assert rec == {"type": "eval", "step": 7, "eval_loss": 3.0, "eval_tokens": 4, "eval_ppl": math.exp(3.0)}
+    # a preference objective's eval loss is a mean over pairs: no perplexity
+    assert eval_record(7, loss_sum=12.0, num_tokens=4, perplexity=False) == {"type": "eval", "step": 7,
+                                                                            "eval_loss": 3.0, "eval_tokens": 4}
 
 
 def test_read_metrics_keeps_train_records_apart(tmp_path):
