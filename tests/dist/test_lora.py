@@ -1,7 +1,7 @@
 """LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout
-(tp, pp, vpp, dp, cp; with full recompute; over packed rows; ep and tp for a mixture-of-experts model
-with adapters on its experts; DPO; over an fp8 base; with the base held in fp8) on top of a frozen base it
-never changes; adapter-only checkpoints that resume bit for bit; merged into
+(tp; pp with vpp; cp over packed rows; tp with full recompute and the base held in fp8; DPO under dp;
+ep and tp for a mixture-of-experts model with adapters on its experts) on top of a frozen base it never
+changes, also over an fp8 base; adapter-only checkpoints that resume bit for bit; merged into
 the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
 adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
 
@@ -25,16 +25,24 @@ SHAPE = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_
              tie_word_embeddings=False)
 FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
 LORA = ["train.peft=lora", "lora.rank=4", "lora.alpha=8", "optim.lr=0.01", "optim.warmup_steps=1"]
-LAYOUTS = [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", []),
-           ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"]), ("cp2", ["parallel.cp=2"]),
-           ("tp2_recompute_full", ["parallel.tp=2", "train.recompute=full"])]
 # Packed rows (documents end at each EOD: no attention across them, positions restart), against the
 # single process on the same rows.
 PACKED = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
 # A mixture-of-experts model with a shared expert from the seed's initial weights (no base checkpoint):
 # adapters on attention, the shared expert and every routed expert.
 MOE = ["model=qwen_moe_tiny", "lora.targets=[qkv,proj,fc1,fc2,experts]"]
-MOE_LAYOUTS = [("moe_ep2", ["parallel.ep=2"]), ("moe_tp2", ["parallel.tp=2"])]
+NO_SAVE = ["checkpoint.final_save=false"]
+DPO = "<dpo>"  # stands for the DPO overrides (the preference dataset the fixture makes)
+# The 2-rank runs, each against the single-process run it must equal: (name, reference, base, overrides);
+# base: the HF import they start from, or None for the seed's initial weights.
+PARALLEL = [("tp2", "single", "llama", ["parallel.tp=2"]),
+            ("pp2_vpp2", "single", "llama", ["parallel.pp=2", "parallel.vpp=2"]),
+            ("cp2_packed", "single_packed", "llama", [*PACKED, "parallel.cp=2"]),
+            ("tp2_recompute_full_base_fp8", "single_base_fp8", "llama",
+             ["lora.base_fp8=true", "parallel.tp=2", "train.recompute=full"]),
+            ("dpo_dp2", "dpo_single", "llama", [DPO]),
+            ("moe_ep2", "moe_single", None, [*MOE, "parallel.ep=2"]),
+            ("moe_tp2", "moe_single", None, [*MOE, "parallel.tp=2"])]
 WORDS = "the quick brown fox jumps over a lazy dog while numbers add up and the function returns a list".split()
 
 
@@ -77,18 +85,20 @@ def base(tmp_path_factory, cache_env):
         own = [f"model={base / family}", f"checkpoint.load={base / family}"] if family else []
         return [*FAST, "checkpoint.save_every=0", *own]
 
+    dpo = _preference_data(base, FAST)
+
     def train(name: str, family: str | None, *extra: str) -> list[str]:
+        extra = tuple(x for o in extra for x in (dpo if o == DPO else [o]))
         return ["launcher.train", *start(family), *LORA, f"train.steps={STEPS}", *extra, f"run.dir={base / name}"]
 
-    dpo = _preference_data(base, FAST)
     iter4 = base / "single" / "checkpoints" / "iter_0000004"
     run_many([*(["launcher.convert", "import_hf", f"hf_dir={base / f'hf_{family}'}", f"out={base / family}"]
                 for family in FAMILIES),
-              ["launcher.train", *start("llama"), "train.steps=1", f"run.dir={base / 'full'}"],
+              ["launcher.train", *start("llama"), "train.steps=1", *NO_SAVE, f"run.dir={base / 'full'}"],
               train("single", "llama", "checkpoint.save_every=2"),
               train("resumed", "llama", f"checkpoint.load={base / 'single' / 'checkpoints' / 'iter_0000002'}"),
-              train("single_packed", "llama", *PACKED),
-              train("single_base_fp8", "llama", "lora.base_fp8=true"),
+              train("single_packed", "llama", *PACKED, *NO_SAVE),
+              train("single_base_fp8", "llama", "lora.base_fp8=true", *NO_SAVE),
               ["launcher.convert", "merge_lora", f"checkpoint={iter4}", f"out={base / 'merged'}"],
               ["launcher.convert", "export_hf", f"checkpoint={iter4}", f"out={base / 'peft_llama'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'llama'}", f"out={base / 'export_llama'}"],
@@ -99,27 +109,21 @@ def base(tmp_path_factory, cache_env):
                f"out={base / 'peft_qwen2'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2'}", f"out={base / 'export_qwen2'}"],
               ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")],
-              train("dpo_single", "llama", *dpo),
+              train("dpo_single", "llama", DPO, *NO_SAVE),
               train("moe_single", None, *MOE),
-              *(train(name, None, f"train.precision={name}") for name in ("bf16", "fp8")),
+              *(train(name, None, f"train.precision={name}", *NO_SAVE) for name in ("bf16", "fp8")),
               ["launcher.convert", "merge_lora", f"checkpoint={base / 'moe_single' / 'checkpoints'}",
                f"out={base / 'moe_merged'}"],
               ["tests.scripts.lora_logits", str(base / "logits_moe.pt"), str(base / "moe_single" / "checkpoints"),
                str(base / "moe_merged")]])
     frozen = ["tests.scripts.lora_frozen_base", str(base / "frozen_tp2.json"), *start("llama"), *LORA,
               "train.steps=2", "parallel.tp=2", f"run.dir={base / 'frozen_tp2'}"]
-    train_runs(base, [*[(name, train(name, "llama", *extra)[1:-1], 2) for name, extra in LAYOUTS],
-                      ("tp2_packed", train("tp2_packed", "llama", *PACKED, "parallel.tp=2")[1:-1], 2),
-                      *[(name, train(name, None, *MOE, *extra)[1:-1], 2) for name, extra in MOE_LAYOUTS],
-                      ("dpo_tp2", train("dpo_tp2", "llama", *dpo, "parallel.tp=2")[1:-1], 2),
-                      ("tp2_base_fp8", train("tp2_base_fp8", "llama", "lora.base_fp8=true", "parallel.tp=2")[1:-1], 2)],
+    train_runs(base, [(name, train(name, family, *extra, *NO_SAVE)[1:-1], 2) for name, _, family, extra in PARALLEL],
                then=[("frozen_tp2", frozen, 2)])
     return base
 
 
-@pytest.mark.parametrize("name,reference", [*[(x[0], "single") for x in LAYOUTS], ("tp2_packed", "single_packed"),
-                                            *[(x[0], "moe_single") for x in MOE_LAYOUTS], ("dpo_tp2", "dpo_single"),
-                                            ("tp2_base_fp8", "single_base_fp8")])
+@pytest.mark.parametrize("name,reference", [x[:2] for x in PARALLEL])
 def test_layout_matches_single_process(base, name, reference):
     reference, got = read_metrics(base / reference), read_metrics(base / name)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
