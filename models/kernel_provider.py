@@ -18,8 +18,10 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
   adapter beside their frozen weight (models/kernels/lora_linear.py; routed experts with adapters
   run as megatron's SequentialMLP);
 - MLP: on GPU the Triton SwiGLU (models/swiglu_mlp.py), elsewhere megatron's; with `mlp_act`
-  recompute (dense models) models/mlp_act_recompute.py; MoE experts: GroupedGemmExperts
-  (models/kernels/grouped_experts.py); shared experts like the MLP;
+  recompute (dense models) models/mlp_act_recompute.py; MoE layers: megatron's MoELayer, or on GPU
+  with `moe_dispatch=fused` FusedMoELayer (models/fused_moe.py: permute, grouped GEMMs and combine
+  without host synchronization where one rank holds every expert); MoE experts:
+  GroupedGemmExperts (models/kernels/grouped_experts.py); shared experts like the MLP;
 - norm recompute (`layernorm`): on GPU refilled in place (models/norm_recompute.py);
 - loss: over the real vocabulary only, the padded rows masked out (models/padded_vocab.py); on GPU
   without tensor parallelism, the output layer fused with cross entropy (models/fused_loss.py);
@@ -39,12 +41,14 @@ from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.fused_loss import LinearCrossEntropyGPTModel
+from models.fused_moe import FusedMoELayer
 from models.kernels.attention import SDPAttention
 from models.kernels.context_parallel_attention import MODES as CP_MODES, ContextParallelAttention
 from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
@@ -76,6 +80,7 @@ class KernelOptions:
     engine: str = "megatron"  # megatron | deepspeed
     cp_mode: str = "ring"  # context-parallel attention (cp > 1): ring | allgather
     lora: LoraOptions | None = None  # LoRA adapters on the dense layers' linears it targets
+    moe_dispatch: str = "megatron"  # MoE layers under gpu_kernels: megatron (MoELayer) | fused (FusedMoELayer)
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -84,6 +89,8 @@ class KernelOptions:
             raise ValueError(f"unknown kernel backend {self.backend!r} (torch | te)")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r} (megatron | deepspeed)")
+        if self.moe_dispatch not in ("fused", "megatron"):
+            raise ValueError(f"unknown MoE dispatch {self.moe_dispatch!r} (fused | megatron)")
         if self.cp_mode not in CP_MODES:
             raise ValueError(f"unknown context-parallel attention mode {self.cp_mode!r} (ring | allgather)")
 
@@ -176,6 +183,8 @@ def _fill_layer(spec: ModuleSpec, config: TransformerConfig, options: KernelOpti
             _lora(options.lora, attention, mlp.submodules)
         return
     experts = mlp.submodules.experts  # a MoE layer
+    if mlp.module in (MoELayer, FusedMoELayer):
+        mlp.module = FusedMoELayer if gpu and options.moe_dispatch == "fused" else MoELayer
     if experts.module in (SequentialMLP, GroupedGemmExperts):
         # (the grouped GEMM reads the expert weights alone: adapted experts run one by one)
         lora_experts = options.lora is not None and "experts" in options.lora.targets

@@ -97,6 +97,10 @@ class TrainConfig:
     # held in host memory, pinned, until the backward needs them (engine=megatron)
     offload_activations: bool = False
     compile: bool = False             # torch.compile each transformer layer (engine=megatron, dense models)
+    # MoE layers on CUDA (engine=megatron, torch backend): megatron (its MoELayer and token dispatcher)
+    # | fused: permute, grouped GEMMs and combine without host synchronization where one rank holds
+    # every expert (models/fused_moe.py)
+    moe_dispatch: str = "megatron"
     log_every: int = 1                # metrics.jsonl gets every N-th step (and the last)
     # lm: next-token cross entropy (pretrain, SFT) | dpo | simpo | orpo: a preference loss over
     # preference pairs (models/objectives.py), refused by validation while no engine runs it

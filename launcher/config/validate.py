@@ -144,6 +144,8 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
         if t.compile:
             raise ConfigError("train.precision", "fp8 layers run eager or CUDA-graphed: set train.compile=false")
     _check_recompute(c)
+    if t.moe_dispatch not in ("fused", "megatron"):
+        raise ConfigError("train.moe_dispatch", f"must be fused or megatron, got {t.moe_dispatch!r}")
     if t.compile and p.engine != "megatron":
         raise ConfigError("train.compile", "compiles megatron-core layers: needs parallel.engine=megatron")
     if t.compile and isinstance(t.recompute, list):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/dist/test_triton_kernels.py"
 
-from models.kernels import fp8_linear, norm, rope, swiglu  # noqa: E402
+from models.kernels import fp8_linear, moe_permute, norm, rope, swiglu  # noqa: E402
 from parallel import fused_adam  # noqa: E402
 
 
@@ -206,6 +206,26 @@ def fp8_cast() -> None:
         check(f"fp8 cast transposed {dtype}", out_t.float(), q.float().t(), 0.0)
         check(f"fp8 dequantizing scale {dtype}", inverse, torch.tensor(shift, dtype=torch.float32), 0.0)
 
+def moe_permute_combine() -> None:
+    """The MoE permute/combine kernels against their torch paths (rows routed to 3 of 6 experts,
+    a hidden size that is not a multiple of the block), bf16 rows and fp32 router weights."""
+    g = torch.Generator().manual_seed(6)
+    tokens, experts, k, hidden = 19, 6, 3, 1100
+    logits = torch.randn(tokens, experts, generator=g)
+    top = logits.topk(k, dim=1).indices
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool).scatter(1, top, True)
+    probs = torch.zeros(tokens, experts).scatter(1, top, torch.rand(tokens, k, generator=g))
+    routing = moe_permute.Routing.from_map(probs, routing_map, k)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    y = torch.randn(tokens * k, hidden, generator=g).bfloat16()
+    for name, fn, args in (("scatter", moe_permute.scatter_rows, (x, routing.pos, None)),
+                           ("scatter weighted", moe_permute.scatter_rows, (x, routing.pos, routing.weights)),
+                           ("gather sum", moe_permute.gather_sum, (y, routing.pos, None)),
+                           ("gather sum weighted", moe_permute.gather_sum, (y, routing.pos, routing.weights)),
+                           ("gather dot", moe_permute.gather_dot, (y, routing.pos, x))):
+        check(f"moe {name}", fn(*args, use_triton=True), fn(*args, use_triton=False), 1e-2)
+
+
 if __name__ == "__main__":
     adamw()
     adamw_stochastic()
@@ -214,5 +234,6 @@ if __name__ == "__main__":
     rope_on_strided_key()
     rope_packed()
     qkv_rope()
+    moe_permute_combine()
     fp8_cast()
     print("TRITON KERNELS OK")

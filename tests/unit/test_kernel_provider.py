@@ -85,6 +85,10 @@ CASES = {
                                 {**MOE_CPU, "moe attention": "RopeSelfAttention", "loss": "LinearCrossEntropyGPTModel",
                                  "moe shared_experts": "TritonSwiGLUSharedExpertMLP",
                                  "moe norm_recompute": "NormOutputCheckpoint"}),
+    "cuda_moe_fused_dispatch": ("qwen3_30b_a3b", kp.KernelOptions(device="cuda", moe_dispatch="fused"), None, 1,
+                                {**MOE_CPU, "moe attention": "RopeSelfAttention", "moe q_norm": "RMSNorm",
+                                 "moe mlp": "FusedMoELayer", "moe shared_experts": "TritonSwiGLUSharedExpertMLP",
+                                 "loss": "LinearCrossEntropyGPTModel"}),
 }
 
 
@@ -171,8 +175,9 @@ def _fp8_linears(model):
 
 
 def test_built_moe_model_has_the_spec_classes(world):
-    model = _build(_args("qwen_moe_tiny"), kp.KernelOptions(device="cuda"))
+    model = _build(_args("qwen_moe_tiny"), kp.KernelOptions(device="cuda", moe_dispatch="fused"))
     moe = next(layer.mlp for layer in model.decoder.layers if hasattr(layer.mlp, "experts"))
+    assert type(moe).__name__ == "FusedMoELayer"
     assert type(moe.experts).__name__ == "GroupedGemmExperts"
     assert type(moe.shared_experts).__name__ == "TritonSwiGLUSharedExpertMLP"
     assert moe.shared_experts.use_shared_expert_gate == _args("qwen_moe_tiny").moe_shared_expert_gate
