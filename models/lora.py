@@ -11,7 +11,9 @@ experts (both linears of every routed expert of a mixture-of-experts layer).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -45,6 +47,19 @@ def freeze_base(model: torch.nn.Module) -> None:
     """Only the adapters train: every other parameter gets no gradient, and so no optimizer state."""
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
+
+
+@contextmanager
+def adapters_off(models: list[torch.nn.Module]) -> Iterator[None]:
+    """The LoRA linears of `models` compute their base alone inside the block."""
+    linears = [m for model in models for m in model.modules() if isinstance(getattr(m, "lora", None), LoraOptions)]
+    for linear in linears:
+        linear.adapter_on = False
+    try:
+        yield
+    finally:
+        for linear in linears:
+            linear.adapter_on = True
 
 
 def merge_into_base(model: torch.nn.Module) -> None:

@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
 from models.init import init_weights
-from models.lora import LoraOptions, embeddings_require_grad, freeze_base, is_adapter
+from models.lora import LoraOptions, adapters_off, embeddings_require_grad, freeze_base, is_adapter
 from models.args import ModelArgs
 from models.kernel_provider import KernelOptions
 from models.llama import build_llama, transformer_config
@@ -116,6 +116,17 @@ def _forward_step(device: torch.device, loss_for: Callable[[dict[str, Any]], Cal
     return output, loss_for(batch)
 
 
+@contextlib.contextmanager
+def _eval_mode(chunks: list[torch.nn.Module]):
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk in chunks:
+            chunk.train()
+
+
 def use_fused_adamw(optimizer) -> None:
     """Step torch AdamW with its fused kernel (CUDA and CPU). Without apex/TE megatron-core builds
     torch AdamW in its default foreach mode, ~8 passes over the fp32 states per step; the fused
@@ -172,9 +183,10 @@ class MegatronEngine:
             if params_dtype == torch.bfloat16:
                 chunk = Float16Module(self.config, chunk)
             chunks.append(chunk)
-        # DPO's live reference: the same chunks, frozen; freeze_reference() gives them the policy's weights
+        # DPO's live reference: the same chunks, frozen; freeze_reference() gives them the policy's weights.
+        # Under LoRA the reference is the frozen base: the policy's own chunks with their adapters off.
         self.reference_chunks = [self._frozen_copy(args, kernels, chunk, params_dtype)
-                                 for chunk in chunks] if objective.live_reference else []
+                                 for chunk in chunks] if objective.live_reference and lora is None else []
         # bf16 main grads (precision-aware only): with one micro batch a step they hold what the
         # wgrad GEMM's bf16 epilogue wrote; half the buffer's memory and bytes (norm, AdamW, zeroing).
         bf16_grads = optim.precision_aware and optim.main_grads_dtype == "bf16"
@@ -243,8 +255,13 @@ class MegatronEngine:
     def _with_live_reference(self, microbatches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The micro batches with the frozen reference's summed log-probs per sequence (`reference_logps`)
         on the last pipeline stage, which computes the loss (collective over the model-parallel group)."""
-        reports = self._schedule(self._forward_only, microbatches, forward_only=True,
-                                 loss_for=lambda batch: partial(logps_loss_func, batch), model=self.reference_chunks)
+        if self.reference_chunks:
+            reports = self._schedule(self._forward_only, microbatches, forward_only=True,
+                                     loss_for=lambda batch: partial(logps_loss_func, batch), model=self.reference_chunks)
+        else:  # LoRA: the base alone
+            with adapters_off(self.chunks), _eval_mode(self.chunks):
+                reports = self._schedule(self._forward_only, microbatches, forward_only=True,
+                                         loss_for=lambda batch: partial(logps_loss_func, batch))
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
             return microbatches
         return [{**mb, "reference_logps": report["logps"]} for mb, report in zip(microbatches, reports)]
@@ -277,7 +294,7 @@ class MegatronEngine:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        if self.reference_chunks:
+        if self.objective.live_reference:
             microbatches = self._with_live_reference(microbatches)
         if self.objective.preference and self.moe_stats is not None:
             self._scale_moe_aux_loss(microbatches)
@@ -320,7 +337,7 @@ class MegatronEngine:
         """The training forward (same schedule, loss and reduction) without backward or step, in
         eval mode: no dropout, and MoE routers neither add aux losses nor count tokens for the
         expert bias or the step's MoE metrics (both only with gradients enabled)."""
-        if self.reference_chunks:
+        if self.objective.live_reference:
             microbatches = self._with_live_reference(microbatches)
         for chunk in self.chunks:
             chunk.eval()
@@ -405,8 +422,8 @@ class MegatronEngine:
             state.update(self._reference_sharded_state_dict(), live_reference=True)
         dist_checkpointing.save(state, str(directory))
         if self.lora is not None and dist.get_rank() == 0:
-            lora_checkpoint.write_reference(directory, lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args,
-                                                                                 self.config.params_dtype))
+            content = lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args, self.config.params_dtype)
+            lora_checkpoint.write_reference(directory, content)
 
     def load(self, directory: Path) -> int:
         """Load a dist checkpoint saved in any layout; returns the step to resume after. A model-only

@@ -254,8 +254,7 @@ def _check_lora(c: JobConfig) -> None:
     refusals = (("parallel.engine", c.parallel.engine != "megatron", f"parallel.engine={c.parallel.engine}"),
                 ("lora.base_fp8", lora.base_fp8 and t.precision == "fp8", "lora.base_fp8 and train.precision=fp8"),
                 ("train.compile", t.compile, "train.compile=true"),
-                ("train.cuda_graph", t.cuda_graph is True, "train.cuda_graph=true"),
-                ("dpo.reference", t.objective == "dpo" and c.dpo.reference == "live", "dpo.reference=live"))
+                ("train.cuda_graph", t.cuda_graph is True, "train.cuda_graph=true"))
     for key, refused, what in refusals:
         if refused:
             raise ConfigError(key, f"train.peft=lora does not run with {what} yet")

@@ -48,6 +48,7 @@ class _Lora:
     def __init__(self, input_size: int, output_size: int, *args, lora: LoraOptions, swiglu: bool = False, **kwargs):
         super().__init__(input_size, output_size, *args, **kwargs)
         self.lora, self.swiglu = lora, swiglu
+        self.adapter_on = True  # models.lora.adapters_off: the base alone
         a_shape, b_shape = self._factor_shapes(lora.rank)
         # (values come from models.init, the same global tensors in every layout)
         self.lora_a = torch.nn.Parameter(torch.zeros(a_shape, dtype=self.weight.dtype, device=self.weight.device))
@@ -83,6 +84,9 @@ class _Lora:
         self.weight.data, scale = quantize_rows(self.weight, amax)
         self.register_buffer("weight_scale", scale, persistent=False)
 
+    def _with_delta(self, out: torch.Tensor, x: torch.Tensor, parallel_input: bool) -> torch.Tensor:
+        return out + self._delta(x, parallel_input) if self.adapter_on else out
+
     def _delta(self, x: torch.Tensor, parallel_input: bool) -> torch.Tensor:
         """scale * dropout(x) A^T B^T; `parallel_input`: x differs between TP ranks (its dropout mask must too)."""
         if self.training and self.lora.dropout > 0:
@@ -116,7 +120,7 @@ class _LoraColumn(_Lora):
         elif kwargs.get("allreduce_dgrad"):
             input = copy_to_tensor_model_parallel_region(input, group=self.tp_group)
         kwargs.update(sequence_parallel=False, allreduce_dgrad=False)
-        return self._base(input, weight, kwargs) + self._delta(input, False)
+        return self._with_delta(self._base(input, weight, kwargs), input, False)
 
 
 class _LoraRow(_Lora):
@@ -127,7 +131,7 @@ class _LoraRow(_Lora):
 
     def _forward_impl(self, input, weight, **kwargs):
         # a partial sum like the base's output: the caller reduces both at once
-        return self._base(input, weight, kwargs) + self._delta(input, True)
+        return self._with_delta(self._base(input, weight, kwargs), input, True)
 
 
 class LoraColumnParallelLinear(_LoraColumn, ColumnParallelLinear):

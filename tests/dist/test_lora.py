@@ -110,6 +110,7 @@ def base(tmp_path_factory, cache_env):
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2'}", f"out={base / 'export_qwen2'}"],
               ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")],
               train("dpo_single", "llama", DPO, *NO_SAVE),
+              train("dpo_live", "llama", DPO, "dpo.reference=live", *NO_SAVE),
               train("moe_single", None, *MOE),
               *(train(name, None, f"train.precision={name}", *NO_SAVE) for name in ("bf16", "fp8")),
               ["launcher.convert", "merge_lora", f"checkpoint={base / 'moe_single' / 'checkpoints'}",
@@ -159,6 +160,13 @@ def test_base_held_in_fp8_approximates_the_base(base):
     """lora.base_fp8: the first loss is the quantised base's, near the base's own (and not equal)."""
     quantised, full = read_metrics(base / "single_base_fp8")[0]["loss"], read_metrics(base / "single")[0]["loss"]
     assert quantised != full and quantised == pytest.approx(full, rel=1e-3)
+
+
+def test_dpo_live_reference_is_the_base(base):
+    """dpo.reference=live under LoRA: each step's reference log-probs from the policy with its adapters
+    off (no copy of the model), the same as the table precomputed from the initial weights (B = 0)."""
+    live, precomputed = read_metrics(base / "dpo_live"), read_metrics(base / "dpo_single")
+    assert [(m["loss"], m["grad_norm"]) for m in live] == [(m["loss"], m["grad_norm"]) for m in precomputed]
 
 
 def test_resume_is_bit_exact(base):

@@ -175,7 +175,6 @@ def _error(*overrides: str) -> ConfigError:
     (["lora.targets=[]"], "lora.targets", "non-empty"),
     (["lora.targets=[qkv,experts]"], "lora.targets", "needs a mixture-of-experts model"),
     (["train.compile=true"], "train.compile", "compile"),
-    (["train.objective=dpo", "dpo.reference=live"], "dpo.reference", "dpo.reference=live"),
     (["lora.base_fp8=true", "train.precision=fp8"], "lora.base_fp8", "train.precision=fp8"),
 ])
 def test_bad_lora_config_names_the_key(overrides, key, words):
