@@ -17,7 +17,10 @@ megatron engine). One `train_step` follows the megatron engine's semantics:
 
 A preference objective (parallel/preference_loss.py) takes the megatron engine's loss function
 per micro batch, pre-scaled by the global batch's pair count instead of its loss tokens, and
-`sequence_logps` gives DPO's precomputed reference pass its forward.
+`sequence_logps` gives DPO's precomputed reference pass its forward. DPO's live reference is a
+second ZeRO-3 model without optimizer, partitioned like the trained one, whose partitions take the
+trained model's at the start (`freeze_reference`) and are saved beside DeepSpeed's files, one file
+per rank (REFERENCE_FILE).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ from parallel.preference_loss import (PREFERENCE_METRICS, REPORT_KEY, ObjectiveC
 # In a checkpoint directory written by this engine (beside DeepSpeed's own ZeRO-3 files):
 # {"format": "deepspeed_zero3", "step", "layout", "model_args"}.
 ZERO_META = "shardforge_zero.json"
+# In such a directory, when the run holds DPO's live reference: each rank's partitions of it.
+REFERENCE_FILE = "reference_rank{rank:05d}.pt"
 
 
 def zero_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -206,6 +211,14 @@ class DeepSpeedEngine:
             optimizer = torch.optim.AdamW(groups, **adam)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                   config=self.ds_config, mpu=_MegatronMPU)
+        self.reference = None  # DPO's live reference: the same model frozen, forward only
+        if objective.live_reference:
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=_MegatronMPU,
+                                     data_parallel_group=ps.get_data_parallel_group()):
+                frozen = build_llama(args, config, **build)
+            frozen.requires_grad_(False)
+            self.reference, *_ = deepspeed.initialize(model=frozen, config=self.ds_config, mpu=_MegatronMPU)
+            self.reference.eval()
         # megatron's own scheduler on DeepSpeed's param groups: the same lr/wd per step as the megatron engine.
         self.scheduler = lr_scheduler(self.optimizer, optim, steps, keep_saved_schedule)
 
@@ -258,6 +271,8 @@ class DeepSpeedEngine:
         """One step of a preference objective: each micro batch's loss total (parallel/preference_loss.py)
         pre-scaled by its global batch's pair count P, which every micro batch carries."""
         scale = self.grad_accum * self.dp / int(microbatches[0]["pairs_global"])
+        if self.reference is not None:
+            microbatches = self._with_live_reference(microbatches)
         self.scheduler.step(increment=1)
         # loss total, pairs, then the PREFERENCE_METRICS sums
         sums = torch.zeros(2 + len(PREFERENCE_METRICS), dtype=torch.float64, device=self.device)
@@ -273,6 +288,28 @@ class DeepSpeedEngine:
                           device=sums.device)
         values = torch.cat([sums[:2], norm, sums[2:] / sums[1]])
         return StepResult(values, lr=self.optimizer.param_groups[0]["lr"], metric_names=PREFERENCE_METRICS)
+
+    def _reference_partitions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(live reference's, trained model's) local partition of each parameter, in the same order."""
+        return [(r.ds_tensor, p.ds_tensor) for r, p in zip(self.reference.module.parameters(), self.module.parameters())]
+
+    @torch.no_grad()
+    def freeze_reference(self) -> None:
+        """DPO's live reference takes the trained model's current weights (a run's initial weights: call it
+        once the starting checkpoint is loaded); each rank copies its own partitions."""
+        for reference, trained in self._reference_partitions():
+            reference.copy_(trained)
+
+    @torch.no_grad()
+    def _with_live_reference(self, microbatches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The micro batches with the frozen reference's summed log-probs per sequence (`reference_logps`)."""
+        out = []
+        for batch in microbatches:
+            on_device, packed = prepare_batch(batch, self.device)
+            losses = self.reference(on_device["tokens"], on_device["position_ids"], None, labels=on_device["labels"],
+                                    packed_seq_params=packed).float() * on_device["loss_mask"]
+            out.append({**batch, "reference_logps": logps_loss_func(on_device, losses)[2]["logps"]})
+        return out
 
     @torch.no_grad()
     def sequence_logps(self, microbatches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
@@ -290,6 +327,8 @@ class DeepSpeedEngine:
     def eval_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """The training forward's token losses (a preference objective's loss totals and pairs) without
         backward or step, in eval mode, summed over the DP group (TP ranks hold the same sums)."""
+        if self.reference is not None:
+            microbatches = self._with_live_reference(microbatches)
         self.engine.eval()
         try:
             totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -331,6 +370,9 @@ class DeepSpeedEngine:
             meta = {"format": "deepspeed_zero3", "step": step, "layout": megatron_state.layout(),
                     "model_args": asdict(self.args)}
             (directory / ZERO_META).write_text(json.dumps(meta, indent=1))
+        if self.reference is not None:
+            torch.save([r.detach().cpu() for r, _ in self._reference_partitions()],
+                       directory / REFERENCE_FILE.format(rank=dist.get_rank()))
 
     def load(self, directory: Path) -> int:
         """A ZeRO-3 checkpoint of this engine (in the layout that saved it: partitions load only into
@@ -346,6 +388,14 @@ class DeepSpeedEngine:
         change = load_schedule(self.scheduler, client["scheduler"])
         if change and dist.get_rank() == 0:
             print(change, flush=True)
+        if self.reference is not None:
+            path = directory / REFERENCE_FILE.format(rank=dist.get_rank())
+            if not path.is_file():
+                raise ValueError(f"{directory} holds no live DPO reference (it was saved with another "
+                                 f"dpo.reference): resume it with that one")
+            with torch.no_grad():
+                for (reference, _), saved in zip(self._reference_partitions(), torch.load(path)):
+                    reference.copy_(saved)
         return int(client["step"])
 
     def _load_model_weights(self, directory: Path) -> None:

@@ -264,11 +264,9 @@ def _check_preference_run(c: JobConfig) -> None:
     """A preference objective trains on the megatron engine (tp, pp with or without virtual stages, dp,
     ep, cp) or ZeRO-3 (tp, dp), rows of whole pairs (one sequence per row, or pairs packed:
     data.packing) from preference datasets read together (and evaluates on others, or on data.split's
-    held-out pairs); DPO's reference precomputed, or live under the megatron engine."""
+    held-out pairs); DPO's reference precomputed or live."""
     p, t, d, objective = c.parallel, c.train, c.data, c.train.objective
-    refusals = (("dpo.reference", p.engine == "deepspeed" and objective == "dpo" and c.dpo.reference == "live",
-                 "engine=deepspeed and dpo.reference=live (a second, unpartitioned copy of the model)"),
-                ("data.reset_attention_mask", bool(d.reset_attention_mask), "reset_attention_mask (use "
+    refusals = (("data.reset_attention_mask", bool(d.reset_attention_mask), "reset_attention_mask (use "
                  "data.packing=true)"),
                 ("train.cuda_graph", t.cuda_graph is True, "cuda_graph=true"))
     for key, refused, what in refusals:

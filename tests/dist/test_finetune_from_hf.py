@@ -9,11 +9,11 @@ through TRL's losses (tests/trl_oracle.py), and the weights after one DPO step (
 torch's AdamW step on TRL's loss, its validation loss TRL's loss of that stepped model; DPO under tp=2,
 dp=2 (with full recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process
 over its steps, and a resumed DPO run reads its reference file and continues bit for bit; DPO with a
-live reference model (single process, pp=2) equals DPO from the precomputed one and resumes bit for bit;
-DPO under pp=2 x vpp=2 (a 4-layer model) equals the single process with either reference; DPO from an
-imported Mixtral equals transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2,
-the single process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and packed
-DPO under pp=2 and cp=2 the single process."""
+live reference model (single process, pp=2, ZeRO-3) equals DPO from the precomputed one and resumes bit
+for bit; DPO under pp=2 x vpp=2 (a 4-layer model) equals the single process with either reference; DPO
+from an imported Mixtral equals transformers + TRL (with megatron-core's load-balancing loss) and, under
+ep=2, the single process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and
+packed DPO under pp=2 and cp=2 the single process."""
 from __future__ import annotations
 
 import json
@@ -52,6 +52,8 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                     PREF_STEPS),
                    ("dpo_zero3", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
                                   "parallel.engine=deepspeed"], 2, PREF_STEPS),  # ZeRO-3 over dp=2
+                   ("dpo_zero3_live", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
+                                       "parallel.engine=deepspeed", "dpo.reference=live"], 2, PREF_STEPS),
                    # a 4-layer model (random initial weights: the import has 2 layers) for the interleaved
                    # pipeline (pp=2 x vpp=2), precomputed and live reference, against the single process
                    *[(name, ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5", "model.num_layers=4",
@@ -448,15 +450,15 @@ def test_dpo_layouts_equal_the_single_process(trained, name):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
-@pytest.mark.parametrize("name", ["dpo_live", "dpo_live_pp2"])
+@pytest.mark.parametrize("name", ["dpo_live", "dpo_live_pp2", "dpo_zero3_live"])
 def test_live_reference_equals_the_precomputed_reference(trained, name):
-    """DPO with the frozen reference model forwarded each step (single process and pp=2) equals DPO from the
+    """DPO with the frozen reference model forwarded each step (single process, pp=2, ZeRO-3) equals DPO from the
     precomputed reference table over its steps; the live run writes no table."""
     _, d, outputs = trained
     assert "dpo: reference log-probs" not in outputs[name] and not (d / name / "reference_logps").exists()
     precomputed, live = read_metrics(d / "dpo"), read_metrics(d / name)
     assert len(precomputed) == len(live) == PREF_STEPS
-    tolerance = 1e-6 if name == "dpo_live" else 1e-5  # pp=2 against the single process: as the other layouts
+    tolerance = 1e-6 if name == "dpo_live" else 1e-5  # other layouts against the single process: as elsewhere
     for a, b in zip(precomputed, live):
         for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
                     "logps_rejected", "nll_loss"):

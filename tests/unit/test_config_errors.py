@@ -118,8 +118,6 @@ CASES = [
     # preference objectives: their keys, then the layouts they run in (megatron or ZeRO-3,
     # pairs unpacked or packed, preference datasets read together, unweighted)
     (["train.objective=dpo"], "data.prefixes", "train.objective=dpo trains on preference datasets"),
-    ([*PREF, "train.objective=dpo", "parallel.engine=deepspeed", "dpo.reference=live"], "dpo.reference",
-     "does not run with engine=deepspeed and dpo.reference=live"),
     ([*PREF, "train.objective=dpo", "data.reset_attention_mask=true"], "data.reset_attention_mask",
      "does not run with reset_attention_mask (use data.packing=true) yet"),
     ([*PREF, "train.objective=dpo", "data.prefixes=[a,b]", "data.weights=[1,2]"], "data.weights",
