@@ -216,7 +216,8 @@ def _lora(lora: LoraOptions, attention, mlp, experts=None) -> None:
                 continue
             current = getattr(holder, slot)
             params = dict(getattr(current, "params", None) or {})
-            linear = fp8 if getattr(current, "module", None) in (Fp8ColumnParallelLinear, Fp8RowParallelLinear) else plain
+            served_fp8 = getattr(current, "module", None) in (Fp8ColumnParallelLinear, Fp8RowParallelLinear)
+            linear = fp8 if served_fp8 else plain
             setattr(holder, slot, ModuleSpec(module=linear, params={**params, "lora": lora,
                                                                     "swiglu": slot == "linear_fc1"}))
 

@@ -255,13 +255,13 @@ class MegatronEngine:
     def _with_live_reference(self, microbatches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The micro batches with the frozen reference's summed log-probs per sequence (`reference_logps`)
         on the last pipeline stage, which computes the loss (collective over the model-parallel group)."""
+        logps = lambda batch: partial(logps_loss_func, batch)  # noqa: E731
         if self.reference_chunks:
-            reports = self._schedule(self._forward_only, microbatches, forward_only=True,
-                                     loss_for=lambda batch: partial(logps_loss_func, batch), model=self.reference_chunks)
+            reports = self._schedule(self._forward_only, microbatches, forward_only=True, loss_for=logps,
+                                     model=self.reference_chunks)
         else:  # LoRA: the base alone
             with adapters_off(self.chunks), _eval_mode(self.chunks):
-                reports = self._schedule(self._forward_only, microbatches, forward_only=True,
-                                         loss_for=lambda batch: partial(logps_loss_func, batch))
+                reports = self._schedule(self._forward_only, microbatches, forward_only=True, loss_for=logps)
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
             return microbatches
         return [{**mb, "reference_logps": report["logps"]} for mb, report in zip(microbatches, reports)]
@@ -422,7 +422,8 @@ class MegatronEngine:
             state.update(self._reference_sharded_state_dict(), live_reference=True)
         dist_checkpointing.save(state, str(directory))
         if self.lora is not None and dist.get_rank() == 0:
-            content = lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args, self.config.params_dtype)
+            content = lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args,
+                                                self.config.params_dtype)
             lora_checkpoint.write_reference(directory, content)
 
     def load(self, directory: Path) -> int:

@@ -24,8 +24,8 @@ TIERS = ("unit", "dist", "e2e")
 # --no-loadscope-reorder` (the README's test command) the workers take whole modules in collection
 # order, so these start first and the quick in-process unit tier fills in at the end; xdist's own
 # order (most tests first) would start the unit tier first and leave a few long launches for last.
-LONGEST_FIRST = ("dist/test_parity.py", "e2e/test_deepspeed.py", "e2e/test_slurm.py", "dist/test_moe.py", "dist/test_lora.py",
-                 "e2e/test_default_run.py", "e2e/test_signals.py", "dist/test_checkpoint.py",
+LONGEST_FIRST = ("dist/test_parity.py", "e2e/test_deepspeed.py", "e2e/test_slurm.py", "dist/test_moe.py",
+                 "dist/test_lora.py", "e2e/test_default_run.py", "e2e/test_signals.py", "dist/test_checkpoint.py",
                  "e2e/test_hf_convert.py", "dist/test_precision_aware.py", "e2e/test_moe_hf.py",
                  "dist/test_compiled_layers.py", "dist/test_moe_options.py")
 

@@ -28,7 +28,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def main(out: str, overrides: list[str]) -> None:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):  # (model=<checkpoint> as launcher.train takes it)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        # (model=<checkpoint> resolved as launcher.train resolves it)
         composed = compose(config_name="config", overrides=resolve_model_argv(overrides))
     resolved = validate(composed, world_size_from_env(), "cpu", writes_run_dir=False)
     cfg, layout, t = resolved.config, resolved.layout, resolved.config.train
