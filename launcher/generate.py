@@ -175,10 +175,18 @@ def run(cfg: DictConfig) -> dict:
     from launcher.model_io import build_model, init_world_of_one, load_model_weights
     from parallel.megatron_engine import shutdown
 
+    from parallel.lora_checkpoint import read_reference
+
+    reference = read_reference(directory)
     init_world_of_one(cfg.seed)
     try:
-        model = build_model(args)
-        load_model_weights(model, directory, args, key="checkpoint.load")
+        if reference is None:
+            model = build_model(args)
+            load_model_weights(model, directory, args, key="checkpoint.load")
+        else:  # LoRA adapters: on their base, unmerged
+            from launcher.lora_convert import lora_model_of, lora_reference
+
+            model = lora_model_of(*lora_reference(str(directory), "checkpoint.load"))
         new = generate(model, prompt, vocab_size=args.vocab_size, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eos_id=eos_id,
                        kv_cache=cfg.kv_cache)

@@ -36,15 +36,15 @@ _HF_PROJECTIONS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_
 _PEFT_PREFIX = "base_model.model.model.layers."
 
 
-def lora_reference(checkpoint: str) -> tuple[Path, dict[str, Any]]:
-    """The iter_* directory of a LoRA checkpoint and its reference; ConfigError(checkpoint) otherwise."""
-    directory = resolve_checkpoint(checkpoint)
+def lora_reference(checkpoint: str, key: str = "checkpoint") -> tuple[Path, dict[str, Any]]:
+    """The iter_* directory of a LoRA checkpoint and its reference; ConfigError(key) otherwise."""
+    directory = resolve_checkpoint(checkpoint, key)
     reference = read_reference(directory)
     if reference is None:
-        raise ConfigError("checkpoint", f"{directory} holds no LoRA adapters (no lora.json): a train.peft=lora "
-                                        f"checkpoint is needed")
+        raise ConfigError(key, f"{directory} holds no LoRA adapters (no lora.json): a train.peft=lora "
+                               f"checkpoint is needed")
     if reference["base"] is not None and not Path(reference["base"]).is_dir():
-        raise ConfigError("checkpoint", f"the base checkpoint of its adapters, {reference['base']}, is missing")
+        raise ConfigError(key, f"the base checkpoint of its adapters, {reference['base']}, is missing")
     return directory, reference
 
 
@@ -86,11 +86,9 @@ def merge_lora(checkpoint: str, out: Path) -> Path:
     base = Path(reference["base"]) if reference["base"] is not None else None
     init_world_of_one(reference["seed"])
     try:
-        dtype = _base_dtype(base) if base is not None else getattr(torch, reference["dtype"])
-        lora_model = build_model(args, params_dtype=dtype, lora=options(reference))
-        load_base_and_adapters(lora_model, directory, base, reference["seed"], args)
+        lora_model = lora_model_of(directory, reference)
         merge_into_base(lora_model)
-        model = build_model(args, params_dtype=dtype)
+        model = build_model(args, params_dtype=lora_model.embedding.word_embeddings.weight.dtype)
         model.load_state_dict({k: v for k, v in lora_model.state_dict().items() if not is_adapter(k)})
         files: dict[str, Any] = {}
         if base is not None:  # the base's HF config and tokenizer (its shape is written anew)
@@ -99,6 +97,16 @@ def merge_lora(checkpoint: str, out: Path) -> Path:
         return write_model_checkpoint(model, args, out, files=files)
     finally:
         shutdown()
+
+
+def lora_model_of(directory: Path, reference: dict[str, Any]) -> torch.nn.Module:
+    """The LoRA checkpoint `directory`'s model, whole, in its base's dtype (a world of one must exist)."""
+    args = ModelArgs.from_config(reference["base_model"])
+    base = Path(reference["base"]) if reference["base"] is not None else None
+    dtype = _base_dtype(base) if base is not None else getattr(torch, reference["dtype"])
+    model = build_model(args, params_dtype=dtype, lora=options(reference))
+    load_base_and_adapters(model, directory, base, reference["seed"], args)
+    return model
 
 
 def load_base_and_adapters(model: torch.nn.Module, directory: Path, base: Path | None, seed: int,

@@ -104,6 +104,9 @@ def base(tmp_path_factory, cache_env):
               ["launcher.convert", "export_hf", f"checkpoint={base / 'llama'}", f"out={base / 'export_llama'}"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'merged'}", f"out={base / 'export_merged'}"],
               ["tests.scripts.lora_logits", str(base / "logits_llama.pt"), str(iter4), str(base / "merged")],
+              *(["launcher.generate", f"checkpoint.load={checkpoint}", "prompt_ids=5,17,300,42",
+                 "max_new_tokens=8", f"output_json={base / f'generate_{name}.json'}"]
+                for name, checkpoint in (("lora", iter4), ("merged", base / "merged"))),
               train("qwen2_lora", "qwen2", "train.steps=2"),
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2_lora' / 'checkpoints'}",
                f"out={base / 'peft_qwen2'}", "peft=true"],
@@ -222,6 +225,12 @@ def test_merged_checkpoint_computes_the_unmerged_model(base, name):
     assert (logits["merged"] - logits["unmerged"]).abs().max().item() <= 1e-6 * scale
     if name == "llama":
         assert (base / "merged" / "iter_0000000" / "hf_config.json").is_file()  # the base's files came along
+
+
+def test_generate_reads_a_lora_checkpoint(base):
+    """launcher.generate on the LoRA checkpoint (base + adapters) continues greedily as on the merged one."""
+    lora, merged = (json.loads((base / f"generate_{name}.json").read_text()) for name in ("lora", "merged"))
+    assert len(lora["generated_ids"]) == 8 and lora["generated_ids"] == merged["generated_ids"]
 
 
 def test_merged_checkpoint_exports_to_transformers(base):
