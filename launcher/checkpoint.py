@@ -78,6 +78,24 @@ def check_compatible(path: str | os.PathLike, model: dict[str, Any]) -> None:
         raise ValueError(f"{directory} was saved from model={saved.get('name')}, not this model ({'; '.join(differ)})")
 
 
+def check_live_reference(path: str | os.PathLike) -> None:
+    """Before any process group: a dpo.reference=live run resuming this checkpoint needs the frozen
+    reference its run saved in it (either engine's format)."""
+    from megatron.core import dist_checkpointing
+
+    from parallel.deepspeed_engine import REFERENCE_FILE, zero_meta
+    from parallel.megatron_engine import LIVE_REFERENCE
+
+    directory = resolve(path)
+    if zero_meta(directory) is not None:
+        saved = (directory / REFERENCE_FILE.format(rank=0)).is_file()
+    else:
+        saved = bool(dist_checkpointing.load_common_state_dict(str(directory)).get(LIVE_REFERENCE))
+    if not saved:
+        raise ValueError(f"{directory} holds no live DPO reference (it was saved with another dpo.reference): "
+                         f"resume it with that one")
+
+
 def check_engine(path: str | os.PathLike, engine: str, world_size: int, tp: int = 1) -> None:
     """Before any process group: can `engine` load this checkpoint? (engine=deepspeed also takes a
     megatron checkpoint's weights, for a fresh start from them.)"""

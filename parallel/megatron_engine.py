@@ -50,6 +50,8 @@ from parallel import compat
 
 # Checkpoint keys of DPO's live reference chunks: this prefix + the model's own keys.
 REFERENCE_PREFIX = "reference."
+# The common-state flag of a checkpoint that holds them.
+LIVE_REFERENCE = "live_reference"
 
 # What init_distributed started (CPU emulation of CUDA APIs, the process group), undone by
 # shutdown(). A process group that already existed (a test session running several trainings
@@ -419,7 +421,7 @@ class MegatronEngine:
         state.update(step=step, layout=megatron_state.layout(), model_args=asdict(self.args),
                      rng_state=megatron_state.rng_state(is_loading=False))
         if self.reference_chunks:
-            state.update(self._reference_sharded_state_dict(), live_reference=True)
+            state.update(self._reference_sharded_state_dict(), **{LIVE_REFERENCE: True})
         dist_checkpointing.save(state, str(directory))
         if self.lora is not None and dist.get_rank() == 0:
             content = lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args,
@@ -450,7 +452,7 @@ class MegatronEngine:
             chained._init_optimizer_states_with_dummy_values()
         state = self.sharded_state_dict(is_loading=True)
         if self.reference_chunks:
-            if not common.get("live_reference"):
+            if not common.get(LIVE_REFERENCE):
                 raise ValueError(f"{directory} holds no live DPO reference (it was saved with another "
                                  f"dpo.reference): resume it with that one")
             state.update(self._reference_sharded_state_dict())

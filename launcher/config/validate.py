@@ -192,6 +192,13 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     # under LoRA a checkpoint without adapters is the base: the adapters start at step 0
     continues = load is not None and (_check_lora_checkpoint(c, load) or t.peft == "none")
     start_step = _saved_step(load) if continues else 0
+    if t.objective == "dpo" and c.dpo.reference == "live" and start_step > 0:
+        from launcher import checkpoint
+
+        try:
+            checkpoint.check_live_reference(load)
+        except (OSError, ValueError) as err:
+            raise ConfigError("dpo.reference", str(err)) from err
     return ResolvedConfig(config=config, layout=layout, cuda_graph=graphed, resuming=resuming, start_step=start_step)
 
 

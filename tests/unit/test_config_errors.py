@@ -369,3 +369,25 @@ def test_launcher_evaluate_refuses_a_preference_objective(tmp_path, monkeypatch)
     with pytest.raises(ConfigError) as err:
         evaluate.run(compose_config(*PREF, "train.objective=simpo", f"checkpoint.load={saved}", f"run.dir={tmp_path}"))
     assert err.value.key == "train.objective" and "evaluates its pairs itself" in err.value.reason
+
+
+def test_a_live_reference_resumes_only_a_checkpoint_that_holds_one(tmp_path, monkeypatch):
+    """dpo.reference=live resuming a checkpoint saved without the live reference (here a ZeRO-3 one without
+    its reference files) is a dpo.reference error before any process group."""
+    import json
+
+    from launcher import checkpoint
+    from parallel.deepspeed_engine import REFERENCE_FILE, ZERO_META
+
+    saved = tmp_path / "checkpoints" / "iter_0000002"
+    saved.mkdir(parents=True)
+    (saved / ZERO_META).write_text(json.dumps({"format": "deepspeed_zero3", "step": 2}))
+    # (a directory that looks like a ZeRO-3 checkpoint; the shape and layout checks are not what this checks)
+    monkeypatch.setattr(checkpoint, "check_compatible", lambda *a: None)
+    monkeypatch.setattr(checkpoint, "check_engine", lambda *a: None)
+    live = [*PREF, "train.objective=dpo", "dpo.reference=live", f"checkpoint.load={saved}", f"run.dir={tmp_path}"]
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(*live), 1, "cpu")
+    assert err.value.key == "dpo.reference" and "holds no live DPO reference" in err.value.reason
+    (saved / REFERENCE_FILE.format(rank=0)).write_bytes(b"")
+    assert validate(compose_config(*live), 1, "cpu").start_step == 2
