@@ -112,6 +112,8 @@ def base(tmp_path_factory, cache_env):
                f"out={base / 'peft_qwen2'}", "peft=true"],
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2'}", f"out={base / 'export_qwen2'}"],
               ["tests.scripts.lora_logits", str(base / "logits_qwen2.pt"), str(base / "qwen2_lora" / "checkpoints")],
+              # the single run again, one step longer: a restart in its run.dir resumes its own checkpoint
+              train("single", "llama", "checkpoint.save_every=2", f"train.steps={STEPS + 1}", "checkpoint.load=auto"),
               train("dpo_single", "llama", DPO, *NO_SAVE),
               train("dpo_live", "llama", DPO, "dpo.reference=live", *NO_SAVE),
               train("moe_single", None, *MOE),
@@ -170,6 +172,14 @@ def test_dpo_live_reference_is_the_base(base):
     off (no copy of the model), the same as the table precomputed from the initial weights (B = 0)."""
     live, precomputed = read_metrics(base / "dpo_live"), read_metrics(base / "dpo_single")
     assert [(m["loss"], m["grad_norm"]) for m in live] == [(m["loss"], m["grad_norm"]) for m in precomputed]
+
+
+def test_a_restart_resumes_its_own_checkpoint(base):
+    """checkpoint.load=auto in the run's own run.dir (a requeued job): the adapters' checkpoint, on the
+    base its lora.json names, one step on."""
+    assert [m["step"] for m in read_metrics(base / "single")] == list(range(1, STEPS + 2))
+    saved = json.loads((base / "single" / "checkpoints" / f"iter_{STEPS + 1:07d}" / "lora.json").read_text())
+    assert saved["base"] == str((base / "llama" / "iter_0000000").resolve())
 
 
 def test_resume_is_bit_exact(base):
