@@ -28,6 +28,10 @@ class OptimConfig:
     # exact | stochastic (precision_aware only): exact keeps the fp32 masters as 16-bit remainders
     # (2 bytes/param); stochastic keeps none and rounds each bf16 update stochastically
     master_weights: str = "exact"
+    # engine=megatron: fp32 master weights and Adam moments held in host memory and stepped
+    # there by torch's fused CPU AdamW (megatron-core's HybridDeviceOptimizer); params and grads
+    # stay on the GPU. Needs parallel.distributed_optimizer=true
+    cpu_offload: bool = False
 
 
 @dataclass(frozen=True)

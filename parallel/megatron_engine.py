@@ -141,6 +141,20 @@ def use_fused_adamw(optimizer) -> None:
                 group["fused"], group["foreach"] = True, False
 
 
+def host_optimizer(config: OptimizerConfig) -> OptimizerConfig:
+    """megatron-core's optimizer CPU offload (HybridDeviceOptimizer) for every parameter: the distributed
+    optimizer's shards get fp32 copies in host memory with their Adam moments, torch's fused
+    AdamW steps them there, and the updated values are copied back. Through the precision-aware path,
+    so bf16 params get no fp32 main copy on the device; grads copy to the host and params back on
+    side streams, each parameter's CPU step waiting only for its own gradient."""
+    config.optimizer_cpu_offload = True
+    config.optimizer_offload_fraction = 1.0
+    config.overlap_cpu_optimizer_d2h_h2d = True
+    config.use_precision_aware_optimizer = True
+    config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
+    return config
+
+
 class MegatronEngine:
     def __init__(self, args: ModelArgs, layout: Layout, optim: OptimConfig, *, steps: int, seq_length: int,
                  micro_batch_size: int, seed: int, device: torch.device, params_dtype: torch.dtype,
@@ -211,6 +225,8 @@ class MegatronEngine:
             with as_megatron_adam(stochastic_rounding=optim.master_weights == "stochastic", seed=seed):
                 grads = torch.bfloat16 if bf16_grads else torch.float32
                 self.optimizer = get_megatron_optimizer(precision_aware(optimizer_config, moments, grads), self.chunks)
+        elif optim.cpu_offload:  # fp32 masters and moments on the host, stepped there
+            self.optimizer = get_megatron_optimizer(host_optimizer(optimizer_config), self.chunks)
         else:
             self.optimizer = get_megatron_optimizer(optimizer_config, self.chunks)
             use_fused_adamw(self.optimizer)
@@ -476,9 +492,11 @@ class MegatronEngine:
         # torch AdamW's per-param `step` counter is not restored by megatron without apex/TE
         # (it comes back as one shared dummy tensor): set it from our own step count.
         for chained in self.optimizer.chained_optimizers:
-            fused = chained.optimizer.defaults.get("fused")  # the fused kernel keeps `step` on the device
-            for param, param_state in chained.optimizer.state.items():
-                param_state["step"] = torch.tensor(float(step), device=param.device if fused else "cpu")
+            # (an offloaded optimizer steps its host copies: each sub-optimizer's step lives with its params)
+            for inner in getattr(chained.optimizer, "sub_optimizers", [chained.optimizer]):
+                fused = inner.defaults.get("fused")  # the fused kernel keeps `step` on the device
+                for param, param_state in inner.state.items():
+                    param_state["step"] = torch.tensor(float(step), device=param.device if fused else "cpu")
         change = load_schedule(self.scheduler, loaded["scheduler"])
         if change and dist.get_rank() == 0:
             print(change, flush=True)

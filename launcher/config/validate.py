@@ -164,6 +164,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     graphed = (_check_cuda_graph(c, device_type, world_size) and t.objective == "lm" and t.peft == "none"
                and not t.offload_activations)
     _check_precision_aware(c, device_type)
+    _check_optimizer_offload(c)
     if c.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {c.logging.wandb.mode!r}")
 
@@ -389,6 +390,20 @@ def _check_precision_aware(c: JobConfig, device_type: str) -> None:
     if precision == "fp32" or (precision == "auto" and device_type == "cpu"):  # (fp8: bf16 params)
         raise ConfigError("optim.precision_aware", "keeps the master weights inside bf16 params: needs "
                                                    "train.precision=bf16 (auto is fp32 on CPU)")
+
+
+def _check_optimizer_offload(c: JobConfig) -> None:
+    """optim.cpu_offload: megatron-core's HybridDeviceOptimizer under its distributed optimizer."""
+    if not c.optim.cpu_offload:
+        return
+    if c.parallel.engine != "megatron":
+        raise ConfigError("optim.cpu_offload", "is megatron-core's optimizer offload: needs parallel.engine=megatron "
+                                               "(DeepSpeed: parallel.zero.offload_optimizer=cpu)")
+    if not c.parallel.distributed_optimizer:
+        raise ConfigError("optim.cpu_offload", "needs parallel.distributed_optimizer=true")
+    if c.optim.precision_aware:
+        raise ConfigError("optim.cpu_offload", "steps fp32 masters on the host with torch's AdamW: "
+                                               "set optim.precision_aware=false")
 
 
 def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:

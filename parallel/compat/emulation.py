@@ -45,7 +45,7 @@ def _install() -> None:
     check_megatron_version()
     patches = Patches()
     for patch in (_rng_tracker_on_cpu_generator, _current_device, _synchronize, _streams_and_events,
-                  _moe_split_sizes_as_numpy, _uneven_all_gather):
+                  _moe_split_sizes_as_numpy, _uneven_all_gather, _hybrid_optimizer_device_params):
         patch(patches)
     # The mode stack is per thread: entered on the thread that enters cpu_emulation, where megatron runs.
     _mode = _CudaToCpu()
@@ -164,6 +164,27 @@ def _uneven_all_gather(patches: Patches) -> None:
     original = patches.set(mp, "_gather_along_first_dim", _gather_along_first_dim)
 
 
+def _hybrid_optimizer_device_params(patches: Patches) -> None:
+    # HybridDeviceOptimizer (optimizer CPU offload) gives host copies only to params with
+    # `is_cuda`; on CPU none qualifies, none is copied, and its first step fails with "KeyError:
+    # tensor(...)" looking up the device param of a host-side param. While it sorts its params,
+    # the ones it was given count as device params, so each gets its host copy and the step runs
+    # the offload path (grads copied out, host step, params copied back).
+    from megatron.core.optimizer.cpu_offloading import hybrid_optimizer as ho
+
+    def _get_sub_optimizer_param_groups(self, offload_fraction: float):
+        given = {id(p) for group in self.param_groups for p in group["params"]}
+        on_device = Patches()
+        on_device.set(torch.Tensor, "is_cuda", property(lambda t: id(t) in given))
+        try:
+            return original(self, offload_fraction)
+        finally:
+            on_device.restore()
+
+    original = patches.set(ho.HybridDeviceOptimizer, "_get_sub_optimizer_param_groups",
+                           _get_sub_optimizer_param_groups)
+
+
 def _cpu(device: Any) -> Any:
     if isinstance(device, str) and device.startswith("cuda"):
         return "cpu"
@@ -173,8 +194,8 @@ def _cpu(device: Any) -> Any:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites device="cuda" to cpu on every torch call; .cuda() / .to("cuda") become no-ops;
-    pin_memory=True is dropped (the slice of RoPE frequencies per context-parallel rank builds its
+    """Rewrites device="cuda" to cpu on every torch call; .cuda() / .to("cuda") / .pin_memory() become
+    no-ops; pin_memory=True is dropped (the slice of RoPE frequencies per context-parallel rank builds its
     index pinned: "RuntimeError: pin_memory=True requires a CUDA or other accelerator backend").
 
     Many sites hard-code CUDA (schedules' token counters, optimizer found_inf, clip_grads,
@@ -190,7 +211,7 @@ class _CudaToCpu(TorchFunctionMode):
             kwargs["device"] = _cpu(kwargs["device"])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.to:
             args = tuple(_cpu(a) for a in args)

@@ -29,7 +29,8 @@ def apply_fixes() -> None:
     patches = Patches()
     for fix in (fully_reshardable_load_skips_step, moe_aux_loss_scale_under_sequence_parallel,
                 router_gemm_without_te, foreach_grad_norm_and_scale, output_discarding_recompute_without_fp8,
-                tp_group_default_without_warning):
+                tp_group_default_without_warning, offloaded_fp32_shards_are_leaves,
+                offloaded_optimizer_state_without_classes, offloaded_fp32_params_load):
         fix(patches)
     _patches = patches
 
@@ -166,3 +167,80 @@ def tp_group_default_without_warning(patches: Patches) -> None:
         return original(tp_group, is_expert, check_initialized)
 
     patches.set(layers, "get_tensor_model_parallel_group_if_none", get_tensor_model_parallel_group_if_none)
+
+
+def offloaded_fp32_shards_are_leaves(patches: Patches) -> None:
+    # The distributed optimizer's shards of fp32 params are slices of views that autograd tracks
+    # (`model_param.view(-1)[start:end]`, not leaves). Its plain path assigns them to the torch
+    # optimizer's param groups directly, but under optimizer CPU offload it constructs
+    # HybridDeviceOptimizer from them: "ValueError: can't optimize a non-leaf Tensor" for any fp32
+    # param. Detached slices of the same memory are leaves; they take the grads and updates alike.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
+
+    original = DistributedOptimizer._build_model_and_main_param_groups.__func__
+
+    def _build_model_and_main_param_groups(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
+        groups = original(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        if not config.optimizer_cpu_offload:
+            return groups
+        for shards, group_range in zip(groups[3], opt_group_ranges):  # (shard_fp32_groups)
+            params = group_range["orig_group"]["params"]
+            for i, shard in enumerate(shards):
+                if shard.is_leaf:
+                    continue
+                leaf = shard.detach()
+                copy_tensor_model_parallel_attributes(leaf, shard)
+                if hasattr(shard, "shared"):
+                    leaf.shared = shard.shared
+                shards[i] = leaf
+                params[next(j for j, p in enumerate(params) if p is shard)] = leaf
+        return groups
+
+    patches.set(DistributedOptimizer, "_build_model_and_main_param_groups", classmethod(_build_model_and_main_param_groups))
+
+
+def offloaded_optimizer_state_without_classes(patches: Patches) -> None:
+    # HybridDeviceOptimizer hands its constructor options to torch as param-group defaults, so each
+    # param group of its state_dict holds cpu_optimizer_cls and gpu_optimizer_cls (classes). The
+    # distributed optimizer saves those groups in the checkpoint's common state, which
+    # dist_checkpointing loads with weights_only: "Unsupported global: GLOBAL
+    # torch.optim.adamw.AdamW was not an allowed global". The groups are saved without them (the
+    # optimizer reads its own attributes, never a loaded group's).
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    original = HybridDeviceOptimizer.state_dict
+
+    def state_dict(self):
+        state = original(self)
+        state["param_groups"] = [{k: v for k, v in group.items() if not isinstance(v, type)}
+                                 for group in state["param_groups"]]
+        return state
+
+    patches.set(HybridDeviceOptimizer, "state_dict", state_dict)
+
+
+def offloaded_fp32_params_load(patches: Patches) -> None:
+    # After a load HybridDeviceOptimizer copies each param's loaded `master_param` into that param's
+    # fp32 copy, looked up in param_to_fp32_param, which holds only the params that are not fp32:
+    # "KeyError: tensor(...)" when an fp32 param's state is loaded. An fp32 param's master is its
+    # host copy: the loaded value goes there; the other params go to the upstream method.
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    original = HybridDeviceOptimizer._update_fp32_params_by_new_state
+
+    def _update_fp32_params_by_new_state(self):
+        state = self.state
+        try:
+            self.state = {p: v for p, v in state.items() if p in self.param_to_fp32_param}
+            original(self)
+        finally:
+            self.state = state
+        if not self.param_update_in_fp32:
+            return
+        for param, values in state.items():
+            host = self.gpu_params_map_cpu_copy.get(param)
+            if param not in self.param_to_fp32_param and host is not None and values["master_param"] is not host:
+                host.data.copy_(values["master_param"])
+
+    patches.set(HybridDeviceOptimizer, "_update_fp32_params_by_new_state", _update_fp32_params_by_new_state)

@@ -39,7 +39,12 @@ LAYOUTS = [
     ("cp2_pp2_vpp2", ["parallel.cp=2", "parallel.pp=2", "parallel.vpp=2"], 4),
     # torch.compile'd layers, under TP and PP as well.
     ("compile_tp2_pp2", ["train.compile=true", "parallel.tp=2", "parallel.pp=2"], 4),
+    # fp32 masters and Adam moments stepped on the host (megatron-core's HybridDeviceOptimizer).
+    ("optimizer_offload", ["optim.cpu_offload=true"], 1),
+    ("optimizer_offload_dp2", ["optim.cpu_offload=true"], 2),
 ]
+# Resumed from step 5 with the optimizer offloaded: from its own checkpoint, and from `single`'s.
+RESUMED = [("optimizer_offload_resumed", "optimizer_offload"), ("optimizer_offload_from_single", "single")]
 # Packed rows: documents end at each EOD (no attention across them, positions restart), against
 # the single process on the same rows. Under CP each document is padded to a multiple of 2·cp and
 # split per document (the rows' documents include lengths that are not).
@@ -67,8 +72,11 @@ def base(tmp_path_factory, cache_env):
     saved under base/init."""
     base = tmp_path_factory.mktemp("parity")
     runs = [("single", SAVED, 1), ("single_packed", PACKED, 1),
-            *[(name, [*extra, *SAVED] if name == "pp2" else extra, n) for name, extra, n in LAYOUTS],
-            *[(name, [*PACKED, *extra], n) for name, extra, n in PACKED_LAYOUTS]]
+            *[(name, [*extra, *SAVED] if name in ("pp2", "optimizer_offload") else extra, n)
+              for name, extra, n in LAYOUTS],
+            *[(name, [*PACKED, *extra], n) for name, extra, n in PACKED_LAYOUTS],
+            *[(name, ["optim.cpu_offload=true", f"checkpoint.load={base / run / 'checkpoints' / 'iter_0000005'}"], 1)
+              for name, run in RESUMED]]
 
     def evaluate(name, run, layout):
         return ["launcher.evaluate", *COMMON, *layout, f"checkpoint.load={base / run / 'checkpoints' / 'iter_0000005'}",
@@ -93,6 +101,20 @@ def _save_init(path, tp, pp, vpp, seed=7) -> list[str]:
 def trained(base) -> dict[str, list[dict]]:
     return {name: read_metrics(base / name)
             for name in ["single", "single_packed", *[x[0] for x in LAYOUTS], *[x[0] for x in PACKED_LAYOUTS]]}
+
+
+@pytest.mark.parametrize("name", [x[0] for x in RESUMED])
+def test_offloaded_optimizer_resumes_on_the_curve(name, trained, base):
+    """The host-side masters and moments go through dist_checkpointing: a resume continues the
+    single process's curve, bit for bit from an offloaded run's checkpoint."""
+    reference, got = trained["single"][5:], read_metrics(base / name)
+    assert [m["step"] for m in got] == list(range(6, STEPS + 1))
+    for ref, m in zip(reference, got):
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"step {m['step']}"
+        assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), f"step {m['step']}"
+    if name == "optimizer_offload_resumed":
+        own = trained["optimizer_offload"][5:]
+        assert [(m["loss"], m["grad_norm"]) for m in got] == [(m["loss"], m["grad_norm"]) for m in own]
 
 
 def _evals(base, name) -> list[dict]:

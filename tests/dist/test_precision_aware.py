@@ -37,6 +37,7 @@ def trained(tmp_path_factory, cache_env) -> dict[str, list[tuple]]:
     step 3 of a checkpoint saved by another optimizer setting."""
     base = tmp_path_factory.mktemp("precision_aware")
     aware, save = ["optim.precision_aware=true"], ["checkpoint.save_every=3"]
+    offload = ["optim.cpu_offload=true"]
 
     def run(name: str, overrides: list[str], nproc: int = 1, load: str | None = None):
         resume = [f"checkpoint.load={base / load / 'ckpt' / 'iter_0000003'}"] if load else []
@@ -47,9 +48,11 @@ def trained(tmp_path_factory, cache_env) -> dict[str, list[tuple]]:
         run("bf16_moments", [*aware, "optim.moments_dtype=bf16"]),  # the buffer DDP accumulates in
         run("bf16_grads", [*aware, "optim.main_grads_dtype=bf16"]),
         run("stochastic", [*aware, "optim.master_weights=stochastic", *save]),
+        run("offload", [*offload, *save]),
         *[run(name, [*aware, *extra], n) for name, extra, n in PARALLEL]])
     resumed = train_runs(base, [run("from_plain", aware, load="plain"), run("from_aware", [], load="aware"),
-                                run("from_stochastic", aware, load="stochastic")])
+                                run("from_stochastic", aware, load="stochastic"),
+                                run("from_offload", offload, load="offload")])
     return {name: _losses(metrics) for name, metrics in {**first, **resumed}.items()}
 
 
@@ -68,6 +71,14 @@ def test_runs_and_checkpoints_match_the_fp32_master_optimizer(trained):
     # (the bf16 params as fp32 masters) resumes with exact masters on that curve.
     _close(trained["stochastic"], reference, rtol=1e-2)
     _close(trained["from_stochastic"], reference[3:], rtol=1e-2)
+
+
+def test_offloaded_optimizer_trains_the_fp32_master_curve(trained):
+    """optim.cpu_offload in bf16: the distributed optimizer's bf16 shards get fp32 masters on the host
+    (no fp32 main copy beside the params), stepped by torch's AdamW there; megatron's fp32-master
+    curve, and a resume from its checkpoint continues its own curve bit for bit."""
+    _close(trained["offload"], trained["plain"], rtol=1e-4)
+    assert trained["from_offload"] == trained["offload"][3:]
 
 
 @pytest.mark.parametrize("name", [x[0] for x in PARALLEL])

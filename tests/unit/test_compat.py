@@ -260,8 +260,104 @@ def test_precision_aware_optimizer_without_te():
     assert all(getattr(mcore_optimizer, name) is value for name, value in before.items())
 
 
+def _hybrid_optimizer(params):
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    return HybridDeviceOptimizer(params, offload_fraction=1.0, cpu_optimizer_cls=torch.optim.AdamW,
+                                 gpu_optimizer_cls=torch.optim.AdamW, param_update_in_fp32=True, lr=0.1)
+
+
+def test_offloaded_fp32_shards_are_leaves(upstream, patches):
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from parallel.megatron_engine import host_optimizer
+
+    param = torch.nn.Parameter(torch.arange(6.0))
+    config = host_optimizer(OptimizerConfig(lr=0.1, use_distributed_optimizer=True))
+
+    def shard_groups():
+        ranges = [{"params": [param], "orig_group": {"params": []}}]
+        gbuf = [{torch.float32: [{"param_map": {param: {"param": types.SimpleNamespace(start=1, end=5)}}}]}]
+        groups = DistributedOptimizer._build_model_and_main_param_groups(gbuf, {param: (0, torch.float32, 0)},
+                                                                         ranges, config)
+        return groups[3][0], [r["orig_group"] for r in ranges]
+
+    with cpu_emulation():  # (the shards are built from params of a cuda type)
+        _, groups = shard_groups()
+        with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):
+            _hybrid_optimizer(groups)
+        fixes.offloaded_fp32_shards_are_leaves(patches)
+        shards, groups = shard_groups()
+        _hybrid_optimizer(groups)
+    assert shards[0].is_leaf and groups[0]["params"][0] is shards[0]
+    shards[0].add_(1.0)  # the same memory as the param's
+    assert param.detach().tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 5.0]
+
+
+def test_offloaded_optimizer_state_without_classes(upstream, patches, tmp_path):
+    with cpu_emulation():
+        optimizer = _hybrid_optimizer([torch.nn.Parameter(torch.ones(4))])
+    torch.save(optimizer.state_dict(), tmp_path / "upstream.pt")
+    with pytest.raises(Exception, match="Unsupported global: GLOBAL torch.optim.adamw.AdamW"):
+        torch.load(tmp_path / "upstream.pt", weights_only=True)
+    fixes.offloaded_optimizer_state_without_classes(patches)
+    torch.save(optimizer.state_dict(), tmp_path / "fixed.pt")
+    groups = torch.load(tmp_path / "fixed.pt", weights_only=True)["param_groups"]
+    assert groups[0]["lr"] == 0.1 and "cpu_optimizer_cls" not in groups[0]
+
+
+def test_offloaded_fp32_params_load(upstream, patches):
+    param = torch.nn.Parameter(torch.ones(4))
+    with cpu_emulation():
+        optimizer = _hybrid_optimizer([param])
+        param.grad = torch.ones(4)
+        optimizer.step()
+        host = optimizer.gpu_params_map_cpu_copy[param]
+        optimizer.state[param]["master_param"] = torch.full((4,), 3.0)  # as a checkpoint load sets it
+        with pytest.raises(KeyError):
+            optimizer._update_fp32_params_by_new_state()
+        fixes.offloaded_fp32_params_load(patches)
+        optimizer._update_fp32_params_by_new_state()
+    assert host.tolist() == [3.0] * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU emulation
+
+
+def test_hybrid_optimizer_offloads_on_cpu():
+    from megatron.core.optimizer.cpu_offloading import hybrid_optimizer as ho
+
+    upstream_groups = ho.HybridDeviceOptimizer._get_sub_optimizer_param_groups
+    start = torch.randn(8)
+    grads = [torch.randn(8) for _ in range(3)]
+    reference = torch.nn.Parameter(start.clone())
+    adamw = torch.optim.AdamW([reference], lr=0.1, fused=True)
+    for grad in grads:
+        reference.grad = grad
+        adamw.step()
+    with cpu_emulation():
+        unpatched = Patches()
+        unpatched.set(ho.HybridDeviceOptimizer, "_get_sub_optimizer_param_groups", upstream_groups)
+        try:
+            param = torch.nn.Parameter(start.clone())
+            optimizer = _hybrid_optimizer([param])
+            param.grad = grads[0]
+            with pytest.raises(KeyError):
+                optimizer.step()
+        finally:
+            unpatched.restore()
+        param = torch.nn.Parameter(start.clone())
+        optimizer = ho.HybridDeviceOptimizer([param], offload_fraction=1.0, cpu_optimizer_cls=torch.optim.AdamW,
+                                             gpu_optimizer_cls=torch.optim.AdamW, param_update_in_fp32=True,
+                                             lr=0.1, fused=True)
+        for grad in grads:
+            param.grad = grad
+            optimizer.step()
+    host = optimizer.gpu_params_map_cpu_copy[param]
+    assert host is not param and optimizer.gpu_optimizer is None  # stepped on a host copy, copied back
+    assert torch.equal(param.detach(), reference.detach())
 
 
 def test_rng_tracker_on_cpu_generator():
