@@ -141,7 +141,7 @@ def objective_config(cfg: JobConfig) -> ObjectiveConfig:
         return ObjectiveConfig(name, beta=s.beta, gamma=s.gamma, label_smoothing=s.label_smoothing,
                                sft_weight=s.sft_weight)
     if name == "orpo":
-        return ObjectiveConfig(name, beta=cfg.orpo.beta)
+        return ObjectiveConfig(name, beta=cfg.orpo.beta, orpo_nll=cfg.orpo.nll)
     return ObjectiveConfig(name)
 
 

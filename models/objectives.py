@@ -18,8 +18,8 @@ target token over the batch.
          + sft_weight·NLL (RPO)
   simpo  z = β·(π̄c − π̄r) − γ;  −(1−ε)·logσ(z) − ε·logσ(−z) + sft_weight·NLL; rewards β·π̄; logps: π̄
   orpo   NLL − β·logσ(L(π̄c) − L(π̄r)), L(p) = p − log(1 − eᵖ) (log odds); rewards β·π̄; logps: π̄
-ORPO's NLL here covers the response tokens (the data's targets); TRL's ORPOTrainer takes it over
-prompt and response.
+ORPO's NLL covers the response tokens (the data's targets) by default; orpo.nll=sequence takes it
+over prompt and response, as TRL's ORPOTrainer does.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ OBJECTIVES = ("lm", "dpo", "simpo", "orpo")  # train.objective; lm: next-token c
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")  # dpo.loss
 SMOOTHED_LOSSES = ("sigmoid", "robust")  # the DPO losses that take label smoothing
 DPO_REFERENCES = ("precomputed", "live")  # dpo.reference: where the reference log-probs come from
+ORPO_NLL = ("response", "sequence")  # orpo.nll: the chosen tokens ORPO's NLL term covers
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -159,13 +160,18 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
-              rejected_tokens: torch.Tensor, *, beta: float) -> PreferenceLoss:
+              rejected_tokens: torch.Tensor, *, beta: float, nll_logps: torch.Tensor | None = None,
+              nll_tokens: torch.Tensor | None = None) -> PreferenceLoss:
     """ORPO (reference-free: NLL of the chosen response plus β times the odds-ratio term) over
-    per-sequence summed log-probs [pairs]; β is the paper's λ."""
+    per-sequence summed log-probs [pairs]; β is the paper's λ. `nll_logps`/`nll_tokens`: the chosen
+    sides' summed log-probs and token counts the NLL covers instead of the response's (e.g. the whole
+    sequence, as TRL's ORPOTrainer)."""
     chosen_mean = policy_chosen.float() / chosen_tokens.clamp(min=1)
     rejected_mean = policy_rejected.float() / rejected_tokens.clamp(min=1)
     log_odds = (chosen_mean - rejected_mean) - (_log1mexp(chosen_mean) - _log1mexp(rejected_mean))
     ratio = F.logsigmoid(log_odds)
     metrics = _reward_metrics(beta * chosen_mean, beta * rejected_mean, chosen_mean, rejected_mean)
     metrics.update({"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
-    return _combine(-beta * ratio, policy_chosen.float(), chosen_tokens, 0.0, metrics, nll_weight=1.0)
+    nll_logps = policy_chosen if nll_logps is None else nll_logps
+    nll_tokens = chosen_tokens if nll_tokens is None else nll_tokens
+    return _combine(-beta * ratio, nll_logps.float(), nll_tokens, 0.0, metrics, nll_weight=1.0)

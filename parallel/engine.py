@@ -136,7 +136,7 @@ def prepare_batch(batch: dict[str, Any], device: torch.device) -> tuple[dict[str
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     packed = packed_seq_params(batch) if "cu_seqlens" in batch else None
     if packed is not None:  # THD: the micro batch's rows become one stream of documents
-        batch = {**batch, **{k: batch[k].reshape(1, -1) for k in (*TOKEN_KEYS, "sequence_ids") if k in batch}}
+        batch = {**batch, **{k: batch[k].reshape(1, -1) for k in PER_TOKEN_KEYS if k in batch}}
     return batch, packed
 
 
@@ -150,6 +150,8 @@ def packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams:
 
 # The per-token tensors of a micro batch, [rows, seq_length] each.
 TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+# ... and those of a preference micro batch (parallel/preference_loss.py)
+PER_TOKEN_KEYS = (*TOKEN_KEYS, "sequence_ids", "sequence_mask")
 
 
 def context_parallel_split(batch: dict[str, Any],
@@ -167,15 +169,15 @@ def context_parallel_split(batch: dict[str, Any],
     if cp == 1:
         return batch, packed
     if packed is None:
-        split = get_batch_on_this_cp_rank({k: batch[k] for k in TOKEN_KEYS if k in batch})
+        split = get_batch_on_this_cp_rank({k: batch[k] for k in PER_TOKEN_KEYS if k in batch})
         return {**batch, **split}, None
     # (under tensor parallelism megatron runs sequence parallel: a rank's share splits over TP)
     index, cu_padded = packed_split(packed.cu_seqlens_q, cp, ps.get_context_parallel_rank(),
                                     share_multiple=ps.get_tensor_model_parallel_world_size())
     real, source = index >= 0, index.clamp(min=0)
-    # (a packed preference batch's sequence ids too: its padding tokens carry no loss, whatever id they get)
+    # (a packed preference batch's sequence ids and mask too: padding tokens get 0, and no loss)
     split = {k: torch.where(real, batch[k][:, source], torch.zeros((), dtype=batch[k].dtype, device=real.device))
-             for k in (*TOKEN_KEYS, "sequence_ids") if k in batch}
+             for k in PER_TOKEN_KEYS if k in batch}
     cu_padded = cu_padded.to(torch.int32)
     longest = int((cu_padded[1:] - cu_padded[:-1]).max())
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_padded, cu_seqlens_kv=cu_padded,

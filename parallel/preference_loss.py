@@ -10,7 +10,8 @@ Normalisation, the same in every layout and micro-batching: the step's loss is
     mean over the global batch's P pairs of the per-pair term
     + w · (minus the chosen sides' summed log-probs) / T
 with w the objective's NLL weight (dpo/simpo.sft_weight, 1 for ORPO) and T the target tokens of
-every chosen side in the global batch. A micro batch returns (total, pairs) with
+every chosen side in the global batch (under orpo_nll=sequence the NLL and T cover every token of
+a chosen side that has a label in it: `sequence_mask`). A micro batch returns (total, pairs) with
     total = Σ its per-pair terms + w · its chosen NLL sum · P / T
 and megatron-core's per-token loss mode (calculate_per_token_loss) divides the gradient by the
 pairs summed over micro batches and DP ranks, P: Σ total / P is the loss above. P and T come with
@@ -52,6 +53,7 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0
     sft_weight: float = 0.0     # dpo, simpo: weight of the chosen NLL
     gamma: float = 0.0          # simpo: target reward margin
+    orpo_nll: str = "response"  # orpo: the chosen tokens its NLL covers (response | sequence)
     live_reference: bool = False  # dpo: reference log-probs from a frozen model held alongside (dpo.reference=live)
 
     @property
@@ -93,8 +95,10 @@ def _reports() -> bool:
 
 
 def batch_loss(objective: ObjectiveConfig, sums: torch.Tensor, counts: torch.Tensor,
-               reference: torch.Tensor | None) -> PreferenceLoss:
-    """models/objectives.py's loss of the pairs whose per-row sums and target counts these are."""
+               reference: torch.Tensor | None,
+               whole: tuple[torch.Tensor, torch.Tensor] | None = None) -> PreferenceLoss:
+    """models/objectives.py's loss of the pairs whose per-row sums and target counts these are;
+    `whole`: the sums and counts over every token of each sequence (ORPO's NLL with orpo_nll=sequence)."""
     chosen, rejected = split_pairs(sums)
     chosen_n, rejected_n = split_pairs(counts)
     if objective.name == "dpo":
@@ -108,7 +112,10 @@ def batch_loss(objective: ObjectiveConfig, sums: torch.Tensor, counts: torch.Ten
         return simpo_loss(chosen, rejected, chosen_n, rejected_n, beta=objective.beta, gamma=objective.gamma,
                           label_smoothing=objective.label_smoothing, sft_weight=objective.sft_weight)
     if objective.name == "orpo":
-        return orpo_loss(chosen, rejected, chosen_n, rejected_n, beta=objective.beta)
+        nll_logps, nll_tokens = (split_pairs(whole[0])[0], split_pairs(whole[1])[0]) if whole is not None else (None,
+                                                                                                              None)
+        return orpo_loss(chosen, rejected, chosen_n, rejected_n, beta=objective.beta, nll_logps=nll_logps,
+                         nll_tokens=nll_tokens)
     raise ValueError(f"not a preference objective: {objective.name!r}")
 
 
@@ -116,8 +123,13 @@ def preference_loss_func(objective: ObjectiveConfig, batch: dict[str, torch.Tens
     """megatron-core loss function of one micro batch: (total, pairs, reports); normalisation above."""
     sums, counts = sequence_logps(output, batch)
     reference = batch.get("reference_logps")
-    result = batch_loss(objective, sums, counts, reference if torch.is_tensor(reference) else None)
-    pairs_global, chosen_tokens_global = int(batch["pairs_global"]), int(batch["chosen_tokens_global"])
+    whole = None
+    if objective.name == "orpo" and objective.orpo_nll == "sequence":  # every token with a label in its sequence
+        whole = sequence_logps(output, {**batch, "loss_mask": batch["sequence_mask"]})
+    result = batch_loss(objective, sums, counts, reference if torch.is_tensor(reference) else None, whole)
+    # the global count of the tokens the NLL term covers
+    tokens_key = "chosen_sequence_tokens_global" if whole is not None else "chosen_tokens_global"
+    pairs_global, chosen_tokens_global = int(batch["pairs_global"]), int(batch[tokens_key])
     total = result.per_pair.sum()
     if result.sft_weight:
         total = total + result.sft_weight * result.nll_sum * (pairs_global / max(chosen_tokens_global, 1))

@@ -150,6 +150,8 @@ class SimPOConfig:
 class ORPOConfig:
     """train.objective=orpo: NLL of the chosen response plus an odds-ratio preference term, reference-free."""
     beta: float = 0.1                 # weight of the odds-ratio term (the paper's lambda)
+    # the tokens the NLL term covers: response (the targets) | sequence (prompt and response, as TRL's ORPOTrainer)
+    nll: str = "response"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from launcher import run_dir
 from launcher.config.schema import JobConfig, ModelConfig
 from models.args import padded_vocab_size
 from models.lora import TARGETS as LORA_TARGETS
-from models.objectives import DPO_LOSSES, DPO_REFERENCES, OBJECTIVES, SMOOTHED_LOSSES
+from models.objectives import DPO_LOSSES, DPO_REFERENCES, OBJECTIVES, ORPO_NLL, SMOOTHED_LOSSES
 from parallel import cuda_graph
 from parallel.layout import Layout
 
@@ -227,6 +227,8 @@ def _check_objective(c: JobConfig) -> None:
         if not 0 <= value < 0.5:
             raise ConfigError(key, f"must be in [0, 0.5) (the probability that a preference label is flipped), "
                                    f"got {value!r}")
+    if c.orpo.nll not in ORPO_NLL:
+        raise ConfigError("orpo.nll", f"must be one of {', '.join(ORPO_NLL)}, got {c.orpo.nll!r}")
     if d.label_smoothing and d.loss not in SMOOTHED_LOSSES:
         raise ConfigError("dpo.label_smoothing", f"applies to dpo.loss={' or '.join(SMOOTHED_LOSSES)}; "
                                                  f"dpo.loss={d.loss} takes none (set 0)")

@@ -10,7 +10,9 @@ pair is computed inside one micro batch.
 Besides the LM micro-batch keys (tokens, labels, loss_mask, position_ids: launcher/data/packing.py's
 `collate`, unpacked), each micro batch carries what the preference loss needs to normalise over
 the global batch without another collective: `pair_index` (the pairs' dataset indices), `pairs_global`
-(P) and `chosen_tokens_global` (target tokens of every chosen side in the global batch), and, once a
+(P) and `chosen_tokens_global` (target tokens of every chosen side in the global batch;
+`chosen_sequence_tokens_global` counts every token of them that has a label in its sequence, which
+`sequence_mask` marks per token), and, once a
 reference is attached, `reference_logps` (the frozen reference's summed log-probs per sequence).
 
 Packed (`PackedPreferenceBatches`, data.packing=true): pairs are packed into rows of seq_length
@@ -29,6 +31,15 @@ import torch
 
 from launcher.data.packing import build_row, check_batch_shapes, collate, pack
 from launcher.data.preference import ConcatenatedPairs, PreferencePairs
+
+
+def sequence_mask(bounds: np.ndarray, sequences: int, seq_length: int) -> np.ndarray:
+    """1.0 at every token of a row's first `sequences` sequences (which end at `bounds[1:]`) whose label
+    is in its own sequence: all but each sequence's last token."""
+    mask = np.zeros(seq_length, dtype=np.float32)
+    for j in range(sequences):
+        mask[bounds[j]:bounds[j + 1] - 1] = 1
+    return mask
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -54,6 +65,7 @@ class PreferenceBatches:
         self._perm = np.empty(0, dtype=np.int64)
         # target tokens of each pair's chosen side (a target is predicted from the token before it)
         self.chosen_targets = pairs.chosen_targets()
+        self.chosen_sequence_tokens = pairs.lengths[:, 0] - 1  # a sequence's last token has no label in it
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -80,6 +92,8 @@ class PreferenceBatches:
             rows.append(build_row([(pair.chosen_ids, pair.chosen_mask)], self.seq_length, self.pad_id))
             rows.append(build_row([(pair.rejected_ids, pair.rejected_mask)], self.seq_length, self.pad_id))
         batch = collate(rows, packed=False)
+        batch["sequence_mask"] = torch.from_numpy(np.stack([sequence_mask(r["cu_seqlens"], 1, self.seq_length)
+                                                            for r in rows]))
         batch["pair_index"] = torch.tensor(pair_indices, dtype=torch.int64)
         if self.reference is not None:
             batch["reference_logps"] = torch.from_numpy(self.reference[pair_indices].reshape(-1).copy())
@@ -111,6 +125,7 @@ class PreferenceBatches:
         for start in range(0, per_rank, per_mb):
             batch = self.collate_pairs(mine[start:start + per_mb])
             batch["pairs_global"], batch["chosen_tokens_global"] = pairs_global, chosen_tokens
+            batch["chosen_sequence_tokens_global"] = int(self.chosen_sequence_tokens[order].sum())
             batches.append(batch)
         return batches
 
@@ -152,7 +167,7 @@ class PackedPreferenceBatches(PreferenceBatches):
 
     def collate_rows(self, rows: list[list[int]]) -> dict[str, torch.Tensor | int]:
         """One packed micro batch of these rows (each a list of pair indices)."""
-        built, ids = [], []
+        built, ids, masks = [], [], []
         order = [k for row in rows for k in row]
         first = 0  # the micro batch's sequence id of the row's first sequence
         for row in rows:
@@ -168,8 +183,10 @@ class PackedPreferenceBatches(PreferenceBatches):
             first += len(samples)
             built.append(r)
             ids.append(sequence)
+            masks.append(sequence_mask(bounds, len(samples), self.seq_length))
         batch = collate(built, packed=True)
         batch["sequence_ids"] = torch.from_numpy(np.stack(ids))
+        batch["sequence_mask"] = torch.from_numpy(np.stack(masks))
         batch["pair_index"] = torch.tensor(order, dtype=torch.int64)
         if self.reference is not None:
             batch["reference_logps"] = torch.from_numpy(self.reference[order].reshape(-1).copy())
@@ -188,6 +205,7 @@ class PackedPreferenceBatches(PreferenceBatches):
         for start in range(0, per_rank, micro_batch_size):
             batch = self.collate_rows(mine[start:start + micro_batch_size])
             batch["pairs_global"], batch["chosen_tokens_global"] = pairs_global, chosen_tokens
+            batch["chosen_sequence_tokens_global"] = int(sum(self.chosen_sequence_tokens[row].sum() for row in rows))
             batches.append(batch)
         return batches
 

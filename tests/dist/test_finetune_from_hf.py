@@ -3,17 +3,18 @@ loads the weights only (step 0) and the first step's loss equals transformers' l
 same batch; under tp=2 as well. The tp=1 run takes its shape from the import (`model=<its dir>`).
 
 Preference training from the same import, in the same launches: DPO (precomputed reference, with the RPO
-term), SimPO and ORPO train on pairs (DPO also on two datasets read together); the reference file and
-the first step's loss, rewards, log-probs and gradient norm equal transformers' forward of the HF model
-through TRL's losses (tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal
-torch's AdamW step on TRL's loss, its validation loss TRL's loss of that stepped model; DPO under tp=2,
-dp=2 (with full recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process
-over its steps, and a resumed DPO run reads its reference file and continues bit for bit; DPO with a
-live reference model (single process, pp=2, ZeRO-3) equals DPO from the precomputed one and resumes bit
-for bit; DPO under pp=2 x vpp=2 (a 4-layer model) equals the single process with either reference; DPO
-from an imported Mixtral equals transformers + TRL (with megatron-core's load-balancing loss) and, under
-ep=2, the single process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and
-packed DPO under pp=2 and cp=2 the single process."""
+term), SimPO and ORPO (its NLL over the response, or over prompt and response as TRL's) train on pairs
+(DPO also on two datasets read together); the reference file and the first step's loss, rewards, log-
+probs and gradient norm equal transformers' forward of the HF model through TRL's losses
+(tests/trl_oracle.py), and the weights after one DPO step (exported to HF) equal torch's AdamW step on
+TRL's loss, its validation loss TRL's loss of that stepped model; DPO under tp=2, dp=2 (with full
+recompute), pp=2, cp=2 and engine=deepspeed (ZeRO-3, dp=2) equals the single process over its steps, and
+a resumed DPO run reads its reference file and continues bit for bit; DPO with a live reference model
+(single process, pp=2, ZeRO-3) equals DPO from the precomputed one and resumes bit for bit; DPO under
+pp=2 x vpp=2 (a 4-layer model) equals the single process with either reference; DPO from an imported
+Mixtral equals transformers + TRL (with megatron-core's load-balancing loss) and, under ep=2, the single
+process; DPO and SimPO on pairs packed into rows equal the same pairs unpacked, and packed DPO under
+pp=2 and cp=2 the single process."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,8 @@ PREFERENCE_RUNS = [("dpo", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weig
                    ("simpo", ["train.objective=simpo", "simpo.beta=2.0", "simpo.gamma=0.5",
                               "simpo.sft_weight=0.25"], 1, 1),
                    ("orpo", ["train.objective=orpo", "orpo.beta=0.1"], 1, 1),
+                   # its NLL over prompt and response, as TRL's ORPOTrainer
+                   ("orpo_sequence", ["train.objective=orpo", "orpo.beta=0.1", "orpo.nll=sequence"], 1, 1),
                    # the dpo run again, saving after step 2; then resumed from there (RESUME)
                    ("dpo_saved", ["train.objective=dpo", "dpo.beta=0.1", "dpo.sft_weight=0.5",
                                   "checkpoint.save_every=2"], 1, PREF_STEPS),
@@ -310,14 +313,14 @@ def _trl_first_step(model, d: Path, name: str) -> tuple[float, dict[str, float],
     return float(loss), {k: float(v) for k, v in metrics.items()}, float(norm)
 
 
-@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo", "dpo_two"])
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo", "orpo_sequence", "dpo_two"])
 def test_first_preference_step_equals_transformers_and_trl(trained, name):
     model, d, _ = trained
     first = read_metrics(d / name)[0]
     loss, metrics, grad_norm = _trl_first_step(model, d, name)
     if name == "orpo":
-        # TRL's ORPO NLL also covers the prompt tokens, ShardForge's the response only (models/objectives.py):
-        # the odds-ratio term (loss minus NLL) and the metrics compare; the loss and its gradient do not
+        # TRL's ORPO NLL also covers the prompt tokens, ShardForge's by default the response only
+        # (orpo_sequence's covers both): the odds-ratio term (loss minus NLL) and the metrics compare
         assert first["loss"] - first["nll_loss"] == pytest.approx(loss - metrics["nll_loss"], rel=1e-5)
     else:
         assert first["loss"] == pytest.approx(loss, rel=1e-5)
@@ -327,6 +330,8 @@ def test_first_preference_step_equals_transformers_and_trl(trained, name):
                 ("logps_rejected", "logps/rejected")]
     if not name.startswith("dpo"):  # DPO's step-0 rewards are zero up to rounding, which decides its accuracy
         compared.append(("reward_accuracy", "rewards/accuracies"))
+    if name == "orpo_sequence":
+        compared.append(("nll_loss", "nll_loss"))
     for ours, theirs in compared:
         assert first[ours] == pytest.approx(metrics[theirs], rel=1e-5, abs=1e-5), ours
 

@@ -139,6 +139,7 @@ CASES = [
     (["simpo.gamma=-1"], "simpo.gamma", "must be >= 0"),
     (["simpo.label_smoothing=-0.1"], "simpo.label_smoothing", "must be in [0, 0.5)"),
     (["orpo.beta=-0.1"], "orpo.beta", "must be > 0"),
+    (["orpo.nll=prompt"], "orpo.nll", "must be one of response, sequence, got 'prompt'"),
 ]
 
 

@@ -233,7 +233,8 @@ def test_a_resume_reads_the_reference_its_start_wrote(dataset, tmp_path):
     assert path.stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.name}-{o.dpo_loss}")
+@pytest.mark.parametrize("objective", [*OBJECTIVES, ObjectiveConfig("orpo", beta=0.1, orpo_nll="sequence")],
+                         ids=lambda o: f"{o.name}-{o.dpo_loss}-{o.orpo_nll}")
 def test_packed_micro_batches_give_the_unpacked_loss_and_gradient(dataset, objective):
     """The same pairs' per-token losses laid out in packed rows (2 micro batches of 2 rows, 2 DP ranks) and
     in one unpacked micro batch give the same loss, metrics and per-token gradient."""
@@ -249,7 +250,11 @@ def test_packed_micro_batches_give_the_unpacked_loss_and_gradient(dataset, objec
     unpacked.attach_reference(reference)
     whole = unpacked.collate_pairs(order)
     whole["pairs_global"], whole["chosen_tokens_global"] = len(order), parts[0]["chosen_tokens_global"]
+    whole["chosen_sequence_tokens_global"] = parts[0]["chosen_sequence_tokens_global"]
     assert whole["chosen_tokens_global"] == int(whole["loss_mask"][0::2].sum())
+    # every chosen token but each side's last (whose label is outside it)
+    assert whole["chosen_sequence_tokens_global"] == sum(len(unpacked.pairs.pair(k).chosen_ids) - 1 for k in order)
+    assert whole["chosen_sequence_tokens_global"] == int(whole["sequence_mask"][0::2].sum())
     out = _fake_output(whole, 2)
     loss, n, report = preference_loss_func(objective, whole, out)
     (loss / n).backward()
