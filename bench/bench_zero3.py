@@ -1,22 +1,26 @@
-"""Benchmark: the largest Llama-shaped model that trains on one GPU, megatron engine vs DeepSpeed
-ZeRO-3 with parameters and optimizer state offloaded to CPU memory.
+"""Benchmark: the largest Llama-shaped model that trains on one GPU: the megatron engine, megatron with
+its optimizer offloaded to CPU memory (optim.cpu_offload), and DeepSpeed ZeRO-3 with parameters and
+optimizer state offloaded to CPU memory.
 
     python -m bench.bench_zero3                                   # llama3_8b shape, growing depth, seq 2048
-    python -m bench.bench_zero3 --model tiny --megatron-layers 2,4 --zero-layers 2,4 --device cpu \
-        --seq-length 128 --no-record                              # smoke test
+    python -m bench.bench_zero3 --model tiny --megatron-layers 2,4 --offload-layers 2,4 --zero-layers 2,4 \
+        --device cpu --seq-length 128 --no-record                 # smoke test
 
 For each engine, the model's depth (`model.num_layers`) grows through its list (`--megatron-layers`,
-`--zero-layers`) until a run fails (out of memory) or passes `--run-timeout`; every run is
-`python -m launcher.train` in its own process. Reported per engine:
-the deepest model that trained, its parameter count, tokens/s over the steps after warmup, peak GPU
-memory (torch max allocated, from metrics.jsonl) and peak CPU memory (resident set of the run's
-process tree, sampled by this script), and the ratio of the two engines' largest models. The table
-is printed and the rows are written as one JSON result (bench/results_io.py; `--out`, default under
-bench/results/).
+`--offload-layers`, `--zero-layers`) until a run fails (out of memory) or passes `--run-timeout`;
+every run is `python -m launcher.train` in its own process. Reported per engine: the deepest model
+that trained, its parameter count, tokens/s and MFU over the steps after warmup, peak GPU memory
+(torch max allocated, from metrics.jsonl), peak CPU memory (resident set of the run's process tree,
+sampled by this script), and host bytes per parameter: that peak, and from the run's last metrics
+record (launcher/host_memory.py) its resident set, torch's pinned host pool, and the exact bytes of
+the optimizer state, parameter partitions and DeepSpeed buffers held in host memory, pinned and
+pageable apart; then each engine's largest model over plain megatron's. The table is printed and
+the rows are written as one JSON result (bench/results_io.py; `--out`, default under bench/results/).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -34,9 +38,12 @@ from launcher.flops import matmul_params
 
 ENGINES = {
     "megatron": [],
+    "megatron-optim-offload": ["optim.cpu_offload=true"],
     "zero3-offload": ["parallel.engine=deepspeed", "parallel.zero.offload_params=cpu",
                       "parallel.zero.offload_optimizer=cpu"],
 }
+# metrics.jsonl's host memory fields (launcher/host_memory.py), reported as bytes per parameter
+HOST_PARTS = [f"host_{part}_{kind}_gb" for part in ("state", "params", "buffers") for kind in ("pinned", "pageable")]
 
 
 def param_count(model: str, layers: int) -> int:
@@ -46,6 +53,14 @@ def param_count(model: str, layers: int) -> int:
                       vocab_size=m.vocab_size, kv_channels=m.kv_channels)
     embedding = 0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size
     return n + embedding + layers * 2 * m.hidden_size + m.hidden_size  # + norms
+
+
+def host_bytes_per_param(metrics: Path, params: int) -> dict[str, float | None]:
+    """The last step's host memory fields as bytes per parameter (`host_..._gb` -> `host_..._b_per_param`)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    last = [r for r in records if r.get("type", "train") == "train"][-1]
+    return {key.replace("_gb", "_b_per_param"): (last[key] * 2**30 / params if key in last else None)
+            for key in [*HOST_PARTS, "host_pinned_pool_gb", "host_rss_gb"]}
 
 
 def run_once(cmd: list[str], timeout_s: float) -> tuple[int, float]:
@@ -78,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     # GPU (bf16 weight, fp32 main grad, fp32 master, Adam m and v), ZeRO-3+offload the same in host memory.
     p.add_argument("--megatron-layers", default="8,12,14,16", help="depths to try with megatron, ascending")
     p.add_argument("--zero-layers", default="16,20,24,26", help="depths to try with ZeRO-3 + offload, ascending")
+    # Optimizer offload keeps ~6 B/param on the GPU (bf16 weight, fp32 main grad) and ~16 in host
+    # memory (fp32 master, Adam m and v, the gradient's host copy).
+    p.add_argument("--offload-layers", default="16,20,24,28",
+                   help="depths to try with megatron + optimizer CPU offload, ascending")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a run counts as failed")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=1)
@@ -91,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, commands = [], []
     for engine, overrides in ENGINES.items():
         best: dict[str, Any] | None = None
-        depths = a.megatron_layers if engine == "megatron" else a.zero_layers
+        depths = {"megatron": a.megatron_layers, "megatron-optim-offload": a.offload_layers}.get(engine, a.zero_layers)
         for layers in (int(x) for x in depths.split(",")):
             run_dir = work / f"{engine}_{layers}"
             cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"model.num_layers={layers}",
@@ -103,20 +122,34 @@ def main(argv: list[str] | None = None) -> int:
             rc, cpu_gb = run_once(cmd, a.run_timeout)
             if rc != 0:
                 break
-            best = {"engine": engine, "layers": layers, "params": param_count(a.model, layers), "peak_cpu_gb": cpu_gb,
+            params = param_count(a.model, layers)
+            best = {"engine": engine, "layers": layers, "params": params, "peak_cpu_gb": cpu_gb,
+                    "peak_cpu_b_per_param": cpu_gb * 2**30 / params,
+                    **host_bytes_per_param(run_dir / "metrics.jsonl", params),
                     **summarize_metrics(run_dir / "metrics.jsonl", a.warmup), "command": shlex.join(cmd)}
             commands.append(shlex.join(cmd))
         if best:
             rows.append(best)
 
-    lines = ["| engine | deepest that trained | params | tokens/s | peak GPU mem (GiB) | peak CPU RSS (GiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    def b(r: dict[str, Any], key: str) -> str:
+        return "n/a" if r.get(key) is None else f"{r[key]:.1f}"
+
+    lines = ["| engine | deepest that trained | params | tokens/s | MFU | peak GPU mem (GiB) | peak host RSS (GiB) | "
+             "host B/param: peak RSS | RSS at end | pinned pool | state pinned / pageable | params pinned / pageable | "
+             "buffers pinned / pageable |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         gpu = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
+        mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+        parts = " | ".join(f"{b(r, f'host_{part}_pinned_b_per_param')} / {b(r, f'host_{part}_pageable_b_per_param')}"
+                           for part in ("state", "params", "buffers"))
         lines.append(f"| {r['engine']} | {r['layers']} layers | {r['params'] / 1e9:.2f}B | {r['tokens_per_s']:,.0f} | "
-                     f"{gpu} | {r['peak_cpu_gb']:.1f} |")
-    if len(rows) == 2:
-        lines.append(f"\nZeRO-3 + offload / megatron, largest model: {rows[1]['params'] / rows[0]['params']:.2f}×")
+                     f"{mfu} | {gpu} | {r['peak_cpu_gb']:.1f} | {b(r, 'peak_cpu_b_per_param')} | "
+                     f"{b(r, 'host_rss_b_per_param')} | {b(r, 'host_pinned_pool_b_per_param')} | {parts} |")
+    plain = next((r for r in rows if r["engine"] == "megatron"), None)
+    for r in rows:
+        if plain is not None and r is not plain:
+            lines.append(f"\n{r['engine']} / megatron, largest model: {r['params'] / plain['params']:.2f}×")
     env = environment()
     description = (f"`{a.model}` layer shape, depths megatron {a.megatron_layers} / ZeRO-3 {a.zero_layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
                    f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.")

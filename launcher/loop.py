@@ -22,6 +22,7 @@ from launcher.checkpoint_files import checkpoint_files
 from launcher.config.schema import JobConfig
 from launcher.data.tokenizer import Tokenizer
 from launcher.flops import peak_flops, train_flops_per_token
+from launcher.host_memory import host_memory
 from launcher.metrics import MetricsLogger, StepTimer, eval_record
 from launcher.plot import FILENAME, plot_run
 from launcher.profiling import MemorySnapshot, StepProfiler
@@ -106,6 +107,9 @@ def train(cfg: JobConfig, engine: Engine, data: TrainData, args: ModelArgs, star
             record["mfu"] = flops_per_token * tokens_per_step / elapsed / (peak * dist.get_world_size())
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if done == t.steps:  # this process's host memory by component (launcher/host_memory.py)
+            modules = getattr(engine, "chunks", None) or [engine.module]
+            record.update(host_memory(engine.optimizer, (p for m in modules for p in m.parameters())))
         logger.log(record)
 
     def run_eval(done: int) -> None:

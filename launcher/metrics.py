@@ -6,7 +6,8 @@ is one optimizer step:
     step, loss, grad_norm, lr, tokens (cumulative), tokens_per_s, step_time_s
     and on GPU also mfu and peak_mem_gb; MoE models add moe_load_min/max/mean, moe_imbalance
     (max/mean expert load), moe_imbalance_worst_layer, moe_aux_loss (or moe_seq_aux_loss),
-    moe_z_loss when enabled and moe_dropped_fraction with a capacity factor.
+    moe_z_loss when enabled and moe_dropped_fraction with a capacity factor. The last step's
+    record adds rank 0's host memory by component (host_*_gb: launcher/host_memory.py).
 An eval record is one evaluation on the validation data after `step` optimizer steps:
     type: "eval", step, eval_loss (token-weighted, as the train loss), eval_tokens, eval_ppl (not
     under a preference objective, whose eval_loss is a mean over pairs and eval_tokens counts them)
