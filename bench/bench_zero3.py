@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # memory (fp32 master, Adam m and v, the gradient's host copy).
     p.add_argument("--offload-layers", default="16,20,24,28",
                    help="depths to try with megatron + optimizer CPU offload, ascending")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"which of {', '.join(ENGINES)} to run")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a run counts as failed")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=1)
@@ -108,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="shardforge_zero3_"))
     rows, commands = [], []
-    for engine, overrides in ENGINES.items():
+    depths = {"megatron": a.megatron_layers, "megatron-optim-offload": a.offload_layers, "zero3-offload": a.zero_layers}
+    unknown = set(a.engines.split(",")) - set(ENGINES)
+    if unknown:
+        p.error(f"--engines: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ENGINES)})")
+    for engine, overrides in ((e, o) for e, o in ENGINES.items() if e in a.engines.split(",")):
         best: dict[str, Any] | None = None
-        depths = {"megatron": a.megatron_layers, "megatron-optim-offload": a.offload_layers}.get(engine, a.zero_layers)
-        for layers in (int(x) for x in depths.split(",")):
+        for layers in (int(x) for x in depths[engine].split(",")):
             run_dir = work / f"{engine}_{layers}"
             cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"model.num_layers={layers}",
                    f"device={a.device}", f"train.seq_length={a.seq_length}",
@@ -151,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         if plain is not None and r is not plain:
             lines.append(f"\n{r['engine']} / megatron, largest model: {r['params'] / plain['params']:.2f}×")
     env = environment()
-    description = (f"`{a.model}` layer shape, depths megatron {a.megatron_layers} / ZeRO-3 {a.zero_layers}, seq {a.seq_length}, micro batch {a.micro_batch_size}, "
-                   f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}.")
+    # the pinned host allocator's settings (power-of-two rounding) change the host columns
+    alloc = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    description = (f"`{a.model}` layer shape, depths " + " / ".join(f"{e} {d}" for e, d in depths.items()
+                                                                     if e in a.engines.split(",")) +
+                   f", seq {a.seq_length}, micro batch {a.micro_batch_size}, "
+                   f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}."
+                   + (f" PYTORCH_ALLOC_CONF={alloc}." if alloc else ""))
     command = invocation("bench.bench_zero3", argv)
-    print("\n" + summary_text("largest model: megatron vs ZeRO-3 + CPU offload", env, description, command,
+    print("\n" + summary_text("largest model: megatron, megatron + optimizer offload, ZeRO-3 + CPU offload", env, description, command,
                               commands, lines), flush=True)
     if not rows:
         print("[bench] no engine trained any depth: nothing recorded", file=sys.stderr)
