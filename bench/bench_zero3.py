@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a run counts as failed")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="rows per optimizer step (gradient accumulation over micro batches); default: one micro batch")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = work / f"{engine}_{layers}"
             cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"model.num_layers={layers}",
                    f"device={a.device}", f"train.seq_length={a.seq_length}",
-                   f"train.micro_batch_size={a.micro_batch_size}", f"train.global_batch_size={a.micro_batch_size}",
+                   f"train.micro_batch_size={a.micro_batch_size}", f"train.global_batch_size={a.global_batch_size or a.micro_batch_size}",
                    f"train.steps={a.steps}", "logging.wandb.mode=disabled", "logging.progress=false",
                    "checkpoint.save_every=0", "checkpoint.final_save=false", f"run.dir={run_dir}", *overrides]
             print(f"[bench] {engine} layers={layers}: {shlex.join(cmd)}", flush=True)
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         if best:
             rows.append(best)
 
+    def size(params: int) -> str:
+        return f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+
     def b(r: dict[str, Any], key: str) -> str:
         return "n/a" if r.get(key) is None else f"{r[key]:.1f}"
 
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
         parts = " | ".join(f"{b(r, f'host_{part}_pinned_b_per_param')} / {b(r, f'host_{part}_pageable_b_per_param')}"
                            for part in ("state", "params", "buffers"))
-        lines.append(f"| {r['engine']} | {r['layers']} layers | {r['params'] / 1e9:.2f}B | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"| {r['engine']} | {r['layers']} layers | {size(r['params'])} | {r['tokens_per_s']:,.0f} | "
                      f"{mfu} | {gpu} | {r['peak_cpu_gb']:.1f} | {b(r, 'peak_cpu_b_per_param')} | "
                      f"{b(r, 'host_rss_b_per_param')} | {b(r, 'host_pinned_pool_b_per_param')} | {parts} |")
     plain = next((r for r in rows if r["engine"] == "megatron"), None)
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     description = (f"`{a.model}` layer shape, depths " + " / ".join(f"{e} {d}" for e, d in depths.items()
                                                                      if e in a.engines.split(",")) +
                    f", seq {a.seq_length}, micro batch {a.micro_batch_size}, "
+                   f"global batch {a.global_batch_size or a.micro_batch_size}, "
                    f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}."
                    + (f" PYTORCH_ALLOC_CONF={alloc}." if alloc else ""))
     command = invocation("bench.bench_zero3", argv)
