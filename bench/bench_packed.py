@@ -54,6 +54,24 @@ def write_chat_jsonl(path: Path, samples: int, seed: int, max_words: int) -> Non
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
+def prepare_chat(work: Path, samples: int, seq_length: int) -> tuple[str, Path]:
+    """The synthetic chat set tokenized by `launcher.preprocess format=sft` into `work`:
+    (the default corpus's tokenizer, the indexed dataset's prefix)."""
+    from launcher.data.pretrain import prepare_default_corpus
+    from omegaconf import OmegaConf
+
+    data_cfg = OmegaConf.load(REPO / "conf" / "data" / "stdlib_docs.yaml")
+    # The default corpus's tokenizer, where `launcher.train` keeps it (SHARDFORGE_CACHE or ~/.cache).
+    tokenizer, _ = prepare_default_corpus(Path(data_cfg.cache_dir), data_cfg.tokenizer_vocab_size,
+                                          data_cfg.max_corpus_bytes)
+    chat = work / "chat.jsonl"
+    write_chat_jsonl(chat, samples, seed=0, max_words=seq_length // 3)
+    prefix = work / "chat"
+    subprocess.run([sys.executable, "-m", "launcher.preprocess", f"input={chat}", f"output_prefix={prefix}",
+                    f"tokenizer={tokenizer}", "format=sft", "workers=4"], cwd=REPO, env=_env(), check=True)
+    return tokenizer, prefix
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -92,19 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
 
-    from launcher.data.pretrain import prepare_default_corpus
-    from omegaconf import OmegaConf
-
-    data_cfg = OmegaConf.load(REPO / "conf" / "data" / "stdlib_docs.yaml")
-    # The default corpus's tokenizer, where `launcher.train` keeps it (SHARDFORGE_CACHE or ~/.cache).
-    tokenizer, _ = prepare_default_corpus(Path(data_cfg.cache_dir), data_cfg.tokenizer_vocab_size,
-                                          data_cfg.max_corpus_bytes)
     work = Path(tempfile.mkdtemp(prefix="shardforge_packed_"))
-    chat = work / "chat.jsonl"
-    write_chat_jsonl(chat, a.samples, seed=0, max_words=a.seq_length // 3)
-    prefix = work / "chat"
-    subprocess.run([sys.executable, "-m", "launcher.preprocess", f"input={chat}", f"output_prefix={prefix}",
-                    f"tokenizer={tokenizer}", "format=sft", "workers=4"], cwd=REPO, env=_env(), check=True)
+    tokenizer, prefix = prepare_chat(work, a.samples, a.seq_length)
 
     rows, commands = [], []
     for packing in (False, True):

@@ -19,6 +19,12 @@ Two workloads, one training/timing loop:
 
     python -m bench.hf_baseline --model llama3_1b --seq-length 4096 --micro-batch-size 2 --json
     python -m bench.hf_baseline --sft-data /tmp/x/chat --variant liger --json   # packed SFT peer
+    python -m bench.hf_baseline --sft-data /tmp/x/chat --variant liger --lora-rank 16   # + peft LoRA
+
+With `--lora-rank N` (bench/bench_lora.py) the model is wrapped by `peft.get_peft_model` after it is
+built (and after liger's patches): LoRA of rank N on q/k/v/o/gate/up/down, `--lora-alpha`, no
+dropout; the base frozen and only the adapters in the optimizer. Adapters are fp32 on the bf16 base
+(peft's default, `autocast_adapter_dtype`) unless `--lora-dtype bf16`.
 """
 from __future__ import annotations
 
@@ -86,14 +92,32 @@ def llama_config(m: dict[str, Any]):
 
 
 VARIANTS = ("eager", "compile", "liger")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_lora(model: torch.nn.Module, rank: int, alpha: float, adapter_dtype: str = "fp32") -> torch.nn.Module:
+    """`peft.get_peft_model` with LoRA of `rank` on every linear of the decoder layers (no dropout);
+    adapter_dtype fp32: peft's default (adapters upcast on a bf16 base), bf16: the base's dtype."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                             bias="none", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype == "fp32")
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The LlamaForCausalLM inside `model` (unwrapped from torch.compile and from a peft wrapper)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype, variant: str = "eager",
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None):
     """The HF model as a user would run it: eager (SDPA), `torch.compile`d, or with liger-kernel's
     Triton kernels (RoPE, RMSNorm, SwiGLU, fused linear cross entropy) patched in; with
     `gradient_checkpointing`, each decoder layer recomputed in the backward (transformers' own,
-    non-reentrant), as long-context users run it."""
+    non-reentrant), as long-context users run it; with `lora` (apply_lora's keyword arguments), wrapped
+    by peft."""
     if variant == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -116,17 +140,19 @@ def build_model(m: dict[str, Any], device: torch.device, dtype: torch.dtype, var
     model.train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model = apply_lora(model, **lora)
     return torch.compile(model) if variant == "compile" else model
 
 
-def _setup(model_yaml: dict, device: str, seed: int, variant: str,
-           gradient_checkpointing: bool = False) -> tuple[torch.device, torch.nn.Module]:
+def _setup(model_yaml: dict, device: str, seed: int, variant: str, gradient_checkpointing: bool = False,
+           lora: dict[str, Any] | None = None) -> tuple[torch.device, torch.nn.Module]:
     dev = torch.device(device)
     torch.manual_seed(seed)
     if dev.type == "cuda":
         torch.cuda.manual_seed(seed)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, build_model(model_yaml, dev, dtype, variant, gradient_checkpointing)
+    return dev, build_model(model_yaml, dev, dtype, variant, gradient_checkpointing, lora)
 
 
 def train_timed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, warmup: int,
@@ -144,13 +170,14 @@ def train_timed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     if cuda:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=cuda)
+    params = [p for p in model.parameters() if p.requires_grad]  # under LoRA: the adapters only
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=cuda)
 
     def step(i: int) -> torch.Tensor:
         loss = model(**batches[i % len(batches)]).loss  # HF shifts the labels inside
         loss.backward()
         if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -208,6 +235,7 @@ def summarize(framework: str, model: torch.nn.Module, model_yaml: dict, dev: tor
         "warmup_steps": warmup,
         "losses": losses,
         "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "flops_per_token": flops_per_token,
         "peak_flops": peak,
         "seq_length": seq_length,
@@ -314,7 +342,7 @@ def check_isolation(model: torch.nn.Module, batch: dict[str, torch.Tensor], voca
     if len(starts) < 2:
         raise ValueError("check_isolation needs a batch of two samples or more")
     end = starts[1]
-    decoder = getattr(model, "_orig_mod", model).model  # under torch.compile: the eager module
+    decoder = causal_lm(model).model
     ids = batch["input_ids"]
     other = ids.clone()
     other[:, :end] = (other[:, :end] + 1) % vocab_size
@@ -332,7 +360,7 @@ def check_isolation(model: torch.nn.Module, batch: dict[str, torch.Tensor], voca
 def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro_batch_size: int, steps: int,
                   warmup: int, *, lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda",
                   seed: int = 1234, variant: str = "eager",
-                  gradient_checkpointing: bool = False) -> dict:
+                  gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None) -> dict:
     """Packed SFT with DataCollatorWithFlattening: each step one flattened batch of at most
     micro_batch_size x seq_length tokens (conversations in dataset order), same optimizer and timing as run_hf.
 
@@ -344,14 +372,15 @@ def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro
     samples = sft_samples(sft_data, seq_length)
     budget = micro_batch_size * seq_length
     plan = packed_sft_steps(samples.lengths, budget, steps)
-    dev, model = _setup(model_yaml, device, seed, variant, gradient_checkpointing)
+    dev, model = _setup(model_yaml, device, seed, variant, gradient_checkpointing, lora)
     # Every step's batch on the device before the clock starts (as the dense baseline's batches are).
     batches = [{k: v.to(dev) for k, v in flatten_batch(samples, idx).items()} for idx in plan]
     probe = next((b for b in batches if int((b["position_ids"] == 0).sum()) > 1), None)
     isolation = check_isolation(model, probe, model_yaml["vocab_size"]) if probe is not None else {}
     losses, times = train_timed(model, batches, steps, warmup, dev, lr=lr, clip_grad=clip_grad)
     timed = batches[warmup:]
-    result = summarize(f"hf-{variant}-packed", model, model_yaml, dev, seq_length=seq_length,
+    name = f"hf-{variant}" + (f"-peft-lora{lora['rank']}" if lora else "") + "-packed"
+    result = summarize(name, model, model_yaml, dev, seq_length=seq_length,
                        micro_batch_size=micro_batch_size, tokens=[b["input_ids"].numel() for b in timed],
                        times=times, losses=losses, warmup=warmup, clip_grad=clip_grad)
     timed_loss_tokens = sum(loss_tokens(b) for b in timed)
@@ -365,6 +394,7 @@ def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro
         "samples_in_set": len(samples),
         "truncated": samples.truncated,
         "dropped": samples.dropped,
+        "lora": lora,
         **isolation,
     })
     return result
@@ -393,7 +423,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="packed SFT instead of random tokens: the indexed dataset PREFIX written by "
                         "`launcher.preprocess format=sft`, flattened with DataCollatorWithFlattening "
                         "(at most micro batch x seq length tokens per step)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="with --sft-data: train peft LoRA adapters of this rank on every linear (0: full parameters)")
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="the adapters' dtype: fp32 (peft's default on a bf16 base) or bf16")
     a = p.parse_args(argv)
+    if a.lora_rank and not a.sft_data:
+        p.error("--lora-rank needs --sft-data")
     if a.steps - a.warmup < 20 and a.device == "cuda":
         print(f"hf_baseline: warning: only {a.steps - a.warmup} timed steps (>= 20 recommended)", file=sys.stderr)
     common = dict(lr=a.lr, clip_grad=a.clip_grad, device=a.device, variant=a.variant,
@@ -403,8 +440,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         record_memory_history(a.steps, torch.device(a.device))
     if a.sft_data:
+        lora = dict(rank=a.lora_rank, alpha=a.lora_alpha, adapter_dtype=a.lora_dtype) if a.lora_rank else None
         result = run_hf_packed(load_model_yaml(a.model), a.sft_data, a.seq_length, a.micro_batch_size, a.steps,
-                               a.warmup, **common)
+                               a.warmup, lora=lora, **common)
     else:
         result = run_hf(load_model_yaml(a.model), a.seq_length, a.micro_batch_size, a.steps, a.warmup, **common)
     result["model"] = a.model

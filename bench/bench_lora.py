@@ -1,0 +1,142 @@
+"""Benchmark: LoRA SFT on one GPU, ShardForge LoRA vs ShardForge full-parameter vs transformers + peft.
+
+    python -m bench.bench_lora                         # llama3_1b, seq 4096, micro batch 2, peer liger
+    python -m bench.bench_lora --device cpu --model tiny --seq-length 256 --samples 200 --steps 3 \
+        --warmup 1 --peers eager --no-record           # smoke test
+
+The synthetic chat set of bench/bench_packed.py (lognormal turn lengths, `launcher.preprocess
+format=sft`), trained three ways on the same preprocessed conversations:
+  * ShardForge full-parameter SFT: `launcher.train data=indexed data.format=sft data.packing=true`;
+  * ShardForge LoRA: the same + `train.peft=lora lora.rank=R lora.alpha=A lora.targets=[qkv,proj,fc1,fc2]`
+    (every linear of the decoder layers; `train.cuda_graph=auto` leaves LoRA steps uncaptured);
+  * transformers + peft (`--peers`, default liger; eager also runs on CPU): `python -m bench.hf_baseline
+    --sft-data PREFIX --lora-rank R` (see there): LoRA of the same rank and alpha on q/k/v/o/gate/up/down,
+    no dropout, only the adapters in the optimizer, conversations flattened with
+    DataCollatorWithFlattening up to micro_batch_size x seq_length tokens a step.
+The figures the issue asks for: peak memory of ShardForge LoRA over ShardForge full, and trained (loss)
+tokens per second of ShardForge LoRA over transformers + peft. Peak memory is
+torch.cuda.max_memory_allocated. The rows go into one JSON result (bench/results_io.py; `--out`,
+default under bench/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.bench_packed import prepare_chat, summarize
+from bench.bench_train import _run, summary_text
+from bench.results_io import environment, invocation, read_rows, write_result
+
+MEMORY_TARGET, SPEED_TARGET = 0.6, 1.2
+
+
+def lora_ratios(full: dict[str, Any], lora: dict[str, Any], peer: dict[str, Any] | None) -> dict[str, float | None]:
+    """ShardForge LoRA's peak memory over full-parameter ShardForge's (None without CUDA figures) and its
+    trained and computed tokens per second over the peer's (None without a peer)."""
+    mem = lora["peak_mem_gb"] / full["peak_mem_gb"] if lora.get("peak_mem_gb") and full.get("peak_mem_gb") else None
+    return {"memory_lora_over_full": mem,
+            "loss_tokens_per_s_over_peer": lora["loss_tokens_per_s"] / peer["loss_tokens_per_s"] if peer else None,
+            "tokens_per_s_over_peer": lora["tokens_per_s"] / peer["tokens_per_s"] if peer else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3_1b")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--peers", default="liger",
+                   help="comma-separated transformers + peft variants (bench.hf_baseline --variant): liger, eager, "
+                        "compile; empty for none. liger needs CUDA; eager smoke-tests on CPU")
+    p.add_argument("--peer-lora-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="the peer's adapter dtype (bench.hf_baseline --lora-dtype): fp32 is peft's default")
+    p.add_argument("--sf-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="Hydra override for both ShardForge runs (repeatable)")
+    p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_lora.json; never overwritten)")
+    p.add_argument("--no-record", action="store_true", help="print only; write no result file")
+    a = p.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="shardforge_lora_"))
+    tokenizer, prefix = prepare_chat(work, a.samples, a.seq_length)
+
+    lora_args = ["train.peft=lora", f"lora.rank={a.rank}", f"lora.alpha={a.alpha}", "lora.dropout=0.0",
+                 "lora.targets=[qkv,proj,fc1,fc2]"]
+    rows, commands = [], []
+    for name, extra in (("ShardForge full", []), (f"ShardForge LoRA r{a.rank}", lora_args)):
+        run_dir = work / ("run_lora" if extra else "run_full")
+        cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"device={a.device}", "data=indexed",
+               f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}", "data.format=sft", "data.packing=true",
+               f"train.seq_length={a.seq_length}", f"train.micro_batch_size={a.micro_batch_size}",
+               f"train.global_batch_size={a.micro_batch_size}", f"train.steps={a.steps}",
+               "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.save_every=0",
+               "checkpoint.final_save=false", f"run.dir={run_dir}", *extra, *a.sf_override]
+        ok, text, power = _run(name, cmd)
+        commands.append(text)
+        if not ok:
+            return 1
+        rows.append({"framework": name, **summarize(run_dir, a.warmup), **power})
+
+    failed = False
+    for variant in [v for v in a.peers.split(",") if v]:
+        out = work / f"hf_{variant}_lora.json"
+        cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
+               f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}", f"--steps={a.steps}",
+               f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}", f"--lora-rank={a.rank}",
+               f"--lora-alpha={a.alpha}", f"--lora-dtype={a.peer_lora_dtype}", f"--out={out}"]
+        ok, text, power = _run(f"transformers + peft ({variant})", cmd)
+        commands.append(text)
+        if not ok:
+            failed = True
+            continue
+        rows.append({**read_rows(out)[0], **power, "framework": f"transformers + peft r{a.rank} ({variant})"})
+
+    full, lora, peers = rows[0], rows[1], rows[2:]
+    ratios = lora_ratios(full, lora, peers[0] if peers else None)
+    env = environment()
+    lines = ["| SFT run | trained tokens/s | tokens/s | step (ms) | peak mem (GiB) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mem = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
+        lines.append(f"| {r['framework']} | {r['loss_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_time_s'] * 1e3:.1f} | {mem} |")
+    mem = ratios["memory_lora_over_full"]
+    lines.append(f"\nShardForge LoRA / full, peak memory: {'n/a' if mem is None else f'{mem:.2f}×'} "
+                 f"(target ≤ {MEMORY_TARGET})")
+    for r in peers:
+        each = lora_ratios(full, lora, r)
+        lines.append(f"\nShardForge LoRA / {r['framework']}, trained tokens per second: "
+                     f"{each['loss_tokens_per_s_over_peer']:.2f}× (target ≥ {SPEED_TARGET}); tokens per second: "
+                     f"{each['tokens_per_s_over_peer']:.2f}×")
+    lines.append("\ntrained tokens/s: tokens with a loss; tokens/s: every position computed (ShardForge's packed rows "
+                 "of seq_length with what they leave unfilled, the peer's flattened batch without padding).")
+    description = (f"model `{a.model}`, SFT, seq {a.seq_length}, micro batch {a.micro_batch_size} packed rows "
+                   f"(global batch = micro batch; the peer: one flattened batch of at most "
+                   f"{a.micro_batch_size * a.seq_length} tokens a step), LoRA rank {a.rank}, alpha {a.alpha:g}, "
+                   f"no dropout, on every linear of the decoder layers (ShardForge: one adapter on each fused "
+                   f"linear, qkv and gate/up; peft: one on each of q, k, v, gate and up, so more adapter "
+                   f"parameters at the same rank; peer adapters {a.peer_lora_dtype}), "
+                   f"{a.samples} synthetic conversations, {a.steps} steps, first {a.warmup} untimed. "
+                   f"torch {env['torch']}, megatron-core {env['megatron-core']}, transformers {env['transformers']}, "
+                   f"liger-kernel {env['liger-kernel']}.")
+    command = invocation("bench.bench_lora", argv)
+    print("\n" + summary_text("LoRA SFT: ShardForge LoRA vs full vs transformers + peft", env, description, command,
+                              commands, lines), flush=True)
+    if not (a.no_record or failed):
+        path = write_result(a.out, "lora", command, rows, env, ratios=ratios, args=vars(a), subprocesses=commands)
+        print(f"[bench] wrote {path}", flush=True)
+    if failed:
+        print("[bench] a transformers + peft peer failed: nothing recorded", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
