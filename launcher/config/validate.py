@@ -544,7 +544,10 @@ def _check_lora_checkpoint(c: JobConfig, load: str) -> bool:
     from launcher.checkpoint import resolve
     from parallel.lora_checkpoint import read_reference
 
-    directory = resolve(load)
+    try:
+        directory = resolve(load)
+    except FileNotFoundError as err:
+        raise ConfigError("checkpoint.load", str(err)) from err
     saved = read_reference(directory)
     if saved is None:
         return False

@@ -24,6 +24,7 @@ def _write_metrics(directory: Path, steps: range) -> None:
 
 def _fake_checkpoint(root: Path, step: int) -> None:
     (root / checkpoint.iter_dir_name(step)).mkdir(parents=True)
+    (root / checkpoint.iter_dir_name(step) / "metadata.json").write_text("{}")  # what marks a dist checkpoint
     (root / "latest").write_text(checkpoint.iter_dir_name(step) + "\n")
 
 
