@@ -23,7 +23,7 @@ class OptimConfig:
     precision_aware: bool = False
     moments_dtype: str = "fp32"       # fp32 | bf16: Adam's exp_avg and exp_avg_sq (bf16 needs precision_aware)
     # fp32 | bf16: the grad buffer DDP accumulates and reduces in (bf16, like Megatron-LM's
-    # --grad-reduce-in-bf16, needs precision_aware)
+    # --grad-reduce-in-bf16, needs precision_aware or cpu_offload)
     main_grads_dtype: str = "fp32"
     # exact | stochastic (precision_aware only): exact keeps the fp32 masters as 16-bit remainders
     # (2 bytes/param); stochastic keeps none and rounds each bf16 update stochastically

@@ -205,7 +205,7 @@ class MegatronEngine:
                                  for chunk in chunks] if objective.live_reference and lora is None else []
         # bf16 main grads (precision-aware only): with one micro batch a step they hold what the
         # wgrad GEMM's bf16 epilogue wrote; half the buffer's memory and bytes (norm, AdamW, zeroing).
-        bf16_grads = optim.precision_aware and optim.main_grads_dtype == "bf16"
+        bf16_grads = (optim.precision_aware or optim.cpu_offload) and optim.main_grads_dtype == "bf16"
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=not bf16_grads,
                                                    overlap_grad_reduce=overlap_grad_reduce,
                                                    use_distributed_optimizer=distributed_optimizer)

@@ -164,7 +164,7 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
     graphed = (_check_cuda_graph(c, device_type, world_size) and t.objective == "lm" and t.peft == "none"
                and not t.offload_activations)
     _check_precision_aware(c, device_type)
-    _check_optimizer_offload(c)
+    _check_optimizer_offload(c, device_type)
     if c.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be offline, online or disabled, got {c.logging.wandb.mode!r}")
 
@@ -380,8 +380,9 @@ def _check_precision_aware(c: JobConfig, device_type: str) -> None:
             raise ConfigError("optim.master_weights", "stochastic rounding needs optim.precision_aware=true")
         if o.moments_dtype != "fp32":
             raise ConfigError("optim.moments_dtype", "bf16 moments need optim.precision_aware=true")
-        if o.main_grads_dtype != "fp32":
-            raise ConfigError("optim.main_grads_dtype", "bf16 main grads need optim.precision_aware=true")
+        if o.main_grads_dtype != "fp32" and not o.cpu_offload:
+            raise ConfigError("optim.main_grads_dtype", "bf16 main grads need optim.precision_aware=true "
+                                                        "(or optim.cpu_offload=true)")
         return
     if c.parallel.engine != "megatron":
         raise ConfigError("optim.precision_aware",
@@ -394,7 +395,7 @@ def _check_precision_aware(c: JobConfig, device_type: str) -> None:
                                                    "train.precision=bf16 (auto is fp32 on CPU)")
 
 
-def _check_optimizer_offload(c: JobConfig) -> None:
+def _check_optimizer_offload(c: JobConfig, device_type: str) -> None:
     """optim.cpu_offload: megatron-core's HybridDeviceOptimizer under its distributed optimizer."""
     if not c.optim.cpu_offload:
         return
@@ -406,6 +407,10 @@ def _check_optimizer_offload(c: JobConfig) -> None:
     if c.optim.precision_aware:
         raise ConfigError("optim.cpu_offload", "steps fp32 masters on the host with torch's AdamW: "
                                                "set optim.precision_aware=false")
+    precision = c.train.precision
+    if c.optim.main_grads_dtype == "bf16" and (precision == "fp32" or (precision == "auto" and device_type == "cpu")):
+        raise ConfigError("optim.main_grads_dtype", "bf16 main grads hold bf16 params' gradients: needs "
+                                                    "train.precision=bf16 (auto is fp32 on CPU)")
 
 
 def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:

@@ -49,6 +49,7 @@ def trained(tmp_path_factory, cache_env) -> dict[str, list[tuple]]:
         run("bf16_grads", [*aware, "optim.main_grads_dtype=bf16"]),
         run("stochastic", [*aware, "optim.master_weights=stochastic", *save]),
         run("offload", [*offload, *save]),
+        run("offload_bf16_grads", [*offload, "optim.main_grads_dtype=bf16"]),
         *[run(name, [*aware, *extra], n) for name, extra, n in PARALLEL]])
     resumed = train_runs(base, [run("from_plain", aware, load="plain"), run("from_aware", [], load="aware"),
                                 run("from_stochastic", aware, load="stochastic"),
@@ -79,6 +80,8 @@ def test_offloaded_optimizer_trains_the_fp32_master_curve(trained):
     curve, and a resume from its checkpoint continues its own curve bit for bit."""
     _close(trained["offload"], trained["plain"], rtol=1e-4)
     assert trained["from_offload"] == trained["offload"][3:]
+    # bf16 main grads (the grad buffer on the GPU, copied into fp32 on the host): the same curve
+    _close(trained["offload_bf16_grads"], trained["plain"], rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", [x[0] for x in PARALLEL])

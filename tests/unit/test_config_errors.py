@@ -77,6 +77,8 @@ CASES = [
      "needs parallel.distributed_optimizer=true"),
     (["optim.cpu_offload=true", "optim.precision_aware=true", "train.precision=bf16"], "optim.cpu_offload",
      "set optim.precision_aware=false"),
+    (["optim.cpu_offload=true", "optim.main_grads_dtype=bf16"], "optim.main_grads_dtype",
+     "needs train.precision=bf16"),
     (["logging.wandb.mode=cloud"], "logging.wandb.mode", "must be offline, online or disabled"),
     (["logging.profile_steps=[5,2]"], "logging.profile_steps", "1 <= start <= end"),
     (["logging.memory_snapshot=0"], "logging.memory_snapshot", "a step number >= 1"),
