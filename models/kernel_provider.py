@@ -81,6 +81,9 @@ class KernelOptions:
     cp_mode: str = "ring"  # context-parallel attention (cp > 1): ring | allgather
     lora: LoraOptions | None = None  # LoRA adapters on the dense layers' linears it targets
     moe_dispatch: str = "megatron"  # MoE layers under gpu_kernels: megatron (MoELayer) | fused (FusedMoELayer)
+    # lm | dpo | simpo | orpo: the fused loss slot serves only a loss c·Σ mask·loss_t (one scale for
+    # every token), which a preference loss is not
+    objective: str = "lm"
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -114,8 +117,10 @@ def default_backend() -> str:
 
 def model_class(config: TransformerConfig, options: KernelOptions) -> type[GPTModel]:
     """The loss slot (built with `unpadded_vocab_size=`): the fused output layer + cross entropy has no
-    vocab-parallel reduction (TP 1 only)."""
-    if options.device == "cuda" and options.engine == "megatron" and config.tensor_model_parallel_size == 1:
+    vocab-parallel reduction (TP 1 only), and its backward scales every token's gradient alike (LM
+    objective only: a preference loss weighs each sequence's tokens by that pair's term)."""
+    if (options.device == "cuda" and options.engine == "megatron" and config.tensor_model_parallel_size == 1
+            and options.objective == "lm"):
         return LinearCrossEntropyGPTModel
     return PaddedVocabGPTModel
 

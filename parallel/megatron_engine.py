@@ -172,7 +172,7 @@ class MegatronEngine:
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         # models/kernel_provider.py picks every module class of the model from these
         kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8, cp_mode=cp_mode, lora=lora,
-                                moe_dispatch=moe_dispatch)
+                                moe_dispatch=moe_dispatch, objective=objective.name)
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep,
                                          cp=layout.cp)
