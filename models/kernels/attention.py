@@ -15,13 +15,6 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-# On GPU, cuDNN's fused attention runs causal forward+backward well ahead of the flash kernel
-# (bench/bench_attention.py); SDPA falls through this list to the first backend that takes the
-# call's shape, dtype and mask.
-_CUDA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                  SDPBackend.MATH]
 
 
 class SDPAttention(MegatronModule):
@@ -56,8 +49,9 @@ class SDPAttention(MegatronModule):
         mask = None if causal or attention_mask is None else ~attention_mask
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = dense_attention(q, k, v, mask, causal, self.softmax_scale,
-                              self.dropout_p if self.training else 0.0, self.gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+            dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=self.gqa)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)
 
@@ -77,17 +71,6 @@ class SDPAttention(MegatronModule):
                                                  enable_gqa=self.gqa)
             out = out.squeeze(0).transpose(0, 1)
         return out.reshape(t, -1)
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                    scale: float | None, dropout_p: float, gqa: bool) -> torch.Tensor:
-    """SDPA on [b, heads, s, d]; on CUDA with cuDNN's kernel first in the backend order."""
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              dropout_p=dropout_p, enable_gqa=gqa)
-    with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              dropout_p=dropout_p, enable_gqa=gqa)
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
