@@ -261,6 +261,11 @@ def _check_lora(c: JobConfig) -> None:
     if "experts" in targets and c.model.num_experts is None:
         raise ConfigError("lora.targets", f"experts (the routed experts' linears) needs a mixture-of-experts model; "
                                           f"model={c.model.name} is dense")
+    dense_mlps = c.model.num_experts is None or 0 in c.model.moe_layer_pattern() or \
+        c.model.moe_shared_expert_intermediate_size is not None
+    if not dense_mlps and {"fc1", "fc2"} & set(targets):
+        raise ConfigError("lora.targets", f"fc1 and fc2 adapt dense MLPs and shared experts; model={c.model.name} "
+                                          f"has neither (its routed experts' linears: experts)")
     refusals = (("parallel.engine", c.parallel.engine != "megatron", f"parallel.engine={c.parallel.engine}"),
                 ("lora.base_fp8", lora.base_fp8 and t.precision == "fp8", "lora.base_fp8 and train.precision=fp8"),
                 ("train.compile", t.compile, "train.compile=true"),

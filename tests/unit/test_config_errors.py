@@ -69,6 +69,8 @@ CASES = [
     (["parallel.cp=2", "parallel.engine=deepspeed"], "parallel.cp", "needs parallel.engine=megatron"),
     (["parallel.cp=2"], "parallel", "world size 1 is not divisible by tp*pp*cp = 2"),
     (["train.cuda_graph=true", "device=cpu"], "train.cuda_graph", "needs device=cuda"),
+    (["train.peft=lora", "model=mixtral_tiny", "lora.targets=[qkv,fc1]"], "lora.targets",
+     "fc1 and fc2 adapt dense MLPs and shared experts; model=mixtral_tiny has neither"),
     (["train.offload_activations=true", *DS], "train.offload_activations", "needs parallel.engine=megatron"),
     (["train.offload_activations=true", "train.cuda_graph=true"], "train.offload_activations",
      "not captured by a CUDA graph"),
