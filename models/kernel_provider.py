@@ -47,7 +47,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from models.fused_loss import LinearCrossEntropyGPTModel
+from models.fused_loss import LinearCrossEntropyGPTModel, LinearTokenLossGPTModel
 from models.fused_moe import FusedMoELayer
 from models.kernels.attention import SDPAttention
 from models.kernels.context_parallel_attention import MODES as CP_MODES, ContextParallelAttention
@@ -117,11 +117,10 @@ def default_backend() -> str:
 
 def model_class(config: TransformerConfig, options: KernelOptions) -> type[GPTModel]:
     """The loss slot (built with `unpadded_vocab_size=`): the fused output layer + cross entropy has no
-    vocab-parallel reduction (TP 1 only), and its backward scales every token's gradient alike (LM
-    objective only: a preference loss weighs each sequence's tokens by that pair's term)."""
-    if (options.device == "cuda" and options.engine == "megatron" and config.tensor_model_parallel_size == 1
-            and options.objective == "lm"):
-        return LinearCrossEntropyGPTModel
+    vocab-parallel reduction (TP 1 only); its LM form scales every token's gradient alike, so a
+    preference loss (each sequence's tokens weighed by its pair's term) gets the per-token form."""
+    if options.device == "cuda" and options.engine == "megatron" and config.tensor_model_parallel_size == 1:
+        return LinearCrossEntropyGPTModel if options.objective == "lm" else LinearTokenLossGPTModel
     return PaddedVocabGPTModel
 
 

@@ -76,6 +76,52 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
+def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    x = logits.float()
+    return (torch.logsumexp(x, dim=-1) - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+
+
+_compiled_token_loss = torch.compile(_token_loss, dynamic=True)
+
+
+class LinearTokenLosses(torch.autograd.Function):
+    """Per-token cross entropy of hidden @ weightᵀ for a loss that weighs each token's term its own
+    way (the preference objectives: every sequence by its pair's term). The forward keeps no
+    logits; the backward recomputes each chunk's logits and applies that chunk's upstream gradients
+    (one more output-layer GEMM than LinearCrossEntropy, whose backward has a single scale)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        token_loss = _compiled_token_loss if hidden.is_cuda else _token_loss
+        losses = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk_tokens):
+            end = min(start + chunk_tokens, hidden.size(0))
+            losses[start:end] = token_loss(hidden[start:end] @ weight.t(), labels[start:end])
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk_tokens = chunk_tokens
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        hidden, weight, labels = ctx.saved_tensors
+        loss_and_grad = _compiled if hidden.is_cuda else _loss_and_logit_grad
+        grad_losses = grad_losses.float()
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.size(0), ctx.chunk_tokens):
+            end = min(start + ctx.chunk_tokens, hidden.size(0))
+            h = hidden[start:end]
+            # d(Σ g·loss)/d logits = g · (softmax − one-hot): the upstream gradient in the mask's place
+            _, grad_logits = loss_and_grad(h @ weight.t(), labels[start:end], grad_losses[start:end])
+            grad_hidden[start:end] = grad_logits @ weight
+            if hidden.is_cuda:  # accumulate in the GEMM's fp32 epilogue
+                torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
+            else:
+                grad_weight.add_((grad_logits.t() @ h).float())
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
 def chunk_tokens_for(vocab: int) -> int:
     """Tokens per chunk: a power of two, 256 to 4096, whose logits hold at most 2**25 values (64 MiB
     in bf16; the chunk's gradient and the compiled loss's buffers are as large, and all of them are
@@ -93,3 +139,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     losses = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
                                       mask.reshape(-1), chunk_tokens)
     return losses.reshape(shape)
+
+
+def linear_token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        chunk_tokens: int | None = None) -> torch.Tensor:
+    """hidden [..., h] @ weight[V, h]ᵀ → per-token cross entropy [...] against labels, for any loss
+    of them (LinearTokenLosses)."""
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.size(0))
+    losses = LinearTokenLosses.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), chunk_tokens)
+    return losses.reshape(labels.shape)

@@ -77,9 +77,9 @@ CASES = {
     "cuda_recompute_full": ("tiny", kp.KernelOptions(device="cuda"), "full", 1,
                             {**GPU, "residual_add": "get_bias_dropout_add", "final_norm": "RMSNorm"}),
     "cuda_tp2": ("tiny", kp.KernelOptions(device="cuda"), None, 2, {**GPU, "loss": "PaddedVocabGPTModel"}),
-    # a preference loss weighs each sequence's tokens differently: not the fused loss's one scale
+    # a preference loss weighs each sequence's tokens differently: the fused loss's per-token form
     "cuda_dpo": ("tiny", kp.KernelOptions(device="cuda", objective="dpo"), None, 1,
-                 {**GPU, "loss": "PaddedVocabGPTModel"}),
+                 {**GPU, "loss": "LinearTokenLossGPTModel"}),
     "cuda_deepspeed": ("tiny", kp.KernelOptions(device="cuda", engine="deepspeed"), None, 1, {}),
     "cpu_qk_layernorm": ("qwen3_30b_a3b", kp.KernelOptions(), None, 1,
                          {**MOE_CPU, "moe q_norm": "RMSNorm"}),

@@ -1,5 +1,6 @@
 """Fused output layer + cross entropy (models/kernels/linear_cross_entropy.py) against the
-unfused reference: logits = h Wᵀ, torch cross entropy, autograd (fp32, 1e-5). The model's loss
+unfused reference: logits = h Wᵀ, torch cross entropy, autograd (fp32, 1e-5); linear_token_losses
+under a loss that weighs every token differently (as a preference objective does). The model's loss
 through it is tests/dist/test_fused_loss_model.py."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.kernels.linear_cross_entropy import chunk_tokens_for, linear_cross_entropy
+from models.kernels.linear_cross_entropy import chunk_tokens_for, linear_cross_entropy, linear_token_losses
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000], ids=["chunks", "one-chunk-exact", "one-chunk"])
@@ -49,3 +50,30 @@ def test_default_chunks_follow_the_vocab():
     (ref * mask.double()).sum().mul(0.5).backward()
     for a, b in zip((losses.detach(), hidden.grad, weight.grad), (ref.detach(), h64.grad, w64.grad)):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk", [7, 1000], ids=["chunks", "one-chunk"])
+def test_token_losses_take_any_gradient_per_token(chunk):
+    """Each token's loss weighted by its own factor (signs and sizes differ, as a DPO pair's sides
+    do): losses and both gradients equal the unfused reference's; linear_cross_entropy's single
+    scale would not."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 19, 32, generator=g, requires_grad=True)
+    weight = torch.randn(300, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (4, 19), generator=g)
+    weights = torch.randn(4, 19, generator=g) * (torch.rand(4, 19, generator=g) > 0.2)
+
+    losses = linear_token_losses(hidden, weight, labels, chunk_tokens=chunk)
+    (losses * weights).sum().backward()
+    got = (losses.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+
+    ref = F.cross_entropy((hidden @ weight.t()).reshape(-1, 300), labels.reshape(-1), reduction="none").reshape(4, 19)
+    (ref * weights).sum().backward()
+    for a, b in zip(got, (ref.detach(), hidden.grad, weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    want_hidden = hidden.grad.clone()
+    hidden.grad = None
+    single_scale = linear_cross_entropy(hidden, weight, labels, torch.ones(4, 19), chunk_tokens=chunk)
+    (single_scale * weights).sum().backward()
+    assert not torch.allclose(hidden.grad, want_hidden, rtol=1e-2, atol=1e-3)
