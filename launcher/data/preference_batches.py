@@ -118,16 +118,12 @@ class PreferenceBatches:
         check_pair_batch_shapes(dp_size, micro_batch_size, global_batch_size)
         pairs_global, per_mb = global_batch_size // 2, micro_batch_size // 2
         order = [self.pair_at(step * pairs_global + j) for j in range(pairs_global)]
-        chosen_tokens = int(self.chosen_targets[order].sum())
+        step_counts = {"pairs_global": pairs_global, "chosen_tokens_global": int(self.chosen_targets[order].sum()),
+                       "chosen_sequence_tokens_global": int(self.chosen_sequence_tokens[order].sum())}
         per_rank = pairs_global // dp_size
         mine = order[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        batches = []
-        for start in range(0, per_rank, per_mb):
-            batch = self.collate_pairs(mine[start:start + per_mb])
-            batch["pairs_global"], batch["chosen_tokens_global"] = pairs_global, chosen_tokens
-            batch["chosen_sequence_tokens_global"] = int(self.chosen_sequence_tokens[order].sum())
-            batches.append(batch)
-        return batches
+        return [{**self.collate_pairs(mine[start:start + per_mb]), **step_counts}
+                for start in range(0, per_rank, per_mb)]
 
     def step_stats(self, *, step: int, global_batch_size: int) -> dict[str, float]:
         """Padding of step `step`'s global batch: the share of its row tokens that are padding."""
@@ -197,17 +193,14 @@ class PackedPreferenceBatches(PreferenceBatches):
         """This DP rank's micro batches of step `step` (TrainData.batches' contract)."""
         check_batch_shapes(dp_rank, dp_size, micro_batch_size, global_batch_size)
         rows = [self.row_at(step * global_batch_size + j) for j in range(global_batch_size)]
-        pairs_global = sum(len(row) for row in rows)
-        chosen_tokens = int(sum(self.chosen_targets[row].sum() for row in rows))
+        step_pairs = np.concatenate(rows)
+        step_counts = {"pairs_global": len(step_pairs),
+                       "chosen_tokens_global": int(self.chosen_targets[step_pairs].sum()),
+                       "chosen_sequence_tokens_global": int(self.chosen_sequence_tokens[step_pairs].sum())}
         per_rank = global_batch_size // dp_size
         mine = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        batches = []
-        for start in range(0, per_rank, micro_batch_size):
-            batch = self.collate_rows(mine[start:start + micro_batch_size])
-            batch["pairs_global"], batch["chosen_tokens_global"] = pairs_global, chosen_tokens
-            batch["chosen_sequence_tokens_global"] = int(sum(self.chosen_sequence_tokens[row].sum() for row in rows))
-            batches.append(batch)
-        return batches
+        return [{**self.collate_rows(mine[start:start + micro_batch_size]), **step_counts}
+                for start in range(0, per_rank, micro_batch_size)]
 
     def step_stats(self, *, step: int, global_batch_size: int) -> dict[str, float]:
         """Padding of step `step`'s global batch: the share of its row tokens that are padding."""
