@@ -435,24 +435,31 @@ def test_moe_dpo_first_step_equals_transformers_and_trl(trained):
     assert abs(norm() - without_aux) > 1e-3 * without_aux  # the comparison sees the aux loss's weight
 
 
+PREFERENCE_CURVE = ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
+                    "logps_rejected", "nll_loss")
+
+
+def _assert_same_curve(reference: list[dict], other: list[dict], steps: int, *,
+                       keys: tuple[str, ...] = PREFERENCE_CURVE, rel: float = 1e-5) -> None:
+    """Every step's `keys` of `other` equal `reference`'s (rel, abs 1e-6), over `steps` steps each."""
+    assert len(reference) == len(other) == steps
+    for a, b in zip(reference, other):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (a["step"], key)
+
+
 def test_moe_dpo_under_expert_parallelism_equals_the_single_process(trained):
     _, d, _ = trained
     single, ep2 = read_metrics(d / "dpo_moe"), read_metrics(d / "dpo_moe_ep2")
-    assert len(single) == len(ep2) == PREF_STEPS
-    for a, b in zip(single, ep2):
-        for key in ("loss", "grad_norm", "reward_margin", "logps_chosen", "nll_loss", "moe_aux_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    _assert_same_curve(single, ep2, PREF_STEPS,
+                       keys=("loss", "grad_norm", "reward_margin", "logps_chosen", "nll_loss", "moe_aux_loss"))
 
 
 @pytest.mark.parametrize("name", ["dpo_tp2", "dpo_dp2", "dpo_pp2", "dpo_cp2", "dpo_zero3"])
 def test_dpo_layouts_equal_the_single_process(trained, name):
     _, d, _ = trained
     single, other = read_metrics(d / "dpo"), read_metrics(d / name)
-    assert len(single) == len(other) == PREF_STEPS
-    for a, b in zip(single, other):
-        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
-                    "logps_rejected", "nll_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    _assert_same_curve(single, other, PREF_STEPS)
 
 
 @pytest.mark.parametrize("name", ["dpo_live", "dpo_live_pp2", "dpo_zero3_live"])
@@ -462,23 +469,15 @@ def test_live_reference_equals_the_precomputed_reference(trained, name):
     _, d, outputs = trained
     assert "dpo: reference log-probs" not in outputs[name] and not (d / name / "reference_logps").exists()
     precomputed, live = read_metrics(d / "dpo"), read_metrics(d / name)
-    assert len(precomputed) == len(live) == PREF_STEPS
     tolerance = 1e-6 if name == "dpo_live" else 1e-5  # other layouts against the single process: as elsewhere
-    for a, b in zip(precomputed, live):
-        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
-                    "logps_rejected", "nll_loss"):
-            assert b[key] == pytest.approx(a[key], rel=tolerance, abs=1e-6), (a["step"], key)
+    _assert_same_curve(precomputed, live, PREF_STEPS, rel=tolerance)
 
 
 @pytest.mark.parametrize("name", ["dpo4_vpp", "dpo4_vpp_live"])
 def test_dpo_under_the_interleaved_pipeline_equals_the_single_process(trained, name):
     _, d, _ = trained
     single, vpp = read_metrics(d / "dpo4"), read_metrics(d / name)
-    assert len(single) == len(vpp) == PREF_STEPS
-    for a, b in zip(single, vpp):
-        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
-                    "logps_rejected", "nll_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    _assert_same_curve(single, vpp, PREF_STEPS)
     if name == "dpo4_vpp":
         [table] = (d / "dpo4" / "reference_logps").glob("*.npy")
         [vpp_table] = (d / name / "reference_logps").glob("*.npy")
@@ -508,9 +507,7 @@ def test_packed_pairs_equal_unpacked(trained, name):
     assert packed[0]["padding_fraction"] < unpacked[0]["padding_fraction"] / 2
     for a, b in zip(unpacked, packed):
         assert a["loss_tokens"] == b["loss_tokens"] == len(_first_batch(d)[0])  # pairs: all of them
-        for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen",
-                    "logps_rejected", "nll_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), (a["step"], key)
+    _assert_same_curve(unpacked, packed, PACKED_STEPS, rel=1e-6)
     if name == "dpo":
         [table] = (d / f"{name}_all" / "reference_logps").glob("*.npy")
         [packed_table] = (d / f"{name}_all_packed" / "reference_logps").glob("*.npy")
@@ -521,10 +518,8 @@ def test_packed_pairs_equal_unpacked(trained, name):
 def test_packed_dpo_layouts_equal_the_single_process(trained, name):
     _, d, _ = trained
     single, other = read_metrics(d / "dpo_all_packed"), read_metrics(d / name)
-    assert len(single) == len(other) == PACKED_STEPS
-    for a, b in zip(single, other):
-        for key in ("loss", "grad_norm", "reward_margin", "logps_chosen", "nll_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    _assert_same_curve(single, other, PACKED_STEPS, keys=("loss", "grad_norm", "reward_margin", "logps_chosen",
+                                                          "nll_loss"))
 
 
 def test_live_reference_resume_continues_bit_exactly(trained):
