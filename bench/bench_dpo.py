@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_packed import WORDS
+from bench.bench_packed import lognormal_text
 from bench.bench_train import _env, _run, summary_text
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
 
@@ -39,8 +39,7 @@ def write_pairs_jsonl(path: Path, samples: int, seed: int, max_words: int) -> No
     rng = random.Random(seed)
 
     def text(median: float, sigma: float) -> str:
-        n = max(1, min(max_words, int(rng.lognormvariate(0.0, sigma) * median)))
-        return " ".join(rng.choice(WORDS) for _ in range(n))
+        return lognormal_text(rng, median, sigma, max_words)
 
     with path.open("w") as f:
         for _ in range(samples):

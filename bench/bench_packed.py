@@ -41,12 +41,17 @@ WORDS = ("the function returns a value for each key in the mapping and raises an
          "mode and time of the last change which the caller may read or write through this module").split()
 
 
+def lognormal_text(rng: random.Random, median: float, sigma: float, max_words: int) -> str:
+    """Words of WORDS, as many as a lognormal draw around `median` (1 to max_words): long-tailed lengths."""
+    n = max(1, min(max_words, int(rng.lognormvariate(0.0, sigma) * median)))
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
 def write_chat_jsonl(path: Path, samples: int, seed: int, max_words: int) -> None:
     rng = random.Random(seed)
 
     def text(median: float, sigma: float) -> str:
-        n = max(1, min(max_words, int(rng.lognormvariate(0.0, sigma) * median)))
-        return " ".join(rng.choice(WORDS) for _ in range(n))
+        return lognormal_text(rng, median, sigma, max_words)
 
     with path.open("w") as f:
         for _ in range(samples):
