@@ -273,6 +273,7 @@ def build_engine(cfg: JobConfig, args: ModelArgs, layout: Layout, device: torch.
                           # fp8 and the cp_mode attentions are the torch backend's
                           backend="torch" if fp8 or layout.cp > 1 or cfg.train.peft != "none" else default_backend(),
                           cp_mode=cfg.parallel.cp_mode, moe_dispatch=cfg.train.moe_dispatch,
+                          attention_backend=cfg.train.attention_backend,
                           distributed_optimizer=cfg.parallel.distributed_optimizer,
                           overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                           compile=cfg.train.compile,

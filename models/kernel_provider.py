@@ -9,7 +9,8 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
 - residual adds: ResidualAddNorm, the add fused into the norm reading its sum on CUDA tensors
   (models/residual_norm.py); megatron's bias-dropout-add under full-layer recompute, which
   re-runs one layer alone;
-- attention core: SDPA (models/kernels/attention.py); under context parallelism (cp > 1) the
+- attention core: SDPA (models/kernels/attention.py; on CUDA the kernel `attention_backend` names,
+  or torch's own order); under context parallelism (cp > 1) the
   ring or all-gather CP attention (`cp_mode`, models/kernels/context_parallel_attention.py; packed
   rows masked per document); RoPE: on GPU RopeSelfAttention
   (models/rope_attention.py), elsewhere megatron's SelfAttention;
@@ -49,7 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.fused_loss import LinearCrossEntropyGPTModel, LinearTokenLossGPTModel
 from models.fused_moe import FusedMoELayer
-from models.kernels.attention import SDPAttention
+from models.kernels.attention import ATTENTION_BACKENDS, SDPAttention
 from models.kernels.context_parallel_attention import MODES as CP_MODES, ContextParallelAttention
 from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.kernels.grouped_experts import GroupedGemmExperts
@@ -81,6 +82,7 @@ class KernelOptions:
     cp_mode: str = "ring"  # context-parallel attention (cp > 1): ring | allgather
     lora: LoraOptions | None = None  # LoRA adapters on the dense layers' linears it targets
     moe_dispatch: str = "megatron"  # MoE layers under gpu_kernels: megatron (MoELayer) | fused (FusedMoELayer)
+    attention_backend: str = "auto"  # the dense core attention's SDPA kernel on CUDA: auto | cudnn | flash
     # lm | dpo | simpo | orpo: the fused loss slot serves only a loss c·Σ mask·loss_t (one scale for
     # every token), which a preference loss is not
     objective: str = "lm"
@@ -94,6 +96,8 @@ class KernelOptions:
             raise ValueError(f"unknown engine {self.engine!r} (megatron | deepspeed)")
         if self.moe_dispatch not in ("fused", "megatron"):
             raise ValueError(f"unknown MoE dispatch {self.moe_dispatch!r} (fused | megatron)")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention_backend!r} ({' | '.join(ATTENTION_BACKENDS)})")
         if self.cp_mode not in CP_MODES:
             raise ValueError(f"unknown context-parallel attention mode {self.cp_mode!r} (ring | allgather)")
 
@@ -159,7 +163,8 @@ def _fill_layer(spec: ModuleSpec, config: TransformerConfig, options: KernelOpti
         attention.q_layernorm = attention.k_layernorm = RMSNorm
     layer.self_attention.module = RopeSelfAttention if gpu else SelfAttention
     attention.core_attention = (ModuleSpec(module=ContextParallelAttention, params={"mode": options.cp_mode})
-                                if config.context_parallel_size > 1 else SDPAttention)
+                                if config.context_parallel_size > 1
+                                else ModuleSpec(module=SDPAttention, params={"backend": options.attention_backend}))
     spec.module = LlamaTransformerLayer
     spec.params = dict(spec.params)
     if chain is not None:

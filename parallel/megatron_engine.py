@@ -161,6 +161,7 @@ class MegatronEngine:
                  recompute: str | list[str] | None, backend: str, distributed_optimizer: bool = True,
                  overlap_grad_reduce: bool = False, compile: bool = False, cuda_graph: bool = False,
                  fp8: bool = False, cp_mode: str = "ring", moe_dispatch: str = "megatron",
+                 attention_backend: str = "auto",
                  keep_saved_schedule: bool = False, objective: ObjectiveConfig = ObjectiveConfig(),
                  lora: LoraOptions | None = None, offload_activations: bool = False):
         self.args, self.layout, self.device = args, layout, device
@@ -172,7 +173,8 @@ class MegatronEngine:
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         # models/kernel_provider.py picks every module class of the model from these
         kernels = KernelOptions(device=device.type, backend=backend, fp8=fp8, cp_mode=cp_mode, lora=lora,
-                                moe_dispatch=moe_dispatch, objective=objective.name)
+                                moe_dispatch=moe_dispatch, attention_backend=attention_backend,
+                                objective=objective.name)
         self.config = transformer_config(args, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=params_dtype,
                                          on_cpu=device.type == "cpu", recompute=recompute, ep=layout.ep,
                                          cp=layout.cp)

@@ -101,6 +101,9 @@ class TrainConfig:
     # | fused: permute, grouped GEMMs and combine without host synchronization where one rank holds
     # every expert (models/fused_moe.py)
     moe_dispatch: str = "megatron"
+    # the dense core attention's SDPA kernel on CUDA (as Megatron-LM's --attention-backend): auto
+    # (torch's dispatch order) | cudnn | flash (that kernel only: an input it cannot take is an error)
+    attention_backend: str = "auto"
     log_every: int = 1                # metrics.jsonl gets every N-th step (and the last)
     # lm: next-token cross entropy (pretrain, SFT) | dpo | simpo | orpo: a preference loss over
     # preference pairs (models/objectives.py), refused by validation while no engine runs it

@@ -22,6 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 from launcher import run_dir
 from launcher.config.schema import JobConfig, ModelConfig
 from models.args import padded_vocab_size
+from models.kernels.attention import ATTENTION_BACKENDS
 from models.lora import TARGETS as LORA_TARGETS
 from models.objectives import DPO_LOSSES, DPO_REFERENCES, OBJECTIVES, ORPO_NLL, SMOOTHED_LOSSES
 from parallel import cuda_graph
@@ -144,6 +145,9 @@ def validate(cfg: DictConfig | JobConfig, world_size: int, device_type: str, *,
         if t.compile:
             raise ConfigError("train.precision", "fp8 layers run eager or CUDA-graphed: set train.compile=false")
     _check_recompute(c)
+    if t.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError("train.attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                                                     f"got {t.attention_backend!r}")
     if t.moe_dispatch not in ("fused", "megatron"):
         raise ConfigError("train.moe_dispatch", f"must be fused or megatron, got {t.moe_dispatch!r}")
     if t.compile and p.engine != "megatron":

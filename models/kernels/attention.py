@@ -2,7 +2,8 @@
 
 megatron-core's local DotProductAttention materializes the s×s score matrix (memory quadratic
 in the sequence length); SDPA dispatches to cuDNN / flash / memory-efficient kernels on GPU
-and to a fused CPU kernel, with grouped-query attention handled natively.
+and to a fused CPU kernel, with grouped-query attention handled natively. On CUDA the `backend`
+option pins one kernel (`auto` leaves the choice to SDPA's dispatch order).
 
 Packed rows (THD layout, documents delimited by cu_seqlens) go through
 `torch.nn.attention.varlen.varlen_attn` on GPU and through SDPA with an exact block-diagonal
@@ -15,6 +16,10 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash")
+_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 
 
 class SDPAttention(MegatronModule):
@@ -22,8 +27,12 @@ class SDPAttention(MegatronModule):
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type: str | None = None, pg_collection=None):
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None, pg_collection=None,
+                 backend: str = "auto"):
         super().__init__(config=config)
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r} ({' | '.join(ATTENTION_BACKENDS)})")
+        self.backend = backend
         if config.context_parallel_size != 1:
             raise NotImplementedError("SDPAttention does not implement context parallelism")
         self.attn_mask_type = attn_mask_type
@@ -49,9 +58,15 @@ class SDPAttention(MegatronModule):
         mask = None if causal or attention_mask is None else ~attention_mask
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-            dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=self.gqa)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.backend == "auto" or not query.is_cuda:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+                                                 dropout_p=dropout_p, enable_gqa=self.gqa)
+        else:
+            # one kernel, no fall-through: a call it cannot take raises (with SDPA's reason warned)
+            with sdpa_kernel([_SDPA_BACKENDS[self.backend]]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                     scale=self.softmax_scale, dropout_p=dropout_p, enable_gqa=self.gqa)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)
 

@@ -61,6 +61,7 @@ CASES = [
     (["parallel.cp=2", "train.seq_length=126"], "train.seq_length", "126 must be a multiple of 2 x parallel.cp = 4"),
     (["parallel.cp=2", "parallel.cp_mode=ulysses"], "parallel.cp_mode", "must be ring or allgather"),
     (["train.moe_dispatch=alltoall"], "train.moe_dispatch", "must be fused or megatron"),
+    (["train.attention_backend=xformers"], "train.attention_backend", "must be one of auto, cudnn, flash"),
     (["parallel.cp=2", "parallel.pp=2", "data.packing=true"], "data.packing",
      "packed rows under parallel.cp=2 do not run with parallel.pp=2"),
     (["parallel.cp=2", "model=mixtral_tiny", "data.reset_attention_mask=true"], "data.reset_attention_mask",
