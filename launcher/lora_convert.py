@@ -28,7 +28,7 @@ from launcher.model_io import build_model, check_new_root, init_world_of_one, re
 from models import hf_mapping as hfm
 from models.args import ModelArgs
 from models.lora import DENSE_TARGETS, TARGET_MODULES, is_adapter, merge_into_base
-from parallel.lora_checkpoint import options, read_reference
+from parallel.lora_checkpoint import missing_base, options, read_reference
 
 # target -> the HF projections its factors become, and how its B splits into their rows
 _HF_PROJECTIONS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -43,8 +43,8 @@ def lora_reference(checkpoint: str, key: str = "checkpoint") -> tuple[Path, dict
     if reference is None:
         raise ConfigError(key, f"{directory} holds no LoRA adapters (no lora.json): a train.peft=lora "
                                f"checkpoint is needed")
-    if reference["base"] is not None and not Path(reference["base"]).is_dir():
-        raise ConfigError(key, f"the base checkpoint of its adapters, {reference['base']}, is missing")
+    if (missing := missing_base(reference)) is not None:
+        raise ConfigError(key, missing)
     return directory, reference
 
 

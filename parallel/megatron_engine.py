@@ -442,7 +442,7 @@ class MegatronEngine:
             state.update(self._reference_sharded_state_dict(), **{LIVE_REFERENCE: True})
         dist_checkpointing.save(state, str(directory))
         if self.lora is not None and dist.get_rank() == 0:
-            content = lora_checkpoint.reference(self.lora_base, self.seed, self.lora, self.args,
+            content = lora_checkpoint.reference(self.lora_base, directory, self.seed, self.lora, self.args,
                                                 self.config.params_dtype)
             lora_checkpoint.write_reference(directory, content)
 

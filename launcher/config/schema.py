@@ -280,8 +280,20 @@ class EvaluateOptions:
 
 
 @dataclass(frozen=True)
+class EvaluateLoraConfig:
+    """launcher.evaluate's lora keys, unset (null) by default: a LoRA checkpoint's own (its lora.json),
+    or LoraConfig's defaults for any other checkpoint (launcher.evaluate.with_adapter_settings)."""
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    targets: list[str] | None = None
+    base_fp8: bool | None = None
+
+
+@dataclass(frozen=True)
 class EvaluateJobConfig(JobConfig):
     """`python -m launcher.evaluate`: the training config plus what only the evaluator reads (conf/evaluate.yaml)."""
+    lora: EvaluateLoraConfig = field(default_factory=EvaluateLoraConfig)  # type: ignore[assignment]
     evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
 
 

@@ -556,7 +556,7 @@ def _check_lora_checkpoint(c: JobConfig, load: str) -> bool:
     """Whether checkpoint.load holds LoRA adapters (parallel/lora_checkpoint.py), which must be this
     run's: its rank, alpha and targets, and the base they were trained on."""
     from launcher.checkpoint import resolve
-    from parallel.lora_checkpoint import read_reference
+    from parallel.lora_checkpoint import missing_base, read_reference
 
     try:
         directory = resolve(load)
@@ -578,8 +578,8 @@ def _check_lora_checkpoint(c: JobConfig, load: str) -> bool:
     if saved["base"] is None and saved["seed"] != c.train.seed:
         raise ConfigError("train.seed", f"the adapters of checkpoint.load={load} were trained on the initial weights "
                                         f"of seed {saved['seed']}: set train.seed={saved['seed']}")
-    if saved["base"] is not None and not Path(saved["base"]).is_dir():
-        raise ConfigError("checkpoint.load", f"the base checkpoint of its adapters, {saved['base']}, is missing")
+    if (missing := missing_base(saved)) is not None:
+        raise ConfigError("checkpoint.load", missing)
     return True
 
 

@@ -1,9 +1,11 @@
 """LoRA (train.peft=lora) from an imported Hugging Face model: the same adapters in every layout
 (tp; pp with vpp; cp over packed rows; tp with full recompute and the base held in fp8; DPO under dp;
 ep and tp for a mixture-of-experts model with adapters on its experts) on top of a frozen base it never
-changes, also over an fp8 base; adapter-only checkpoints that resume bit for bit; merged into
-the base (launcher.convert merge_lora) they compute what the unmerged model does; exported as a PEFT
-adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a Llama and a Qwen2.
+changes, also over an fp8 base; adapter-only checkpoints that resume bit for bit, also from a moved
+run dir; merged into the base (launcher.convert merge_lora) they compute what the unmerged model does
+(logits, and launcher.evaluate's loss, which reads the adapters' settings from the checkpoint);
+exported as a PEFT adapter (export_hf peft=true) transformers + peft give ShardForge's logits, for a
+Llama and a Qwen2.
 
 Random tiny HF models are imported (import_hf) and every LoRA run starts from the import
 (checkpoint.load), fp32 on CPU, lora.dropout=0 and a learning rate at which B is far from zero
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,10 @@ def base(tmp_path_factory, cache_env):
               *(["launcher.generate", f"checkpoint.load={checkpoint}", "prompt_ids=5,17,300,42",
                  "max_new_tokens=8", f"output_json={base / f'generate_{name}.json'}"]
                 for name, checkpoint in (("lora", iter4), ("merged", base / "merged"))),
+              # (no train.peft or lora key: the LoRA checkpoint's own settings)
+              *(["launcher.evaluate", *FAST, f"model={checkpoint}", f"checkpoint.load={checkpoint}", "eval.iters=2",
+                 f"evaluate.output={base / f'evaluate_{name}.json'}"]
+                for name, checkpoint in (("lora", iter4), ("merged", base / "merged"))),
               train("qwen2_lora", "qwen2", "train.steps=2"),
               ["launcher.convert", "export_hf", f"checkpoint={base / 'qwen2_lora' / 'checkpoints'}",
                f"out={base / 'peft_qwen2'}", "peft=true"],
@@ -179,14 +186,14 @@ def test_a_restart_resumes_its_own_checkpoint(base):
     base its lora.json names, one step on."""
     assert [m["step"] for m in read_metrics(base / "single")] == list(range(1, STEPS + 2))
     saved = json.loads((base / "single" / "checkpoints" / f"iter_{STEPS + 1:07d}" / "lora.json").read_text())
-    assert saved["base"] == str((base / "llama" / "iter_0000000").resolve())
+    assert saved["base_absolute"] == str((base / "llama" / "iter_0000000").resolve())
 
 
 def test_resume_is_bit_exact(base):
     full, resumed = read_metrics(base / "single"), read_metrics(base / "resumed")
     # the resumed run's own checkpoint still names the import as its base
     saved = json.loads((base / "resumed" / "checkpoints" / "iter_0000004" / "lora.json").read_text())
-    assert saved["base"] == str((base / "llama" / "iter_0000000").resolve())
+    assert saved["base_absolute"] == str((base / "llama" / "iter_0000000").resolve())
     assert [m["step"] for m in resumed] == [3, 4]
     for ref, m in zip(full[2:], resumed):
         assert (m["loss"], m["grad_norm"], m["lr"]) == (ref["loss"], ref["grad_norm"], ref["lr"])
@@ -199,7 +206,9 @@ def test_checkpoint_holds_the_adapters_and_a_reference_to_the_base(base):
     saved = base / "single" / "checkpoints" / "iter_0000004"
     reference = json.loads((saved / "lora.json").read_text())
     imported = base / "llama" / "iter_0000000"
-    assert reference["base"] == str(imported.resolve())
+    # relative to the checkpoint (what a moved run dir follows), and where it was
+    assert reference["base"] == "../../../llama/iter_0000000"
+    assert reference["base_absolute"] == str(imported.resolve())
     assert (reference["rank"], reference["alpha"], reference["targets"]) == (4, 8.0, ["qkv", "proj", "fc1", "fc2"])
     assert reference["base_model"]["num_layers"] == 4
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -241,6 +250,60 @@ def test_generate_reads_a_lora_checkpoint(base):
     """launcher.generate on the LoRA checkpoint (base + adapters) continues greedily as on the merged one."""
     lora, merged = (json.loads((base / f"generate_{name}.json").read_text()) for name in ("lora", "merged"))
     assert len(lora["generated_ids"]) == 8 and lora["generated_ids"] == merged["generated_ids"]
+
+
+def test_a_moved_run_dir_still_loads(base, tmp_path):
+    """The run dir copied elsewhere together with its base loads that copy of the base (lora.json's
+    path relative to the checkpoint); copied alone, the base where it was saved. Either way its
+    adapters load on the base as training left them (the engine's load, which resuming runs): the
+    logits of the run's own checkpoint. A lora.json that names its base by an absolute path only
+    still reads."""
+    from launcher.lora_convert import lora_reference
+    from parallel.lora_checkpoint import REFERENCE, read_reference
+    from tests.scripts import lora_logits
+
+    archive, alone = tmp_path / "archive", tmp_path / "elsewhere" / "deeper" / "single"
+    for name in ("llama", "single"):
+        shutil.copytree(base / name, archive / name)
+    shutil.copytree(base / "single", alone)
+    iter4 = Path("checkpoints") / "iter_0000004"
+    _, reference = lora_reference(str(archive / "single" / iter4))  # (what merge_lora and export_hf read)
+    assert reference["base"] == str((archive / "llama" / "iter_0000000").resolve())
+    original = str((base / "llama" / "iter_0000000").resolve())
+    assert read_reference(alone / iter4)["base"] == original
+    saved = json.loads((alone / iter4 / REFERENCE).read_text())
+    (alone / iter4 / REFERENCE).write_text(json.dumps({**saved, "base": original, "base_absolute": None}))
+    assert read_reference(alone / iter4)["base"] == original
+
+    expected = torch.load(base / "logits_llama.pt")["unmerged"]
+    for run in (archive / "single", alone):
+        lora_logits.main(str(tmp_path / "logits.pt"), str(run / iter4), None)
+        got = torch.load(tmp_path / "logits.pt")["unmerged"]
+        assert (got - expected).abs().max().item() <= 1e-6 * expected.abs().max().item(), run
+
+
+def test_evaluate_reads_the_adapter_settings_from_the_checkpoint(base):
+    """launcher.evaluate pointed at the LoRA checkpoint alone (no train.peft or lora key) gives the loss
+    of its merge_lora checkpoint."""
+    lora, merged = (json.loads((base / f"evaluate_{name}.json").read_text()) for name in ("lora", "merged"))
+    assert lora["eval_tokens"] == merged["eval_tokens"] > 0
+    assert lora["eval_loss"] == pytest.approx(merged["eval_loss"], abs=1e-5)
+
+
+def test_evaluate_refuses_a_lora_key_that_differs_from_the_checkpoint(base):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+    from launcher import evaluate
+    from launcher.config.validate import ConfigError
+    from launcher.model_path import resolve_model_argv
+
+    argv = [f"model={base / 'llama'}", f"checkpoint.load={base / 'single' / 'checkpoints'}", "lora.alpha=16"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="evaluate", overrides=resolve_model_argv(argv))
+    with pytest.raises(ConfigError) as err:
+        evaluate.run(cfg)
+    assert err.value.key == "lora.alpha" and "16.0 differs from the adapters" in err.value.reason, err.value
 
 
 def test_merged_checkpoint_exports_to_transformers(base):
