@@ -50,7 +50,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.fused_loss import LinearCrossEntropyGPTModel, LinearTokenLossGPTModel
 from models.fused_moe import FusedMoELayer
-from models.kernels.attention import ATTENTION_BACKENDS, SDPAttention
+from models.kernels import ATTENTION_BACKENDS
+from models.kernels.attention import SDPAttention
 from models.kernels.context_parallel_attention import MODES as CP_MODES, ContextParallelAttention
 from models.kernels.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from models.kernels.grouped_experts import GroupedGemmExperts

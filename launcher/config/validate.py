@@ -22,7 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 from launcher import run_dir
 from launcher.config.schema import JobConfig, ModelConfig
 from models.args import padded_vocab_size
-from models.kernels.attention import ATTENTION_BACKENDS
+from models.kernels import ATTENTION_BACKENDS
 from models.lora import TARGETS as LORA_TARGETS
 from models.objectives import DPO_LOSSES, DPO_REFERENCES, OBJECTIVES, ORPO_NLL, SMOOTHED_LOSSES
 from parallel import cuda_graph

@@ -68,7 +68,8 @@ def test_matches_full_causal_attention(mode, cp, heads, kv_heads):
     with torch.no_grad():
         got = _emulate(mode, q, k, v, dout, cp, scale)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, (ref, q.grad, k.grad, v.grad)):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        # fp32 with another summation order than the reference kernel: rounding differs with the CPU
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3])

@@ -71,7 +71,7 @@ def test_token_losses_take_any_gradient_per_token(chunk):
     ref = F.cross_entropy((hidden @ weight.t()).reshape(-1, 300), labels.reshape(-1), reduction="none").reshape(4, 19)
     (ref * weights).sum().backward()
     for a, b in zip(got, (ref.detach(), hidden.grad, weight.grad)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()))  # fp32: error scales with the tensor
     want_hidden = hidden.grad.clone()
     hidden.grad = None
     single_scale = linear_cross_entropy(hidden, weight, labels, torch.ones(4, 19), chunk_tokens=chunk)
