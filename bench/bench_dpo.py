@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         name = "ShardForge " + ("packed" if packing else "padded")
         ok, text, _ = _run(name, cmd)
         commands.append(text)
-        if not ok:
-            return 1
-        rows.append({"framework": name, "seq_length": seq, "micro_batch_size": mbs, **summarize(run_dir, a.warmup)})
+        # a failed row is recorded and the other rows still run
+        rows.append({"framework": name, "seq_length": seq, "micro_batch_size": mbs,
+                     **(summarize(run_dir, a.warmup) if ok else {"failed": True})})
 
-    failed = False
+    failed = any(r.get("failed") for r in rows)
     for variant in [v for v in a.peers.split(",") if v]:
         out = work / f"trl_{variant}.json"
         cmd = [sys.executable, "-m", "bench.trl_dpo", f"--model={a.model}", f"--pairs={pairs}",
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         commands.append(text)
         if not ok:
             failed = True
+            rows.append({"framework": f"TRL DPOTrainer ({variant})", "failed": True})
             continue
         rows.append(json.loads(out.read_text()))
 
@@ -135,15 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| DPO run | trained tokens/s | row tokens/s | padding | pairs/s | step (ms) | peak mem (GiB) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        if r.get("failed"):
+            lines.append(f"| {r['framework']} | failed | | | | | |")
+            continue
         mem = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
         lines.append(f"| {r['framework']} | {r['trained_tokens_per_s']:,.0f} | {r['row_tokens_per_s']:,.0f} | "
                      f"{r['padding_fraction']:.1%} | {r['pairs_per_s']:.1f} | {r['step_time_s'] * 1e3:.1f} | {mem} |")
     padded, packed = rows[0], rows[1]
-    lines.append(f"\nShardForge packed / padded, trained tokens per second: "
-                 f"{packed['trained_tokens_per_s'] / padded['trained_tokens_per_s']:.2f}×")
-    for r in rows[2:]:
-        lines.append(f"\nShardForge packed / {r['framework']}, trained tokens per second: "
-                     f"{packed['trained_tokens_per_s'] / r['trained_tokens_per_s']:.2f}×")
+    for r in [padded, *rows[2:]]:
+        if not (r.get("failed") or packed.get("failed")):
+            lines.append(f"\nShardForge packed / {r['framework']}, trained tokens per second: "
+                         f"{packed['trained_tokens_per_s'] / r['trained_tokens_per_s']:.2f}×")
     description = (f"model `{a.model}`, DPO (sigmoid, beta 0.1, precomputed reference), {a.samples} synthetic pairs "
                    f"(lognormal lengths, each side at most {side} tokens), ShardForge rows of {a.seq_length} "
                    f"packed ({a.micro_batch_size} a step) and {side} padded ({2 * a.micro_batch_size} a step), "
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"liger-kernel {env['liger-kernel']}.")
     command = invocation("bench.bench_dpo", argv)
     print("\n" + summary_text("DPO: packed vs padded, TRL peer", env, description, command, commands, lines), flush=True)
-    if not (a.no_record or failed):
+    if not a.no_record:  # (failed rows included: what ran is data too)
         path = write_result(a.out, "dpo", command, rows, env, args=vars(a), subprocesses=commands)
         print(f"[bench] wrote {path}", flush=True)
     return 1 if failed else 0
