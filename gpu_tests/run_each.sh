@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Each gpu_tests module in its own pytest process under its own time limit, its full output in
+# <log dir>/<module>.log and one summary line per module on stdout: a hung or slow module costs only
+# its own limit, and a failure's traceback is kept in its log whatever the caller's output keeps.
+#   gpu_tests/run_each.sh [log dir (default gpu_tests_logs)] [seconds per module (default 120)]
+set -u
+cd "$(dirname "$0")/.."
+logs="${1:-gpu_tests_logs}"
+limit="${2:-120}"
+mkdir -p "$logs"
+status=0
+for module in gpu_tests/test_*.py; do
+    name="$(basename "$module" .py)"
+    start=$SECONDS
+    timeout "$limit" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$module" > "$logs/$name.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=1
+    verdict="$(grep -E '^[0-9]+ (passed|failed|skipped)|^=+ .*(passed|failed|error)' "$logs/$name.log" | tail -1)"
+    [ $rc -eq 124 ] && verdict="timed out after ${limit}s"
+    echo "$name: rc=$rc $((SECONDS - start))s ${verdict}"
+    grep -E '^(FAILED|ERROR) ' "$logs/$name.log" | head -20
+done
+exit $status
