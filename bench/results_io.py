@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata as md
 import json
+import os
 import re
 import shlex
 import shutil
@@ -59,9 +60,19 @@ def environment() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
         **{p: _version(p) for p in PACKAGES},
-        "commit": _query(["git", "rev-parse", "HEAD"]),
-        "dirty": bool(_query(["git", "status", "--porcelain", "--untracked-files=no"])),
+        **_source(),
     }
+
+
+def _source() -> dict[str, Any]:
+    """The commit the code is from. A copy of a working tree can carry git metadata that is not its
+    own (an older HEAD; every later change then reads as "dirty"): SHARDFORGE_COMMIT, set by whoever
+    made the copy, names the commit instead."""
+    given = os.environ.get("SHARDFORGE_COMMIT")
+    if given:
+        return {"commit": given, "dirty": None, "commit_from": "SHARDFORGE_COMMIT"}
+    return {"commit": _query(["git", "rev-parse", "HEAD"]),
+            "dirty": bool(_query(["git", "status", "--porcelain", "--untracked-files=no"]))}
 
 
 def invocation(module: str, argv: list[str] | None) -> str:
