@@ -37,7 +37,11 @@ def compute(engine: Engine, batches: PreferenceBatches, micro_batch_size: int) -
         # repeating its last micro batch; values of what fills are not kept
         loaded = [batches.reference_microbatch(i, micro_batch_size) for i in mine[at:at + group]]
         loaded += [(loaded[-1][0], 0)] * (group - len(loaded))
-        logps = engine.sequence_logps([batch for batch, _ in loaded])
+        try:
+            logps = engine.sequence_logps([batch for batch, _ in loaded])
+        except torch.OutOfMemoryError as err:  # where in the pass tells a growing allocation from one too large
+            raise torch.OutOfMemoryError(f"DPO reference pass: out of memory at micro batch {at + 1} of {len(mine)} "
+                                         f"of this rank: {err}") from err
         if reports and logps is not None:
             sizes = [2 * len(batch["pair_index"]) for batch, _ in loaded]
             for (batch, kept), values in zip(loaded, logps.split(sizes)):
@@ -54,7 +58,9 @@ def attach(engine: Engine, batches: PreferenceBatches, path: Path, *, micro_batc
         table = compute(engine, batches, micro_batch_size)
         if dist.get_rank() == 0:
             reference_logps.save(path, table)
-            print(f"dpo: reference log-probs of {len(batches)} pairs -> {path}", flush=True)
+            peak = (f" (peak GPU memory {torch.cuda.max_memory_allocated(engine.device) / 2**30:.1f} GiB)"
+                    if engine.device.type == "cuda" else "")
+            print(f"dpo: reference log-probs of {len(batches)} pairs -> {path}{peak}", flush=True)
         dist.barrier()
     else:
         table = reference_logps.load(path, len(batches))
