@@ -306,6 +306,42 @@ def packed_sft_steps(lengths: Any, token_budget: int, steps: int) -> list[list[i
     return out
 
 
+def padded_sft_steps(lengths: Any, token_budget: int, steps: int) -> list[list[int]]:
+    """Sample indices of each padded step: samples in order (wrapping at the end of the set), taken while
+    the step's rows, each padded to its longest sample, fit `token_budget` positions."""
+    n = len(lengths)
+    out, k = [], 0
+    for _ in range(steps):
+        chosen: list[int] = []
+        longest = 0
+        while len(chosen) < n:
+            length = int(lengths[k % n])
+            if (len(chosen) + 1) * max(longest, length) > token_budget:
+                if not chosen:
+                    raise ValueError(f"sample {k % n} has {length} tokens, more than the budget {token_budget}")
+                break
+            chosen.append(k % n)
+            longest = max(longest, length)
+            k += 1
+        out.append(chosen)
+    return out
+
+
+def padded_batch(samples, indices: list[int]) -> dict[str, torch.Tensor]:
+    """One padded micro batch: a row per sample, right-padded to the longest, labels -100 on the
+    padding. No attention mask: under the causal mask a real token never sees the padding after it,
+    so SDPA keeps its fast causal kernels (a padding mask would force a masked kernel)."""
+    features = [sft_features(samples, k) for k in indices]
+    longest = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.zeros(len(features), longest, dtype=torch.long)
+    labels = torch.full((len(features), longest), -100, dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(f["input_ids"].astype("int64"))
+        labels[row, :n] = torch.as_tensor(f["labels"].astype("int64"))
+    return {"input_ids": input_ids, "labels": labels}
+
+
 def sft_features(samples, k: int) -> dict[str, Any]:
     """Sample k as a collator feature: labels are the ids where ShardForge's target mask is 1, else -100.
 
@@ -360,9 +396,12 @@ def check_isolation(model: torch.nn.Module, batch: dict[str, torch.Tensor], voca
 def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro_batch_size: int, steps: int,
                   warmup: int, *, lr: float = 3e-4, clip_grad: float | None = None, device: str = "cuda",
                   seed: int = 1234, variant: str = "eager",
-                  gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None) -> dict:
+                  gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None,
+                  layout: str = "packed") -> dict:
     """Packed SFT with DataCollatorWithFlattening: each step one flattened batch of at most
     micro_batch_size x seq_length tokens (conversations in dataset order), same optimizer and timing as run_hf.
+    layout="padded": each step a row per conversation, right-padded to the step's longest, as many as fit
+    the same micro_batch_size x seq_length positions (padded_batch).
 
     Adds loss_tokens_per_s (tokens with a label, over the timed steps), budget_fill (share of the
     token budget used), samples_per_step and the isolation check's numbers to run_hf's result.
@@ -371,15 +410,19 @@ def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro
         raise ValueError(f"steps={steps} must exceed warmup={warmup}")
     samples = sft_samples(sft_data, seq_length)
     budget = micro_batch_size * seq_length
-    plan = packed_sft_steps(samples.lengths, budget, steps)
+    if layout not in ("packed", "padded"):
+        raise ValueError(f"layout {layout!r}: packed or padded")
+    padded = layout == "padded"
+    plan = (padded_sft_steps if padded else packed_sft_steps)(samples.lengths, budget, steps)
     dev, model = _setup(model_yaml, device, seed, variant, gradient_checkpointing, lora)
     # Every step's batch on the device before the clock starts (as the dense baseline's batches are).
-    batches = [{k: v.to(dev) for k, v in flatten_batch(samples, idx).items()} for idx in plan]
-    probe = next((b for b in batches if int((b["position_ids"] == 0).sum()) > 1), None)
+    collate = padded_batch if padded else flatten_batch
+    batches = [{k: v.to(dev) for k, v in collate(samples, idx).items()} for idx in plan]
+    probe = None if padded else next((b for b in batches if int((b["position_ids"] == 0).sum()) > 1), None)
     isolation = check_isolation(model, probe, model_yaml["vocab_size"]) if probe is not None else {}
     losses, times = train_timed(model, batches, steps, warmup, dev, lr=lr, clip_grad=clip_grad)
     timed = batches[warmup:]
-    name = f"hf-{variant}" + (f"-peft-lora{lora['rank']}" if lora else "") + "-packed"
+    name = f"hf-{variant}" + (f"-peft-lora{lora['rank']}" if lora else "") + f"-{layout}"
     result = summarize(name, model, model_yaml, dev, seq_length=seq_length,
                        micro_batch_size=micro_batch_size, tokens=[b["input_ids"].numel() for b in timed],
                        times=times, losses=losses, warmup=warmup, clip_grad=clip_grad)
@@ -390,6 +433,9 @@ def run_hf_packed(model_yaml: dict, sft_data: str | Path, seq_length: int, micro
         "token_budget": budget,
         "budget_fill": sum(b["input_ids"].numel() for b in timed) / (budget * len(timed)),
         "samples_per_step": sum(len(idx) for idx in plan[warmup:]) / len(timed),
+        "layout": layout,
+        "padding_fraction": 1 - sum(int(samples.lengths[k]) for idx in plan[warmup:] for k in idx)
+        / sum(b["input_ids"].numel() for b in timed),
         "sft_data": str(sft_data),
         "samples_in_set": len(samples),
         "truncated": samples.truncated,
@@ -423,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="packed SFT instead of random tokens: the indexed dataset PREFIX written by "
                         "`launcher.preprocess format=sft`, flattened with DataCollatorWithFlattening "
                         "(at most micro batch x seq length tokens per step)")
+    p.add_argument("--sft-layout", choices=("packed", "padded"), default="packed",
+                   help="with --sft-data: packed (flattened, no padding) or padded (a row per conversation)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="with --sft-data: train peft LoRA adapters of this rank on every linear (0: full parameters)")
     p.add_argument("--lora-alpha", type=float, default=32.0)
@@ -442,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.sft_data:
         lora = dict(rank=a.lora_rank, alpha=a.lora_alpha, adapter_dtype=a.lora_dtype) if a.lora_rank else None
         result = run_hf_packed(load_model_yaml(a.model), a.sft_data, a.seq_length, a.micro_batch_size, a.steps,
-                               a.warmup, lora=lora, **common)
+                               a.warmup, lora=lora, layout=a.sft_layout, **common)
     else:
         result = run_hf(load_model_yaml(a.model), a.seq_length, a.micro_batch_size, a.steps, a.warmup, **common)
     result["model"] = a.model

@@ -1,4 +1,5 @@
-"""The HF packed-SFT peer of bench/bench_packed.py trains what ShardForge trains, and nothing crosses samples.
+"""The HF packed-SFT peer of bench/bench_packed.py trains what ShardForge trains, and nothing crosses samples;
+its padded form (a row per conversation, bench_lora's second peer) trains the same targets.
 
 Reference: each conversation run alone (unpacked, its own forward), cross entropy taken on the
 targets ShardForge's own row builder marks (launcher.data.packing.build_row's labels/loss_mask),
@@ -54,6 +55,21 @@ def model():
     return m
 
 
+def _unpacked_reference(samples, model, indices: list[int]) -> tuple[float, int]:
+    """Mean cross entropy over the conversations `indices`, each run alone, on the targets ShardForge's
+    row builder marks; and the number of targets."""
+    total, count = 0.0, 0
+    for k in indices:
+        row = build_row([samples.sample(k)], SEQ, pad_id=0)
+        n = len(samples.sample(k)[0])
+        logits = model(input_ids=torch.from_numpy(row["tokens"][None, :n])).logits[0]
+        sel = torch.from_numpy(row["loss_mask"][:n] > 0)
+        total += float(torch.nn.functional.cross_entropy(logits[sel], torch.from_numpy(row["labels"][:n])[sel],
+                                                         reduction="sum"))
+        count += int(sel.sum())
+    return total / count, count
+
+
 def test_steps_fill_the_budget_in_order(samples):
     plan = hb.packed_sft_steps(samples.lengths, MBS * SEQ, 30)
     flat = [k for step in plan for k in step]
@@ -92,17 +108,7 @@ def test_flattened_loss_equals_unpacked_reference(samples, model):
     batch = hb.flatten_batch(samples, idx)
     with torch.no_grad():
         packed = float(model(**batch).loss)
-        total, count = 0.0, 0
-        for k in idx:  # reference: each conversation alone, ShardForge's targets
-            row = build_row([samples.sample(k)], SEQ, pad_id=0)
-            n = len(samples.sample(k)[0])
-            logits = model(input_ids=torch.from_numpy(row["tokens"][None, :n])).logits[0]
-            sel = torch.from_numpy(row["loss_mask"][:n] > 0)
-            ce = torch.nn.functional.cross_entropy(logits[sel], torch.from_numpy(row["labels"][:n])[sel],
-                                                   reduction="sum")
-            total += float(ce)
-            count += int(sel.sum())
-        reference = total / count
+        reference, _ = _unpacked_reference(samples, model, idx)
         # The same flattened batch without position_ids is one long causal sequence: attention crosses
         # conversations and the loss moves, so the equality above is a real check of the isolation.
         crossing = float(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
@@ -129,3 +135,27 @@ def test_isolation_check_catches_a_crossing_mask(samples, model, monkeypatch):
     idx = hb.packed_sft_steps(samples.lengths, MBS * SEQ, 1)[0]
     with pytest.raises(RuntimeError, match="not isolated"):
         hb.check_isolation(model, hb.flatten_batch(samples, idx), VOCAB)
+
+
+def test_padded_steps_fit_the_budget_in_order(samples):
+    plan = hb.padded_sft_steps(samples.lengths, MBS * SEQ, 30)
+    flat = [k for step in plan for k in step]
+    assert flat == [k % len(samples) for k in range(len(flat))]
+    for step, nxt in zip(plan, plan[1:]):
+        longest = max(int(samples.lengths[k]) for k in step)
+        assert len(step) * longest <= MBS * SEQ
+        assert (len(step) + 1) * max(longest, int(samples.lengths[nxt[0]])) > MBS * SEQ
+
+
+def test_padded_loss_equals_unpacked_reference(samples, model):
+    """Right padding without an attention mask: the causal mask keeps every real token from the
+    padding after it, so the loss is each conversation's own (the same reference as the packed test)."""
+    idx = hb.padded_sft_steps(samples.lengths, MBS * SEQ, 1)[0]
+    assert len(idx) >= 2 and len({int(samples.lengths[k]) for k in idx}) > 1  # real padding
+    batch = hb.padded_batch(samples, idx)
+    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape[0] == len(idx)
+    with torch.no_grad():
+        padded = float(model(**batch).loss)
+        reference, count = _unpacked_reference(samples, model, idx)
+    assert hb.loss_tokens(batch) == count
+    assert padded == pytest.approx(reference, rel=1e-5)
