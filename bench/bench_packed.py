@@ -14,11 +14,12 @@ global batch in rows, so the figure that matters is trained (loss) tokens per se
 
 The peer (`--peers`, default liger; eager/compile also run, eager on CPU too) is HF transformers
 trained on the same preprocessed conversations: `python -m bench.hf_baseline --sft-data PREFIX`
-(see there) takes conversations in order until the next would exceed micro_batch_size x
-seq_length tokens, the same token budget per step as ShardForge's rows, flattens them with
-`transformers.DataCollatorWithFlattening` (labels -100 where ShardForge's loss mask is 0), and
-trains with SDPA attention (no flash-attn on the GPU machine: transformers builds a block-causal
-mask from the position_ids; the run checks that no conversation sees another) and, for liger,
+(see there) takes conversations in order up to micro_batch_size x seq_length positions a step, the
+same budget per step as ShardForge's rows, in both of transformers' usual layouts (`--peer-layouts`):
+flattened with `transformers.DataCollatorWithFlattening` (labels -100 where ShardForge's loss mask is
+0; SDPA attention: no flash-attn on the GPU machine, so transformers builds a block-causal mask from
+the position_ids; the run checks that no conversation sees another), and a row per conversation
+right-padded to the step's longest (SDPA's causal kernels, the padding computed); for liger with
 liger-kernel's Llama kernels. Each run is its own subprocess. The table is printed and the rows
 are written as one JSON result (bench/results_io.py; `--out`, default under bench/results/).
 """
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default="liger",
                    help="comma-separated HF packed peers (bench.hf_baseline --sft-data --variant=...): liger, "
                         "eager, compile; empty for none. liger needs CUDA; eager smoke-tests on CPU")
+    p.add_argument("--peer-layouts", default="packed,padded",
+                   help="the HF peers' batches: packed (DataCollatorWithFlattening) and/or padded (a row per "
+                        "conversation, SDPA's causal kernels)")
     p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_packed.json; never overwritten)")
     p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
@@ -138,18 +142,23 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = False
     for variant in [v for v in a.peers.split(",") if v]:
-        out = work / f"hf_{variant}_packed.json"
-        cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
-               f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}", f"--steps={a.steps}",
-               f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}", f"--out={out}"]
-        ok, text, _ = _run(f"HF packed peer ({variant})", cmd)
-        commands.append(text)
-        if not ok:
-            failed = True
-            continue
-        r = read_rows(out)[0]
-        rows.append({**r, "mode": f"HF {variant} + DataCollatorWithFlattening", "unfilled": 1 - r["budget_fill"],
-                     "samples_per_step": r["samples_per_step"]})
+        for layout in [x for x in a.peer_layouts.split(",") if x]:
+            out = work / f"hf_{variant}_{layout}.json"
+            cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
+                   f"--sft-layout={layout}", f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}",
+                   f"--steps={a.steps}", f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}",
+                   f"--out={out}"]
+            ok, text, _ = _run(f"HF {layout} peer ({variant})", cmd)
+            commands.append(text)
+            if not ok:
+                failed = True
+                continue
+            r = read_rows(out)[0]
+            mode = "DataCollatorWithFlattening" if layout == "packed" else "a padded row per conversation"
+            # unfilled: the share of the step's position budget left over, plus (padded) the padding computed
+            rows.append({**r, "mode": f"HF {variant} + {mode}",
+                         "unfilled": 1 - r["budget_fill"] * (1 - r.get("padding_fraction", 0.0)),
+                         "samples_per_step": r["samples_per_step"]})
 
     env = environment()
     lines = ["| SFT run | loss tokens/s | tokens/s | padding / unfilled | conversations/step | step (ms) | MFU | "
@@ -164,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"\nShardForge packed / padded, trained tokens per second: "
                  f"{packed['loss_tokens_per_s'] / padded['loss_tokens_per_s']:.2f}×")
     for r in rows[2:]:
-        lines.append(f"\nShardForge packed / HF packed peer ({r['framework']}), trained tokens per second: "
+        lines.append(f"\nShardForge packed / HF peer ({r['framework']}), trained tokens per second: "
                      f"{packed['loss_tokens_per_s'] / r['loss_tokens_per_s']:.2f}×")
     lines.append("\ntokens/s counts every position computed: ShardForge's rows of seq_length with their padding, "
-                 "the HF peer's flattened batch (no padding; each step holds conversations in order up to "
-                 "micro batch × seq length tokens, `unfilled` is the share of that budget left over). "
+                 "the HF peers' batches (each step holds conversations in order up to micro batch × seq length "
+                 "positions: flattened without padding, or a row per conversation padded to the step's longest; "
+                 "`unfilled` is the share of that budget holding no conversation token). "
                  "MFU: launcher.flops at seq_length for both.")
     peers = rows[2:]
     if peers:
@@ -178,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         if checks:
             lines.append(f"\nHF peer attention isolation check (first packed batch): {checks}.")
     description = (f"model `{a.model}`, seq {a.seq_length}, micro batch {a.micro_batch_size} rows "
-                   f"(global batch = micro batch; the HF peer: one flattened batch of at most "
-                   f"{a.micro_batch_size * a.seq_length} tokens per step), {a.samples} synthetic conversations "
+                   f"(global batch = micro batch; the HF peers: at most {a.micro_batch_size * a.seq_length} "
+                   f"positions per step, flattened or padded per conversation), {a.samples} synthetic conversations "
                    f"(lognormal turn lengths), {a.steps} steps, first {a.warmup} untimed. "
                    f"torch {env['torch']}, megatron-core {env['megatron-core']}, transformers {env['transformers']}, "
                    f"liger-kernel {env['liger-kernel']}.")
     command = invocation("bench.bench_packed", argv)
-    print("\n" + summary_text("packed vs padded SFT" + (", HF padding-free peer" if a.peers else ""), env,
+    print("\n" + summary_text("packed vs padded SFT" + (", HF peers" if a.peers else ""), env,
                               description, command, commands, lines), flush=True)
     if not (a.no_record or failed):
         path = write_result(a.out, "packed", command, rows, env, args=vars(a), subprocesses=commands)
