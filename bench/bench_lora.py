@@ -29,9 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_packed import prepare_chat, summarize
+from bench.bench_packed import add_peer_layouts, prepare_chat, run_sft_peers, summarize
 from bench.bench_train import _run, summary_text
-from bench.results_io import environment, invocation, read_rows, write_result
+from bench.results_io import environment, invocation, write_result
 
 MEMORY_TARGET, SPEED_TARGET = 0.6, 1.2
 
@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default="liger",
                    help="comma-separated transformers + peft variants (bench.hf_baseline --variant): liger, eager, "
                         "compile; empty for none. liger needs CUDA; eager smoke-tests on CPU")
-    p.add_argument("--peer-layouts", default="packed,padded",
-                   help="the peers' batches: packed (DataCollatorWithFlattening) and/or padded (a row per conversation, "
-                        "SDPA's causal kernels)")
+    add_peer_layouts(p)
     p.add_argument("--peer-lora-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="the peer's adapter dtype (bench.hf_baseline --lora-dtype): fp32 is peft's default")
     p.add_argument("--sf-override", action="append", default=[], metavar="KEY=VALUE",
@@ -90,22 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         rows.append({"framework": name, **summarize(run_dir, a.warmup), **power})
 
-    failed = False
-    for variant in [v for v in a.peers.split(",") if v]:
-        for layout in [x for x in a.peer_layouts.split(",") if x]:
-            out = work / f"hf_{variant}_{layout}_lora.json"
-            cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
-                   f"--sft-layout={layout}", f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}",
-                   f"--steps={a.steps}", f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}",
-                   f"--lora-rank={a.rank}", f"--lora-alpha={a.alpha}", f"--lora-dtype={a.peer_lora_dtype}",
-                   f"--out={out}"]
-            name = f"transformers + peft r{a.rank} ({variant}, {layout})"
-            ok, text, power = _run(name, cmd)
-            commands.append(text)
-            if not ok:
-                failed = True
-                continue
-            rows.append({**read_rows(out)[0], **power, "framework": name})
+    def peer_name(variant: str, layout: str) -> str:
+        return f"transformers + peft r{a.rank} ({variant}, {layout})"
+
+    peer_runs, peer_commands = run_sft_peers(
+        a, prefix, work, peer_name,
+        [f"--lora-rank={a.rank}", f"--lora-alpha={a.alpha}", f"--lora-dtype={a.peer_lora_dtype}"])
+    commands += peer_commands
+    failed = any(r is None for _, _, r, _ in peer_runs)
+    rows += [{**r, **power, "framework": peer_name(variant, layout)} for variant, layout, r, power in peer_runs if r]
 
     full, lora, peers = rows[0], rows[1], rows[2:]
     # the target is against the peers' best

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.bench_train import _env, _run, summary_text
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
@@ -100,6 +100,30 @@ def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
             "losses": [r["loss"] for r in records]}
 
 
+def add_peer_layouts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer-layouts", default="packed,padded",
+                   help="the HF peers' batches: packed (DataCollatorWithFlattening) and/or padded (a row per "
+                        "conversation, SDPA's causal kernels)")
+
+
+def run_sft_peers(a: argparse.Namespace, prefix: Path, work: Path, label: Callable[[str, str], str],
+                  extra: list[str] = ()) -> tuple[list[tuple[str, str, dict[str, Any] | None, dict[str, Any]]], list[str]]:
+    """Each `--peers` variant in each `--peer-layouts` layout, `bench.hf_baseline --sft-data PREFIX` (+ `extra`)
+    in its own process: ([(variant, layout, its result row or None if it failed, the run's GPU power)], commands)."""
+    results, commands = [], []
+    for variant in [v for v in a.peers.split(",") if v]:
+        for layout in [x for x in a.peer_layouts.split(",") if x]:
+            out = work / f"hf_{variant}_{layout}.json"
+            cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
+                   f"--sft-layout={layout}", f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}",
+                   f"--steps={a.steps}", f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}",
+                   *extra, f"--out={out}"]
+            ok, text, power = _run(label(variant, layout), cmd)
+            commands.append(text)
+            results.append((variant, layout, read_rows(out)[0] if ok else None, power))
+    return results, commands
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_1b")
@@ -112,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default="liger",
                    help="comma-separated HF packed peers (bench.hf_baseline --sft-data --variant=...): liger, "
                         "eager, compile; empty for none. liger needs CUDA; eager smoke-tests on CPU")
-    p.add_argument("--peer-layouts", default="packed,padded",
-                   help="the HF peers' batches: packed (DataCollatorWithFlattening) and/or padded (a row per "
-                        "conversation, SDPA's causal kernels)")
+    add_peer_layouts(p)
     p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_packed.json; never overwritten)")
     p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
@@ -140,25 +162,17 @@ def main(argv: list[str] | None = None) -> int:
                      "unfilled": r["padding_fraction"],
                      "samples_per_step": r["samples_per_row"] * a.micro_batch_size})
 
-    failed = False
-    for variant in [v for v in a.peers.split(",") if v]:
-        for layout in [x for x in a.peer_layouts.split(",") if x]:
-            out = work / f"hf_{variant}_{layout}.json"
-            cmd = [sys.executable, "-m", "bench.hf_baseline", f"--model={a.model}", f"--sft-data={prefix}",
-                   f"--sft-layout={layout}", f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}",
-                   f"--steps={a.steps}", f"--warmup={a.warmup}", f"--device={a.device}", f"--variant={variant}",
-                   f"--out={out}"]
-            ok, text, _ = _run(f"HF {layout} peer ({variant})", cmd)
-            commands.append(text)
-            if not ok:
-                failed = True
-                continue
-            r = read_rows(out)[0]
-            mode = "DataCollatorWithFlattening" if layout == "packed" else "a padded row per conversation"
-            # unfilled: the share of the step's position budget left over, plus (padded) the padding computed
-            rows.append({**r, "mode": f"HF {variant} + {mode}",
-                         "unfilled": 1 - r["budget_fill"] * (1 - r.get("padding_fraction", 0.0)),
-                         "samples_per_step": r["samples_per_step"]})
+    peers, peer_commands = run_sft_peers(a, prefix, work, lambda variant, layout: f"HF {layout} peer ({variant})")
+    commands += peer_commands
+    failed = any(r is None for _, _, r, _ in peers)
+    for variant, layout, r, _ in peers:
+        if r is None:
+            continue
+        mode = "DataCollatorWithFlattening" if layout == "packed" else "a padded row per conversation"
+        # unfilled: the share of the step's position budget left over, plus (padded) the padding computed
+        rows.append({**r, "mode": f"HF {variant} + {mode}",
+                     "unfilled": 1 - r["budget_fill"] * (1 - r.get("padding_fraction", 0.0)),
+                     "samples_per_step": r["samples_per_step"]})
 
     env = environment()
     lines = ["| SFT run | loss tokens/s | tokens/s | padding / unfilled | conversations/step | step (ms) | MFU | "
