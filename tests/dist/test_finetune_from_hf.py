@@ -279,6 +279,23 @@ def _hf_sums(model, pairs, order) -> torch.Tensor:
     return torch.stack([sums[:n], sums[n:]], 1).detach().double()
 
 
+# the "dpo" runs' loss, as trl_oracle.trl_dpo_loss's arguments: sigmoid with beta 0.1, plus 0.5 · NLL (RPO)
+RPO = dict(beta=0.1, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+
+
+def _trl_batch(policy, pairs, order, reference_model=None):
+    """tests/trl_oracle.Batch of these pairs with `policy`'s logits; with `reference_model`, that model's
+    summed response log-probs as the reference."""
+    from trl_oracle import Batch
+
+    shell, logits = _hf_batch(policy, pairs, order)
+    batch = Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
+    if reference_model is not None:
+        with torch.no_grad():
+            batch.reference = _hf_sums(reference_model, pairs, order).float().reshape(-1)
+    return batch
+
+
 def test_dpo_reference_file_equals_transformers(trained):
     model, d, _ = trained
     pairs, _ = _first_batch(d)
@@ -296,13 +313,9 @@ def _trl_first_step(model, d: Path, name: str) -> tuple[float, dict[str, float],
 
     pairs, order = _first_batch(d, *DATASETS.get(name, ()))
     model.zero_grad()
-    shell, logits = _hf_batch(model, pairs, order)
-    batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
+    batch = _trl_batch(model, pairs, order, model if name.startswith("dpo") else None)
     if name.startswith("dpo"):
-        with torch.no_grad():
-            ref = _hf_sums(model, pairs, order).float()
-        batch.reference = ref.reshape(-1)
-        loss, metrics = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+        loss, metrics = trl_oracle.trl_dpo_loss(batch, **RPO)
     elif name == "simpo":
         loss, metrics = trl_oracle.trl_simpo_loss(batch, beta=2.0, gamma=0.5, label_smoothing=0.0, sft_weight=0.25)
     else:
@@ -349,12 +362,7 @@ def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
     model, d, _ = trained
     policy = copy.deepcopy(model).train()
     pairs, order = _first_batch(d)
-    with torch.no_grad():
-        reference = _hf_sums(policy, pairs, order).float().reshape(-1)
-    shell, logits = _hf_batch(policy, pairs, order)
-    batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
-    batch.reference = reference
-    loss, _ = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    loss, _ = trl_oracle.trl_dpo_loss(_trl_batch(policy, pairs, order, policy), **RPO)
     loss.backward()
     o = STEP_OPTIM
     torch.nn.utils.clip_grad_norm_(policy.parameters(), o["clip_grad"])
@@ -374,12 +382,7 @@ def test_one_dpo_step_equals_torch_adamw_on_trl_loss(trained):
     # the initial model its reference
     pairs, order = _first_batch(d, "pairs_valid")
     with torch.no_grad():
-        reference = _hf_sums(model, pairs, order).float().reshape(-1)
-        shell, logits = _hf_batch(policy, pairs, order)
-        batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
-        batch.reference = reference
-        valid_loss, _ = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"],
-                                                loss_weights=[1.0, 0.5])
+        valid_loss, _ = trl_oracle.trl_dpo_loss(_trl_batch(policy, pairs, order, model), **RPO)
     [evaluation] = read_metrics(d / "dpo_step", type="eval")
     assert (evaluation["step"], evaluation["eval_tokens"]) == (1, len(order))  # eval_tokens: pairs
     assert "eval_ppl" not in evaluation  # (a mean over pairs has no perplexity)
@@ -405,12 +408,7 @@ def test_moe_dpo_first_step_equals_transformers_and_trl(trained):
     _, d, _ = trained
     model = transformers.AutoModelForCausalLM.from_pretrained(d / "hf_moe", dtype=torch.float32)
     pairs, order = _first_batch(d)
-    with torch.no_grad():
-        reference = _hf_sums(model, pairs, order).float().reshape(-1)
-    shell, logits = _hf_batch(model, pairs, order)
-    batch = trl_oracle.Batch(shell.ids, shell.masks, logits, torch.zeros(len(shell.ids)))
-    batch.reference = reference
-    loss, _ = trl_oracle.trl_dpo_loss(batch, beta=0.1, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    loss, _ = trl_oracle.trl_dpo_loss(_trl_batch(model, pairs, order, model), **RPO)
     pad = fill_id(load_tokenizer(str(_default_tokenizer())))
     aux = torch.zeros(())
     for k in order:  # train.micro_batch_size=2: one pair a micro batch
