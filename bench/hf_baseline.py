@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -285,46 +285,37 @@ def sft_samples(prefix: str | Path, seq_length: int):
     return SFTSamples(IndexedDataset(prefix), seq_length)
 
 
-def packed_sft_steps(lengths: Any, token_budget: int, steps: int) -> list[list[int]]:
+def _steps_in_order(lengths: Any, token_budget: int, steps: int,
+                    positions: Callable[[list[int]], int]) -> list[list[int]]:
     """Sample indices of each step: samples in order (wrapping at the end of the set), taken until the
-    next one would make the step exceed `token_budget` tokens; a step never holds a sample twice."""
+    next one would make the step's `positions(its lengths)` exceed `token_budget`; a step never holds
+    a sample twice."""
     n = len(lengths)
     out, k = [], 0
     for _ in range(steps):
         chosen: list[int] = []
-        used = 0
+        held: list[int] = []
         while len(chosen) < n:
             length = int(lengths[k % n])
-            if used + length > token_budget:
+            if positions([*held, length]) > token_budget:
                 if not chosen:
                     raise ValueError(f"sample {k % n} has {length} tokens, more than the budget {token_budget}")
                 break
             chosen.append(k % n)
-            used += length
+            held.append(length)
             k += 1
         out.append(chosen)
     return out
+
+
+def packed_sft_steps(lengths: Any, token_budget: int, steps: int) -> list[list[int]]:
+    """Each step's samples, in order, flattened into at most `token_budget` tokens."""
+    return _steps_in_order(lengths, token_budget, steps, sum)
 
 
 def padded_sft_steps(lengths: Any, token_budget: int, steps: int) -> list[list[int]]:
-    """Sample indices of each padded step: samples in order (wrapping at the end of the set), taken while
-    the step's rows, each padded to its longest sample, fit `token_budget` positions."""
-    n = len(lengths)
-    out, k = [], 0
-    for _ in range(steps):
-        chosen: list[int] = []
-        longest = 0
-        while len(chosen) < n:
-            length = int(lengths[k % n])
-            if (len(chosen) + 1) * max(longest, length) > token_budget:
-                if not chosen:
-                    raise ValueError(f"sample {k % n} has {length} tokens, more than the budget {token_budget}")
-                break
-            chosen.append(k % n)
-            longest = max(longest, length)
-            k += 1
-        out.append(chosen)
-    return out
+    """Each step's samples, in order, as rows padded to the step's longest: at most `token_budget` positions."""
+    return _steps_in_order(lengths, token_budget, steps, lambda held: len(held) * max(held))
 
 
 def padded_batch(samples, indices: list[int]) -> dict[str, torch.Tensor]:
