@@ -1,8 +1,6 @@
 """DPO's reference pass (MegatronEngine.sequence_logps: forward only, no grad, the preference loss
-slot) holds no GPU memory from one call to the next: bench_dpo's padded run ran out of memory inside
-that pass on an H100 and an H200 with micro batches of 4 rows, the card full in both, which a
-growing allocation explains and one micro batch's activations do not. The per-row log-probs are
-checked against a plain log-softmax of the model's logits."""
+slot) holds no GPU memory from one call to the next: it runs once per micro batch of the whole
+dataset before training, so anything kept per call adds up to the card's size."""
 from __future__ import annotations
 
 import pytest
