@@ -2,14 +2,18 @@
 # Each gpu_tests module in its own pytest process under its own time limit, its full output in
 # <log dir>/<module>.log and one summary line per module on stdout: a hung or slow module costs only
 # its own limit, and a failure's traceback is kept in its log whatever the caller's output keeps.
-#   gpu_tests/run_each.sh [log dir (default gpu_tests_logs)] [seconds per module (default 120)]
+#   gpu_tests/run_each.sh [log dir (default gpu_tests_logs)] [seconds per module (default 120)] [module ...]
+# Modules named after the limit run in that order (default: every gpu_tests/test_*.py).
 set -u
 cd "$(dirname "$0")/.."
 logs="${1:-gpu_tests_logs}"
 limit="${2:-120}"
+shift $(( $# < 2 ? $# : 2 ))
+modules=("$@")
+[ ${#modules[@]} -eq 0 ] && modules=(gpu_tests/test_*.py)
 mkdir -p "$logs"
 status=0
-for module in gpu_tests/test_*.py; do
+for module in "${modules[@]}"; do
     name="$(basename "$module" .py)"
     start=$SECONDS
     timeout "$limit" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$module" > "$logs/$name.log" 2>&1
