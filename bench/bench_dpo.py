@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_packed import lognormal_text
-from bench.bench_train import _env, _run, summary_text
+from bench.bench_train import _env, _run, shardforge_command, summary_text
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
 
 
@@ -61,7 +61,18 @@ def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
             "timed_steps": len(timed), "losses": [r["loss"] for r in records]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def dpo_command(a: argparse.Namespace, prefix: Path, tokenizer: str, run_dir: Path, packing: bool,
+                seq_length: int, micro_batch_size: int) -> list[str]:
+    """`launcher.train` DPO on the pairs preprocessed at `prefix`, on one GPU (global batch = micro batch);
+    the row shape is the caller's, as packed and padded rows differ."""
+    sf = argparse.Namespace(nproc=1, global_batch_size=None, model=a.model, device=a.device, seq_length=seq_length,
+                            micro_batch_size=micro_batch_size, steps=a.steps,
+                            sf_override=["data=indexed", f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}",
+                                         f"data.packing={str(packing).lower()}", "train.objective=dpo", "dpo.beta=0.1"])
+    return shardforge_command(sf, str(run_dir))
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_1b")
     p.add_argument("--seq-length", type=int, default=2048, help="packed row length; padded rows are half of it")
@@ -75,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     "empty for none")
     p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_dpo.json; never overwritten)")
     p.add_argument("--no-record", action="store_true", help="print only; write no result file")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
 
     import subprocess
 
@@ -104,14 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     for packing in (False, True):
         run_dir = work / f"run_packing_{packing}"
         seq, mbs = (a.seq_length, a.micro_batch_size) if packing else (side, 2 * a.micro_batch_size)
-        cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"device={a.device}", "data=indexed",
-               f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}", f"data.packing={str(packing).lower()}",
-               "train.objective=dpo", "dpo.beta=0.1", f"train.seq_length={seq}", f"train.micro_batch_size={mbs}",
-               f"train.global_batch_size={mbs}", f"train.steps={a.steps}", "logging.wandb.mode=disabled",
-               "logging.progress=false", "checkpoint.save_every=0", "checkpoint.final_save=false",
-               f"run.dir={run_dir}"]
         name = "ShardForge " + ("packed" if packing else "padded")
-        ok, text, _ = _run(name, cmd)
+        ok, text, _ = _run(name, dpo_command(a, prefix, tokenizer, run_dir, packing, seq, mbs))
         commands.append(text)
         # a failed row is recorded and the other rows still run
         rows.append({"framework": name, "seq_length": seq, "micro_batch_size": mbs,

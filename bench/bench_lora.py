@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_packed import add_peer_layouts, prepare_chat, run_sft_peers, summarize
+from bench.bench_packed import add_peer_layouts, prepare_chat, run_sft_peers, sft_command, summarize
 from bench.bench_train import _run, summary_text
 from bench.results_io import environment, invocation, write_result
 
@@ -45,7 +45,15 @@ def lora_ratios(full: dict[str, Any], lora: dict[str, Any], peer: dict[str, Any]
             "tokens_per_s_over_peer": lora["tokens_per_s"] / peer["tokens_per_s"] if peer else None}
 
 
-def main(argv: list[str] | None = None) -> int:
+def lora_command(a: argparse.Namespace, prefix: Path, tokenizer: str, run_dir: Path, lora: bool) -> list[str]:
+    """A packed SFT run on the chat set at `prefix`, full-parameter or LoRA on every linear of the decoder
+    layers; --sf-override last, so it wins."""
+    peft = ["train.peft=lora", f"lora.rank={a.rank}", f"lora.alpha={a.alpha}", "lora.dropout=0.0",
+            "lora.targets=[qkv,proj,fc1,fc2]"] if lora else []
+    return sft_command(a, prefix, tokenizer, run_dir, True, [*peft, *a.sf_override])
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_1b")
     p.add_argument("--seq-length", type=int, default=4096)
@@ -66,23 +74,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="Hydra override for both ShardForge runs (repeatable)")
     p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_lora.json; never overwritten)")
     p.add_argument("--no-record", action="store_true", help="print only; write no result file")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="shardforge_lora_"))
     tokenizer, prefix = prepare_chat(work, a.samples, a.seq_length)
 
-    lora_args = ["train.peft=lora", f"lora.rank={a.rank}", f"lora.alpha={a.alpha}", "lora.dropout=0.0",
-                 "lora.targets=[qkv,proj,fc1,fc2]"]
     rows, commands = [], []
-    for name, extra in (("ShardForge full", []), (f"ShardForge LoRA r{a.rank}", lora_args)):
-        run_dir = work / ("run_lora" if extra else "run_full")
-        cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"device={a.device}", "data=indexed",
-               f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}", "data.format=sft", "data.packing=true",
-               f"train.seq_length={a.seq_length}", f"train.micro_batch_size={a.micro_batch_size}",
-               f"train.global_batch_size={a.micro_batch_size}", f"train.steps={a.steps}",
-               "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.save_every=0",
-               "checkpoint.final_save=false", f"run.dir={run_dir}", *extra, *a.sf_override]
-        ok, text, power = _run(name, cmd)
+    for name, lora in (("ShardForge full", False), (f"ShardForge LoRA r{a.rank}", True)):
+        run_dir = work / ("run_lora" if lora else "run_full")
+        ok, text, power = _run(name, lora_command(a, prefix, tokenizer, run_dir, lora))
         commands.append(text)
         if not ok:
             return 1

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.bench_train import _env, _run, summary_text
+from bench.bench_train import _env, _run, shardforge_command, summary_text
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
 
 WORDS = ("the function returns a value for each key in the mapping and raises an error when the "
@@ -124,7 +124,18 @@ def run_sft_peers(a: argparse.Namespace, prefix: Path, work: Path, label: Callab
     return results, commands
 
 
-def main(argv: list[str] | None = None) -> int:
+def sft_command(a: argparse.Namespace, prefix: Path, tokenizer: str, run_dir: Path, packing: bool,
+                overrides: list[str] = ()) -> list[str]:
+    """`launcher.train` on the chat set preprocessed at `prefix`, on one GPU (global batch = micro batch);
+    `overrides` come after the data settings, so they win."""
+    data = ["data=indexed", f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}", "data.format=sft",
+            f"data.packing={str(packing).lower()}"]
+    sf = argparse.Namespace(nproc=1, global_batch_size=None, model=a.model, device=a.device, seq_length=a.seq_length,
+                            micro_batch_size=a.micro_batch_size, steps=a.steps, sf_override=[*data, *overrides])
+    return shardforge_command(sf, str(run_dir))
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_1b")
     p.add_argument("--seq-length", type=int, default=4096)
@@ -139,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     add_peer_layouts(p)
     p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_packed.json; never overwritten)")
     p.add_argument("--no-record", action="store_true", help="print only; write no result file")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="shardforge_packed_"))
     tokenizer, prefix = prepare_chat(work, a.samples, a.seq_length)
@@ -147,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, commands = [], []
     for packing in (False, True):
         run_dir = work / f"run_packing_{packing}"
-        cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"device={a.device}", "data=indexed",
-               f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}", "data.format=sft",
-               f"data.packing={str(packing).lower()}", f"train.seq_length={a.seq_length}",
-               f"train.micro_batch_size={a.micro_batch_size}", f"train.global_batch_size={a.micro_batch_size}",
-               f"train.steps={a.steps}", "logging.wandb.mode=disabled", "logging.progress=false",
-               "checkpoint.save_every=0", "checkpoint.final_save=false", f"run.dir={run_dir}"]
-        ok, text, _ = _run("packed" if packing else "padded", cmd)
+        ok, text, _ = _run("packed" if packing else "padded", sft_command(a, prefix, tokenizer, run_dir, packing))
         commands.append(text)
         if not ok:
             return 1
