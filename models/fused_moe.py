@@ -8,8 +8,9 @@ then models/kernels/moe_permute.py's permute, GroupedGemmExperts' grouped GEMMs 
 offsets, and a combine that applies the router probabilities while it sums each token's expert
 outputs. Any other case (several ranks, token dropping or padding, probabilities on the input,
 activation recompute inside the experts, shared-expert overlap, a padding mask, the experts not
-on their grouped path) is megatron's forward unchanged. Parameters and their names are
-MoELayer's.
+on their grouped path) is megatron's forward unchanged, which a CUDA graph cannot capture: under
+capture (train.cuda_graph=true) that case is an error naming the setting. Parameters and their
+names are MoELayer's.
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ from models.kernels.grouped_experts import GroupedGemmExperts
 class FusedMoELayer(MoELayer):
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         if intermediate_tensors is not None or padding_mask is not None or not self.fused_path(hidden_states):
+            if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("train.cuda_graph=true: this MoE layer runs megatron's dispatcher (several "
+                                   "expert/tensor-parallel ranks, token capacity, fp8 experts or another case "
+                                   "models/fused_moe.py leaves to it), which reads token counts on the host and "
+                                   "cannot be captured; set train.cuda_graph=false")
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
         if self.moe_layer_recompute:
             return tensor_parallel.checkpoint(self._fused_forward, False, hidden_states)

@@ -8,33 +8,40 @@ second step and replays it from then on; each step's micro batches are first cop
 static buffers. The optimizer step stays eager.
 
 A graph replays fixed shapes and no host-side decisions, so it applies only where a step has
-neither: CUDA, engine=megatron, dense models (MoE routing sends data-dependent token counts),
-rows of one shape (data.packing changes cu_seqlens every step), no pipeline parallel.
-`auto` turns it on only for one process (what has been measured); `true` also allows tp/dp.
+neither: CUDA, engine=megatron, rows of one shape (data.packing changes cu_seqlens every step),
+no pipeline parallel, and no MoE layer on megatron's dispatcher (it copies the data-dependent
+tokens per expert to the host); models/fused_moe.py's layer keeps every size fixed and the
+counts on the device, so `train.moe_dispatch=fused` can be captured (a layer that falls back to
+megatron's path under capture raises). `auto` turns it on only for one process and dense models
+(what has been measured); `true` also allows tp/dp and fused MoE.
 """
 from __future__ import annotations
 
 from typing import Any
 
 
-def blockers(setting: str | bool, *, device_type: str, world_size: int, engine: str, moe: bool, packing: bool,
-             pp: int) -> list[str]:
+def blockers(setting: str | bool, *, device_type: str, world_size: int, engine: str, moe_dispatch: str | None,
+             packing: bool, pp: int) -> list[str]:
     """Why a CUDA graph cannot capture this run's steps (empty: it can). `setting` is
     train.cuda_graph; `device_type` may be `auto` (a submit host validating a job for other
-    machines): only `cpu` rules it out."""
+    machines): only `cpu` rules it out. `moe_dispatch`: train.moe_dispatch of a MoE model, None
+    for a dense one."""
     why = []
     if device_type == "cpu":
         why.append("needs device=cuda")
     if engine != "megatron":
         why.append("needs parallel.engine=megatron")
-    if moe:
-        why.append("the model is a mixture of experts (data-dependent routing)")
+    if moe_dispatch is not None and moe_dispatch != "fused":
+        why.append("the model is a mixture of experts on megatron's dispatch, which copies token counts "
+                   "to the host (train.moe_dispatch=fused does not)")
     if packing:
         why.append("data.packing=true gives each step other document boundaries (cu_seqlens)")
     if pp > 1:
         why.append("pipeline parallel (pp>1) is not captured")
     if setting == "auto" and world_size > 1:
         why.append("auto uses it on one process only")
+    if setting == "auto" and moe_dispatch is not None:
+        why.append("auto uses it for dense models only")
     return why
 
 

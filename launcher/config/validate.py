@@ -354,7 +354,8 @@ def _check_cuda_graph(c: JobConfig, device_type: str, world_size: int) -> bool:
     if setting != "auto" and not isinstance(setting, bool):
         raise ConfigError("train.cuda_graph", f"must be auto, true or false, got {setting!r}")
     run = dict(device_type=device_type, world_size=world_size, engine=c.parallel.engine,
-               moe=c.model.num_experts is not None, packing=c.data.packing, pp=c.parallel.pp)
+               moe_dispatch=c.train.moe_dispatch if c.model.num_experts is not None else None,
+               packing=c.data.packing, pp=c.parallel.pp)
     if setting is True:
         why = cuda_graph.blockers(setting, **run)
         if why:

@@ -1,5 +1,6 @@
 """Where train.cuda_graph applies (parallel/cuda_graph.py): the resolved config of real runs
-against the rules written out by hand (CUDA, megatron, dense, unpacked, pp=1; auto: one process).
+against the rules written out by hand (CUDA, megatron, unpacked, pp=1, MoE only on the fused
+dispatch; auto: one process, dense).
 The capture itself needs a GPU: gpu_tests/test_cuda_graph.py."""
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def _cfg(*overrides: str):
     ([], "cuda", 2, False),                                  # auto: one process only
     (["train.cuda_graph=true"], "cuda", 2, True),            # true: tp/dp allowed
     (["train.cuda_graph=true", "train.micro_batch_size=1"], "auto", 8, True),  # a submit host: device unknown
-    (["model=mixtral_tiny"], "cuda", 1, False),
+    (["model=mixtral_tiny"], "cuda", 1, False),                                    # auto: dense only
+    (["model=mixtral_tiny", "train.cuda_graph=true", "train.moe_dispatch=fused"], "cuda", 1, True),
+    (["model=mixtral_tiny", "train.moe_dispatch=fused"], "cuda", 1, False),       # auto: dense only
     (["parallel.engine=deepspeed"], "cuda", 1, False),
     (["data=indexed", "data.prefixes=[x]", "data.tokenizer=t", "data.packing=true"], "cuda", 1, False),
     (["parallel.pp=2"], "cuda", 2, False),
@@ -33,7 +36,8 @@ def test_resolve(overrides, device, world, expected):
     assert validate(cfg, world, device).cuda_graph is expected
     c = typed(cfg)
     why = blockers(c.train.cuda_graph, device_type=device, world_size=world, engine=c.parallel.engine,
-                   moe=c.model.num_experts is not None, packing=c.data.packing, pp=c.parallel.pp)
+                   moe_dispatch=c.train.moe_dispatch if c.model.num_experts is not None else None,
+                   packing=c.data.packing, pp=c.parallel.pp)
     assert (not why) == (expected or c.train.cuda_graph is False)
 
 
@@ -44,5 +48,9 @@ def test_true_where_it_cannot_apply_names_every_reason():
         validate(_cfg("train.cuda_graph=true", "parallel.pp=2", "model=mixtral_tiny", "train.global_batch_size=16"),
                  2, "cpu")
     assert err.value.key == "train.cuda_graph"
-    for words in ("needs device=cuda", "mixture of experts", "pipeline parallel"):
+    for words in ("needs device=cuda", "mixture of experts on megatron's dispatch", "pipeline parallel"):
         assert words in err.value.reason
+    with pytest.raises(ConfigError) as err:  # the fused dispatch lifts only the MoE reason
+        validate(_cfg("train.cuda_graph=true", "parallel.pp=2", "model=mixtral_tiny", "train.moe_dispatch=fused",
+                      "train.global_batch_size=16"), 2, "cpu")
+    assert "mixture of experts" not in err.value.reason and "pipeline parallel" in err.value.reason
