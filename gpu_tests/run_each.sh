@@ -3,7 +3,7 @@
 # <log dir>/<module>.log and one summary line per module on stdout: a hung or slow module costs only
 # its own limit, and a failure's traceback is kept in its log whatever the caller's output keeps.
 #   gpu_tests/run_each.sh [log dir (default gpu_tests_logs)] [seconds per module (default 120)] [module ...]
-# Modules named after the limit run in that order (default: every gpu_tests/test_*.py).
+# Modules (or node ids) named after the limit run in that order (default: every gpu_tests/test_*.py).
 set -u
 cd "$(dirname "$0")/.."
 logs="${1:-gpu_tests_logs}"
@@ -14,7 +14,8 @@ modules=("$@")
 mkdir -p "$logs"
 status=0
 for module in "${modules[@]}"; do
-    name="$(basename "$module" .py)"
+    name="$(basename "${module%%::*}" .py)"  # a node id (file::test) logs as file__test
+    [[ "$module" == *::* ]] && name="${name}__${module##*::}"
     start=$SECONDS
     timeout "$limit" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$module" > "$logs/$name.log" 2>&1
     rc=$?
