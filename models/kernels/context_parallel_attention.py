@@ -148,10 +148,11 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         return _masked_backward(dout, q, k, v, out, lse, mask, scale)
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
-            empty = torch.empty(0, dtype=torch.int32, device=q.device)
+            # cum_seq_q/k undefined (None), as the dense forward returns them: a defined tensor, even
+            # an empty one, sends the kernel down its varlen path ("batch size must be positive")
             seed = torch.empty((), dtype=torch.int64, device=q.device)
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, empty, empty, q.size(2), k.size(2), 0.0, causal, seed, seed, scale=scale)
+                dout, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, causal, seed, seed, scale=scale)
         return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             dout, q, k, v, None, out, lse, torch.empty(()), torch.empty(()), 0.0, [True, True, True, False],
             causal, scale=scale)[:3]
