@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_packed import lognormal_text
-from bench.bench_train import _env, _run, shardforge_command, summary_text
+from bench.bench_train import _env, _run, launch_command, summary_text
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
 
 
@@ -65,11 +65,10 @@ def dpo_command(a: argparse.Namespace, prefix: Path, tokenizer: str, run_dir: Pa
                 seq_length: int, micro_batch_size: int) -> list[str]:
     """`launcher.train` DPO on the pairs preprocessed at `prefix`, on one GPU (global batch = micro batch);
     the row shape is the caller's, as packed and padded rows differ."""
-    sf = argparse.Namespace(nproc=1, global_batch_size=None, model=a.model, device=a.device, seq_length=seq_length,
-                            micro_batch_size=micro_batch_size, steps=a.steps,
-                            sf_override=["data=indexed", f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}",
-                                         f"data.packing={str(packing).lower()}", "train.objective=dpo", "dpo.beta=0.1"])
-    return shardforge_command(sf, str(run_dir))
+    return launch_command(run_dir, model=a.model, device=a.device, seq_length=seq_length,
+                          micro_batch_size=micro_batch_size, steps=a.steps,
+                          overrides=["data=indexed", f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}",
+                                     f"data.packing={str(packing).lower()}", "train.objective=dpo", "dpo.beta=0.1"])
 
 
 def parser() -> argparse.ArgumentParser:

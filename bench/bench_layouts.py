@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.bench_train import _run, shardforge_command, summarize_metrics, summary_text
+from bench.bench_train import _run, launch_command, summarize_metrics, summary_text
 from bench.results_io import environment, invocation, write_result
 
 
@@ -70,11 +70,11 @@ def available_gpus(device: str) -> int:
 def run_row(a: argparse.Namespace, row: Row) -> tuple[dict[str, Any] | None, str]:
     model = a.moe_model if row.moe else a.model
     overrides = [*(a.moe_override if row.moe else []), *row.overrides, *a.sf_override]
-    ns = argparse.Namespace(nproc=row.gpus, model=model, device=a.device, seq_length=a.seq_length,
-                            micro_batch_size=a.micro_batch_size, global_batch_size=row.global_batch or a.global_batch_size,
-                            steps=a.steps, sf_override=overrides)
     run_dir = tempfile.mkdtemp(prefix="shardforge_layouts_")
-    ok, text, _ = _run(f"{row.name} ({model})", shardforge_command(ns, run_dir))
+    command = launch_command(run_dir, model=model, device=a.device, seq_length=a.seq_length,
+                             micro_batch_size=a.micro_batch_size, steps=a.steps, overrides=overrides, nproc=row.gpus,
+                             global_batch_size=row.global_batch or a.global_batch_size)
+    ok, text, _ = _run(f"{row.name} ({model})", command)
     return (summarize_metrics(Path(run_dir) / "metrics.jsonl", a.warmup) if ok else None), text
 
 

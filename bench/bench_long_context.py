@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from bench.bench_train import _env, _fmt, causal_fraction, parse_variant, shardforge_command, summarize_metrics
+from bench.bench_train import _env, _fmt, causal_fraction, parse_variant, launch_command, summarize_metrics
 from bench.gpu_power import PowerSampler
 from bench.hf_baseline import load_model_yaml
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
@@ -77,15 +77,11 @@ def _run(label: str, cmd: list[str], log: Path) -> tuple[bool, str, str, dict[st
     return False, text, why, power.summary or {}
 
 
-def _sf_args(a: argparse.Namespace, model: Path, length: int, steps: int) -> argparse.Namespace:
-    return argparse.Namespace(nproc=1, global_batch_size=1, micro_batch_size=1, model=str(model), device=a.device,
-                              seq_length=length, steps=steps, sf_override=[*SF_DEFAULTS, *a.sf_override])
-
-
 def run_shardforge(a: argparse.Namespace, model: Path, length: int, steps: int, warmup: int, work: Path,
                    name: str = "shardforge", extra: list[str] = ()) -> tuple[dict[str, Any], str]:
     run_dir = Path(tempfile.mkdtemp(prefix="sf_long_", dir=work))
-    command = shardforge_command(_sf_args(a, model, length, steps), str(run_dir), list(extra))
+    command = launch_command(run_dir, model=str(model), device=a.device, seq_length=length, micro_batch_size=1,
+                             steps=steps, overrides=[*SF_DEFAULTS, *a.sf_override, *extra])
     ok, text, why, power = _run(f"{name} {length}", command, run_dir.with_suffix(".log"))
     row: dict[str, Any] = {"framework": name, "seq_length": length, "trained": ok, **power}
     if ok:

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.bench_train import _env, _run, shardforge_command, summary_text
+from bench.bench_train import _env, _run, launch_command, summary_text
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
 
 WORDS = ("the function returns a value for each key in the mapping and raises an error when the "
@@ -130,9 +130,8 @@ def sft_command(a: argparse.Namespace, prefix: Path, tokenizer: str, run_dir: Pa
     `overrides` come after the data settings, so they win."""
     data = ["data=indexed", f"data.prefixes=[{prefix}]", f"data.tokenizer={tokenizer}", "data.format=sft",
             f"data.packing={str(packing).lower()}"]
-    sf = argparse.Namespace(nproc=1, global_batch_size=None, model=a.model, device=a.device, seq_length=a.seq_length,
-                            micro_batch_size=a.micro_batch_size, steps=a.steps, sf_override=[*data, *overrides])
-    return shardforge_command(sf, str(run_dir))
+    return launch_command(run_dir, model=a.model, device=a.device, seq_length=a.seq_length,
+                          micro_batch_size=a.micro_batch_size, steps=a.steps, overrides=[*data, *overrides])
 
 
 def parser() -> argparse.ArgumentParser:

@@ -45,17 +45,27 @@ def _env() -> dict[str, str]:
     return env
 
 
-def shardforge_command(a: argparse.Namespace, run_dir: str, extra: list[str] = ()) -> list[str]:
+def launch_command(run_dir: str | Path, *, model: str, device: str, seq_length: int, micro_batch_size: int,
+                   steps: int, overrides: list[str] = (), nproc: int = 1, global_batch_size: int | None = None) -> list[str]:
+    """The `launcher.train` command of a bench run: no wandb, progress or checkpoints; global batch
+    micro batch x nproc unless given; `overrides` last, so they win."""
     launch = [sys.executable, "-m", "launcher.train"]
-    if a.nproc > 1:  # one process per GPU; the layout comes from --sf-override parallel.tp=... etc.
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+    if nproc > 1:  # one process per GPU; the layout comes from the overrides (parallel.tp=... etc.)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                   "-m", "launcher.train"]
-    global_batch = a.global_batch_size or a.micro_batch_size * a.nproc
-    return [*launch, f"model={a.model}", f"device={a.device}",
-            f"train.seq_length={a.seq_length}", f"train.micro_batch_size={a.micro_batch_size}",
-            f"train.global_batch_size={global_batch}", f"train.steps={a.steps}",
+    global_batch = global_batch_size or micro_batch_size * nproc
+    return [*launch, f"model={model}", f"device={device}",
+            f"train.seq_length={seq_length}", f"train.micro_batch_size={micro_batch_size}",
+            f"train.global_batch_size={global_batch}", f"train.steps={steps}",
             "logging.wandb.mode=disabled", "logging.progress=false", "checkpoint.save_every=0",
-            "checkpoint.final_save=false", f"run.dir={run_dir}", *a.sf_override, *extra]
+            "checkpoint.final_save=false", f"run.dir={run_dir}", *overrides]
+
+
+def shardforge_command(a: argparse.Namespace, run_dir: str, extra: list[str] = ()) -> list[str]:
+    """launch_command of this bench's arguments, --sf-override then `extra`."""
+    return launch_command(run_dir, model=a.model, device=a.device, seq_length=a.seq_length,
+                          micro_batch_size=a.micro_batch_size, steps=a.steps, overrides=[*a.sf_override, *extra],
+                          nproc=a.nproc, global_batch_size=a.global_batch_size)
 
 
 def hf_command(a: argparse.Namespace, out: str, variant: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The packed, LoRA and DPO benches build their ShardForge runs through bench_train.shardforge_command: each
+"""The packed, LoRA and DPO benches build their ShardForge runs through bench_train.launch_command: each
 command, from the bench's default args, carries the bench's data (and LoRA or DPO) settings, and a user's
 --sf-override comes last so it wins."""
 from __future__ import annotations
