@@ -339,6 +339,11 @@ def run(composed: DictConfig) -> None:
     from parallel.megatron_engine import init_distributed, shutdown
 
     args = ModelArgs.from_config(asdict(cfg.model))
+    if device.type == "cuda" and (cfg.optim.cpu_offload or "cpu" in (cfg.parallel.zero.offload_params,
+                                                                      cfg.parallel.zero.offload_optimizer)):
+        from parallel.pinned_memory import exact_pinned_blocks
+
+        exact_pinned_blocks()  # (before CUDA starts: the allocator reads its settings once)
     init_distributed(layout, device, cfg.train.seed, cuda_graph=graphed)
     record_memory_history(cfg.logging.memory_snapshot, device, enabled=dist.get_rank() == 0)
     try:

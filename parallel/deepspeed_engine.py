@@ -42,6 +42,7 @@ from models.llama import build_llama, transformer_config
 from parallel.engine_config import OptimConfig, ZeroConfig
 from parallel.layout import Layout
 from parallel.lr_schedule import load_schedule, lr_scheduler
+from parallel.pinned_memory import release_cached_pinned_blocks
 from parallel import megatron_state
 from parallel.engine import StepResult, prepare_batch
 from parallel.preference_loss import (PREFERENCE_METRICS, REPORT_KEY, ObjectiveConfig, logps_loss_func,
@@ -211,6 +212,7 @@ class DeepSpeedEngine:
             optimizer = torch.optim.AdamW(groups, **adam)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                   config=self.ds_config, mpu=_MegatronMPU)
+        release_cached_pinned_blocks(device)  # pinned staging copies DeepSpeed's set-up dropped
         self.reference = None  # DPO's live reference: the same model frozen, forward only
         if objective.live_reference:
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=_MegatronMPU,

@@ -40,6 +40,7 @@ from parallel.compile_layers import compile_layers
 from parallel.cuda_graph import wrap as cuda_graph_wrap
 from parallel.engine import StepResult, context_parallel_split, prepare_batch
 from parallel.fused_adam import as_megatron_adam, precision_aware
+from parallel.pinned_memory import release_cached_pinned_blocks
 from parallel.grad_scaling import FoldedGradScaling
 from parallel.lr_schedule import load_schedule, lr_scheduler
 from parallel.preference_loss import (PREFERENCE_METRICS, REPORT_KEY, ObjectiveConfig, logps_loss_func,
@@ -229,6 +230,7 @@ class MegatronEngine:
                 self.optimizer = get_megatron_optimizer(precision_aware(optimizer_config, moments, grads), self.chunks)
         elif optim.cpu_offload:  # fp32 masters and moments on the host, stepped there
             self.optimizer = get_megatron_optimizer(host_optimizer(optimizer_config), self.chunks)
+            release_cached_pinned_blocks(device)
         else:
             self.optimizer = get_megatron_optimizer(optimizer_config, self.chunks)
             use_fused_adamw(self.optimizer)
