@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 from omegaconf import OmegaConf
 
-from bench.bench_train import _env, summarize_metrics, summary_text
+from bench.bench_train import _env, launch_command, summarize_metrics, summary_text
 from bench.results_io import REPO, environment, invocation, write_result
 from launcher.flops import matmul_params
 
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--sf-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="added to every run, after the engine's own settings (e.g. optim.main_grads_dtype=bf16)")
     p.add_argument("--out", help="result JSON (default: bench/results/<date>_<device>_zero3.json; never overwritten)")
     p.add_argument("--no-record", action="store_true", help="print only; write no result file")
     a = p.parse_args(argv)
@@ -120,11 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         best: dict[str, Any] | None = None
         for layers in (int(x) for x in depths[engine].split(",")):
             run_dir = work / f"{engine}_{layers}"
-            cmd = [sys.executable, "-m", "launcher.train", f"model={a.model}", f"model.num_layers={layers}",
-                   f"device={a.device}", f"train.seq_length={a.seq_length}",
-                   f"train.micro_batch_size={a.micro_batch_size}", f"train.global_batch_size={a.global_batch_size or a.micro_batch_size}",
-                   f"train.steps={a.steps}", "logging.wandb.mode=disabled", "logging.progress=false",
-                   "checkpoint.save_every=0", "checkpoint.final_save=false", f"run.dir={run_dir}", *overrides]
+            cmd = launch_command(run_dir, model=a.model, device=a.device, seq_length=a.seq_length,
+                                 micro_batch_size=a.micro_batch_size, steps=a.steps,
+                                 global_batch_size=a.global_batch_size,
+                                 overrides=[f"model.num_layers={layers}", *overrides, *a.sf_override])
             print(f"[bench] {engine} layers={layers}: {shlex.join(cmd)}", flush=True)
             rc, cpu_gb = run_once(cmd, a.run_timeout)
             if rc != 0:
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                      if e in a.engines.split(",")) +
                    f", seq {a.seq_length}, micro batch {a.micro_batch_size}, "
                    f"global batch {a.global_batch_size or a.micro_batch_size}, "
-                   f"{a.steps} steps ({a.warmup} untimed). torch {env['torch']}, megatron-core {env['megatron-core']}."
+                   f"{a.steps} steps ({a.warmup} untimed)"
+                   + (f", overrides {' '.join(a.sf_override)}" if a.sf_override else "")
+                   + f". torch {env['torch']}, megatron-core {env['megatron-core']}."
                    + (f" PYTORCH_ALLOC_CONF={alloc}." if alloc else ""))
     command = invocation("bench.bench_zero3", argv)
     print("\n" + summary_text("largest model: megatron, megatron + optimizer offload, ZeRO-3 + CPU offload", env, description, command,
