@@ -181,8 +181,10 @@ def _masked_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
     heads, kv_heads = q.size(1), k.size(1)
     k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)
-    # the LSE in the padded row layout the kernel's forward returns it in
-    padded = torch.empty(*lse.shape[:-1], -(-lse.size(-1) // 32) * 32, dtype=lse.dtype, device=lse.device)
+    # the LSE in the padded row layout the kernel's forward returns it in: +inf in the padding rows, as
+    # that forward writes there (the backward reads them for the last tile's rows; +inf gives them weight 0)
+    padded = torch.full((*lse.shape[:-1], -(-lse.size(-1) // 32) * 32), float("inf"), dtype=lse.dtype,
+                        device=lse.device)
     padded[..., :lse.size(-1)] = lse
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         dout, q, k, v, _bias(mask, q), out, padded, torch.empty(()), torch.empty(()), 0.0, [True, True, True, False],
@@ -198,9 +200,10 @@ def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _bias(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """[rows, keys] mask as the memory-efficient kernel's [b, heads, rows, keys] bias: broadcast over
-    batch and heads, its rows 16-element aligned as the kernel requires."""
+    batch and heads, its rows 16-element aligned as the kernel requires (zeros in the alignment
+    columns, as SDPA's own padding of a mask leaves them)."""
     rows, keys = mask.shape
-    storage = torch.empty(rows, -(-keys // 16) * 16, dtype=mask.dtype, device=mask.device)
+    storage = torch.zeros(rows, -(-keys // 16) * 16, dtype=mask.dtype, device=mask.device)
     storage[:, :keys] = mask
     return storage[:, :keys].expand(q.size(0), q.size(1), rows, keys)
 
