@@ -343,7 +343,7 @@ def run(composed: DictConfig) -> None:
                                                                       cfg.parallel.zero.offload_optimizer)):
         from parallel.pinned_memory import exact_pinned_blocks
 
-        exact_pinned_blocks()  # (before CUDA starts: the allocator reads its settings once)
+        exact_pinned_blocks()  # (before the offloaded buffers are pinned)
     init_distributed(layout, device, cfg.train.seed, cuda_graph=graphed)
     record_memory_history(cfg.logging.memory_snapshot, device, enabled=dist.get_rank() == 0)
     try:

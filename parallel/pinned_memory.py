@@ -4,13 +4,10 @@ megatron-core's optimizer offload pins and then drops handed back.
 torch's pinned host allocator rounds every block up to the next power of two and keeps freed
 blocks cached for reuse. The offloaded optimizer's host buffers (gradients, DeepSpeed's
 partitions) are allocated once and live for the whole run, so the rounding buys no reuse and
-costs up to 2x their size. torch takes `pinned_max_round_threshold_mb` in PYTORCH_ALLOC_CONF
-(no rounding above that size); the variable is read when the allocator first starts, so it is
-set before CUDA starts.
+costs up to 2x their size. torch's allocator setting `pinned_max_round_threshold_mb` turns the
+rounding off above a size; a torch without it keeps its rounding.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -18,14 +15,21 @@ EXACT_ABOVE_MB = 16  # blocks above this many MiB are pinned at their exact size
 ROUND_KEY = "pinned_max_round_threshold_mb"
 
 
-def exact_pinned_blocks() -> None:
-    """Pin blocks above EXACT_ABOVE_MB at their exact size. Call before CUDA starts; a threshold the
-    user set in PYTORCH_ALLOC_CONF (or the older PYTORCH_CUDA_ALLOC_CONF) wins."""
-    name = "PYTORCH_CUDA_ALLOC_CONF" if "PYTORCH_CUDA_ALLOC_CONF" in os.environ and \
-        "PYTORCH_ALLOC_CONF" not in os.environ else "PYTORCH_ALLOC_CONF"
-    current = os.environ.get(name, "")
-    if ROUND_KEY not in current:
-        os.environ[name] = ",".join(s for s in (current, f"{ROUND_KEY}:{EXACT_ABOVE_MB}") if s)
+def exact_pinned_blocks() -> bool:
+    """Pin blocks above EXACT_ABOVE_MB at their exact size from now on, unless the user set a threshold
+    (PYTORCH_ALLOC_CONF). Whether the setting is in force: False on a torch that lacks it."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # (torch's own replacement for
+    if get is None or put is None:                                        # torch.cuda._set_allocator_settings)
+        return False
+    current = get()  # the settings in force (PYTORCH_ALLOC_CONF's at start)
+    if ROUND_KEY in current:
+        return True
+    try:  # with the current settings: a new string resets the keys it leaves out
+        put(",".join(s for s in (current, f"{ROUND_KEY}:{EXACT_ABOVE_MB}") if s))
+    except RuntimeError:  # a torch whose allocator does not know the key
+        return False
+    return ROUND_KEY in get()
 
 
 def release_cached_pinned_blocks(device: torch.device) -> None:
