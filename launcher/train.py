@@ -339,11 +339,6 @@ def run(composed: DictConfig) -> None:
     from parallel.megatron_engine import init_distributed, shutdown
 
     args = ModelArgs.from_config(asdict(cfg.model))
-    if device.type == "cuda" and (cfg.optim.cpu_offload or "cpu" in (cfg.parallel.zero.offload_params,
-                                                                      cfg.parallel.zero.offload_optimizer)):
-        from parallel.pinned_memory import exact_pinned_blocks
-
-        exact_pinned_blocks()  # (before the offloaded buffers are pinned)
     init_distributed(layout, device, cfg.train.seed, cuda_graph=graphed)
     record_memory_history(cfg.logging.memory_snapshot, device, enabled=dist.get_rank() == 0)
     try:
