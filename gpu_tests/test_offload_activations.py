@@ -33,6 +33,9 @@ def test_offloaded_run_matches_and_holds_less(tmp_path):
     for a, b in zip(kept, offloaded):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), a["step"]
-    # 4 layer inputs of 32k tokens x hidden 256 in fp32: 128 MiB
+    # Layer inputs are 32k tokens x hidden 256 in fp32, 32 MiB each. The peak falls in the backward
+    # of the last layer, whose input is back on the GPU for its recompute by then: the other 3 of the
+    # 4 inputs (96 MiB) are what offloading takes off the peak.
+    saved_mib = (kept[-1]["peak_mem_gb"] - offloaded[-1]["peak_mem_gb"]) * 1024
     print(f"peak GiB: kept {kept[-1]['peak_mem_gb']:.3f}, offloaded {offloaded[-1]['peak_mem_gb']:.3f}")
-    assert offloaded[-1]["peak_mem_gb"] < kept[-1]["peak_mem_gb"] - 0.1
+    assert saved_mib > 0.9 * 96, f"offloading took {saved_mib:.1f} MiB off the peak, expected about 96"
