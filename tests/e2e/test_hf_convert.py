@@ -60,25 +60,25 @@ def _hf_greedy(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_env):
-    """A real training checkpoint (model + distributed optimizer state) saved under pp=2."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    run_cli("launcher.train", ["parallel.pp=2", "train.steps=1", "train.seq_length=64", "train.global_batch_size=2",
-                               "train.micro_batch_size=1", "logging.wandb.mode=disabled", "logging.progress=false",
-                               f"run.dir={run_dir}"], nproc=2)
-    return run_dir / "checkpoints"
+# A real training run: 1 step under pp=2, its checkpoint with model and distributed optimizer state.
+TRAIN = ["parallel.pp=2", "train.steps=1", "train.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
+         "logging.wandb.mode=disabled", "logging.progress=false"]
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, trained):
-    """Per family: HF dir, imported checkpoint, reference logits/greedy tokens; plus the ShardForge
-    results under tp=1 and tp=2 (of those and of the training checkpoint) from one torchrun job."""
+def converted(tmp_path_factory, cache_env):
+    """Per family: HF dir, imported checkpoint, reference logits/greedy tokens; plus a training
+    checkpoint (TRAIN) and the ShardForge results under tp=1 and tp=2 of all of them. Two launches
+    (each costs mostly its start-up): the imports in one process, then torchrun with 2 ranks that
+    trains and then computes the logits."""
     root = tmp_path_factory.mktemp("hf")
+    run_dir = tmp_path_factory.mktemp("trained")
+    trained = run_dir / "checkpoints"
     data: dict[str, dict] = {}
     trained_tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     data["trained"] = dict(ckpt=trained, tokens=trained_tokens)
     batch_imports: list[str] = []
+    llama_import: list[str] = []
     cases = [dict(name="trained", checkpoint=str(trained), tokens=trained_tokens.tolist(), prompt=[1, 2, 3],
                   max_new_tokens=2)]
     for family in FAMILIES:
@@ -95,8 +95,8 @@ def converted(tmp_path_factory, trained):
         with torch.no_grad():
             logits = model(tokens).logits
         ckpt = root / f"{family}_ckpt"
-        if family == "llama":  # the CLI itself once; the others in one process (same code, one megatron import)
-            run_cli("launcher.convert", ["import_hf", f"hf_dir={hf_dir}", f"out={ckpt}", f"name=test_{family}"])
+        if family == "llama":  # the CLI itself once; the others through import_many (same code)
+            llama_import = ["launcher.convert", "import_hf", f"hf_dir={hf_dir}", f"out={ckpt}", f"name=test_{family}"]
         else:
             batch_imports.append(f"{hf_dir}={ckpt}")
         labels = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
@@ -104,9 +104,10 @@ def converted(tmp_path_factory, trained):
                             greedy=_hf_greedy(model, prompt), labels=labels)
         cases.append(dict(name=family, checkpoint=str(ckpt), tokens=tokens.tolist(), prompt=prompt,
                           max_new_tokens=MAX_NEW, **({"labels": labels.tolist()} if family == "llama" else {})))
-    run_cli("tests.scripts.import_many", batch_imports)
+    run_many([llama_import, ["tests.scripts.import_many", *batch_imports]])
     (root / "cases.json").write_text(json.dumps(cases))
-    run_cli("tests.scripts.hf_logits", [str(root / "out.pt"), str(root / "cases.json"), "1,2"], nproc=2)
+    run_many([["launcher.train", *TRAIN, f"run.dir={run_dir}"],
+              ["tests.scripts.hf_logits", str(root / "out.pt"), str(root / "cases.json"), "1,2"]], nproc=2)
     return data, torch.load(root / "out.pt"), root
 
 
@@ -147,25 +148,47 @@ def test_greedy_generation_matches_transformers(converted, family, tp):
     assert result["cached"] == data[family]["greedy"]
 
 
-def test_generate_cli_greedy_sampled_and_text(converted, tmp_path):
+GENERATE_PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def cli_runs(converted, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The export and generate CLI commands the tests below check, in one launch (each command runs as
+    its own `python -m` would): export_hf of each family's import (in 0.1 MB shards) to
+    <root>/<family> and of the training checkpoint to <root>/trained; then launcher.generate with
+    token ids in and out, seeded sampling twice, and text through the tokenizer the checkpoint
+    carries (an import's, and a training run's: the README's command), each one's record in
+    <root>/<name>.json. Returns root and the generate commands' stdout, in that order."""
+    data, _, _ = converted
+    root = tmp_path_factory.mktemp("cli")
+    qwen, llama = data["qwen2"], data["llama"]
+    sampled = ["prompt_ids=5,6,7", "max_new_tokens=16", "temperature=1.5", "top_k=50", "top_p=0.95", "seed=3"]
+    exports = [["launcher.convert", "export_hf", f"checkpoint={data[family]['ckpt']}", f"out={root / family}",
+                "max_shard_size_mb=0.1"] for family in FAMILIES]
+    generates = [
+        ["launcher.generate", f"checkpoint.load={qwen['ckpt']}", f"prompt_ids={','.join(map(str, qwen['prompt']))}",
+         f"max_new_tokens={MAX_NEW}", f"output_json={root / 'greedy.json'}"],
+        *[["launcher.generate", f"checkpoint.load={qwen['ckpt']}/iter_0000000", *sampled,
+           f"output_json={root / name}.json"] for name in ("sampled0", "sampled1")],
+        ["launcher.generate", f"checkpoint.load={llama['ckpt']}", f"prompt={GENERATE_PROMPT}",
+         f"max_new_tokens={MAX_NEW}", "ignore_eos=true", f"output_json={root / 'text.json'}"],
+        ["launcher.generate", f"checkpoint.load={data['trained']['ckpt']}", "prompt=Return the", "max_new_tokens=4",
+         f"output_json={root / 'trained.json'}"],
+    ]
+    outputs = run_many([*exports, ["launcher.convert", "export_hf", f"checkpoint={data['trained']['ckpt']}",
+                                   f"out={root / 'trained'}"], *generates])
+    return root, outputs[len(exports) + 1:]
+
+
+def test_generate_cli_greedy_sampled_and_text(converted, cli_runs):
     """Token ids in and out, seeded sampling, and text through the tokenizer the checkpoint carries
-    (an import's, and a training run's: the README's command), in one launch."""
+    (an import's, and a training run's: the README's command)."""
     data, _, _ = converted
     qwen, llama = data["qwen2"], data["llama"]
-    paths = {name: tmp_path / f"{name}.json" for name in ("greedy", "sampled0", "sampled1", "text", "trained")}
-    sampled = ["prompt_ids=5,6,7", "max_new_tokens=16", "temperature=1.5", "top_k=50", "top_p=0.95", "seed=3"]
-    prompt = "The quick brown fox"
-    outputs = run_many([
-        ["launcher.generate", f"checkpoint.load={qwen['ckpt']}", f"prompt_ids={','.join(map(str, qwen['prompt']))}",
-         f"max_new_tokens={MAX_NEW}", f"output_json={paths['greedy']}"],
-        *[["launcher.generate", f"checkpoint.load={qwen['ckpt']}/iter_0000000", *sampled, f"output_json={paths[name]}"]
-          for name in ("sampled0", "sampled1")],
-        ["launcher.generate", f"checkpoint.load={llama['ckpt']}", f"prompt={prompt}", f"max_new_tokens={MAX_NEW}",
-         "ignore_eos=true", f"output_json={paths['text']}"],
-        ["launcher.generate", f"checkpoint.load={data['trained']['ckpt']}", "prompt=Return the", "max_new_tokens=4",
-         f"output_json={paths['trained']}"],
-    ])
-    results = {name: json.loads(path.read_text()) for name, path in paths.items()}
+    root, outputs = cli_runs
+    prompt = GENERATE_PROMPT
+    results = {name: json.loads((root / f"{name}.json").read_text())
+               for name in ("greedy", "sampled0", "sampled1", "text", "trained")}
     assert results["greedy"]["generated_ids"] == qwen["greedy"]
 
     assert results["sampled0"]["generated_ids"] == results["sampled1"]["generated_ids"]  # seeded: reproducible
@@ -191,11 +214,10 @@ def test_generate_cli_greedy_sampled_and_text(converted, tmp_path):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_export_reloads_in_transformers(converted, family, tmp_path):
+def test_export_reloads_in_transformers(converted, cli_runs, family):
     data, _, _ = converted
     entry = data[family]
-    out = tmp_path / "export"
-    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}", "max_shard_size_mb=0.1"])
+    out = cli_runs[0] / family
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -215,14 +237,13 @@ def test_export_reloads_in_transformers(converted, family, tmp_path):
         assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == eos
 
 
-def test_export_of_a_training_checkpoint(converted, tmp_path, cache_env):
+def test_export_of_a_training_checkpoint(converted, cli_runs, cache_env):
     """A pp=2 training checkpoint (optimizer state included) exports with the shape and tokenizer it
     carries; transformers computes what ShardForge computes from that checkpoint under tp=1 and tp=2,
     and knows the tokenizer's special ids without hand edits."""
     data, results, _ = converted
-    entry, out = data["trained"], tmp_path / "export"
+    entry, out = data["trained"], cli_runs[0] / "trained"
     sp_model = next(Path(cache_env).glob("stdlib_docs-*/tokenizer.model"))  # the run's own tokenizer
-    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}"])
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
