@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, config_error_line, read_metrics, run_cli, train_runs
+from conftest import FAST, config_error_line, read_metrics, run_cli, run_many, train_runs
 
 STEPS = 10
 EVAL = ["data.split=98/2", "eval.every=5", "eval.iters=2"]  # held-out documents, evaluated at steps 5 and 10
@@ -119,32 +119,40 @@ def test_zero3_resume_continues_the_curve(trained, offloaded):
 
 
 @pytest.fixture(scope="module")
-def converted(offloaded, tmp_path_factory):
-    """The offloaded run's final ZeRO-3 checkpoint through `launcher.convert zero_to_megatron`."""
-    out = tmp_path_factory.mktemp("converted") / "megatron"
-    run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={offloaded[0] / 'checkpoints'}", f"out={out}"])
+def converted(offloaded, tmp_path_factory) -> Path:
+    """The offloaded run's final ZeRO-3 checkpoint through `launcher.convert zero_to_megatron` (to
+    base/megatron) and `export_hf` (to base/hf), and what the tests below compute from those, in two
+    launches (a tiny CPU run costs mostly its start-up): in one process the conversions and 3 steps
+    of engine=megatron from the converted checkpoint (base/train_megatron); under torchrun with 2
+    ranks tests/scripts/zero3_logits (base/logits.pt) and the same 3 steps under engine=deepspeed
+    (base/train_zero3). Returns base."""
+    base = tmp_path_factory.mktemp("converted")
+    ckpt, out = offloaded[0] / "checkpoints", base / "megatron"
+    load = [f"checkpoint.load={out}", "checkpoint.final_save=false", "train.steps=3"]
+    run_many([["launcher.convert", "zero_to_megatron", f"checkpoint={ckpt}", f"out={out}"],
+              # Straight to Hugging Face: export_hf takes the ZeRO-3 checkpoint itself.
+              ["launcher.convert", "export_hf", f"checkpoint={ckpt}", f"out={base / 'hf'}"],
+              ["launcher.train", *FAST, *load, f"run.dir={base / 'train_megatron'}"]])
     assert (out / "latest").read_text().strip() == "iter_0000000"
-    return out
+    run_many([["tests.scripts.zero3_logits", str(ckpt), str(out), str(base / "logits.pt"), "cpu"],
+              ["launcher.train", *FAST, *DS, *load, f"run.dir={base / 'train_zero3'}"]], nproc=2)
+    return base
 
 
-def test_zero3_megatron_hf_conversions_give_identical_logits(offloaded, converted, tmp_path):
+def test_zero3_megatron_hf_conversions_give_identical_logits(converted):
     import transformers
 
-    ckpt = offloaded[0] / "checkpoints"
-    out = tmp_path / "logits.pt"
-    run_cli("tests.scripts.zero3_logits", [str(ckpt), str(converted), str(out), "cpu"], nproc=2)
-    result = torch.load(out)
+    result = torch.load(converted / "logits.pt")
     # The same fp32 weights through the same GPTModel code: bit-identical logits, both ways.
     assert torch.equal(result["deepspeed"], result["megatron"])
     assert torch.equal(result["megatron_to_deepspeed"], result["megatron"])
 
-    # Straight to Hugging Face: export_hf takes the ZeRO-3 checkpoint itself.
-    hf_dir = tmp_path / "hf"
-    run_cli("launcher.convert", ["export_hf", f"checkpoint={ckpt}", f"out={hf_dir}"])
+    # Straight to Hugging Face: export_hf took the ZeRO-3 checkpoint itself.
+    hf_dir = converted / "hf"
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     vocab = model.config.vocab_size
     # the run's tokenizer travels through the ZeRO-3 checkpoint and the conversion
-    assert (converted / "iter_0000000" / "tokenizer" / "tokenizer.model").is_file()
+    assert (converted / "megatron" / "iter_0000000" / "tokenizer" / "tokenizer.model").is_file()
     assert transformers.AutoTokenizer.from_pretrained(hf_dir).eos_token_id == model.config.eos_token_id == 3
     with torch.no_grad():
         hf_logits = model(result["tokens"]).logits
@@ -152,13 +160,10 @@ def test_zero3_megatron_hf_conversions_give_identical_logits(offloaded, converte
     assert diff < 1e-5, f"exported model's logits differ by {diff:.2e}"
 
 
-def test_megatron_checkpoint_trains_on_under_either_engine(converted, reference, tmp_path):
+def test_megatron_checkpoint_trains_on_under_either_engine(converted, reference):
     """checkpoint.load of a megatron checkpoint: its weights, a fresh optimizer, step 0 — the same
     curve under engine=deepspeed (2 ranks, ZeRO-3) as under engine=megatron (1 process)."""
-    load = [f"checkpoint.load={converted}", "checkpoint.final_save=false", "train.steps=3"]
-    run_cli("launcher.train", [*FAST, *load, f"run.dir={tmp_path / 'megatron'}"])
-    run_cli("launcher.train", [*FAST, *DS, *load, f"run.dir={tmp_path / 'zero3'}"], nproc=2)
-    ref, got = read_metrics(tmp_path / "megatron"), read_metrics(tmp_path / "zero3")
+    ref, got = read_metrics(converted / "train_megatron"), read_metrics(converted / "train_zero3")
     assert ref[0]["loss"] < reference[0]["loss"] - 0.3  # the trained weights, not a fresh init, on batch 0
     _assert_same_curve(ref, got, [1, 2, 3], loss_rel=1e-5, grad_rel=1e-4)
 
