@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models import hf_mapping as hfm
-from conftest import run_cli, tiny_hf_model
+from conftest import run_many, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,11 +46,11 @@ def _hf_model(family: str):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, cache_env):
+    """Per family: HF dir, imported checkpoint, reference logits/greedy tokens; a training checkpoint;
+    the ShardForge results in each of LAYOUTS; and every export the tests check (root/export/<name>).
+    Three launches (a tiny CPU run costs mostly its start-up): the imports, torchrun with 2 ranks
+    that trains and then computes the logits, the exports."""
     root = tmp_path_factory.mktemp("moe_hf")
-    # A training checkpoint (model + both chained optimizers' state) saved under ep=2.
-    run_cli("launcher.train", ["model=mixtral_tiny", "parallel.ep=2", "train.steps=1", "train.seq_length=32",
-                               "train.global_batch_size=2", "train.micro_batch_size=1", "logging.wandb.mode=disabled",
-                               "logging.progress=false", f"run.dir={root / 'trained'}"], nproc=2)
     trained_tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     data: dict[str, dict] = {"trained": dict(ckpt=root / "trained" / "checkpoints", tokens=trained_tokens)}
     cases = [dict(name="trained", checkpoint=str(data["trained"]["ckpt"]), tokens=trained_tokens.tolist(),
@@ -70,17 +70,25 @@ def converted(tmp_path_factory, cache_env):
         imports.append(f"{hf_dir}={ckpt}")
         cases.append(dict(name=family, checkpoint=str(ckpt), tokens=tokens.tolist(), prompt=prompt,
                           max_new_tokens=MAX_NEW))
-    run_cli("tests.scripts.import_many", imports)
+    run_many([["tests.scripts.import_many", *imports]])
     (root / "cases.json").write_text(json.dumps(cases))
-    run_cli("tests.scripts.hf_logits", [str(root / "out.pt"), str(root / "cases.json"), ",".join(LAYOUTS)], nproc=2)
+    # A training checkpoint (model + both chained optimizers' state) saved under ep=2, then the logits.
+    run_many([["launcher.train", "model=mixtral_tiny", "parallel.ep=2", "train.steps=1", "train.seq_length=32",
+               "train.global_batch_size=2", "train.micro_batch_size=1", "logging.wandb.mode=disabled",
+               "logging.progress=false", f"run.dir={root / 'trained'}"],
+              ["tests.scripts.hf_logits", str(root / "out.pt"), str(root / "cases.json"), ",".join(LAYOUTS)]], nproc=2)
+    run_many([*(["launcher.convert", "export_hf", f"checkpoint={data[family]['ckpt']}", f"out={root / 'export' / family}",
+                 "max_shard_size_mb=0.2"] for family in FAMILIES),
+              ["launcher.convert", "export_hf", f"checkpoint={data['trained']['ckpt']}",
+               f"out={root / 'export' / 'trained'}"]])
     results = torch.load(root / "out.pt")
-    return data, {(str(layout), name): value for (layout, name), value in results.items()}
+    return data, {(str(layout), name): value for (layout, name), value in results.items()}, root / "export"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["ep1", "ep2"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_imported_moe_matches_transformers(converted, family, layout):
-    data, results = converted
+    data, results, _ = converted
     ours, ref = results[(layout, family)], data[family]
     assert ours["logits"].shape == ref["logits"].shape
     diff = (ours["logits"] - ref["logits"]).abs().max().item()
@@ -90,10 +98,9 @@ def test_imported_moe_matches_transformers(converted, family, layout):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_moe_export_reloads_in_transformers(converted, family, tmp_path):
-    data, _ = converted
-    entry, out = data[family], tmp_path / "export"
-    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}", "max_shard_size_mb=0.2"])
+def test_moe_export_reloads_in_transformers(converted, family):
+    data, _, exports = converted
+    entry, out = data[family], exports / family
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is type(entry["model"])
     original = entry["model"].state_dict()
@@ -105,11 +112,10 @@ def test_moe_export_reloads_in_transformers(converted, family, tmp_path):
     assert diff < 1e-5, f"{family}: exported model's logits differ by {diff:.2e}"
 
 
-def test_export_of_an_expert_parallel_training_checkpoint(converted, tmp_path):
+def test_export_of_an_expert_parallel_training_checkpoint(converted):
     """transformers computes from the export what ShardForge computes from the checkpoint (ep=1 and ep=2)."""
-    data, results = converted
-    entry, out = data["trained"], tmp_path / "export"
-    run_cli("launcher.convert", ["export_hf", f"checkpoint={entry['ckpt']}", f"out={out}"])
+    data, results, exports = converted
+    entry, out = data["trained"], exports / "trained"
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__ == "MixtralForCausalLM"
     with torch.no_grad():
