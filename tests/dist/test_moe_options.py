@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from conftest import FAST, run_cli, train_runs
+from conftest import FAST, train_runs
 
 STEPS = 4
 COMMON = [*FAST, "train.seq_length=64", f"train.steps={STEPS}", "checkpoint.final_save=false"]
@@ -33,14 +34,23 @@ VPP_EP = [*MIXTRAL, "model.moe_expert_capacity_factor=100", "parallel.ep=2", "pa
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_env) -> dict[str, list[dict]]:
+def launched(tmp_path_factory, cache_env) -> tuple[Path, dict[str, list[dict]]]:
     """Each case's single-process reference ("<case>_single", and plain Mixtral's) and its
-    expert-parallel run, and the interleaved-pipeline run on 4 ranks."""
+    expert-parallel run, and the interleaved-pipeline run on 4 ranks; the capacity probe (3 steps,
+    factor 1) at the end of the one-process launch, its stdout in base/capacity_probe.txt (a launch
+    fewer: each costs an interpreter and its imports). Returns base and every run's metrics."""
     references = {"mixtral": MIXTRAL, **{name: shared for name, (shared, _, _) in CASES.items()}}
     runs = [(f"{name}_single", [*COMMON, *options], 1) for name, options in references.items()]
     runs += [(name, [*COMMON, *shared, *parallel], n) for name, (shared, parallel, n) in CASES.items()]
     runs.append(("vpp_ep", [*COMMON, *VPP_EP], 4))
-    return train_runs(tmp_path_factory.mktemp("moe_options"), runs)
+    base = tmp_path_factory.mktemp("moe_options")
+    probe = ("capacity_probe", ["tests.scripts.moe_capacity_probe", "3", "1.0"], 1)
+    return base, train_runs(base, runs, then=[probe])
+
+
+@pytest.fixture(scope="module")
+def trained(launched) -> dict[str, list[dict]]:
+    return launched[1]
 
 
 def _assert_same_training(got: list[dict], ref: list[dict], dropless_ref: bool = False) -> None:
@@ -90,10 +100,10 @@ def test_vpp_with_expert_parallel_and_large_capacity_matches_dropless_single_pro
     _assert_same_training(got, trained["mixtral_single"], dropless_ref=True)
 
 
-def test_dropped_fraction_equals_an_independent_count():
+def test_dropped_fraction_equals_an_independent_count(launched):
     # Factor 1: some experts are over capacity, others not (min(count, capacity) matters).
-    proc = run_cli("tests.scripts.moe_capacity_probe", ["3", "1.0"], timeout=300)
-    steps = [json.loads(line[len("METRICS "):]) for line in proc.stdout.splitlines() if line.startswith("METRICS ")]
+    stdout = (launched[0] / "capacity_probe.txt").read_text()
+    steps = [json.loads(line[len("METRICS "):]) for line in stdout.splitlines() if line.startswith("METRICS ")]
     assert [s["step"] for s in steps] == [1, 2, 3]
     for s in steps:
         assert 0.01 < s["independent_dropped_fraction"] < 0.5
