@@ -13,7 +13,10 @@ no pipeline parallel, and no MoE layer on megatron's dispatcher (it copies the d
 tokens per expert to the host); models/fused_moe.py's layer keeps every size fixed and the
 counts on the device, so `train.moe_dispatch=fused` can be captured (a layer that falls back to
 megatron's path under capture raises). `auto` turns it on only for one process and dense models
-(what has been measured); `true` also allows tp/dp and fused MoE.
+(what has been measured), and not with the optimizer offloaded to the host: that layout is picked
+for models sized to the GPU's memory, and the capture's private memory pool needs the step's
+activations a second time beside those the eager warm-up step left in the allocator's cache.
+`true` also allows tp/dp, fused MoE and the offloaded optimizer.
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ from typing import Any
 
 
 def blockers(setting: str | bool, *, device_type: str, world_size: int, engine: str, moe_dispatch: str | None,
-             packing: bool, pp: int) -> list[str]:
+             packing: bool, pp: int, cpu_offload: bool = False) -> list[str]:
     """Why a CUDA graph cannot capture this run's steps (empty: it can). `setting` is
     train.cuda_graph; `device_type` may be `auto` (a submit host validating a job for other
     machines): only `cpu` rules it out. `moe_dispatch`: train.moe_dispatch of a MoE model, None
-    for a dense one."""
+    for a dense one. `cpu_offload`: optim.cpu_offload."""
     why = []
     if device_type == "cpu":
         why.append("needs device=cuda")
@@ -42,6 +45,9 @@ def blockers(setting: str | bool, *, device_type: str, world_size: int, engine: 
         why.append("auto uses it on one process only")
     if setting == "auto" and moe_dispatch is not None:
         why.append("auto uses it for dense models only")
+    if setting == "auto" and cpu_offload:
+        why.append("auto leaves runs with optim.cpu_offload=true eager (the capture needs the step's "
+                   "activations a second time)")
     return why
 
 

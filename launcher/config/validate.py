@@ -355,7 +355,7 @@ def _check_cuda_graph(c: JobConfig, device_type: str, world_size: int) -> bool:
         raise ConfigError("train.cuda_graph", f"must be auto, true or false, got {setting!r}")
     run = dict(device_type=device_type, world_size=world_size, engine=c.parallel.engine,
                moe_dispatch=c.train.moe_dispatch if c.model.num_experts is not None else None,
-               packing=c.data.packing, pp=c.parallel.pp)
+               packing=c.data.packing, pp=c.parallel.pp, cpu_offload=c.optim.cpu_offload)
     if setting is True:
         why = cuda_graph.blockers(setting, **run)
         if why:

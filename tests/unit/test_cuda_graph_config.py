@@ -30,6 +30,8 @@ def _cfg(*overrides: str):
     (["parallel.engine=deepspeed"], "cuda", 1, False),
     (["data=indexed", "data.prefixes=[x]", "data.tokenizer=t", "data.packing=true"], "cuda", 1, False),
     (["parallel.pp=2"], "cuda", 2, False),
+    (["optim.cpu_offload=true"], "cuda", 1, False),                                 # auto: not offloaded
+    (["optim.cpu_offload=true", "train.cuda_graph=true"], "cuda", 1, True),
 ])
 def test_resolve(overrides, device, world, expected):
     cfg = _cfg(*overrides)
@@ -37,7 +39,7 @@ def test_resolve(overrides, device, world, expected):
     c = typed(cfg)
     why = blockers(c.train.cuda_graph, device_type=device, world_size=world, engine=c.parallel.engine,
                    moe_dispatch=c.train.moe_dispatch if c.model.num_experts is not None else None,
-                   packing=c.data.packing, pp=c.parallel.pp)
+                   packing=c.data.packing, pp=c.parallel.pp, cpu_offload=c.optim.cpu_offload)
     assert (not why) == (expected or c.train.cuda_graph is False)
 
 
