@@ -22,12 +22,12 @@ Packed rows (THD, several documents in one stream) split per document: every doc
 to a multiple of 2·cp by the batch split, parallel/engine.py) is cut into 2·cp chunks of c_i
 tokens and rank r holds chunks r and 2·cp−1−r of each, documents in stream order, so every rank
 holds 2·c_i tokens of document i and the per-rank cumulative lengths `cu_seqlens` are the same
-on all ranks. A token of rank r may attend a token of rank s when both are in the same document
-and the key's position in the document is not after the query's: each (query rank, key rank)
-block runs with that block-diagonal causal mask as an additive mask (`packed_mask`). Rows that
-see nothing of a block get a finite, very negative LSE, so they weigh nothing in the merge. The
-mask is dense ([rows, keys] per block): the CPU flash kernel takes it, and on CUDA the
-memory-efficient kernel as its bias (the flash kernels take no mask).
+on all ranks. Each block is varlen attention over segments (one or two per document), every
+segment either square and causal (queries and keys are the same tokens) or full, so no mask and
+no question of how a causal mask aligns arises (`packed_ring_blocks`, `packed_allgather_blocks`);
+the blocks gather their rows and keys by index, and every row of a block sees a key of it. On
+CUDA in fp16/bf16 torch's varlen flash kernels run them; elsewhere (CPU; fp32 on CUDA) a block runs
+as a dense block under its segments' mask (`segment_mask`), which is [rows, keys] per block.
 
 `ContextParallelAttention` serves megatron's core-attention slot with it (models/kernel_provider.py).
 
@@ -49,53 +49,98 @@ MODES = ("ring", "allgather")
 
 
 class Block(NamedTuple):
-    """One kernel call: these query rows of the rank's 2c rows attend to this key range, causally
-    or under `mask` (additive [rows, keys]: 0 where a query sees a key; packed rows)."""
+    """One kernel call: these query rows of the rank's rows attend to these keys (a slice, or an
+    index tensor for packed rows), causally (square) or fully. Packed rows: `cu_q`/`cu_k` (int32)
+    cut the rows and keys into segments, segment i of the rows attending segment i of the keys
+    only (varlen attention; a causal segment is square)."""
 
-    rows: slice
-    keys: slice
+    rows: slice | torch.Tensor
+    keys: slice | torch.Tensor
     causal: bool
-    mask: torch.Tensor | None = None
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+    max_q: int = 0
+    max_k: int = 0
 
 
-ALL = slice(None)
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The concatenated ranges [start, start + length) (long)."""
+    total = int(lengths.sum())
+    offsets = lengths.cumsum(0) - lengths
+    return torch.repeat_interleave(starts - offsets, lengths, output_size=total) + torch.arange(total)
 
 
-def packed_positions(cu_seqlens: torch.Tensor, rank: int, cp: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(document, position in the document) of each of rank `rank`'s `total` tokens of a packed
-    stream; `cu_seqlens`: the per-rank cumulative document lengths (2·c_i tokens of document i:
-    its chunk r, then its chunk 2·cp−1−r)."""
-    cu = cu_seqlens.to(dtype=torch.long)
-    half = (cu[1:] - cu[:-1]) // 2
-    docs = torch.repeat_interleave(torch.arange(half.numel(), device=cu.device), 2 * half, output_size=total)
-    within, c = torch.arange(total, device=cu.device) - cu[:-1][docs], half[docs]
-    position = torch.where(within < c, rank * c + within, (2 * cp - 1 - rank) * c + within - c)
-    return docs, position
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
-def packed_mask(cu_seqlens: torch.Tensor, rank: int, sources: list[int], cp: int, total: int,
-                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive [total, total·len(sources)] mask of rank `rank`'s queries over the keys of the
-    `sources` ranks (concatenated in that order): 0 where the key is in the query's document and
-    not after it, a large negative number elsewhere (finite: a row that sees no key of the block
-    gets a very negative LSE, not NaN, and so no weight in the merge)."""
-    cu_seqlens = cu_seqlens.to(device)
-    q_doc, q_pos = packed_positions(cu_seqlens, rank, cp, total)
-    keys = [packed_positions(cu_seqlens, source, cp, total) for source in sources]
-    k_doc, k_pos = (torch.cat(x) for x in zip(*keys))
-    seen = (q_doc[:, None] == k_doc[None, :]) & (k_pos[None, :] <= q_pos[:, None])
-    mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
-    return mask.masked_fill_(~seen, torch.finfo(dtype).min / 2)
+def _documents(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row, c_i) of each non-empty document of a rank's packed rows, on the host (the
+    kernels take the segments' largest length as a host integer)."""
+    cu = cu_seqlens.detach().to("cpu", torch.long)
+    start, length = cu[:-1], cu[1:] - cu[:-1]
+    if bool((length % 2).any()):
+        raise ValueError("context-parallel packed rows: each document must hold two equal chunks on every rank")
+    keep = length > 0  # an empty document has no rows (and the kernels would give it a +inf LSE)
+    return start[keep], length[keep] // 2
 
 
-def packed_ring_blocks(rank: int, source: int, cp: int, cu_seqlens: torch.Tensor, q: torch.Tensor) -> list[Block]:
-    """Ring mode over packed rows: all of rank `rank`'s rows (q) against all of rank `source`'s keys, masked."""
-    return [Block(ALL, ALL, False, packed_mask(cu_seqlens, rank, [source], cp, q.size(2), q.dtype, q.device))]
+def _varlen_block(rows: slice | torch.Tensor, keys: slice | torch.Tensor, causal: bool, q_lengths: torch.Tensor,
+                  k_lengths: torch.Tensor, device: torch.device) -> Block:
+    def place(index):
+        return index.to(device) if isinstance(index, torch.Tensor) else index
+
+    return Block(place(rows), place(keys), causal, _cumulative(q_lengths).to(device),
+                 _cumulative(k_lengths).to(device), int(q_lengths.max()), int(k_lengths.max()))
 
 
-def packed_allgather_blocks(rank: int, cp: int, cu_seqlens: torch.Tensor, q: torch.Tensor) -> list[Block]:
-    """All-gather mode over packed rows: all rows (q) against every rank's keys (in rank order), masked."""
-    return [Block(ALL, ALL, False, packed_mask(cu_seqlens, rank, list(range(cp)), cp, q.size(2), q.dtype, q.device))]
+def packed_ring_blocks(rank: int, cp: int, cu_seqlens: torch.Tensor, device: torch.device) -> list[list[Block]]:
+    """Ring mode over packed rows: for each source rank s, the blocks of rank `rank`'s rows against
+    s's keys. Per document, our chunks r, 2cp−1−r against s's chunks s, 2cp−1−s:
+    s == r: the document's 2c_i tokens against themselves, causally (chunk 2cp−1−r sees all of
+    chunk r, which sees none of it: the causal mask of the concatenation);
+    s < r: both our chunks see chunk s (the first c_i keys) fully, and not chunk 2cp−1−s (later);
+    s > r: only our chunk 2cp−1−r (the second c_i rows) sees s's tokens, all 2c_i of them, fully."""
+    start, half = _documents(cu_seqlens)
+    if half.numel() == 0:
+        return [[] for _ in range(cp)]
+    both = slice(int(start[0]), int(start[0]) + 2 * int(half.sum()))  # the documents' rows, one after another
+    first, second = _ranges(start, half), _ranges(start + half, half)
+    own = _varlen_block(both, both, True, 2 * half, 2 * half, device)
+    earlier = _varlen_block(both, first, False, 2 * half, half, device)
+    later = _varlen_block(second, both, False, half, 2 * half, device)
+    return [[own] if s == rank else [earlier] if s < rank else [later] for s in range(cp)]
+
+
+def packed_allgather_blocks(rank: int, cp: int, cu_seqlens: torch.Tensor, total: int,
+                            device: torch.device) -> list[Block]:
+    """All-gather mode over packed rows: rank `rank`'s rows against every rank's keys, the ranks'
+    `total`-token streams one after another (gathered_keys). Per document, query chunk
+    j in {r, 2cp−1−r} sees chunks 0..j−1 fully and chunk j (these same tokens of our own stream)
+    causally: one full block (chunk j = 0 has none) and one causal block of square segments."""
+    start, half = _documents(cu_seqlens)
+    if half.numel() == 0:
+        return []
+    c = 2 * cp
+    both = slice(int(start[0]), int(start[0]) + 2 * int(half.sum()))  # the documents' rows, one after another
+    halves = half.repeat_interleave(2)  # segments: (document, chunk r), (document, chunk 2cp-1-r)
+    own = slice(rank * total + both.start, rank * total + both.stop)  # these rows' own keys
+    blocks = [_varlen_block(both, own, True, halves, halves, device)]
+    # where chunk m of each document lies among the gathered keys: chunk m < cp is rank m's first
+    # half, chunk m >= cp rank 2cp-1-m's second half
+    m = torch.arange(c)
+    owner = torch.where(m < cp, m, c - 1 - m)
+    chunk_start = owner * total + start[:, None] + torch.where(m < cp, 0, 1) * half[:, None]  # [docs, 2cp]
+    later = c - 1 - rank
+    starts = torch.cat([chunk_start[:, :rank], chunk_start[:, :later]], dim=1).flatten()
+    keys = _ranges(starts, half.repeat_interleave(rank + later))
+    if rank == 0:  # chunk 0 has no earlier chunk: only the second halves attend here
+        rows, q_lengths, k_lengths = _ranges(start + half, half), half, later * half
+    else:
+        rows, q_lengths, k_lengths = both, halves, torch.stack([rank * half, later * half], dim=1).flatten()
+    blocks.append(_varlen_block(rows, keys, False, q_lengths, k_lengths, device))
+    return blocks
 
 
 def ring_blocks(rank: int, source: int, cp: int, chunk: int) -> list[Block]:
@@ -122,42 +167,95 @@ def allgather_blocks(rank: int, cp: int, chunk: int) -> list[Block]:
     return blocks
 
 
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [b, h, s, d], lse [b, h, s] fp32) of one block through torch's fused kernels."""
-    if mask is not None:
-        return _masked_forward(q, k, v, mask, scale)
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Block,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [b, h, s, d], lse [b, h, s] fp32) of one block (q, k, v: its rows and keys) through
+    torch's fused kernels. The one place that picks the kernel of a block."""
+    if block.cu_q is not None:
+        if _flash_varlen(q):
+            return _varlen_forward(q, k, v, block, scale)
+        return _masked_forward(q, k, v, segment_mask(block, q.dtype), scale)
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
-            out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)
+            out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, block.causal, scale=scale)
             return out, lse
         if k.size(1) != q.size(1):  # the memory-efficient kernel has no GQA
             raise NotImplementedError("fp32 context-parallel attention on CUDA with grouped-query attention")
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, block.causal,
                                                                                scale=scale)
         return out, lse[..., :q.size(2)]  # (its LSE rows are padded)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, block.causal, scale=scale)
 
 
 def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, causal: bool, scale: float,
-                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, block: Block,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one block, given the merged output and LSE of its query rows."""
     lse = lse.contiguous()
-    if mask is not None:
-        return _masked_backward(dout, q, k, v, out, lse, mask, scale)
+    if block.cu_q is not None:
+        if _flash_varlen(q):
+            return _varlen_backward(dout, q, k, v, out, lse, block, scale)
+        return _masked_backward(dout, q, k, v, out, lse, segment_mask(block, q.dtype), scale)
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
             # cum_seq_q/k undefined (None), as the dense forward returns them: a defined tensor, even
             # an empty one, sends the kernel down its varlen path ("batch size must be positive")
             seed = torch.empty((), dtype=torch.int64, device=q.device)
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, causal, seed, seed, scale=scale)
+                dout, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, block.causal, seed, seed, scale=scale)
         return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             dout, q, k, v, None, out, lse, torch.empty(()), torch.empty(()), 0.0, [True, True, True, False],
-            causal, scale=scale)[:3]
+            block.causal, scale=scale)[:3]
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+        dout, q, k, v, out, lse, 0.0, block.causal, scale=scale)
+
+
+def _flash_varlen(q: torch.Tensor) -> bool:
+    """Whether torch's varlen flash kernels run the packed blocks of these rows (CUDA, fp16/bf16);
+    elsewhere a block runs as a masked dense block."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """[1, h, n, d] -> the varlen kernels' [n, h, d] (a view: they take any row and head strides)."""
+    return x[0].transpose(0, 1)
+
+
+def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Block,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        _tokens(q), _tokens(k), _tokens(v), block.cu_q, block.cu_k, block.max_q, block.max_k, 0.0, block.causal,
+        False, scale=scale)
+    # the varlen LSE is [heads, rows], unpadded
+    return out.transpose(0, 1).unsqueeze(0), lse.view(1, q.size(1), q.size(2))
+
+
+def _varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, block: Block,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed = torch.empty((), dtype=torch.int64, device=q.device)  # (no dropout: the kernel reads no RNG state)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        _tokens(dout), _tokens(q), _tokens(k), _tokens(v), _tokens(out), lse[0].contiguous(), block.cu_q, block.cu_k,
+        block.max_q, block.max_k, 0.0, block.causal, seed, seed, scale=scale)
+    return tuple(g.transpose(0, 1).unsqueeze(0) for g in (dq, dk, dv))
+
+
+def segment_mask(block: Block, dtype: torch.dtype) -> torch.Tensor:
+    """A varlen block as an additive [rows, keys] mask, for the kernels without varlen: 0 where a
+    row and a key are in the same segment (and, causally, the key is not after the row), a large
+    negative number elsewhere. Every row sees a key (its segment's first)."""
+    cu_q, cu_k = block.cu_q.to(torch.long), block.cu_k.to(torch.long)
+    rows, keys = int(cu_q[-1]), int(cu_k[-1])
+    segments = torch.arange(cu_q.numel() - 1, device=cu_q.device)
+    q_seg = torch.repeat_interleave(segments, cu_q[1:] - cu_q[:-1], output_size=rows)
+    k_seg = torch.repeat_interleave(segments, cu_k[1:] - cu_k[:-1], output_size=keys)
+    seen = q_seg[:, None] == k_seg[None, :]
+    if block.causal:
+        q_pos = torch.arange(rows, device=cu_q.device) - cu_q[q_seg]
+        k_pos = torch.arange(keys, device=cu_k.device) - cu_k[k_seg]
+        seen &= k_pos[None, :] <= q_pos[:, None]
+    mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
+    return mask.masked_fill_(~seen, torch.finfo(dtype).min / 2)
 
 
 def _masked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -212,26 +310,28 @@ def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: li
                    lse: torch.Tensor, scale: float) -> None:
     """Add the blocks' attention into the running fp32 `out` and `lse` (merged by log-sum-exp)."""
     for block in blocks:
-        o, l = block_forward(q[:, :, block.rows], k[:, :, block.keys], v[:, :, block.keys], block.causal, scale,
-                             block.mask)
-        acc_out, acc_lse = out[:, :, block.rows], lse[:, :, block.rows]
+        rows = block.rows
+        o, l = block_forward(q[:, :, rows], k[:, :, block.keys], v[:, :, block.keys], block, scale)
+        acc_out, acc_lse = out[:, :, rows], lse[:, :, rows]  # (copies where rows is an index)
         merged = torch.logaddexp(acc_lse, l)
-        acc_out.mul_(torch.exp(acc_lse - merged).unsqueeze(-1))
-        acc_out.add_(o.float() * torch.exp(l - merged).unsqueeze(-1))
-        acc_lse.copy_(merged)
+        out[:, :, rows] = acc_out * torch.exp(acc_lse - merged).unsqueeze(-1) \
+            + o.float() * torch.exp(l - merged).unsqueeze(-1)
+        lse[:, :, rows] = merged
 
 
 def backward_blocks(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, blocks: list[Block], dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                     scale: float) -> None:
-    """Add the blocks' gradients into the fp32 `dq` (rows) and `dk`, `dv` (key ranges)."""
+    """Add the blocks' gradients into the fp32 `dq` (rows) and `dk`, `dv` (keys)."""
     for block in blocks:
         rows, keys = block.rows, block.keys
         gq, gk, gv = block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
-                                    lse[:, :, rows], block.causal, scale, block.mask)
-        dq[:, :, rows] += gq
-        dk[:, :, keys] += gk
-        dv[:, :, keys] += gv
+                                    lse[:, :, rows], block, scale)
+        for grad, index, part in ((dq, rows, gq), (dk, keys, gk), (dv, keys, gv)):
+            if isinstance(index, slice):
+                grad[:, :, index] += part
+            else:  # an index may repeat (a key in two segments): its parts add up
+                grad.index_add_(2, index, part.to(grad.dtype))
 
 
 def _accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,10 +360,11 @@ class _Ring:
             request.wait()
 
 
-def _ring_step(rank: int, source: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[Block]:
+def _ring_plan(rank: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[list[Block]]:
+    """The blocks of each ring step's source rank (packed rows: built once, forward and backward)."""
     if cu_seqlens is None:
-        return ring_blocks(rank, source, cp, q.size(2) // 2)
-    return packed_ring_blocks(rank, source, cp, cu_seqlens, q)
+        return [ring_blocks(rank, source, cp, q.size(2) // 2) for source in range(cp)]
+    return packed_ring_blocks(rank, cp, cu_seqlens, q.device)
 
 
 class RingAttention(torch.autograd.Function):
@@ -276,23 +377,24 @@ class RingAttention(torch.autograd.Function):
         rank, cp = dist.get_rank(group), dist.get_world_size(group)
         ring = _Ring(group)
         out, lse = _accumulators(q)
+        plan = _ring_plan(rank, cp, q, cu_seqlens)
         kv = torch.stack([k, v])
         for step in range(cp):
             if step < cp - 1:  # the next block travels while this one is computed
                 incoming, requests = ring.start(kv)
-            forward_blocks(q, kv[0], kv[1], _ring_step(rank, (rank - step) % cp, cp, q, cu_seqlens), out, lse, scale)
+            forward_blocks(q, kv[0], kv[1], plan[(rank - step) % cp], out, lse, scale)
             if step < cp - 1:
                 ring.wait(requests)
                 kv = incoming
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.group, ctx.scale = group, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale, ctx.plan = group, scale, plan
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale, plan = ctx.group, ctx.scale, ctx.plan
         rank, cp = dist.get_rank(group), dist.get_world_size(group)
         ring = _Ring(group)
         dout = dout.contiguous()
@@ -303,8 +405,7 @@ class RingAttention(torch.autograd.Function):
         for step in range(cp):
             if step < cp - 1:
                 incoming, requests = ring.start(kv)
-            backward_blocks(dout, q, out, lse, kv[0], kv[1], _ring_step(rank, (rank - step) % cp, cp, q, cu_seqlens),
-                            dq, dkv[0], dkv[1], scale)
+            backward_blocks(dout, q, out, lse, kv[0], kv[1], plan[(rank - step) % cp], dq, dkv[0], dkv[1], scale)
             dkv_incoming, dkv_requests = ring.start(dkv)
             ring.wait(dkv_requests)
             dkv = dkv_incoming
@@ -357,10 +458,10 @@ def scattered_keys(full: torch.Tensor, cp: int, packed: bool) -> torch.Tensor:
     return full.unflatten(-2, (cp, -1)).movedim(-3, 0) if packed else from_sequence_order(full, cp)
 
 
-def _allgather_step(rank: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[Block]:
+def _allgather_plan(rank: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[Block]:
     if cu_seqlens is None:
         return allgather_blocks(rank, cp, q.size(2) // 2)
-    return packed_allgather_blocks(rank, cp, cu_seqlens, q)
+    return packed_allgather_blocks(rank, cp, cu_seqlens, q.size(2), q.device)
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -373,23 +474,23 @@ class AllGatherAttention(torch.autograd.Function):
         rank, cp, packed = dist.get_rank(group), dist.get_world_size(group), cu_seqlens is not None
         kv = gathered_keys(_all_gather(torch.stack([k, v]), group), packed)
         out, lse = _accumulators(q)
-        forward_blocks(q, kv[0], kv[1], _allgather_step(rank, cp, q, cu_seqlens), out, lse, scale)
+        blocks = _allgather_plan(rank, cp, q, cu_seqlens)
+        forward_blocks(q, kv[0], kv[1], blocks, out, lse, scale)
         out = out.to(q.dtype)
         # The gathered K/V is not kept: backward gathers it again.
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.group, ctx.scale = group, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale, ctx.blocks, ctx.packed = group, scale, blocks, packed
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
-        rank, cp, packed = dist.get_rank(group), dist.get_world_size(group), cu_seqlens is not None
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale, blocks, packed = ctx.group, ctx.scale, ctx.blocks, ctx.packed
+        rank, cp = dist.get_rank(group), dist.get_world_size(group)
         kv = gathered_keys(_all_gather(torch.stack([k, v]), group), packed)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        backward_blocks(dout.contiguous(), q, out, lse, kv[0], kv[1], _allgather_step(rank, cp, q, cu_seqlens),
-                        dq, dkv[0], dkv[1], scale)
+        backward_blocks(dout.contiguous(), q, out, lse, kv[0], kv[1], blocks, dq, dkv[0], dkv[1], scale)
         dkv = _reduce_scatter(scattered_keys(dkv, cp, packed).contiguous(), group)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
