@@ -12,7 +12,7 @@ layer spec returned here; nothing is patched into megatron and nothing is swappe
 - attention core: SDPA (models/kernels/attention.py; on CUDA the kernel `attention_backend` names,
   or torch's own order); under context parallelism (cp > 1) the
   ring or all-gather CP attention (`cp_mode`, models/kernels/context_parallel_attention.py; packed
-  rows masked per document); RoPE: on GPU RopeSelfAttention
+  rows: varlen blocks per document); RoPE: on GPU RopeSelfAttention
   (models/rope_attention.py), elsewhere megatron's SelfAttention;
 - linears: megatron's, or with `fp8` the fp8 ones (models/kernels/fp8_linear.py; dense models),
   told where their input is held anyway (`keep_input`); with `lora` the linears it targets carry an
