@@ -1,8 +1,9 @@
 """models/kernels/context_parallel_attention.py, the math without a process group: cp ranks
 emulated one after another on one process (each rank's two chunks, the blocks of its ring steps
 or of its gathered prefix, merged by log-sum-exp; block gradients summed per K/V owner), against
-torch's plain causal attention of the whole sequence, forward and backward, fp32, within 1e-6.
-The process-group plumbing (P2P ring, all-gather, reduce-scatter) is tests/dist/test_context_parallel.py."""
+torch's plain causal attention of the whole sequence (packed rows: block-diagonal attention of
+the whole stream), forward and backward, fp32, within 1e-5.
+The process-group plumbing (P2P ring, all-gather, reduce-scatter) runs in tests/dist/test_parity.py (its cp layouts)."""
 from __future__ import annotations
 
 import pytest
@@ -106,7 +107,8 @@ def test_sequence_order_round_trip():
 
 
 # Packed rows (THD): documents of any length in one stream, each padded to a multiple of 2·cp and
-# split per document by the engine's batch split, attention masked per document on every rank.
+# split per document by the engine's batch split, attention as varlen blocks per document on every
+# rank (here each block runs under its segment mask through the CPU kernel).
 
 def _emulate_packed(mode: str, q, k, v, dout, cu_seqlens, cp: int, scale: float):
     """Every rank's output and gradients over the unpadded stream (padding dropped), each rank's
