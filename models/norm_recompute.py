@@ -49,7 +49,8 @@ class NormOutputCheckpoint:
 
         def refill(grad: torch.Tensor) -> None:
             out = pending.pop()
-            rows, weight, _ = out.grad_fn.saved_tensors  # (the Triton norm's own saved x and weight)
+            x, weight, _ = out.grad_fn.saved_tensors  # (the Triton norm's own saved x and weight)
+            rows = x.view(-1, x.shape[-1])
             out.untyped_storage().resize_(nbytes)
             norm.rms_norm_forward_into(rows, weight, eps, out)
 

@@ -104,7 +104,7 @@ class _TritonRMSNorm(torch.autograd.Function):
 class _TritonAddRMSNorm(torch.autograd.Function):
     """(x + residual, rms_norm(x + residual)) in one pass; the backward hands x and residual the
     sum's gradient plus the norm's in one pass. Saves what _TritonRMSNorm saves, in its order
-    (models/norm_recompute.py reads them)."""
+    (models/norm_recompute.py reads them); the normalized input in x's shape, not as rows."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -115,7 +115,11 @@ class _TritonAddRMSNorm(torch.autograd.Function):
         total, y = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2))
         rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
         _forward(rows, weight, eps, y, rstd, residual=res, total=total)
-        ctx.save_for_backward(total.view(-1, hidden), weight, rstd)
+        # The output itself, not a view of it: autograd saves an output without a reference back to
+        # this node, a view would close a cycle (node -> view -> output -> node) that Python's gc
+        # cannot see, leaking every forward that never runs a backward (megatron runs the
+        # bias-dropout-add under enable_grad even in no_grad passes).
+        ctx.save_for_backward(total, weight, rstd)
         ctx.shape, ctx.eps = x.shape, eps
         return total, y
 
@@ -124,7 +128,7 @@ class _TritonAddRMSNorm(torch.autograd.Function):
         total, weight, rstd = ctx.saved_tensors
         if dy is None:  # the norm's output was not used
             return d_total, d_total, torch.zeros_like(weight), None
-        dx, dw = _backward(dy, total, weight, rstd, d_total)
+        dx, dw = _backward(dy, total.view(-1, total.shape[-1]), weight, rstd, d_total)
         dx = dx.view(ctx.shape)
         return dx, dx, dw, None
 

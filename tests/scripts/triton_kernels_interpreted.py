@@ -5,6 +5,7 @@ megatron's unfused RoPE. fp32 within 1e-5; bf16 inputs within 1e-2. The same ker
 compiled on the GPU in gpu_tests/."""
 from __future__ import annotations
 
+import gc
 import math
 import os
 import types
@@ -119,6 +120,28 @@ def rms_norm() -> None:
         check(f"add_rms_norm dweight {dtype}", w.grad, w32.grad, tol)
 
 
+def add_norm_forward_leaves_no_graph() -> None:
+    """A fused residual add + norm whose backward never runs leaves nothing behind once its outputs
+    go: megatron runs the bias-dropout-add under enable_grad even in no_grad passes (DPO's reference
+    pass, evaluation), so its node is built there with the norm weight requiring grad. A node that
+    saved a view of its own output would form a reference cycle Python's gc cannot collect."""
+    def alive() -> int:
+        gc.collect()
+        return sum(type(o).__name__ == "_TritonAddRMSNormBackward" for o in gc.get_objects())
+
+    before = alive()
+    w = torch.ones(64, requires_grad=True)
+    with torch.no_grad():
+        for _ in range(3):
+            x, r = torch.randn(8, 2, 64), torch.randn(8, 2, 64)
+            with torch.enable_grad():
+                total, y = norm._TritonAddRMSNorm.apply(x, r, w, 1e-5)
+            assert total.grad_fn is not None  # (the case: a node was built)
+            del total, y
+    assert alive() == before, f"{alive() - before} fused add-norm nodes outlived their outputs"
+    print("add_rms_norm: no node outlives its outputs")
+
+
 def rope_on_strided_key() -> None:
     torch.manual_seed(3)
     s, b, groups, d = 21, 2, 3, 64
@@ -231,6 +254,7 @@ if __name__ == "__main__":
     adamw_stochastic()
     swiglu_back()
     rms_norm()
+    add_norm_forward_leaves_no_graph()
     rope_on_strided_key()
     rope_packed()
     qkv_rope()
