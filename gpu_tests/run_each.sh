@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Each gpu_tests module in its own pytest process under its own time limit, its full output in
-# <log dir>/<module>.log and one summary line per module on stdout: a hung or slow module costs only
-# its own limit, and a failure's traceback is kept in its log whatever the caller's output keeps.
+# <log dir>/<module>.log and one summary line per module on stdout (with a failure's FAILED and
+# assertion lines): a hung or slow module costs only its own limit, and a failure's traceback is
+# kept in its log whatever the caller's output keeps.
 #   gpu_tests/run_each.sh [log dir (default gpu_tests_logs)] [seconds per module (default 120)] [module ...]
 # Modules (or node ids) named after the limit run in that order (default: every gpu_tests/test_*.py).
 set -u
@@ -24,5 +25,7 @@ for module in "${modules[@]}"; do
     [ $rc -eq 124 ] && verdict="timed out after ${limit}s"
     echo "$name: rc=$rc $((SECONDS - start))s ${verdict}"
     grep -E '^(FAILED|ERROR) ' "$logs/$name.log" | head -20
+    # the assertion lines too: a caller may get back only some of the logs
+    [ $rc -ne 0 ] && grep -E '^E  ' "$logs/$name.log" | grep -v 'CUDA kernel errors\|TORCH_USE_CUDA_DSA\|CUDA_LAUNCH_BLOCKING\|docs.nvidia' | head -12
 done
 exit $status
