@@ -136,7 +136,10 @@ def _logger(directory: Path, start_step: int) -> MetricsLogger:
 
 
 def _wandb_ids(directory: Path) -> list[str]:
-    return [p.name.rsplit("-", 1)[1] for p in sorted((directory / "wandb").glob("offline-run-*"))]
+    # the id from each run's own file (run-<id>.wandb): two runs begun in the same second share a
+    # directory stem and wandb suffixes the second one's name ("-1")
+    files = sorted((directory / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    return [p.name[len("run-"):-len(".wandb")] for p in files]
 
 
 def test_metrics_and_wandb_continue_across_a_resume_and_start_anew_for_a_new_run(tmp_path, wandb_service):
