@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, flag_override, open_dict, read_write
 
 from launcher.config.validate import ConfigError, check_known_keys, unknown_key_reason
 from launcher.model_path import resolve_model_argv
@@ -77,8 +77,12 @@ def hydra_command(config_name: str, *, config_dir: str = "", argv: Callable[[lis
                 print(help_text(sys.modules[task.__module__].__doc__ or "", directory, name, parsed.overrides))
                 return
             # --cfg/--info/--shell-completion show a config as it is; -cp/-cd point Hydra elsewhere.
-            if not (parsed.cfg or parsed.info or parsed.shell_completion or parsed.hydra_help
-                    or parsed.config_path or parsed.config_dir):
+            shown = (parsed.cfg or parsed.info or parsed.shell_completion or parsed.hydra_help
+                     or parsed.config_path or parsed.config_dir)
+            if not (shown or parsed.multirun or parsed.experimental_rerun):
+                _run_once(run_task, directory, name, parsed.overrides, preflight)
+                return
+            if not shown:
                 try:
                     cfg = compose_checked(directory, name, parsed.overrides, multirun=parsed.multirun)
                     if preflight is not None:
@@ -100,6 +104,56 @@ def _fail(err: ConfigError) -> None:
     sys.exit(2)
 
 
+def _run_once(task: Task, config_dir: str, config_name: str, overrides: list[str],
+              preflight: Callable[[DictConfig], None] | None) -> None:
+    """A plain run, as hydra.main runs it (run dir, .hydra/, logging, HydraConfig, error report), on
+    one composition that is checked first: hydra.main would compose the config twice more."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import (create_automatic_config_search_path,
+                                       detect_calling_file_or_module_from_task_function, detect_task_name,
+                                       run_and_report)
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext, RunMode
+
+    calling_file, calling_module = detect_calling_file_or_module_from_task_function(task)
+    search_path = create_automatic_config_search_path(calling_file, calling_module, config_dir)
+    app = run_and_report(lambda: Hydra.create_main_hydra2(task_name=detect_task_name(calling_file, calling_module),
+                                                          config_search_path=search_path))
+    try:
+        try:
+            parsed = [*(_parsed(o, False) for o in overrides), "hydra.mode=RUN"]
+            try:
+                cfg = app.compose_config(config_name, parsed, run_mode=RunMode.RUN, with_log_configuration=True,
+                                         from_shell=False)
+            except (ConfigCompositionException, MissingConfigException) as err:
+                raise _composition_error(err) from None
+            hydra_node = cfg._get_node("hydra")
+            with read_write(cfg), open_dict(cfg):
+                del cfg["hydra"]  # checked as the task will see it
+            try:
+                _check_composed(cfg)
+                if preflight is not None:
+                    preflight(cfg)
+            finally:
+                with read_write(cfg), open_dict(cfg), flag_override(cfg, "no_deepcopy_set_nodes", True):
+                    cfg["hydra"] = hydra_node
+        except ConfigError as err:
+            _fail(err)
+        callbacks = Callbacks(cfg)
+
+        def run() -> None:
+            callbacks.on_run_start(config=cfg, config_name=config_name)
+            ret = run_job(hydra_context=HydraContext(config_loader=app.config_loader, callbacks=callbacks),
+                          task_function=task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None)
+            callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
+            _ = ret.return_value  # re-raises the task's exception
+
+        run_and_report(run)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def compose_checked(config_dir: str, config_name: str, overrides: list[str], *, multirun: bool = False) -> DictConfig:
     """The config Hydra will run, composed here first; every problem with the command line is a
     ConfigError naming the key. Under multirun, each swept key takes its first value."""
@@ -109,11 +163,15 @@ def compose_checked(config_dir: str, config_name: str, overrides: list[str], *, 
             cfg = compose(config_name, overrides=overrides)
     except (ConfigCompositionException, MissingConfigException) as err:
         raise _composition_error(err) from None
+    _check_composed(cfg)
+    return cfg
+
+
+def _check_composed(cfg: DictConfig) -> None:
     check_known_keys(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(missing[0], "must be set (it has no default)")
-    return cfg
 
 
 def _key_of(override: str) -> str:
