@@ -122,19 +122,20 @@ class LinearTokenLosses(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
-def chunk_tokens_for(vocab: int) -> int:
-    """Tokens per chunk: a power of two, 256 to 4096, whose logits hold at most 2**25 values (64 MiB
-    in bf16; the chunk's gradient and the compiled loss's buffers are as large, and all of them are
-    live at the forward's end, where the whole model's activations are). 1024 for a 32k vocab."""
-    fits = max(1, (1 << 25) // vocab)
-    return max(256, min(4096, 1 << (fits.bit_length() - 1)))  # (the largest power of two <= fits)
+# Tokens per chunk. Each chunk adds its weight gradient into the fp32 [V, h] accumulator: a read and a
+# write of 8·V·h bytes against that GEMM's 2·chunk·V·h FLOPs, i.e. chunk/4 FLOPs per byte whatever
+# the vocabulary. Below about a thousand tokens (a GPU's FLOP rate over its memory rate) that
+# round trip, not the GEMM, sets the pace; 2048 keeps it GEMM-bound. The price is the chunk's bf16
+# logits and their gradient, live at the forward's end: 2 · 2048 · V · 2 bytes (1.2 GB at a 152k
+# vocabulary).
+CHUNK_TOKENS = 2048
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                          chunk_tokens: int | None = None) -> torch.Tensor:
     """hidden [..., h] @ weight[V, h]ᵀ → per-token cross entropy [...] against labels, for a loss
     of the form c · Σ mask · loss (see the module docstring)."""
-    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.size(0))
+    chunk_tokens = chunk_tokens or CHUNK_TOKENS
     shape = labels.shape
     losses = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
                                       mask.reshape(-1), chunk_tokens)
@@ -145,6 +146,6 @@ def linear_token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                         chunk_tokens: int | None = None) -> torch.Tensor:
     """hidden [..., h] @ weight[V, h]ᵀ → per-token cross entropy [...] against labels, for any loss
     of them (LinearTokenLosses)."""
-    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.size(0))
+    chunk_tokens = chunk_tokens or CHUNK_TOKENS
     losses = LinearTokenLosses.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), chunk_tokens)
     return losses.reshape(labels.shape)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.kernels.linear_cross_entropy import chunk_tokens_for, linear_cross_entropy, linear_token_losses
+from models.kernels.linear_cross_entropy import CHUNK_TOKENS, linear_cross_entropy, linear_token_losses
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000], ids=["chunks", "one-chunk-exact", "one-chunk"])
@@ -30,23 +30,22 @@ def test_matches_logits_then_cross_entropy(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_default_chunks_follow_the_vocab():
-    """Without chunk_tokens a 128k vocab runs 256-token chunks: 300 tokens as 256 + 44. Against an
-    fp64 reference (over 128k logits torch's own fp32 path is 4x further from it than this one),
-    within 1e-5 of each result's largest value."""
-    vocab = 2**17
+def test_default_chunks_split_a_long_row():
+    """Without chunk_tokens, 3000 tokens run as CHUNK_TOKENS (2048) + 952, against an fp64
+    reference within 1e-5 of each result's largest value."""
+    vocab, tokens = 2**13, 1000
+    assert CHUNK_TOKENS < 3 * tokens < 2 * CHUNK_TOKENS
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 100, 32, generator=g, requires_grad=True)
+    hidden = torch.randn(3, tokens, 32, generator=g, requires_grad=True)
     weight = torch.randn(vocab, 32, generator=g, requires_grad=True)
-    labels = torch.randint(0, vocab, (3, 100), generator=g)
-    mask = (torch.rand(3, 100, generator=g) > 0.25).float()
-    assert chunk_tokens_for(vocab) == 256
+    labels = torch.randint(0, vocab, (3, tokens), generator=g)
+    mask = (torch.rand(3, tokens, generator=g) > 0.25).float()
 
     losses = linear_cross_entropy(hidden, weight, labels, mask)
     (losses * mask).sum().mul(0.5).backward()
 
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    ref = F.cross_entropy((h64 @ w64.t()).reshape(-1, vocab), labels.reshape(-1), reduction="none").reshape(3, 100)
+    ref = F.cross_entropy((h64 @ w64.t()).reshape(-1, vocab), labels.reshape(-1), reduction="none").reshape(3, tokens)
     (ref * mask.double()).sum().mul(0.5).backward()
     for a, b in zip((losses.detach(), hidden.grad, weight.grad), (ref.detach(), h64.grad, w64.grad)):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
