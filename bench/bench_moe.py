@@ -2,7 +2,7 @@
 
     python -m bench.bench_moe                                   # qwen3_30b_a3b at 2 and 8 layers
     python -m bench.bench_moe --layers 2 --peers eager,compile,liger \\
-        --sf-variant fused:train.moe_dispatch=fused             # + the fused MoE layer, + liger
+        --sf-variant megatron:train.moe_dispatch=megatron       # + megatron's MoE dispatch, + liger
     python -m bench.bench_moe --device cpu --model qwen_moe_tiny --layers 2 --seq-length 64 \\
         --steps 3 --warmup 1 --peers eager --no-record         # CPU smoke test of this script
 

@@ -82,7 +82,7 @@ class KernelOptions:
     engine: str = "megatron"  # megatron | deepspeed
     cp_mode: str = "ring"  # context-parallel attention (cp > 1): ring | allgather
     lora: LoraOptions | None = None  # LoRA adapters on the dense layers' linears it targets
-    moe_dispatch: str = "megatron"  # MoE layers under gpu_kernels: megatron (MoELayer) | fused (FusedMoELayer)
+    moe_dispatch: str = "fused"  # MoE layers under gpu_kernels: fused (FusedMoELayer) | megatron (MoELayer)
     attention_backend: str = "auto"  # the dense core attention's SDPA kernel on CUDA: auto | cudnn | flash
     # lm | dpo | simpo | orpo: the fused loss slot serves only a loss c·Σ mask·loss_t (one scale for
     # every token), which a preference loss is not

@@ -100,7 +100,7 @@ class TrainConfig:
     # MoE layers on CUDA (engine=megatron, torch backend): megatron (its MoELayer and token dispatcher)
     # | fused: permute, grouped GEMMs and combine without host synchronization where one rank holds
     # every expert (models/fused_moe.py)
-    moe_dispatch: str = "megatron"
+    moe_dispatch: str = "fused"
     # the dense core attention's SDPA kernel on CUDA (as Megatron-LM's --attention-backend): auto
     # (torch's dispatch order) | cudnn | flash (that kernel only: an input it cannot take is an error)
     attention_backend: str = "auto"

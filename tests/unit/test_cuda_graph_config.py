@@ -25,7 +25,7 @@ def _cfg(*overrides: str):
     (["train.cuda_graph=true"], "cuda", 2, True),            # true: tp/dp allowed
     (["train.cuda_graph=true", "train.micro_batch_size=1"], "auto", 8, True),  # a submit host: device unknown
     (["model=mixtral_tiny"], "cuda", 1, False),                                    # auto: dense only
-    (["model=mixtral_tiny", "train.cuda_graph=true", "train.moe_dispatch=fused"], "cuda", 1, True),
+    (["model=mixtral_tiny", "train.cuda_graph=true"], "cuda", 1, True),                # the default dispatch: fused
     (["model=mixtral_tiny", "train.moe_dispatch=fused"], "cuda", 1, False),       # auto: dense only
     (["parallel.engine=deepspeed"], "cuda", 1, False),
     (["data=indexed", "data.prefixes=[x]", "data.tokenizer=t", "data.packing=true"], "cuda", 1, False),
@@ -47,8 +47,8 @@ def test_true_where_it_cannot_apply_names_every_reason():
     from launcher.config.validate import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        validate(_cfg("train.cuda_graph=true", "parallel.pp=2", "model=mixtral_tiny", "train.global_batch_size=16"),
-                 2, "cpu")
+        validate(_cfg("train.cuda_graph=true", "parallel.pp=2", "model=mixtral_tiny", "train.moe_dispatch=megatron",
+                      "train.global_batch_size=16"), 2, "cpu")
     assert err.value.key == "train.cuda_graph"
     for words in ("needs device=cuda", "mixture of experts on megatron's dispatch", "pipeline parallel"):
         assert words in err.value.reason

@@ -84,7 +84,7 @@ CASES = {
     "cpu_qk_layernorm": ("qwen3_30b_a3b", kp.KernelOptions(), None, 1,
                          {**MOE_CPU, "moe q_norm": "RMSNorm"}),
     "cpu_moe_shared_experts": ("qwen_moe_tiny", kp.KernelOptions(), None, 1, MOE_CPU),
-    "cuda_moe_shared_experts": ("qwen_moe_tiny", kp.KernelOptions(device="cuda"), ["layernorm"], 1,
+    "cuda_moe_shared_experts": ("qwen_moe_tiny", kp.KernelOptions(device="cuda", moe_dispatch="megatron"), ["layernorm"], 1,
                                 {**MOE_CPU, "moe attention": "RopeSelfAttention", "loss": "LinearCrossEntropyGPTModel",
                                  "moe shared_experts": "TritonSwiGLUSharedExpertMLP",
                                  "moe norm_recompute": "NormOutputCheckpoint"}),
