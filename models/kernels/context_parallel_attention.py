@@ -36,7 +36,8 @@ the order (chunk r, chunk 2·cp−1−r), per document for packed rows.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import weakref
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -368,16 +369,15 @@ def _ring_plan(rank: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | N
 
 
 class RingAttention(torch.autograd.Function):
-    """Ring mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads); packed rows:
-    b = 1 and `cu_seqlens` the per-rank cumulative document lengths."""
+    """Ring mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads); `plan`:
+    attention_plan's blocks per source rank."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                scale: float, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                scale: float, plan: list[list[Block]]) -> torch.Tensor:
         rank, cp = dist.get_rank(group), dist.get_world_size(group)
         ring = _Ring(group)
         out, lse = _accumulators(q)
-        plan = _ring_plan(rank, cp, q, cu_seqlens)
         kv = torch.stack([k, v])
         for step in range(cp):
             if step < cp - 1:  # the next block travels while this one is computed
@@ -465,16 +465,14 @@ def _allgather_plan(rank: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tenso
 
 
 class AllGatherAttention(torch.autograd.Function):
-    """All-gather mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads); packed rows:
-    b = 1 and `cu_seqlens` the per-rank cumulative document lengths."""
+    """All-gather mode; q, k, v: this rank's [b, h, 2c, d] (k, v may have fewer heads); `blocks`:
+    attention_plan's; `packed`: packed rows (b = 1)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                scale: float, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        rank, cp, packed = dist.get_rank(group), dist.get_world_size(group), cu_seqlens is not None
+                scale: float, blocks: list[Block], packed: bool) -> torch.Tensor:
         kv = gathered_keys(_all_gather(torch.stack([k, v]), group), packed)
         out, lse = _accumulators(q)
-        blocks = _allgather_plan(rank, cp, q, cu_seqlens)
         forward_blocks(q, kv[0], kv[1], blocks, out, lse, scale)
         out = out.to(q.dtype)
         # The gathered K/V is not kept: backward gathers it again.
@@ -492,21 +490,52 @@ class AllGatherAttention(torch.autograd.Function):
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         backward_blocks(dout.contiguous(), q, out, lse, kv[0], kv[1], blocks, dq, dkv[0], dkv[1], scale)
         dkv = _reduce_scatter(scattered_keys(dkv, cp, packed).contiguous(), group)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+
+
+def attention_plan(mode: str, rank: int, cp: int, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list:
+    """The blocks rank `rank` runs for q ([b, h, 2c, d]): ring mode, a list per source rank;
+    all-gather mode, one list. Packed rows: `cu_seqlens` as context_parallel_attention takes it."""
+    if mode not in MODES:
+        raise ValueError(f"unknown context-parallel attention mode {mode!r} (ring | allgather)")
+    return (_ring_plan if mode == "ring" else _allgather_plan)(rank, cp, q, cu_seqlens)
+
+
+class _LastPlan:
+    """The last packed plan built, by the batch's cu_seqlens tensor (held weakly: a new batch's
+    tensor never matches a freed one) and its version. Every layer of a micro batch attends over
+    the same documents; building the plan copies the boundaries to the host and the blocks' indices
+    back, each a wait for the GPU, so it is built once per micro batch rather than once per layer."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._source: Any = None
+        self._plan: list | None = None
+
+    def get(self, source: torch.Tensor, key: tuple, build: Callable[[], list]) -> list:
+        if self._source is not None and self._source() is source and self._key == (source._version, *key):
+            return self._plan
+        self._plan = build()
+        self._source, self._key = weakref.ref(source), (source._version, *key)
+        return self._plan
+
+
+_last_plan = _LastPlan()
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
                                mode: str, scale: float | None = None,
-                               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                               cu_seqlens: torch.Tensor | None = None, plan: list | None = None) -> torch.Tensor:
     """Causal attention of this CP rank's two query chunks over the whole sequence.
     q: [b, heads, 2c, d]; k, v: [b, kv_heads, 2c, d]; returns [b, heads, 2c, d]. Packed rows:
     b = 1, `cu_seqlens` this rank's cumulative document lengths (the same on every rank), and
     attention stays inside each document."""
-    if mode not in MODES:
-        raise ValueError(f"unknown context-parallel attention mode {mode!r} (ring | allgather)")
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    function = RingAttention if mode == "ring" else AllGatherAttention
-    return function.apply(q, k, v, group, scale, cu_seqlens)
+    if plan is None:
+        plan = attention_plan(mode, dist.get_rank(group), dist.get_world_size(group), q, cu_seqlens)
+    if mode == "ring":
+        return RingAttention.apply(q, k, v, group, scale, plan)
+    return AllGatherAttention.apply(q, k, v, group, scale, plan, cu_seqlens is not None)
 
 
 class ContextParallelAttention(MegatronModule):
@@ -542,12 +571,15 @@ class ContextParallelAttention(MegatronModule):
     def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params) -> torch.Tensor:
         if params.qkv_format != "thd":
             raise NotImplementedError(f"packed qkv_format {params.qkv_format!r} (only 'thd')")
-        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        stream_cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        rank, cp = dist.get_rank(self.group), dist.get_world_size(self.group)
         # this rank's share of each document: 1/cp of it
-        cu = torch.div(cu, dist.get_world_size(self.group), rounding_mode="floor")
+        cu = torch.div(stream_cu, cp, rounding_mode="floor")
         # [t, heads, d] -> [1, heads, t, d]
         q, k, v = (t.reshape(t.size(0), t.size(-2), t.size(-1)).transpose(0, 1).unsqueeze(0)
                    for t in (query, key, value))
-        out = context_parallel_attention(q, k, v, self.group, self.mode, self.softmax_scale, cu_seqlens=cu)
+        plan = _last_plan.get(stream_cu, (self.mode, rank, cp, q.shape, q.device),
+                              lambda: attention_plan(self.mode, rank, cp, q, cu))
+        out = context_parallel_attention(q, k, v, self.group, self.mode, self.softmax_scale, cu_seqlens=cu, plan=plan)
         # [1, heads, t, d] -> [t, heads * d]
         return out.squeeze(0).transpose(0, 1).reshape(out.size(2), -1)

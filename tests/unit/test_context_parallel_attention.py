@@ -351,3 +351,24 @@ def test_packed_varlen_kernel_path_matches_block_diagonal_attention(monkeypatch,
         got = _emulate_packed(mode, q, k, v, dout, cu, cp, scale)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, (ref, q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_plan_is_built_once_per_batch_boundaries():
+    """The layers of one micro batch share its cu_seqlens tensor and get one plan; the next batch's
+    tensor (even with equal values), an in-place change, or another mode or shape build anew."""
+    built = []
+
+    def build():
+        built.append(object())
+        return [built[-1]]
+
+    cache = cpa._LastPlan()
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    first = cache.get(cu, ("ring", 0, 2), build)
+    assert cache.get(cu, ("ring", 0, 2), build) is first and len(built) == 1   # the next layer
+    assert cache.get(cu, ("allgather", 0, 2), build) is not first               # another mode
+    again = cu.clone()
+    assert cache.get(again, ("allgather", 0, 2), build) is not built[1]         # the next batch
+    again[1] = 4
+    assert cache.get(again, ("allgather", 0, 2), build) is not built[2]         # changed in place
+    assert len(built) == 4
