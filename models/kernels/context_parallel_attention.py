@@ -525,17 +525,21 @@ _last_plan = _LastPlan()
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
                                mode: str, scale: float | None = None,
-                               cu_seqlens: torch.Tensor | None = None, plan: list | None = None) -> torch.Tensor:
+                               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of this CP rank's two query chunks over the whole sequence.
     q: [b, heads, 2c, d]; k, v: [b, kv_heads, 2c, d]; returns [b, heads, 2c, d]. Packed rows:
     b = 1, `cu_seqlens` this rank's cumulative document lengths (the same on every rank), and
     attention stays inside each document."""
+    plan = attention_plan(mode, dist.get_rank(group), dist.get_world_size(group), q, cu_seqlens)
+    return _attend(q, k, v, group, mode, scale, plan, packed=cu_seqlens is not None)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, mode: str,
+            scale: float | None, plan: list, packed: bool) -> torch.Tensor:
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    if plan is None:
-        plan = attention_plan(mode, dist.get_rank(group), dist.get_world_size(group), q, cu_seqlens)
     if mode == "ring":
         return RingAttention.apply(q, k, v, group, scale, plan)
-    return AllGatherAttention.apply(q, k, v, group, scale, plan, cu_seqlens is not None)
+    return AllGatherAttention.apply(q, k, v, group, scale, plan, packed)
 
 
 class ContextParallelAttention(MegatronModule):
@@ -573,13 +577,12 @@ class ContextParallelAttention(MegatronModule):
             raise NotImplementedError(f"packed qkv_format {params.qkv_format!r} (only 'thd')")
         stream_cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         rank, cp = dist.get_rank(self.group), dist.get_world_size(self.group)
-        # this rank's share of each document: 1/cp of it
-        cu = torch.div(stream_cu, cp, rounding_mode="floor")
         # [t, heads, d] -> [1, heads, t, d]
         q, k, v = (t.reshape(t.size(0), t.size(-2), t.size(-1)).transpose(0, 1).unsqueeze(0)
                    for t in (query, key, value))
-        plan = _last_plan.get(stream_cu, (self.mode, rank, cp, q.shape, q.device),
-                              lambda: attention_plan(self.mode, rank, cp, q, cu))
-        out = context_parallel_attention(q, k, v, self.group, self.mode, self.softmax_scale, cu_seqlens=cu, plan=plan)
+        # this rank's share of each document: 1/cp of it
+        plan = _last_plan.get(stream_cu, (self.mode, rank, cp, q.shape, q.device), lambda: attention_plan(
+            self.mode, rank, cp, q, torch.div(stream_cu, cp, rounding_mode="floor")))
+        out = _attend(q, k, v, self.group, self.mode, self.softmax_scale, plan, packed=True)
         # [1, heads, t, d] -> [t, heads * d]
         return out.squeeze(0).transpose(0, 1).reshape(out.size(2), -1)
