@@ -121,6 +121,14 @@ def read_metrics(run_dir: Path, type: str = "train") -> list[dict]:
     return read(run_dir, type=type)
 
 
+def wandb_run_ids(directory: Path) -> list[str]:
+    """The wandb run id of each offline run under directory/wandb, in start order."""
+    # the id from each run's own file (run-<id>.wandb): two runs begun in the same second share a
+    # directory stem and wandb suffixes the second one's name ("-1")
+    files = sorted((directory / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    return [p.name[len("run-"):-len(".wandb")] for p in files]
+
+
 @pytest.fixture(scope="session")
 def cache_env():
     """The default corpus/tokenizer cache (built once, reused by every test)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST, REPO, config_error_line, read_metrics, run_cli
+from conftest import FAST, REPO, config_error_line, read_metrics, run_cli, wandb_run_ids
 
 CLUSTER_SCRIPTS = REPO / "tests" / "slurm_cluster"
 GOLDEN = REPO / "tests" / "golden" / "submit_8x8.sbatch"
@@ -135,8 +135,8 @@ def test_signalled_job_checkpoints_requeues_and_finishes_the_same(how, slurm_clu
     assert_same_losses(read_metrics(run_dir), reference)
     assert read_metrics(run_dir)[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-5)
     if how == "usr1":  # wandb resumed the same run: both starts logged into one run id
-        runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-        assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+        ids = wandb_run_ids(run_dir)
+        assert len(ids) == 2 and len(set(ids)) == 1, ids
 
 
 def test_max_restarts_stops_requeueing(slurm_cluster, cache_env, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from launcher import checkpoint, run_dir
 from launcher.config.validate import ConfigError, validate
 from launcher.metrics import MetricsLogger
+from conftest import wandb_run_ids
 from test_config_errors import compose_config
 
 
@@ -135,13 +136,6 @@ def _logger(directory: Path, start_step: int) -> MetricsLogger:
                          wandb_project="shardforge-test", wandb_name=None, tensorboard=False, config={})
 
 
-def _wandb_ids(directory: Path) -> list[str]:
-    # the id from each run's own file (run-<id>.wandb): two runs begun in the same second share a
-    # directory stem and wandb suffixes the second one's name ("-1")
-    files = sorted((directory / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
-    return [p.name[len("run-"):-len(".wandb")] for p in files]
-
-
 def test_metrics_and_wandb_continue_across_a_resume_and_start_anew_for_a_new_run(tmp_path, wandb_service):
     first = _logger(tmp_path / "a", 0)
     for step in (1, 2, 3):
@@ -157,9 +151,9 @@ def test_metrics_and_wandb_continue_across_a_resume_and_start_anew_for_a_new_run
     steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     kept = (tmp_path / "a" / "wandb_run_id").read_text().strip()
-    assert _wandb_ids(tmp_path / "a") == [kept, kept]          # the resume continued the same wandb run
-    assert _wandb_ids(tmp_path / "b") == [(tmp_path / "b" / "wandb_run_id").read_text().strip()]
-    assert _wandb_ids(tmp_path / "b")[0] != kept               # a new run in another dir: a new id
+    assert wandb_run_ids(tmp_path / "a") == [kept, kept]          # the resume continued the same wandb run
+    assert wandb_run_ids(tmp_path / "b") == [(tmp_path / "b" / "wandb_run_id").read_text().strip()]
+    assert wandb_run_ids(tmp_path / "b")[0] != kept               # a new run in another dir: a new id
     assert run_dir.wandb_run_id(tmp_path / "a", resuming=False) != kept  # a fresh start here: a new id too
 
 
