@@ -23,12 +23,18 @@ would hold a second copy of the step's peak), and the optimizer state in bf16 wi
 rounded bf16 weights (8 bytes a parameter, as the peer's bf16 AdamW holds). `--sf-variant` adds
 throughput rows with other settings, e.g. `mlp:train.recompute=[mlp,layernorm]` (attention's
 output kept rather than recomputed).
+
+The default corpus (the stdlib docstrings) holds fewer tokens than one window of the longest
+lengths; ShardForge then reads the same documents repeated until one window fits, written once as an
+indexed dataset beside the run (`data=indexed`, the default corpus's tokenizer). The peer trains on
+random tokens; the content does not change either side's speed or memory.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -42,6 +48,8 @@ from bench.bench_train import _env, _fmt, causal_fraction, parse_variant, launch
 from bench.gpu_power import PowerSampler
 from bench.hf_baseline import load_model_yaml
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
+from launcher.data.indexed import IndexedDataset, IndexedDatasetWriter
+from launcher.data.pretrain import prepare_default_corpus
 
 SF_DEFAULTS = ["train.recompute=full", "train.cuda_graph=false", "optim.precision_aware=true",
                "optim.moments_dtype=bf16", "optim.main_grads_dtype=bf16", "optim.master_weights=stochastic"]
@@ -56,6 +64,24 @@ def long_model_yaml(model: str, max_length: int, directory: Path) -> Path:
     path = directory / f"{shape['name']}.yaml"
     path.write_text(yaml.safe_dump(shape, sort_keys=False))
     return path
+
+
+def repeated_corpus(num_tokens: int, directory: Path) -> list[str]:
+    """`data=` overrides for an indexed dataset of at least `num_tokens` tokens: the default corpus's
+    documents (built or read from the cache, as launcher.train does) written over and over."""
+    conf = yaml.safe_load((REPO / "conf" / "data" / "stdlib_docs.yaml").read_text())
+    cache = Path(os.environ.get("SHARDFORGE_CACHE", Path.home() / ".cache" / "shardforge"))
+    tokenizer, prefix = prepare_default_corpus(cache, conf["tokenizer_vocab_size"], conf["max_corpus_bytes"])
+    corpus = IndexedDataset(prefix)
+    out = str(directory / "repeated")
+    with IndexedDatasetWriter(out, corpus[0].dtype) as writer:
+        written = 0
+        while written < num_tokens:
+            for i in range(len(corpus)):
+                writer.add(corpus[i])
+                written += len(corpus[i])
+        writer.finalize()
+    return ["data=indexed", f"data.prefixes=[{out}]", f"data.tokenizer={tokenizer}"]
 
 
 def _run(label: str, cmd: list[str], log: Path) -> tuple[bool, str, str, dict[str, Any]]:
@@ -149,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     sides = [s for s in a.sides.split(",") if s]
     work = Path(tempfile.mkdtemp(prefix="bench_long_"))
     model = long_model_yaml(a.model, max([*lengths, *probes]), work)
+    if "shardforge" in sides:  # one window of the longest length, plus its shifted target
+        a.sf_override = [*repeated_corpus(max([*lengths, *probes]) + 1, work), *a.sf_override]
 
     rows, commands = [], []
     runs = [functools.partial(SIDES[side]) for side in sides]
