@@ -23,6 +23,27 @@ from models.kernels import moe_permute
 from models.kernels.grouped_experts import GroupedGemmExperts
 
 
+def config_fallbacks(*, num_experts: int, ep: int, tp: int, capacity_factor: float | None, bf16: bool,
+                     recompute: str | list[str] | None, grouped_mm: bool) -> list[str]:
+    """Why a run's MoE layers would take megatron's forward, read from its config (empty: every
+    layer runs the fused path). The config-time form of FusedMoELayer.fused_path for the options a
+    ShardForge config can set (fp8 is refused for MoE models by validation); `grouped_mm`: whether the GPU runs torch's grouped GEMM."""
+    why = []
+    if ep * tp > 1:
+        why.append("several expert/tensor-parallel ranks")
+    if capacity_factor is not None:
+        why.append("token capacity (model.moe_expert_capacity_factor)")
+    if num_experts == 1:
+        why.append("one expert")
+    if not bf16:
+        why.append("parameters not in bf16")
+    if isinstance(recompute, (list, tuple)) and "moe_act" in recompute:
+        why.append("train.recompute with moe_act")
+    if not grouped_mm:
+        why.append("no grouped GEMM on this GPU (sm90+)")
+    return why
+
+
 class FusedMoELayer(MoELayer):
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         if intermediate_tensors is not None or padding_mask is not None or not self.fused_path(hidden_states):
@@ -37,7 +58,8 @@ class FusedMoELayer(MoELayer):
         return self._fused_forward(hidden_states)
 
     def fused_path(self, hidden_states: torch.Tensor) -> bool:
-        """Where this forward runs without megatron's dispatcher."""
+        """Where this forward runs without megatron's dispatcher (config_fallbacks: the same rules
+        read from a run's config)."""
         config = self.config
         ranks = get_pg_size(self.ep_group) * get_pg_size(self.attn_tp_group) * config.expert_tensor_parallel_size
         if ranks != 1:

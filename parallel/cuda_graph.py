@@ -11,12 +11,12 @@ A graph replays fixed shapes and no host-side decisions, so it applies only wher
 neither: CUDA, engine=megatron, rows of one shape (data.packing changes cu_seqlens every step),
 no pipeline parallel, and no MoE layer on megatron's dispatcher (it copies the data-dependent
 tokens per expert to the host); models/fused_moe.py's layer keeps every size fixed and the
-counts on the device, so `train.moe_dispatch=fused` can be captured (a layer that falls back to
-megatron's path under capture raises). `auto` turns it on only for one process and dense models
-(what has been measured), and not with the optimizer offloaded to the host: that layout is picked
+counts on the device, so `train.moe_dispatch=fused` can be captured where its layers keep the
+fused path (models/fused_moe.config_fallbacks; a layer that falls back to megatron's path under
+capture raises). `auto` turns it on only for one process, and not with the optimizer offloaded to the host: that layout is picked
 for models sized to the GPU's memory, and the capture's private memory pool needs the step's
 activations a second time beside those the eager warm-up step left in the allocator's cache.
-`true` also allows tp/dp, fused MoE and the offloaded optimizer.
+`true` also allows tp/dp and the offloaded optimizer.
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ from typing import Any
 
 
 def blockers(setting: str | bool, *, device_type: str, world_size: int, engine: str, moe_dispatch: str | None,
-             packing: bool, pp: int, cpu_offload: bool = False) -> list[str]:
+             packing: bool, pp: int, cpu_offload: bool = False, moe_fallbacks: list[str] = ()) -> list[str]:
     """Why a CUDA graph cannot capture this run's steps (empty: it can). `setting` is
     train.cuda_graph; `device_type` may be `auto` (a submit host validating a job for other
     machines): only `cpu` rules it out. `moe_dispatch`: train.moe_dispatch of a MoE model, None
-    for a dense one. `cpu_offload`: optim.cpu_offload."""
+    for a dense one; `moe_fallbacks`: why its fused layers would take megatron's path
+    (models/fused_moe.config_fallbacks). `cpu_offload`: optim.cpu_offload."""
     why = []
     if device_type == "cpu":
         why.append("needs device=cuda")
@@ -37,14 +38,14 @@ def blockers(setting: str | bool, *, device_type: str, world_size: int, engine: 
     if moe_dispatch is not None and moe_dispatch != "fused":
         why.append("the model is a mixture of experts on megatron's dispatch, which copies token counts "
                    "to the host (train.moe_dispatch=fused does not)")
+    if moe_dispatch == "fused" and moe_fallbacks:
+        why.append("the MoE layers would run megatron's dispatch (" + ", ".join(moe_fallbacks) + ")")
     if packing:
         why.append("data.packing=true gives each step other document boundaries (cu_seqlens)")
     if pp > 1:
         why.append("pipeline parallel (pp>1) is not captured")
     if setting == "auto" and world_size > 1:
         why.append("auto uses it on one process only")
-    if setting == "auto" and moe_dispatch is not None:
-        why.append("auto uses it for dense models only")
     if setting == "auto" and cpu_offload:
         why.append("auto leaves runs with optim.cpu_offload=true eager (the capture needs the step's "
                    "activations a second time)")

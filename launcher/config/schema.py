@@ -90,8 +90,8 @@ class TrainConfig:
     precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp8 (bf16 with fp8 GEMMs)
     # null | selective (core attention) | full | a module list, e.g. [mlp,layernorm] or [mlp_act,layernorm]
     recompute: Any = None
-    # auto | true | false: replay forward+backward as one CUDA graph (CUDA, megatron, dense,
-    # unpacked, pp=1; auto: one process)
+    # auto | true | false: replay forward+backward as one CUDA graph (CUDA, megatron, unpacked,
+    # pp=1, MoE on the fused dispatch; auto: one process)
     cuda_graph: Any = "auto"
     # the tensors the forward saves for the backward (with recompute=full: each layer's input)
     # held in host memory, pinned, until the backward needs them (engine=megatron)

@@ -347,15 +347,32 @@ def _check_recompute(c: JobConfig) -> None:
                                              f"({', '.join(RECOMPUTE_MODULES)}), got {recompute!r}")
 
 
+def _fused_moe_fallbacks(c: JobConfig, device_type: str) -> list[str]:
+    """Why this MoE run's fused layers would take megatron's path. The GPU is asked only where
+    this process has one: a submit host (or a test) validating a CUDA job assumes it qualifies."""
+    import torch
+
+    from models.fused_moe import config_fallbacks
+    from models.kernels.grouped_experts import grouped_mm_available
+
+    t, p = c.train, c.parallel
+    grouped_mm = device_type != "cuda" or not torch.cuda.is_available() or grouped_mm_available(torch.device("cuda"))
+    return config_fallbacks(num_experts=c.model.num_experts, ep=p.ep, tp=p.tp,
+                            capacity_factor=c.model.moe_expert_capacity_factor,
+                            bf16=t.precision in ("bf16", "fp8") or (t.precision == "auto" and device_type != "cpu"),
+                            recompute=t.recompute, grouped_mm=grouped_mm)
+
+
 def _check_cuda_graph(c: JobConfig, device_type: str, world_size: int) -> bool:
     """train.cuda_graph=true must be able to apply; returns whether this run captures its steps.
     `device_type` auto (a submit host) rules nothing out; launcher.train passes the resolved one."""
     setting = c.train.cuda_graph
     if setting != "auto" and not isinstance(setting, bool):
         raise ConfigError("train.cuda_graph", f"must be auto, true or false, got {setting!r}")
+    moe = c.model.num_experts is not None
     run = dict(device_type=device_type, world_size=world_size, engine=c.parallel.engine,
-               moe_dispatch=c.train.moe_dispatch if c.model.num_experts is not None else None,
-               packing=c.data.packing, pp=c.parallel.pp, cpu_offload=c.optim.cpu_offload)
+               moe_dispatch=c.train.moe_dispatch if moe else None, packing=c.data.packing, pp=c.parallel.pp,
+               cpu_offload=c.optim.cpu_offload, moe_fallbacks=_fused_moe_fallbacks(c, device_type) if moe else [])
     if setting is True:
         why = cuda_graph.blockers(setting, **run)
         if why:
