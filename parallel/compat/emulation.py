@@ -45,7 +45,8 @@ def _install() -> None:
     check_megatron_version()
     patches = Patches()
     for patch in (_rng_tracker_on_cpu_generator, _current_device, _synchronize, _streams_and_events,
-                  _moe_split_sizes_as_numpy, _uneven_all_gather, _hybrid_optimizer_device_params):
+                  _moe_split_sizes_as_numpy, _uneven_all_gather, _hybrid_optimizer_device_params,
+                  _checkpoint_results_queue_by_fork):
         patch(patches)
     # The mode stack is per thread: entered on the thread that enters cpu_emulation, where megatron runs.
     _mode = _CudaToCpu()
@@ -183,6 +184,26 @@ def _hybrid_optimizer_device_params(patches: Patches) -> None:
 
     original = patches.set(ho.HybridDeviceOptimizer, "_get_sub_optimizer_param_groups",
                            _get_sub_optimizer_param_groups)
+
+
+_results_queue: Any = None  # the forked Manager's queue, one per process (as upstream keeps one)
+
+
+def _checkpoint_results_queue_by_fork(patches: Patches) -> None:
+    # dist_checkpointing's writer hands its results over through a multiprocessing Manager queue
+    # started with "spawn" (a CUDA process must not fork): a fresh interpreter that re-imports the
+    # entry module (torch, the launcher) before it serves, seconds of CPU in every process that
+    # saves. Without CUDA there is nothing to protect, and the writer forks its own workers anyway:
+    # start the Manager by fork.
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fa
+
+    def _get_write_results_queue():
+        global _results_queue
+        if _results_queue is None:
+            _results_queue = fa.mp.get_context("fork").Manager().Queue()
+        return _results_queue
+
+    patches.set(fa, "_get_write_results_queue", _get_write_results_queue)
 
 
 def _cpu(device: Any) -> Any:

@@ -360,6 +360,33 @@ def test_hybrid_optimizer_offloads_on_cpu():
     assert torch.equal(param.detach(), reference.detach())
 
 
+def test_checkpoint_results_queue_by_fork(monkeypatch):
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fa
+
+    class Asked(Exception):
+        pass
+
+    def asked(method=None):
+        raise Asked(method)
+
+    # upstream starts its Manager with spawn: a fresh interpreter importing the entry module again
+    monkeypatch.setattr(fa, "_results_queue", None)
+    with monkeypatch.context() as m:
+        m.setattr(fa.mp, "get_context", asked)
+        with pytest.raises(Asked, match="^spawn$"):
+            fa._get_write_results_queue()
+    monkeypatch.setattr(emulation, "_results_queue", None)
+    with cpu_emulation():
+        with monkeypatch.context() as m:
+            m.setattr(fa.mp, "get_context", asked)
+            with pytest.raises(Asked, match="^fork$"):
+                fa._get_write_results_queue()
+        queue = fa._get_write_results_queue()
+        assert fa._get_write_results_queue() is queue  # one per process
+        queue.put({"written": 1})
+        assert queue.get() == {"written": 1}
+
+
 def test_rng_tracker_on_cpu_generator():
     from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
@@ -466,6 +493,7 @@ def test_uneven_all_gather_on_gloo():
 
 
 def test_cpu_emulation_restores_every_original_and_nests():
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fa
     import megatron.core.tensor_parallel.mappings as mp
     import megatron.core.tensor_parallel.random as mr
     import megatron.core.transformer.moe.moe_utils as mu
@@ -474,7 +502,8 @@ def test_cpu_emulation_restores_every_original_and_nests():
     watched = [(torch.cuda, n) for n in ("current_device", "synchronize", "Stream", "Event", "current_stream",
                                          "default_stream", "stream", "get_rng_state", "manual_seed")]
     watched += [(mr, "_get_cuda_rng_state"), (mr, "_set_cuda_rng_state"), (mr.CudaRNGStatesTracker, "add"),
-                (mu, "maybe_move_tensor_to_cpu"), (td, "maybe_move_tensor_to_cpu"), (mp, "_gather_along_first_dim")]
+                (mu, "maybe_move_tensor_to_cpu"), (td, "maybe_move_tensor_to_cpu"), (mp, "_gather_along_first_dim"),
+                (fa, "_get_write_results_queue")]
     before = [vars(owner).get(name) for owner, name in watched]
     modes = torch.overrides._get_current_function_mode_stack()
     with cpu_emulation():
