@@ -67,7 +67,10 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
     threads = max(1, (os.cpu_count() or 1) // nproc)
     # This checkout's packages first, also from another cwd (an editable install may point elsewhere).
     path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    # Idle OpenMP threads sleep rather than spin: between the tiny models' ops (Python in the main
+    # thread) a spinning second thread takes the core the other test worker's processes need.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": path}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
