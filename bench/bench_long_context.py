@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from bench.bench_train import _env, _fmt, causal_fraction, parse_variant, launch
 from bench.gpu_power import PowerSampler
 from bench.hf_baseline import load_model_yaml
 from bench.results_io import REPO, environment, invocation, read_rows, write_result
+from launcher.cli import compose_checked
 from launcher.data.indexed import IndexedDataset, IndexedDatasetWriter
 from launcher.data.pretrain import prepare_default_corpus
 
@@ -69,9 +69,8 @@ def long_model_yaml(model: str, max_length: int, directory: Path) -> Path:
 def repeated_corpus(num_tokens: int, directory: Path) -> list[str]:
     """`data=` overrides for an indexed dataset of at least `num_tokens` tokens: the default corpus's
     documents (built or read from the cache, as launcher.train does) written over and over."""
-    conf = yaml.safe_load((REPO / "conf" / "data" / "stdlib_docs.yaml").read_text())
-    cache = Path(os.environ.get("SHARDFORGE_CACHE", Path.home() / ".cache" / "shardforge"))
-    tokenizer, prefix = prepare_default_corpus(cache, conf["tokenizer_vocab_size"], conf["max_corpus_bytes"])
+    data = compose_checked(str(REPO / "conf"), "config", []).data
+    tokenizer, prefix = prepare_default_corpus(Path(data.cache_dir), data.tokenizer_vocab_size, data.max_corpus_bytes)
     corpus = IndexedDataset(prefix)
     out = str(directory / "repeated")
     with IndexedDatasetWriter(out, corpus[0].dtype) as writer:

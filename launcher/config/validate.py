@@ -347,6 +347,12 @@ def _check_recompute(c: JobConfig) -> None:
                                              f"({', '.join(RECOMPUTE_MODULES)}), got {recompute!r}")
 
 
+def _fp32_params(c: JobConfig, device_type: str) -> bool:
+    """Whether this run's parameters are fp32: train.precision=fp32, or auto on CPU (fp8 runs keep
+    bf16 params). `device_type` auto (a submit host) counts as a GPU."""
+    return c.train.precision == "fp32" or (c.train.precision == "auto" and device_type == "cpu")
+
+
 def _fused_moe_fallbacks(c: JobConfig, device_type: str) -> list[str]:
     """Why this MoE run's fused layers would take megatron's path. The GPU is asked only where
     this process has one: a submit host (or a test) validating a CUDA job assumes it qualifies."""
@@ -359,7 +365,7 @@ def _fused_moe_fallbacks(c: JobConfig, device_type: str) -> list[str]:
     grouped_mm = device_type != "cuda" or not torch.cuda.is_available() or grouped_mm_available(torch.device("cuda"))
     return config_fallbacks(num_experts=c.model.num_experts, ep=p.ep, tp=p.tp,
                             capacity_factor=c.model.moe_expert_capacity_factor,
-                            bf16=t.precision in ("bf16", "fp8") or (t.precision == "auto" and device_type != "cpu"),
+                            bf16=not _fp32_params(c, device_type),
                             recompute=t.recompute, grouped_mm=grouped_mm)
 
 
@@ -416,8 +422,7 @@ def _check_precision_aware(c: JobConfig, device_type: str) -> None:
                           "is megatron-core's distributed optimizer: needs parallel.engine=megatron")
     if not c.parallel.distributed_optimizer:
         raise ConfigError("optim.precision_aware", "needs parallel.distributed_optimizer=true")
-    precision = c.train.precision
-    if precision == "fp32" or (precision == "auto" and device_type == "cpu"):  # (fp8: bf16 params)
+    if _fp32_params(c, device_type):
         raise ConfigError("optim.precision_aware", "keeps the master weights inside bf16 params: needs "
                                                    "train.precision=bf16 (auto is fp32 on CPU)")
 
@@ -434,8 +439,7 @@ def _check_optimizer_offload(c: JobConfig, device_type: str) -> None:
     if c.optim.precision_aware:
         raise ConfigError("optim.cpu_offload", "steps fp32 masters on the host with torch's AdamW: "
                                                "set optim.precision_aware=false")
-    precision = c.train.precision
-    if c.optim.main_grads_dtype == "bf16" and (precision == "fp32" or (precision == "auto" and device_type == "cpu")):
+    if c.optim.main_grads_dtype == "bf16" and _fp32_params(c, device_type):
         raise ConfigError("optim.main_grads_dtype", "bf16 main grads hold bf16 params' gradients: needs "
                                                     "train.precision=bf16 (auto is fp32 on CPU)")
 
