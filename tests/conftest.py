@@ -53,6 +53,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Small, fast settings shared by the multi-process tests (fp32 on CPU).
 FAST = ["train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=2",
         "logging.wandb.mode=disabled", "logging.progress=false", "optim.warmup_steps=2"]
+# The tiny model at half width (head dim 16, still 4 layers, 8 heads, 4 KV groups): what the runs of
+# the default model check (layouts, resumes, signals, engines) does not depend on width, and on CPU
+# their cost is mostly the matmuls, about 3x fewer FLOPs.
+NARROW = ["model.hidden_size=128", "model.ffn_hidden_size=352"]
 
 
 def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int = 900,
@@ -63,13 +67,13 @@ def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int =
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", module, *overrides]
-    # One BLAS thread per rank on the 2-core CI machine: oversubscription makes gloo runs crawl.
-    threads = max(1, (os.cpu_count() or 1) // nproc)
     # This checkout's packages first, also from another cwd (an editable install may point elsewhere).
     path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     # Idle OpenMP threads sleep rather than spin: between the tiny models' ops (Python in the main
     # thread) a spinning second thread takes the core the other test worker's processes need.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore",
+    # One BLAS thread per process: the two test workers keep both cores busy, oversubscription
+    # makes gloo runs crawl, and a tiny model's ops gain less from a second thread than they cost.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": path}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, read_metrics, run_cli, run_many
+from conftest import FAST, NARROW, read_metrics, run_cli, run_many
 
 ROUNDTRIPS = [("single", 1, 1, 1), ("tp2", 2, 1, 2), ("pp2", 1, 2, 2)]  # name, tp, pp, ranks
-COMMON = [*FAST, "train.steps=5"]
+COMMON = [*FAST, *NARROW, "train.steps=5"]
 # Resumes of a tp=2 pp=2 checkpoint in each layout. cp2 also saves at step 4: a checkpoint written
 # under context parallelism (RNG streams per dp x cp rank).
 RESUMES = [("single", [], 1), ("dp2", [], 2), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"], 4),
@@ -56,13 +56,13 @@ def base(tmp_path_factory, cache_env) -> Path:
         *[(n, base / "roundtrip" / f"{name}.txt",
            ["tests.scripts.save_load_roundtrip", str(base / "roundtrip" / name), str(tp), str(pp)])
           for name, tp, pp, n in ROUNDTRIPS],
-        *[(1, resumes / name / f"stdout.{i}.txt", _train(resumes / name, [*FAST, *overrides]))
+        *[(1, resumes / name / f"stdout.{i}.txt", _train(resumes / name, [*FAST, *NARROW, *overrides]))
           for i, (name, overrides) in enumerate(resume_runs)],
         *[(n, base / f"resume_{name}" / "stdout.txt", _train(base / f"resume_{name}", [*COMMON, *extra, *resume]))
           for name, extra, n in RESUMES],
         (1, base / "keep_last" / "stdout.txt",
          _train(base / "keep_last", [*COMMON, "checkpoint.save_every=1", "checkpoint.keep_last=2"])),
-        (1, base / "one_step" / "stdout.txt", _train(base / "one_step", [*FAST, "train.steps=1"])),
+        (1, base / "one_step" / "stdout.txt", _train(base / "one_step", [*FAST, *NARROW, "train.steps=1"])),
     ]
     for nproc in dict.fromkeys(n for n, *_ in commands):
         mine = [(path, command) for n, path, command in commands if n == nproc]
@@ -132,7 +132,7 @@ def test_the_start_up_disk_check_expects_the_size_a_checkpoint_has(resumes):
     from launcher import preflight
     from models.args import ModelArgs
 
-    args = ModelArgs.from_config(yaml.safe_load((REPO / "conf" / "model" / "tiny.yaml").read_text()))
+    args = ModelArgs.from_config(yaml.safe_load((resumes / "short" / ".hydra" / "config.yaml").read_text())["model"])
     saved = sum(p.stat().st_size for p in (resumes / "short" / "checkpoints" / "iter_0000008").rglob("*")
                 if p.is_file())
     assert preflight.checkpoint_bytes(args, 4) == pytest.approx(saved, rel=0.05)
@@ -162,7 +162,7 @@ def test_keep_last_prunes_after_each_complete_save(base):
 
 def test_checkpoint_of_another_model_shape_is_one_clear_error(base, tmp_path):
     saved = base / "one_step" / "checkpoints"
-    proc = run_cli("launcher.train", [*FAST, "model.num_layers=2", f"checkpoint.load={saved}",
+    proc = run_cli("launcher.train", [*FAST, *NARROW, "model.num_layers=2", f"checkpoint.load={saved}",
                                       f"run.dir={tmp_path / 'other'}"], check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: checkpoint.load: ")

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import FAST, read_metrics, train_runs
+from conftest import FAST, NARROW, read_metrics, train_runs
 from tests.scripts.save_init import differing
 
 STEPS = 10
@@ -60,7 +60,7 @@ INIT_LAYOUTS = [("tp2", 2, 1, 0, 2), ("pp2_vpp2", 1, 2, 2, 2), ("tp2_pp2", 2, 2,
 
 EVAL_EVERY = 5
 EVAL = ["data.split=98/2", f"eval.every={EVAL_EVERY}", "eval.iters=2"]
-COMMON = [*FAST, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
+COMMON = [*FAST, *NARROW, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
 SAVED = ["checkpoint.save_every=5"]  # iter_0000005 (the last step is not saved: final_save=false)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FAST, train_runs
+from conftest import FAST, NARROW, train_runs
 
 
-BF16 = [*FAST, "train.precision=bf16", "train.steps=6", "checkpoint.final_save=false"]
+BF16 = [*FAST, *NARROW, "train.precision=bf16", "train.steps=6", "checkpoint.final_save=false"]
 
 
 def _losses(metrics):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, config_error_line, read_metrics, run_cli, run_many, train_runs
+from conftest import FAST, NARROW, config_error_line, read_metrics, run_cli, run_many, train_runs
 
 STEPS = 10
 EVAL = ["data.split=98/2", "eval.every=5", "eval.iters=2"]  # held-out documents, evaluated at steps 5 and 10
@@ -28,7 +28,7 @@ def trained(tmp_path_factory, cache_env) -> Path:
     under base/<name>. Every run evaluates on held-out documents; the 2-rank launch ends with
     `launcher.evaluate` of the offloaded run's step-5 checkpoint (its record in base/evaluate.json)."""
     base = tmp_path_factory.mktemp("deepspeed")
-    common, once = [*FAST, f"train.steps={STEPS}", *EVAL], ["checkpoint.final_save=false"]
+    common, once = [*FAST, *NARROW, f"train.steps={STEPS}", *EVAL], ["checkpoint.final_save=false"]
     evaluate = ["launcher.evaluate", *common, *OFFLOAD,
                 f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / 'iter_0000005'}",
                 f"evaluate.output={base / 'evaluate.json'}"]
@@ -78,10 +78,11 @@ def test_zero3_matches_megatron_single_process(layout, trained, reference, tmp_p
     stdout, got = (trained / layout / "stdout.txt").read_text(), read_metrics(trained / layout)
     assert reference[-1]["loss"] < reference[0]["loss"]  # it trains at all
     _assert_same_curve(reference, got, list(range(1, STEPS + 1)), loss_rel=1e-4, grad_rel=1e-4)
-    # zero.Init partitioned the model as it was built: rank 0 holds half of it (the tiny model: 5.05M),
-    # over DP or (tp2) as its TP slices
-    held = float(re.search(r"params/rank\(0\)=([\d.]+)M", stdout).group(1))
-    assert held == pytest.approx(5.05 / ranks, abs=0.1)
+    # zero.Init partitioned the model as it was built: rank 0 holds half of what the megatron
+    # engine's single process holds, over DP or (tp2) as its TP slices
+    held, whole = (float(re.search(r"params/rank\(0\)=([\d.]+)M", text).group(1))
+                   for text in (stdout, (trained / "reference" / "stdout.txt").read_text()))
+    assert held == pytest.approx(whole / ranks, abs=0.06)  # both printed to 0.1M
     if layout == "tp2_offload_cpu":  # zero_to_fp32 merges ZeRO partitions, not TP slices: a clear refusal
         conv = run_cli("launcher.convert", ["zero_to_megatron", f"checkpoint={trained / layout / 'checkpoints'}",
                                             f"out={tmp_path / 'converted'}"], check=False)
@@ -132,10 +133,10 @@ def converted(offloaded, tmp_path_factory) -> Path:
     run_many([["launcher.convert", "zero_to_megatron", f"checkpoint={ckpt}", f"out={out}"],
               # Straight to Hugging Face: export_hf takes the ZeRO-3 checkpoint itself.
               ["launcher.convert", "export_hf", f"checkpoint={ckpt}", f"out={base / 'hf'}"],
-              ["launcher.train", *FAST, *load, f"run.dir={base / 'train_megatron'}"]])
+              ["launcher.train", *FAST, *NARROW, *load, f"run.dir={base / 'train_megatron'}"]])
     assert (out / "latest").read_text().strip() == "iter_0000000"
     run_many([["tests.scripts.zero3_logits", str(ckpt), str(out), str(base / "logits.pt"), "cpu"],
-              ["launcher.train", *FAST, *DS, *load, f"run.dir={base / 'train_zero3'}"]], nproc=2)
+              ["launcher.train", *FAST, *NARROW, *DS, *load, f"run.dir={base / 'train_zero3'}"]], nproc=2)
     return base
 
 
@@ -164,12 +165,12 @@ def test_megatron_checkpoint_trains_on_under_either_engine(converted, reference)
     """checkpoint.load of a megatron checkpoint: its weights, a fresh optimizer, step 0 — the same
     curve under engine=deepspeed (2 ranks, ZeRO-3) as under engine=megatron (1 process)."""
     ref, got = read_metrics(converted / "train_megatron"), read_metrics(converted / "train_zero3")
-    assert ref[0]["loss"] < reference[0]["loss"] - 0.3  # the trained weights, not a fresh init, on batch 0
+    assert ref[0]["loss"] < reference[0]["loss"] - 0.1  # the trained weights, not a fresh init, on batch 0
     _assert_same_curve(ref, got, [1, 2, 3], loss_rel=1e-5, grad_rel=1e-4)
 
 
 def test_checkpoint_of_the_other_engine_is_a_config_error(offloaded, tmp_path):
     ckpt = offloaded[0] / "checkpoints"
-    proc = run_cli("launcher.train", [*FAST, f"checkpoint.load={ckpt}", f"run.dir={tmp_path}"], check=False)
+    proc = run_cli("launcher.train", [*FAST, *NARROW, f"checkpoint.load={ckpt}", f"run.dir={tmp_path}"], check=False)
     assert "zero_to_megatron" in config_error_line(proc, "checkpoint.load")
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import FAST, REPO, run_cli
+from conftest import FAST, NARROW, REPO, run_cli
 
 
 def test_profile_steps_writes_trace_and_op_table(tmp_path, cache_env):
-    run_cli("launcher.train", [*FAST, "train.steps=3", "logging.profile_steps=[2,3]", f"run.dir={tmp_path}",
+    run_cli("launcher.train", [*FAST, *NARROW, "train.steps=3", "logging.profile_steps=[2,3]", f"run.dir={tmp_path}",
                                "checkpoint.final_save=false"])
     ops = (tmp_path / "profile" / "ops.txt").read_text()
     assert "aten::mm" in ops or "aten::addmm" in ops  # the model's matmuls were recorded

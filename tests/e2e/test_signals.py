@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from conftest import FAST, NARROW, REPO, read_metrics, run_cli
 
 
 def _start(args: list[str], nproc: int = 1) -> subprocess.Popen:
@@ -22,7 +22,7 @@ def _start(args: list[str], nproc: int = 1) -> subprocess.Popen:
          "launcher.train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     # Own process group: the kill below takes the whole tree, as a dying node would.
-    return subprocess.Popen([*launcher, *FAST, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([*launcher, *FAST, *NARROW, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -54,7 +54,7 @@ def test_sigkill_during_save_leaves_latest_loadable(tmp_path, cache_env):
     assert any(p.name.endswith(".tmp") for p in ckpt.iterdir())  # the kill did land mid-save
     latest = (ckpt / "latest").read_text().strip()
     step = int(latest.split("_")[1])
-    out = run_cli("launcher.train", [*FAST, f"train.steps={step + 1}", f"checkpoint.dir={ckpt}",
+    out = run_cli("launcher.train", [*FAST, *NARROW, f"train.steps={step + 1}", f"checkpoint.dir={ckpt}",
                                      f"checkpoint.load={ckpt}", f"run.dir={tmp_path / 'resumed'}"]).stdout
     assert f"steps={step}->{step + 1}" in out
     assert (ckpt / "latest").read_text().strip() == f"iter_{step + 1:07d}"

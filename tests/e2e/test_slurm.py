@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST, REPO, config_error_line, read_metrics, run_cli, wandb_run_ids
+from conftest import FAST, NARROW, REPO, config_error_line, read_metrics, run_cli, wandb_run_ids
 
 CLUSTER_SCRIPTS = REPO / "tests" / "slurm_cluster"
 GOLDEN = REPO / "tests" / "golden" / "submit_8x8.sbatch"
 STEPS = 12
-COMMON = [*FAST, f"train.steps={STEPS}"]
+COMMON = [*FAST, *NARROW, f"train.steps={STEPS}"]
 # CPU "nodes" of the test cluster: one process each, not exclusive (2 slots per fake node).
 CPU_JOB = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.exclusive=false", "cluster.time=00:15:00"]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -155,7 +155,7 @@ def test_max_restarts_stops_requeueing(slurm_cluster, cache_env, tmp_path):
 
 def test_multirun_submits_one_job_per_point(slurm_cluster, cache_env, tmp_path):
     lrs = ["1e-4", "3e-4"]
-    ids = submit([*FAST, "train.steps=3", *CPU_JOB, "cluster.nodes=1", f"run.dir={tmp_path}",
+    ids = submit([*FAST, *NARROW, "train.steps=3", *CPU_JOB, "cluster.nodes=1", f"run.dir={tmp_path}",
                   f"optim.lr={','.join(lrs)}"], multirun=True)
     assert len(ids) == 2
     for n, (job, lr) in enumerate(zip(ids, lrs)):
