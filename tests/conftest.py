@@ -59,23 +59,31 @@ FAST = ["train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_
 NARROW = ["model.hidden_size=128", "model.ffn_hidden_size=352"]
 
 
-def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int = 900,
-            check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """`python -m <module>` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m <module>`, in `cwd`."""
+def cli_command(module: str, overrides: list[str], nproc: int = 1) -> list[str]:
+    """`python -m <module>` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m <module>`."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", module, *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", module, *overrides]
+        return [sys.executable, "-m", module, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, *overrides]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of every process a test launches."""
     # This checkout's packages first, also from another cwd (an editable install may point elsewhere).
     path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     # Idle OpenMP threads sleep rather than spin: between the tiny models' ops (Python in the main
     # thread) a spinning second thread takes the core the other test worker's processes need.
     # One BLAS thread per process: the two test workers keep both cores busy, oversubscription
     # makes gloo runs crawl, and a tiny model's ops gain less from a second thread than they cost.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": path}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": path}
+
+
+def run_cli(module: str, overrides: list[str], *, nproc: int = 1, timeout: int = 900,
+            check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """cli_command(module, overrides, nproc) run to its end in `cwd`, with launch_env()."""
+    cmd = cli_command(module, overrides, nproc)
+    proc = subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")

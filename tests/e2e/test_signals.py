@@ -6,24 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import psutil
 import pytest
 
-from conftest import FAST, NARROW, REPO, read_metrics, run_cli
+from conftest import FAST, NARROW, REPO, cli_command, launch_env, read_metrics, run_cli
 
 
 def _start(args: list[str], nproc: int = 1) -> subprocess.Popen:
-    launcher = [sys.executable, "-m", "launcher.train"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-         "launcher.train"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     # Own process group: the kill below takes the whole tree, as a dying node would.
-    return subprocess.Popen([*launcher, *FAST, *NARROW, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cli_command("launcher.train", [*FAST, *NARROW, *args], nproc), cwd=REPO, env=launch_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
