@@ -28,7 +28,8 @@ if {release}:
     release_cached_pinned_blocks(torch.device("cuda"))
 print(live, torch.cuda.host_memory_stats()["allocated_bytes.current"])
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
     live, after = out.stdout.split()[-2:]
     return int(live), int(after)
 
