@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf, flag_override, open_dict, read_writ
 from launcher.config.validate import ConfigError, check_known_keys, unknown_key_reason
 from launcher.model_path import resolve_model_argv
 from launcher.package_data import CONF_DIR
+from parallel.compat.deferred_compile import defer_megatron_compile
 
 Task = Callable[[DictConfig], Any]
 _TYPE_NAMES = {"Float": "a float", "Integer": "an int", "Boolean": "a boolean (true/false)", "String": "a string"}
@@ -63,6 +64,7 @@ def hydra_command(config_name: str, *, config_dir: str = "", argv: Callable[[lis
         hydra_main = hydra.main(config_path=directory, config_name=config_name, version_base=None)(run_task)
 
         def main(args: list[str] | None = None) -> None:
+            defer_megatron_compile()  # before anything below imports megatron-core
             args = list(sys.argv[1:] if args is None else args)
             if argv is not None:
                 args = argv(args)

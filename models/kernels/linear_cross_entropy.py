@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from models.kernels.deferred_compile import deferred_compile
+
 
 def _loss_and_logit_grad(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
     """Per-token loss (fp32) and d(Σ mask·loss)/d logits in the logits' dtype.
@@ -30,14 +32,14 @@ def _loss_and_logit_grad(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     return loss, grad.to(logits.dtype)
 
 
-_compiled = torch.compile(_loss_and_logit_grad, dynamic=True)
+_compiled = deferred_compile(_loss_and_logit_grad, dynamic=True)
 
 
 def _scale(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (grad * scale).to(dtype)
 
 
-_compiled_scale = torch.compile(_scale)
+_compiled_scale = deferred_compile(_scale)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -81,7 +83,7 @@ def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(x, dim=-1) - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
 
 
-_compiled_token_loss = torch.compile(_token_loss, dynamic=True)
+_compiled_token_loss = deferred_compile(_token_loss, dynamic=True)
 
 
 class LinearTokenLosses(torch.autograd.Function):

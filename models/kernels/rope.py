@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings import rope_utils
 
+from models.kernels.deferred_compile import deferred_compile
+
 try:
     import triton
     import triton.language as tl
@@ -34,7 +36,7 @@ except ImportError:
 unfused_rope_bshd = rope_utils._apply_rotary_pos_emb_bshd
 unfused_rope_thd = rope_utils._apply_rotary_pos_emb_thd
 # dynamic=None: static shapes first, one dynamic recompile when packed rows change length.
-compiled_rope_bshd = torch.compile(unfused_rope_bshd, fullgraph=True)
+compiled_rope_bshd = deferred_compile(unfused_rope_bshd, fullgraph=True)
 
 
 if triton is not None:

@@ -13,10 +13,13 @@ import sys
 import torch
 import torch.distributed as dist
 
+from parallel.compat import defer_megatron_compile
+
 MARK = "run_many: next command"  # before each command's output: tests/conftest.py splits there
 
 
 def main(commands: list[list[str]]) -> None:
+    defer_megatron_compile()  # as each command's own process would (launcher/cli.py)
     if "MASTER_ADDR" in os.environ:  # torchrun
         dist.init_process_group("gloo")
     for module, *args in commands:
@@ -30,7 +33,8 @@ def main(commands: list[list[str]]) -> None:
                 raise
         # A fresh compile per command, as in its own process: dynamo's cache would otherwise
         # count the earlier commands' graphs against its recompile limit.
-        torch._dynamo.reset()
+        if "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()
     if dist.is_initialized():
         dist.destroy_process_group()
 

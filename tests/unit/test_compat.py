@@ -77,6 +77,63 @@ def test_installed_megatron_is_verified():
 
 
 # ---------------------------------------------------------------------------------------------
+# megatron-core's import-time torch.compile, deferred to first call
+
+
+def _fresh_jit(finder=None) -> types.ModuleType:
+    """megatron.core.jit imported again (through `finder` when given), the process's own put back."""
+    import importlib
+    import sys
+
+    own = sys.modules.pop("megatron.core.jit")
+    if finder is not None:
+        sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module("megatron.core.jit")
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+        sys.modules["megatron.core.jit"] = own
+        megatron.core.jit = own
+
+
+def test_megatron_fusions_compile_at_first_call():
+    from models.kernels.deferred_compile import deferred_compile
+    from parallel.compat import deferred_compile as hook
+
+    # Upstream: every @jit_fuser function goes through torch.compile where it is defined, at import.
+    assert _fresh_jit().jit_fuser is torch.compile
+    # With the hook in place when megatron-core is first imported: compiled at first call instead.
+    assert _fresh_jit(hook._FindJit()).jit_fuser is deferred_compile
+    hook.defer_megatron_compile()  # megatron-core is already imported here: nothing to arrange
+    assert not any(isinstance(f, hook._FindJit) for f in __import__("sys").meta_path)
+
+
+def test_deferred_compile_compiles_once_at_first_call_and_inlines_under_compile():
+    from models.kernels.deferred_compile import deferred_compile
+
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def gelu_ish(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+    fused = deferred_compile(backend=backend)(gelu_ish)
+    assert graphs == [] and fused.__name__ == "gelu_ish"  # nothing traced before the first call
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(fused(x), gelu_ish(x), rtol=0, atol=0)
+    fused(x)
+    assert len(graphs) == 1
+    # Under an enclosing compile the function is traced into the enclosing graph, not compiled apart.
+    outer = torch.compile(lambda t: fused(t) + 1, backend=backend)
+    torch.testing.assert_close(outer(x), gelu_ish(x) + 1, rtol=0, atol=0)
+    assert len(graphs) == 2 and "sigmoid" in str(graphs[1].code)
+
+
+# ---------------------------------------------------------------------------------------------
 # device-independent fixes
 
 
