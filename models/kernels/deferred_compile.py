@@ -1,7 +1,7 @@
 """`deferred_compile`: torch.compile made at a function's first call instead of where it is defined.
 
-`torch.compile(fn)` at module level imports torch._dynamo and inductor right away (about 1.5 CPU-s
-per process), also in a process that never calls `fn`: a CPU run, a conversion, a config check.
+`torch.compile(fn)` at module level imports torch._dynamo and inductor right away, a start-up cost
+also in a process that never calls `fn`: a CPU run, a conversion, a config check.
 """
 from __future__ import annotations
 

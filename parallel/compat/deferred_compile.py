@@ -1,9 +1,9 @@
 """megatron-core's fusion functions compiled at their first call instead of at import.
 
-megatron-core decorates its fusion functions (bias-GeLU, SwiGLU, router and dispatcher helpers,
-~40 of them) with `megatron.core.jit.jit_fuser`, which is `torch.compile`. Decorating already
-imports torch._dynamo and inductor, so `import megatron.core` costs about 1.5 CPU-s more in every
-process, also in one that never calls any of them (every CPU run, every conversion). Here
+megatron-core decorates its fusion functions (bias-GeLU, SwiGLU, router and dispatcher helpers)
+with `megatron.core.jit.jit_fuser`, which is `torch.compile`. Decorating already imports
+torch._dynamo and inductor, so every process that imports megatron-core pays their start-up,
+also one that never calls any of them (every CPU run, every conversion). Here
 `jit_fuser` becomes models/kernels/deferred_compile, which calls torch.compile with the same
 arguments the first time the function runs: a function that runs is compiled as before, one that
 never runs costs nothing.
@@ -61,6 +61,7 @@ def defer_megatron_compile() -> None:
     megatron-core (a VERIFIED release) has not been imported yet in this process."""
     if _JIT in sys.modules or any(isinstance(f, _FindJit) for f in sys.meta_path):
         return
+    # The installed release from its metadata: check_megatron_version would import megatron-core.
     try:
         installed = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:

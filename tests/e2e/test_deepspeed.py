@@ -1,7 +1,7 @@
 """parallel.engine=deepspeed (ZeRO-3, CPU offload on and off) trains the same model as the megatron
 engine: per-step loss and grad norm against a single-process megatron run, resume from a ZeRO-3
 checkpoint, ZeRO-3 -> megatron / Hugging Face conversion, and its bad inputs. Real torchrun, 2
-gloo ranks, fp32 on CPU. (The first offloaded run JIT-builds DeepSpeed's CPU Adam, ~40 s, once.)"""
+gloo ranks, fp32 on CPU. (The first offloaded run JIT-builds DeepSpeed's CPU Adam, once per machine.)"""
 from __future__ import annotations
 
 import json

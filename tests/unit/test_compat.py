@@ -3,6 +3,8 @@ then removed by the patch. The day a reproduction stops failing, upstream has fi
 the patch can go. Also the version gate and that cpu_emulation puts every original back."""
 from __future__ import annotations
 
+import importlib
+import sys
 import threading
 import types
 import warnings
@@ -82,9 +84,6 @@ def test_installed_megatron_is_verified():
 
 def _fresh_jit(finder=None) -> types.ModuleType:
     """megatron.core.jit imported again (through `finder` when given), the process's own put back."""
-    import importlib
-    import sys
-
     own = sys.modules.pop("megatron.core.jit")
     if finder is not None:
         sys.meta_path.insert(0, finder)
@@ -106,7 +105,7 @@ def test_megatron_fusions_compile_at_first_call():
     # With the hook in place when megatron-core is first imported: compiled at first call instead.
     assert _fresh_jit(hook._FindJit()).jit_fuser is deferred_compile
     hook.defer_megatron_compile()  # megatron-core is already imported here: nothing to arrange
-    assert not any(isinstance(f, hook._FindJit) for f in __import__("sys").meta_path)
+    assert not any(isinstance(f, hook._FindJit) for f in sys.meta_path)
 
 
 def test_deferred_compile_compiles_once_at_first_call_and_inlines_under_compile():
