@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST, NARROW, read_metrics, train_runs
 from tests.scripts.save_init import differing
 
-STEPS = 10
+STEPS = 6
 LAYOUTS = [
     ("tp2", ["parallel.tp=2"], 2),
     ("pp2", ["parallel.pp=2"], 2),
@@ -43,7 +43,7 @@ LAYOUTS = [
     ("optimizer_offload", ["optim.cpu_offload=true"], 1),
     ("optimizer_offload_dp2", ["optim.cpu_offload=true"], 2),
 ]
-# Resumed from step 5 with the optimizer offloaded: from its own checkpoint, and from `single`'s.
+# Resumed from the middle step (MID) with the optimizer offloaded: from its own checkpoint, and from `single`'s.
 RESUMED = [("optimizer_offload_resumed", "optimizer_offload"), ("optimizer_offload_from_single", "single")]
 # Packed rows: documents end at each EOD (no attention across them, positions restart), against
 # the single process on the same rows. Under CP each document is padded to a multiple of 2·cp and
@@ -58,15 +58,17 @@ PACKED_LAYOUTS = [
 # Initial weights saved in these layouts (and by the single process, and with another seed).
 INIT_LAYOUTS = [("tp2", 2, 1, 0, 2), ("pp2_vpp2", 1, 2, 2, 2), ("tp2_pp2", 2, 2, 0, 4)]  # name, tp, pp, vpp, ranks
 
-EVAL_EVERY = 5
+MID = STEPS // 2  # evaluations at MID and STEPS; checkpoints at MID
+EVAL_EVERY = MID
 EVAL = ["data.split=98/2", f"eval.every={EVAL_EVERY}", "eval.iters=2"]
 COMMON = [*FAST, *NARROW, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
-SAVED = ["checkpoint.save_every=5"]  # iter_0000005 (the last step is not saved: final_save=false)
+SAVED = [f"checkpoint.save_every={MID}"]  # the last step is not saved: final_save=false
+MID_CKPT = f"iter_{MID:07d}"
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, cache_env):
-    """The single-process reference and every layout; then, in the same launches, the step-5
+    """The single-process reference and every layout; then, in the same launches, the step-MID
     checkpoints of `single` and `pp2` evaluated (launcher.evaluate) in their own layout and the
     other one, the independent reference loss of `single`'s, and the initial weights of INIT_LAYOUTS
     saved under base/init."""
@@ -75,15 +77,15 @@ def base(tmp_path_factory, cache_env):
             *[(name, [*extra, *SAVED] if name in ("pp2", "optimizer_offload") else extra, n)
               for name, extra, n in LAYOUTS],
             *[(name, [*PACKED, *extra], n) for name, extra, n in PACKED_LAYOUTS],
-            *[(name, ["optim.cpu_offload=true", f"checkpoint.load={base / run / 'checkpoints' / 'iter_0000005'}"], 1)
+            *[(name, ["optim.cpu_offload=true", f"checkpoint.load={base / run / 'checkpoints' / MID_CKPT}"], 1)
               for name, run in RESUMED]]
 
     def evaluate(name, run, layout):
-        return ["launcher.evaluate", *COMMON, *layout, f"checkpoint.load={base / run / 'checkpoints' / 'iter_0000005'}",
+        return ["launcher.evaluate", *COMMON, *layout, f"checkpoint.load={base / run / 'checkpoints' / MID_CKPT}",
                 f"evaluate.output={base / name}.json"]
     train_runs(base, [(name, [*COMMON, *extra], n) for name, extra, n in runs], then=[
         ("evaluate_single", evaluate("evaluate_single", "single", []), 1),
-        ("reference_single", ["tests.scripts.eval_reference", str(base / "single" / "checkpoints" / "iter_0000005"),
+        ("reference_single", ["tests.scripts.eval_reference", str(base / "single" / "checkpoints" / MID_CKPT),
                               f"{base / 'reference_single'}.json", *COMMON], 1),
         ("evaluate_pp2_as_pp2", evaluate("evaluate_pp2_as_pp2", "pp2", ["parallel.pp=2"]), 2),
         ("evaluate_single_as_tp2", evaluate("evaluate_single_as_tp2", "single", ["parallel.tp=2"]), 2),
@@ -107,13 +109,13 @@ def trained(base) -> dict[str, list[dict]]:
 def test_offloaded_optimizer_resumes_on_the_curve(name, trained, base):
     """The host-side masters and moments go through dist_checkpointing: a resume continues the
     single process's curve, bit for bit from an offloaded run's checkpoint."""
-    reference, got = trained["single"][5:], read_metrics(base / name)
-    assert [m["step"] for m in got] == list(range(6, STEPS + 1))
+    reference, got = trained["single"][MID:], read_metrics(base / name)
+    assert [m["step"] for m in got] == list(range(MID + 1, STEPS + 1))
     for ref, m in zip(reference, got):
         assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"step {m['step']}"
         assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), f"step {m['step']}"
     if name == "optimizer_offload_resumed":
-        own = trained["optimizer_offload"][5:]
+        own = trained["optimizer_offload"][MID:]
         assert [(m["loss"], m["grad_norm"]) for m in got] == [(m["loss"], m["grad_norm"]) for m in own]
 
 
@@ -130,7 +132,7 @@ def test_layout_matches_single_process(name, trained):
 def test_packed_layout_matches_single_process(name, trained, base):
     _assert_parity(trained["single_packed"], trained[name])
     reference, got = _evals(base, "single_packed"), _evals(base, name)
-    assert [e["step"] for e in got] == [e["step"] for e in reference] == [5, 10]
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [MID, STEPS]
     for ref, e in zip(reference, got):
         assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), e["step"]
         assert e["eval_tokens"] == ref["eval_tokens"]
@@ -151,18 +153,18 @@ def _assert_parity(reference: list[dict], got: list[dict]) -> None:
 @pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
 def test_eval_loss_matches_single_process(name, base):
     reference, got = _evals(base, "single"), _evals(base, name)
-    assert [e["step"] for e in got] == [e["step"] for e in reference] == [5, 10]
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [MID, STEPS]
     for ref, e in zip(reference, got):
         assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), e["step"]
         assert e["eval_tokens"] == ref["eval_tokens"] == 2 * 8 * 128
     assert reference[-1]["eval_loss"] < reference[0]["eval_loss"]  # it learns what it never trained on
     # each evaluation follows its step's train record in metrics.jsonl
     kinds = [(r.get("type", "train"), r["step"]) for r in read_metrics(base / name, type="all")]
-    assert kinds.index(("eval", 5)) == kinds.index(("train", 5)) + 1 and kinds[-1] == ("eval", 10)
+    assert kinds.index(("eval", MID)) == kinds.index(("train", MID)) + 1 and kinds[-1] == ("eval", STEPS)
 
 
 def test_eval_loss_is_a_plain_forward_of_the_same_weights(base):
-    ours = next(e for e in _evals(base, "single") if e["step"] == 5)
+    ours = next(e for e in _evals(base, "single") if e["step"] == MID)
     reference = json.loads((base / "reference_single.json").read_text())
     assert reference["eval_tokens"] == ours["eval_tokens"]
     assert ours["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6)
@@ -173,10 +175,10 @@ def test_eval_loss_is_a_plain_forward_of_the_same_weights(base):
 def test_evaluate_reproduces_the_run_s_own_eval(base, name, run, exact):
     """The checkpoint evaluated again: in the layout that trained it, bit-identical to the run's
     evaluation of the same weights at that step; resharded into another layout, within 1e-6."""
-    ours = next(e for e in _evals(base, run) if e["step"] == 5)
+    ours = next(e for e in _evals(base, run) if e["step"] == MID)
     record = json.loads((base / f"{name}.json").read_text())
     assert json.loads((base / f"{name}.txt").read_text().strip().splitlines()[-1]) == record  # printed as well
-    assert record["step"] == 5 and record["eval_tokens"] == ours["eval_tokens"]
+    assert record["step"] == MID and record["eval_tokens"] == ours["eval_tokens"]
     if exact:
         assert record == ours
     else:

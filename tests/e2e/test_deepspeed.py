@@ -13,8 +13,9 @@ import torch
 
 from conftest import FAST, NARROW, config_error_line, read_metrics, run_cli, run_many, train_runs
 
-STEPS = 10
-EVAL = ["data.split=98/2", "eval.every=5", "eval.iters=2"]  # held-out documents, evaluated at steps 5 and 10
+STEPS = 6
+MID = STEPS // 2  # evaluations at MID and STEPS; the offloaded run checkpoints at both
+EVAL = ["data.split=98/2", f"eval.every={MID}", "eval.iters=2"]  # held-out documents
 DS = ["parallel.engine=deepspeed"]
 OFFLOAD = [*DS, "parallel.zero.offload_params=cpu", "parallel.zero.offload_optimizer=cpu"]
 
@@ -22,22 +23,22 @@ OFFLOAD = [*DS, "parallel.zero.offload_params=cpu", "parallel.zero.offload_optim
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_env) -> Path:
     """Every training run the checks read, STEPS steps each, in two launches (ZeRO-3 on 2 ranks,
-    then 1 process): ZeRO-3 with parameter and optimizer offload checkpointing at steps 5 and 10
-    ("offload_cpu"), without offload, under tp=2, the offloaded run resumed from step 5; the
+    then 1 process): ZeRO-3 with parameter and optimizer offload checkpointing at steps MID and STEPS
+    ("offload_cpu"), without offload, under tp=2, the offloaded run resumed from step MID; the
     single-process megatron reference and ZeRO-3 in a plain one-process run. Metrics and stdout.txt
     under base/<name>. Every run evaluates on held-out documents; the 2-rank launch ends with
-    `launcher.evaluate` of the offloaded run's step-5 checkpoint (its record in base/evaluate.json)."""
+    `launcher.evaluate` of the offloaded run's step-MID checkpoint (its record in base/evaluate.json)."""
     base = tmp_path_factory.mktemp("deepspeed")
     common, once = [*FAST, *NARROW, f"train.steps={STEPS}", *EVAL], ["checkpoint.final_save=false"]
     evaluate = ["launcher.evaluate", *common, *OFFLOAD,
-                f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / 'iter_0000005'}",
+                f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / f'iter_{MID:07d}'}",
                 f"evaluate.output={base / 'evaluate.json'}"]
     train_runs(base, [
-        ("offload_cpu", [*common, *OFFLOAD, "checkpoint.save_every=5"], 2),
+        ("offload_cpu", [*common, *OFFLOAD, f"checkpoint.save_every={MID}"], 2),
         ("no_offload", [*common, *DS, *once], 2),
         ("tp2_offload_cpu", [*common, *OFFLOAD, "parallel.tp=2"], 2),
         ("resumed", [*common, *OFFLOAD, *once,
-                     f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / 'iter_0000005'}"], 2),
+                     f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / f'iter_{MID:07d}'}"], 2),
         ("reference", [*common, *once], 1),
         ("one_process", [*common, *DS, *once], 1)],  # plain `python -m launcher.train`, no torchrun
         then=[("evaluate", evaluate, 2)])
@@ -52,7 +53,7 @@ def reference(trained) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def offloaded(trained) -> tuple[Path, str, list[dict]]:
-    """ZeRO-3 + parameter and optimizer offload, checkpoints at steps 5 and 10: run dir, stdout, metrics."""
+    """ZeRO-3 + parameter and optimizer offload, checkpoints at steps MID and STEPS: run dir, stdout, metrics."""
     run_dir = trained / "offload_cpu"
     return run_dir, (run_dir / "stdout.txt").read_text(), read_metrics(run_dir)
 
@@ -92,7 +93,7 @@ def test_zero3_matches_megatron_single_process(layout, trained, reference, tmp_p
 @pytest.mark.parametrize("layout", ["offload_cpu", "no_offload", "tp2_offload_cpu", "one_process"])
 def test_zero3_eval_loss_matches_megatron(layout, trained):
     reference, got = read_metrics(trained / "reference", type="eval"), read_metrics(trained / layout, type="eval")
-    assert [e["step"] for e in got] == [e["step"] for e in reference] == [5, 10]
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [MID, STEPS]
     for ref, e in zip(reference, got):
         # the weights themselves agree to the training loss's tolerance after these steps
         assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5), e["step"]
@@ -100,23 +101,23 @@ def test_zero3_eval_loss_matches_megatron(layout, trained):
 
 
 def test_zero3_evaluate_and_resume_reproduce_the_run_s_eval(trained):
-    """The same ZeRO-3 weights evaluated again give the same numbers: launcher.evaluate of the step-5
-    checkpoint (bit-identical), the run resumed from it at step 10 (same ranks, same state)."""
+    """The same ZeRO-3 weights evaluated again give the same numbers: launcher.evaluate of the step-MID
+    checkpoint (bit-identical), the run resumed from it at step STEPS (same ranks, same state)."""
     run = read_metrics(trained / "offload_cpu", type="eval")
     assert json.loads((trained / "evaluate.json").read_text()) == run[0]
     resumed = read_metrics(trained / "resumed", type="eval")
-    assert [e["step"] for e in resumed] == [10]
+    assert [e["step"] for e in resumed] == [STEPS]
     assert resumed[0]["eval_loss"] == pytest.approx(run[1]["eval_loss"], rel=1e-6)
 
 
 def test_zero3_resume_continues_the_curve(trained, offloaded):
     run_dir, _, full = offloaded
     ckpt = run_dir / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "iter_0000010"
-    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000005", "iter_0000010"]  # no .tmp left
+    assert (ckpt / "latest").read_text().strip() == f"iter_{STEPS:07d}"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_{MID:07d}", f"iter_{STEPS:07d}"]  # no .tmp left
     resumed = read_metrics(trained / "resumed")
     # Same ranks, same optimizer state and schedule: the same numbers, not just close ones.
-    _assert_same_curve(full, resumed, list(range(6, STEPS + 1)), loss_rel=1e-6, grad_rel=1e-6)
+    _assert_same_curve(full, resumed, list(range(MID + 1, STEPS + 1)), loss_rel=1e-6, grad_rel=1e-6)
 
 
 @pytest.fixture(scope="module")
