@@ -21,6 +21,7 @@ def _pool_bytes(release: bool) -> tuple[int, int]:
     code = f"""
 import torch
 from parallel.pinned_memory import release_cached_pinned_blocks
+torch.cuda.init()  # host_memory_stats() is empty until CUDA is initialized, which pinning alone need not do
 block = torch.empty({SIZE}, dtype=torch.uint8, pin_memory=True)
 live = torch.cuda.host_memory_stats()["allocated_bytes.current"]
 del block
