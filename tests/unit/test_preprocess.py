@@ -15,8 +15,8 @@ from launcher.data.indexed import IndexedDataset, IndexedDatasetWriter
 from launcher.data.tokenizer import HFTokenizer, SentencePieceTokenizer, check_vocab_size, fill_id, load_tokenizer
 from models.args import padded_vocab_size
 from launcher.preprocess import DataError, Options, preprocess
+from launcher.preprocess import main as preprocess_main
 
-REPO = Path(__file__).resolve().parents[2]
 TEXTS = [f"{s} Document {i}." for i, s in enumerate(SENTENCES * 4)] + ["ünïcödé ✓ 😀 and\ttabs\n  and  spaces"]
 
 
@@ -39,9 +39,13 @@ def write_jsonl(path: Path, records: list, raw: dict[int, str] | None = None) ->
     return path
 
 
-def cli(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.preprocess", *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+def cli(capsys, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m launcher.preprocess *overrides`, run in this process: its exit status and output."""
+    with pytest.raises(SystemExit) as done:
+        preprocess_main(list(overrides))
+        sys.exit(0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["launcher.preprocess", *overrides], done.value.code or 0, out, err)
 
 
 def options(tokenizer: Path, fmt: str = "pretrain") -> Options:
@@ -126,14 +130,15 @@ def test_preprocess_round_trips_and_megatron_reads_it(tmp_path, sp_model):
         assert count == int(((lengths >= 2**k) & (lengths < 2**(k + 1))).sum())
 
 
-def test_rerun_is_byte_identical_for_any_worker_count(tmp_path, hf_dir):
+def test_rerun_is_byte_identical_for_any_worker_count(tmp_path, hf_dir, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS * 3])
     preprocess([src], tmp_path / "a", options(hf_dir))
-    proc = cli(f"input=[{src},{src}]", f"output_prefix={tmp_path / 'b'}", f"tokenizer={hf_dir}", "workers=2",
+    proc = cli(capsys, f"input=[{src},{src}]", f"output_prefix={tmp_path / 'b'}", f"tokenizer={hf_dir}", "workers=2",
                "chunk_size=5")
     assert proc.returncode == 0, proc.stderr
     assert "documents: 150" in proc.stdout and "document length histogram" in proc.stdout
-    proc = cli(f"input={src}", f"output_prefix={tmp_path / 'c'}", f"tokenizer={hf_dir}", "workers=2", "chunk_size=7")
+    proc = cli(capsys, f"input={src}", f"output_prefix={tmp_path / 'c'}", f"tokenizer={hf_dir}", "workers=2",
+               "chunk_size=7")
     assert proc.returncode == 0, proc.stderr
     for suffix in (".bin", ".idx"):
         a, c = (tmp_path / f"a{suffix}").read_bytes(), (tmp_path / f"c{suffix}").read_bytes()
@@ -144,16 +149,17 @@ def test_rerun_is_byte_identical_for_any_worker_count(tmp_path, hf_dir):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_malformed_line_names_file_and_line_and_publishes_nothing(tmp_path, sp_model):
+def test_malformed_line_names_file_and_line_and_publishes_nothing(tmp_path, sp_model, capsys):
     src = write_jsonl(tmp_path / "bad.jsonl", [{"text": t} for t in TEXTS[:5]],
                       raw={3: '{"text": "unterminated', 6: '{"txt": "wrong key"}'})
-    proc = cli(f"input={src}", f"output_prefix={tmp_path / 'out'}", f"tokenizer={sp_model}", "workers=2",
+    proc = cli(capsys, f"input={src}", f"output_prefix={tmp_path / 'out'}", f"tokenizer={sp_model}", "workers=2",
                "chunk_size=2")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"data error: {src}:3: invalid JSON: Unterminated string starting "
                                                 f"at (column 10)"]
     assert not list(tmp_path.glob("out*"))
-    proc = cli(f"input={src}", f"output_prefix={tmp_path / 'out'}", f"tokenizer={sp_model}", "skip_bad_lines=true")
+    proc = cli(capsys, f"input={src}", f"output_prefix={tmp_path / 'out'}", f"tokenizer={sp_model}",
+               "skip_bad_lines=true")
     assert proc.returncode == 0, proc.stderr
     assert "skipped bad lines: 2" in proc.stdout and "documents: 5" in proc.stdout
     assert len(IndexedDataset(tmp_path / "out")) == 5
@@ -170,18 +176,18 @@ def test_each_kind_of_bad_record(tmp_path, sp_model, raw, reason):
         preprocess([src], tmp_path / "out", options(sp_model))
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path, sp_model):
+def test_bad_inputs_are_one_line_errors(tmp_path, sp_model, capsys):
     out = f"output_prefix={tmp_path / 'o'}"
-    proc = cli(f"input={tmp_path / 'missing.jsonl'}", out, f"tokenizer={sp_model}")
+    proc = cli(capsys, f"input={tmp_path / 'missing.jsonl'}", out, f"tokenizer={sp_model}")
     assert proc.returncode == 1 and proc.stderr.strip() == f"data error: {tmp_path / 'missing.jsonl'}: no such file"
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}])
-    proc = cli(f"input={empty}", out, f"tokenizer={sp_model}")
+    proc = cli(capsys, f"input={empty}", out, f"tokenizer={sp_model}")
     assert proc.returncode == 1 and proc.stderr.strip().startswith(f"data error: {empty}: no documents")
-    proc = cli(f"input={empty}", out, f"tokenizer={tmp_path / 'nope.model'}")
+    proc = cli(capsys, f"input={empty}", out, f"tokenizer={tmp_path / 'nope.model'}")
     assert proc.returncode == 2 and "nope.model" in proc.stderr
-    proc = cli(f"input={empty}", out, f"tokenizer={sp_model}", "formt=sft")
+    proc = cli(capsys, f"input={empty}", out, f"tokenizer={sp_model}", "formt=sft")
     assert proc.returncode != 0 and "formt" in proc.stderr  # unknown keys are errors
-    proc = cli(f"input={empty}", out, f"tokenizer={sp_model}", "format=chat")
+    proc = cli(capsys, f"input={empty}", out, f"tokenizer={sp_model}", "format=chat")
     assert proc.returncode == 2 and "format: 'chat'" in proc.stderr
 
 
