@@ -6,6 +6,7 @@ batched into one launch by run_many), e2e/ drives the CLIs as a user does (exit 
 Slurm, DeepSpeed, conversions, the default run)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -119,6 +120,15 @@ def train_runs(base: Path, runs: list[tuple[str, list[str], int]], *, timeout: i
         for (name, _), text in zip(extra, outputs[len(names):]):
             (base / f"{name}.txt").write_text(text)
     return {name: read_metrics(base / name) for name, *_ in runs}
+
+
+def main_in_process(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """`python -m <module> *argv` in this process (its `main(argv)`): (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(argv)
+        sys.exit(0)
+    out, err = capsys.readouterr()
+    return done.value.code or 0, out, err
 
 
 def config_error_line(proc: subprocess.CompletedProcess, key: str) -> str:

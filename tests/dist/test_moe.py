@@ -12,6 +12,7 @@ import pytest
 from conftest import FAST, read_metrics, train_runs
 
 STEPS = 6
+MID = STEPS // 2  # evaluations at MID and STEPS
 MOE = ["model=mixtral_tiny"]
 LAYOUTS = [
     ("ep2", ["parallel.ep=2"], 2),
@@ -22,7 +23,7 @@ LAYOUTS = [
 ]
 
 
-EVAL = ["data.split=98/2", f"eval.every={STEPS // 2}", "eval.iters=2"]  # held-out documents, evaluated twice
+EVAL = ["data.split=98/2", f"eval.every={MID}", "eval.iters=2"]  # held-out documents, evaluated twice
 
 
 EXPERT_LAYOUTS = [("ep2", 1, 1, 2, 2), ("ep2_tp2", 2, 1, 2, 4), ("ep2_pp2", 1, 2, 2, 4)]  # name, tp, pp, ep, ranks
@@ -86,7 +87,7 @@ def test_expert_parallel_matches_single_process(name, trained):
 @pytest.mark.parametrize("name", [x[0] for x in LAYOUTS])
 def test_expert_parallel_eval_loss_matches_single_process(name, trained):
     reference, got = trained["single/eval"], trained[f"{name}/eval"]
-    assert [e["step"] for e in got] == [e["step"] for e in reference] == [STEPS // 2, STEPS]
+    assert [e["step"] for e in got] == [e["step"] for e in reference] == [MID, STEPS]
     for ref, e in zip(reference, got):
         assert e["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), e["step"]
         assert e["eval_tokens"] == ref["eval_tokens"]

@@ -1,7 +1,7 @@
 """Every parallel layout (context parallelism included, over packed rows as well) trains the same model: per-step
 loss (and grad norm) equal to the single-process run, each layout a real torchrun with gloo on CPU, fp32 (the layouts of one world
 size share one torchrun). The runs hold out 2% of the documents (data.split) and evaluate on them
-every EVAL_EVERY steps: the eval loss matches the single process's in every layout, equals a plain
+every MID steps: the eval loss matches the single process's in every layout, equals a plain
 forward of the same weights, and `launcher.evaluate` of a checkpoint reproduces the run's own.
 The same launches save each layout's freshly initialized weights (tests/scripts/save_init): same seed,
 identical full tensors in every layout."""
@@ -59,8 +59,7 @@ PACKED_LAYOUTS = [
 INIT_LAYOUTS = [("tp2", 2, 1, 0, 2), ("pp2_vpp2", 1, 2, 2, 2), ("tp2_pp2", 2, 2, 0, 4)]  # name, tp, pp, vpp, ranks
 
 MID = STEPS // 2  # evaluations at MID and STEPS; checkpoints at MID
-EVAL_EVERY = MID
-EVAL = ["data.split=98/2", f"eval.every={EVAL_EVERY}", "eval.iters=2"]
+EVAL = ["data.split=98/2", f"eval.every={MID}", "eval.iters=2"]
 COMMON = [*FAST, *NARROW, f"train.steps={STEPS}", "checkpoint.final_save=false", *EVAL]
 SAVED = [f"checkpoint.save_every={MID}"]  # the last step is not saved: final_save=false
 MID_CKPT = f"iter_{MID:07d}"

@@ -15,6 +15,7 @@ from conftest import FAST, NARROW, config_error_line, read_metrics, run_cli, run
 
 STEPS = 6
 MID = STEPS // 2  # evaluations at MID and STEPS; the offloaded run checkpoints at both
+MID_CKPT, LAST_CKPT = f"iter_{MID:07d}", f"iter_{STEPS:07d}"
 EVAL = ["data.split=98/2", f"eval.every={MID}", "eval.iters=2"]  # held-out documents
 DS = ["parallel.engine=deepspeed"]
 OFFLOAD = [*DS, "parallel.zero.offload_params=cpu", "parallel.zero.offload_optimizer=cpu"]
@@ -31,14 +32,14 @@ def trained(tmp_path_factory, cache_env) -> Path:
     base = tmp_path_factory.mktemp("deepspeed")
     common, once = [*FAST, *NARROW, f"train.steps={STEPS}", *EVAL], ["checkpoint.final_save=false"]
     evaluate = ["launcher.evaluate", *common, *OFFLOAD,
-                f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / f'iter_{MID:07d}'}",
+                f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / MID_CKPT}",
                 f"evaluate.output={base / 'evaluate.json'}"]
     train_runs(base, [
         ("offload_cpu", [*common, *OFFLOAD, f"checkpoint.save_every={MID}"], 2),
         ("no_offload", [*common, *DS, *once], 2),
         ("tp2_offload_cpu", [*common, *OFFLOAD, "parallel.tp=2"], 2),
         ("resumed", [*common, *OFFLOAD, *once,
-                     f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / f'iter_{MID:07d}'}"], 2),
+                     f"checkpoint.load={base / 'offload_cpu' / 'checkpoints' / MID_CKPT}"], 2),
         ("reference", [*common, *once], 1),
         ("one_process", [*common, *DS, *once], 1)],  # plain `python -m launcher.train`, no torchrun
         then=[("evaluate", evaluate, 2)])
@@ -113,8 +114,8 @@ def test_zero3_evaluate_and_resume_reproduce_the_run_s_eval(trained):
 def test_zero3_resume_continues_the_curve(trained, offloaded):
     run_dir, _, full = offloaded
     ckpt = run_dir / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == f"iter_{STEPS:07d}"
-    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_{MID:07d}", f"iter_{STEPS:07d}"]  # no .tmp left
+    assert (ckpt / "latest").read_text().strip() == LAST_CKPT
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [MID_CKPT, LAST_CKPT]  # no .tmp left
     resumed = read_metrics(trained / "resumed")
     # Same ranks, same optimizer state and schedule: the same numbers, not just close ones.
     _assert_same_curve(full, resumed, list(range(MID + 1, STEPS + 1)), loss_rel=1e-6, grad_rel=1e-6)

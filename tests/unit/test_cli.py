@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import ast
 import importlib
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, main_in_process
 
 
 def entry_point_modules() -> list[str]:
@@ -48,15 +47,6 @@ def test_every_entry_point_is_a_hydra_command_with_a_console_script():
         assert script == "shardforge-" + target.removeprefix("launcher.").removesuffix(":main"), script
 
 
-def _main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
-    """`python -m <module> *argv` in this process: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as done:
-        importlib.import_module(module).main(argv)
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return done.value.code or 0, out, err
-
-
 @pytest.mark.parametrize("module,argv,words", [
     ("launcher.train", ["--help"], ["python -m launcher.train", "model=tiny", "llama3_1b", "train:", "steps=200",
                                     "logging:"]),
@@ -67,7 +57,7 @@ def _main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
     ("launcher.convert", ["--help"], ["import_hf hf_dir=", "zero_to_megatron"]),
 ])
 def test_help_says_what_the_command_does_and_its_keys(module, argv, words, capsys):
-    status, out, err = _main(module, argv, capsys)
+    status, out, err = main_in_process(module, argv, capsys)
     assert status == 0 and not err, err
     for word in words:
         assert word in out, (word, out)
@@ -76,7 +66,7 @@ def test_help_says_what_the_command_does_and_its_keys(module, argv, words, capsy
 
 def test_help_works_for_every_entry_point(capsys):
     for name in entry_point_modules():
-        status, out, _ = _main(name, ["--help"], capsys)
+        status, out, _ = main_in_process(name, ["--help"], capsys)
         assert status == 0 and importlib.import_module(name).__doc__.strip().splitlines()[0] in out, name
 
 
@@ -105,7 +95,7 @@ BAD = [
 def test_bad_command_line_is_one_config_error_line(module, argv, key, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever Hydra would create lands here, and must not
     run_dir = [f"run.dir={tmp_path / 'run'}"] if module in ("launcher.train", "launcher.submit") else []
-    status, out, err = _main(module, [*argv, *run_dir], capsys)
+    status, out, err = main_in_process(module, [*argv, *run_dir], capsys)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith(f"config error: {key}: "), err
     assert words in lines[0], lines[0]
@@ -117,7 +107,7 @@ def test_unwritable_run_dir_is_one_line_before_anything_is_created(capsys, tmp_p
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     for run_dir in (blocker / "run", "/proc/shardforge_run"):
-        status, _, err = _main("launcher.train", [f"run.dir={run_dir}"], capsys)
+        status, _, err = main_in_process("launcher.train", [f"run.dir={run_dir}"], capsys)
         assert status == 2 and err.startswith(f"config error: run.dir: {run_dir} is not writable") \
             and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

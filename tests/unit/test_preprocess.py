@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+from conftest import main_in_process
 from tiny_tokenizers import SENTENCES, train_hf, train_sp
 
 from launcher.data.indexed import IndexedDataset, IndexedDatasetWriter
 from launcher.data.tokenizer import HFTokenizer, SentencePieceTokenizer, check_vocab_size, fill_id, load_tokenizer
 from models.args import padded_vocab_size
 from launcher.preprocess import DataError, Options, preprocess
-from launcher.preprocess import main as preprocess_main
 
 TEXTS = [f"{s} Document {i}." for i, s in enumerate(SENTENCES * 4)] + ["ünïcödé ✓ 😀 and\ttabs\n  and  spaces"]
 
@@ -41,11 +40,8 @@ def write_jsonl(path: Path, records: list, raw: dict[int, str] | None = None) ->
 
 def cli(capsys, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m launcher.preprocess *overrides`, run in this process: its exit status and output."""
-    with pytest.raises(SystemExit) as done:
-        preprocess_main(list(overrides))
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["launcher.preprocess", *overrides], done.value.code or 0, out, err)
+    return subprocess.CompletedProcess(["launcher.preprocess", *overrides],
+                                       *main_in_process("launcher.preprocess", list(overrides), capsys))
 
 
 def options(tokenizer: Path, fmt: str = "pretrain") -> Options:
