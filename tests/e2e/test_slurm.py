@@ -89,15 +89,23 @@ def assert_same_losses(metrics: list[dict], reference: list[dict]) -> None:
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (got["step"], got["loss"], want["loss"])
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
-def test_two_node_job_matches_plain_torchrun(launcher, slurm_cluster, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    (job,) = submit([*COMMON, *CPU_JOB, "cluster.nodes=2", f"cluster.launcher={launcher}", f"run.dir={run_dir}"])
-    info = wait_job(job, run_dir)
-    assert info["NumNodes"] == "2" and info["Restarts"] == "0"
+def assert_two_node_job(job: str, info: dict[str, str], run_dir: Path) -> str:
+    """A 2-node job of 2 ranks, its first start logged; the job's log."""
+    assert info["NumNodes"] == "2"
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert f"layout[world=2 tp=1 pp=1 cp=1 ep=1 dp=2]" in log and f"slurm_job={job} slurm_restart_count=0" in log
     assert (run_dir / "submit.sbatch").read_text().count(f"--nodes=2") == 1
+    return log
+
+
+def test_two_node_srun_job_matches_plain_torchrun(slurm_cluster, reference, tmp_path):
+    """cluster.launcher=srun (one task per rank). The default launcher (torchrun on each node) runs
+    the jobs of test_signalled_job_checkpoints_requeues_and_finishes_the_same, checked the same way."""
+    run_dir = tmp_path / "run"
+    (job,) = submit([*COMMON, *CPU_JOB, "cluster.nodes=2", "cluster.launcher=srun", f"run.dir={run_dir}"])
+    info = wait_job(job, run_dir)
+    assert info["Restarts"] == "0"
+    assert_two_node_job(job, info, run_dir)
     assert_same_losses(read_metrics(run_dir), reference)
 
 
@@ -122,7 +130,7 @@ def test_signalled_job_checkpoints_requeues_and_finishes_the_same(how, slurm_clu
         subprocess.run(["scontrol", "requeue", job], check=True)
     info = wait_job(job, run_dir)
     assert info["Restarts"] == "1"
-    log = (run_dir / f"slurm-{job}.out").read_text()
+    log = assert_two_node_job(job, info, run_dir)
     signal = "SIGUSR1" if how == "usr1" else "SIGTERM"
     saved = re.search(rf"saved checkpoint .*iter_(\d+) after {signal}", log)
     assert saved, log[-6000:]
